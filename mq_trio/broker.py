@@ -1,0 +1,162 @@
+"""The topic supervisor: the one owner of subscriptions, caches and indexes.
+
+Plain synchronous Python. It hands encoded bytes to subscribers' outboxes and never waits
+for one, so a slow peer can never stall a topic. History (indexes and caches) sits behind
+the small :class:`TopicHistory` interface so that a durable or remote store can replace
+the in-memory one without touching delivery.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import attrs
+
+from .protocol import Send, encode_delivery
+
+DEFAULT_CACHE_SIZE = 100
+
+
+class Subscriber(Protocol):
+    """Anything that can take an encoded delivery without blocking (an outbox)."""
+
+    def push(self, payload: bytes) -> None: ...
+
+
+@attrs.frozen(slots=True)
+class CachedMessage:
+    index: int
+    one: bool  # a "one" message goes to a single subscriber, so replay consumes it
+    payload: bytes
+
+
+class TopicHistory(Protocol):
+    """Per-topic indexes and caches: what a durable or shared store must provide."""
+
+    def next_index(self, topic: str) -> int:
+        """Consume and return the topic's next index (never reused)."""
+
+    def append(self, topic: str, message: CachedMessage) -> None:
+        """Add to the topic's cache, evicting the oldest beyond the cache size."""
+
+    def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
+        """Cached messages with ``index > last_seen`` in order; "one" ones are removed."""
+
+
+@attrs.define
+class MemoryHistory:
+    """In-memory history: a bounded deque and a counter per topic."""
+
+    cache_size: int = DEFAULT_CACHE_SIZE
+    _caches: dict[str, deque[CachedMessage]] = attrs.field(factory=dict)
+    _indexes: dict[str, int] = attrs.field(factory=dict)
+
+    def next_index(self, topic: str) -> int:
+        index = self._indexes.get(topic, 0)
+        self._indexes[topic] = index + 1
+        return index
+
+    def append(self, topic: str, message: CachedMessage) -> None:
+        cache = self._caches.get(topic)
+        if cache is None:
+            cache = self._caches[topic] = deque(maxlen=self.cache_size)
+        cache.append(message)
+
+    def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
+        cache = self._caches.get(topic)
+        if not cache:
+            return []
+        if last_seen < 0:
+            sent = list(cache)
+        else:
+            sent = [m for m in cache if m.index > last_seen]
+        if any(m.one for m in sent):
+            self._caches[topic] = deque(
+                (m for m in cache if not (m.one and m.index > last_seen)),
+                maxlen=self.cache_size,
+            )
+        return sent
+
+    def cached(self, topic: str) -> list[CachedMessage]:
+        """A copy of the topic's cache, for inspection and tests."""
+        return list(self._caches.get(topic, ()))
+
+
+@attrs.define(eq=False)
+class Broker:
+    """Subscriptions plus history; every method runs to completion without awaiting."""
+
+    history: TopicHistory = attrs.field(factory=MemoryHistory)
+    _subscribers: dict[str, dict[Subscriber, None]] = attrs.field(factory=dict)
+    _topics_of: dict[Subscriber, set[str]] = attrs.field(factory=dict)
+    _random: random.Random = attrs.field(factory=random.Random)
+
+    def subscribe(
+        self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
+    ) -> list[bytes]:
+        """Add the subscription; return the cached deliveries to send after the reply."""
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._subscribers[topic] = {}
+        subs[subscriber] = None
+        self._topics_of.setdefault(subscriber, set()).add(topic)
+        if not cache:
+            return []
+        return [m.payload for m in self.history.replay(topic, last_seen)]
+
+    def unsubscribe(self, subscriber: Subscriber, topic: str) -> None:
+        topics = self._topics_of.get(subscriber)
+        if topics is None or topic not in topics:
+            return
+        topics.discard(topic)
+        self._drop(subscriber, topic)
+
+    def disconnect(self, subscriber: Subscriber) -> None:
+        """Remove every subscription of a departing connection."""
+        for topic in self._topics_of.pop(subscriber, ()):
+            self._drop(subscriber, topic)
+
+    def _drop(self, subscriber: Subscriber, topic: str) -> None:
+        subs = self._subscribers[topic]
+        del subs[subscriber]
+        if not subs:
+            del self._subscribers[topic]
+
+    def publish(self, send: Send) -> int:
+        """Index, deliver and cache one message; return its index."""
+        topic = send.topic
+        index = self.history.next_index(topic)
+        payload = encode_delivery(send, index)
+        subs = self._subscribers.get(topic)
+        if send.delivery == "all":
+            if subs:
+                # push never re-enters the broker, so iterating the live dict is safe
+                for subscriber in subs:
+                    subscriber.push(payload)
+            if send.cache:
+                self.history.append(topic, CachedMessage(index, False, payload))
+        elif subs:
+            self._random.choice(list(subs)).push(payload)
+        elif send.cache:
+            self.history.append(topic, CachedMessage(index, True, payload))
+        return index
+
+    @contextmanager
+    def attached(self, subscriber: Subscriber) -> Iterator[Subscriber]:
+        """Scope a connection's subscriptions: whatever ends the block releases them."""
+        try:
+            yield subscriber
+        finally:
+            self.disconnect(subscriber)
+
+    # --- inspection (tests, metrics) ---
+
+    def subscribers(self, topic: str) -> list[Subscriber]:
+        return list(self._subscribers.get(topic, ()))
+
+    def topics_of(self, subscriber: Subscriber) -> set[str]:
+        return set(self._topics_of.get(subscriber, ()))

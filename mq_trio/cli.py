@@ -1,0 +1,176 @@
+"""The ``mq-trio`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from . import __version__
+from .server import Config, Server, open_listeners, serve
+
+log = logging.getLogger("mq_trio")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?)?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """Parse ``1048576``, ``64k``, ``8MiB``, ``1G`` (binary units) into bytes."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 65536, 64k, 8MiB)")
+    unit = (m.group(2) or "")[:1].lower()
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def raise_open_file_limit() -> None:
+    """Allow as many connections as the hard limit permits (the soft limit is often 1024)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    d = Config()
+    p = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the mq-trio server (protocol v1 over TCP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        default=d.cache_size,
+        help="messages kept per topic for replay to new subscribers (oldest evicted)",
+    )
+    p.add_argument(
+        "--max-pending-bytes",
+        type=byte_size,
+        default=d.max_pending_bytes,
+        metavar="SIZE",
+        help="output a client may have queued; a subscriber past it is disconnected "
+        "as a slow consumer (accepts k/M/G suffixes)",
+    )
+    p.add_argument(
+        "--max-line-bytes",
+        type=byte_size,
+        default=d.max_line_bytes,
+        metavar="SIZE",
+        help="longest accepted command line; a longer one gets 'Line too long' and "
+        "the connection is closed",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=d.shutdown_grace,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM (and per closing client), time allowed to flush output",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging verbosity (logs go to stderr)",
+    )
+    p.set_defaults(func=run_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        host=args.host,
+        port=args.port,
+        cache_size=args.cache_size,
+        max_pending_bytes=args.max_pending_bytes,
+        max_line_bytes=args.max_line_bytes,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    config = config_from_args(args)
+    try:
+        config.check()
+    except ValueError as exc:
+        print(f"mq-trio: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    raise_open_file_limit()
+    try:
+        trio.run(serve_until_signalled, config)
+    except OSError as exc:
+        print(f"mq-trio: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve_until_signalled(config: Config) -> None:
+    """Serve; the first SIGINT/SIGTERM shuts down gracefully, a second one at once."""
+    listeners = await open_listeners(config)  # port errors surface here, unwrapped
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(partial(serve, config, listeners=listeners))
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if server.stopping:
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                    else:
+                        log.info("%s: shutting down", signal.Signals(signum).name)
+                        server.shutdown()
+
+            nursery.start_soon(watch_signals)
+            await server.stopped.wait()
+            nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mq-trio",
+        description="mq-trio: a small, fast pub/sub message server built on trio. "
+        "Run 'mq-trio serve' to start it; 'mq-trio COMMAND --help' for each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"mq-trio {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_serve_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

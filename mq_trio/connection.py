@@ -1,0 +1,245 @@
+"""One client connection: a reader task and a writer task joined by a memory channel.
+
+The transport (TCP, WebSocket) is the only thing that differs between clients; this
+module holds everything else. The shape, from the design card:
+
+* the reader turns incoming lines into commands and applies them to the broker; replies
+  and deliveries for this client go into its :class:`Outbox`, in order;
+* the writer drains the outbox and hands everything queued to the transport at once;
+* the connection's subscriptions live inside ``broker.attached(outbox)``, a ``with``
+  block bound to the connection's nursery, so whatever ends the connection (EOF, quit,
+  reset, slow-consumer cut-off, server shutdown, a bug) releases them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import trio
+
+from . import protocol
+from .broker import Broker
+from .protocol import QUIT, Failure, Send, Subscribe, Unsubscribe
+
+log = logging.getLogger("mq_trio.connection")
+
+DEFAULT_MAX_PENDING_BYTES = 8 << 20
+DEFAULT_FLUSH_TIMEOUT = 5.0
+#: The writer stops collecting queued items for one write at about this many bytes.
+WRITE_BATCH_BYTES = 256 << 10
+
+
+class Transport(Protocol):
+    """What a connection needs from its byte carrier.
+
+    Transport errors (a reset, a closed WebSocket) surface as ``None`` from
+    ``receive_lines`` and as ``trio.BrokenResourceError`` from ``send_batch``.
+    """
+
+    peer: str
+
+    @property
+    def line_too_long(self) -> bool:
+        """True once the client sent a line over the limit (after the lines before it)."""
+
+    async def receive_lines(self) -> list[bytes] | None:
+        """The next complete lines (maybe none yet), or ``None`` at end of input."""
+
+    async def send_batch(self, items: list[bytes]) -> None:
+        """Send encoded JSON objects (no terminators), in order."""
+
+    async def aclose(self) -> None: ...
+
+
+@attrs.frozen
+class Limits:
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES
+    #: How long a closing connection may take to flush what was queued for it.
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
+
+
+class Outbox:
+    """A client's queue of encoded objects, bounded in bytes, never blocking a producer.
+
+    ``push`` is what the broker calls. Going over the byte budget does not wait and does
+    not drop silently: the outbox closes and tells its owner, which disconnects the client
+    (NATS and Redis do the same with slow consumers). The client's own replies count too,
+    but the reader pauses at half the budget, so a client that pipelines without reading
+    is slowed by TCP backpressure instead of being cut off.
+    """
+
+    __slots__ = ("_send", "_receive", "pending", "budget", "overflowed", "_on_overflow",
+                 "_drained", "__weakref__")
+
+    def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
+        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
+        self.pending = 0
+        self.budget = budget
+        self.overflowed = False
+        self._on_overflow = on_overflow
+        self._drained = trio.lowlevel.ParkingLot()
+
+    def push(self, payload: bytes) -> None:
+        if self.overflowed:
+            return
+        self.pending += len(payload)
+        if self.pending > self.budget:
+            self.overflowed = True
+            self._send.close()
+            if self._on_overflow is not None:
+                self._on_overflow()
+            return
+        try:
+            self._send.send_nowait(payload)
+        except trio.ClosedResourceError:
+            # closed for flushing: the client is leaving and gets nothing new
+            self.pending -= len(payload)
+
+    def close(self) -> None:
+        """No more items; the writer flushes what is queued and stops."""
+        self._send.close()
+
+    @property
+    def high_water(self) -> int:
+        return self.budget // 2
+
+    async def wait_drained(self) -> None:
+        """Wait until the writer brings ``pending`` back under the high-water mark."""
+        while self.pending > self.high_water and not self.overflowed:
+            await self._drained.park()
+
+    async def drain_into(self, transport: Transport) -> None:
+        """The writer's loop: one transport write for everything queued."""
+        receive = self._receive
+        while True:
+            try:
+                first = await receive.receive()
+            except trio.EndOfChannel:
+                return
+            batch = [first]
+            size = len(first)
+            while size < WRITE_BATCH_BYTES:
+                try:
+                    item = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                batch.append(item)
+                size += len(item)
+            await transport.send_batch(batch)
+            self.pending -= size
+            if self.pending <= self.high_water:
+                self._drained.unpark_all()
+
+
+@attrs.define(eq=False)
+class Connection:
+    transport: Transport
+    broker: Broker
+    limits: Limits = attrs.field(factory=Limits)
+    outbox: Outbox = attrs.field(init=False)
+    _reader_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
+    _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self.outbox = Outbox(self.limits.max_pending_bytes, self._slow_consumer)
+
+    @property
+    def peer(self) -> str:
+        return self.transport.peer
+
+    def stop(self, reason: str = "server shutdown") -> None:
+        """Stop reading new commands; what is queued is still flushed (graceful close)."""
+        log.debug("closing %s: %s", self.peer, reason)
+        self._reader_scope.cancel()
+
+    def _slow_consumer(self) -> None:
+        log.warning(
+            "disconnecting %s: slow consumer, more than %d bytes pending",
+            self.peer,
+            self.limits.max_pending_bytes,
+        )
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self) -> None:
+        """Serve the client until it leaves; always closes the transport."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                with self.broker.attached(self.outbox):
+                    with self._reader_scope:
+                        await self._reader()
+                # Subscriptions are gone now, so nothing new arrives; flush what was
+                # queued (replies, deliveries) within a bounded time, then close.
+                self.outbox.close()
+                nursery.cancel_scope.deadline = min(
+                    nursery.cancel_scope.deadline,
+                    trio.current_time() + self.limits.flush_timeout,
+                )
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.transport.aclose()
+
+    async def _writer(self) -> None:
+        try:
+            await self.outbox.drain_into(self.transport)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The peer is gone: reading on is pointless.
+            assert self._scope is not None
+            self._scope.cancel()
+
+    async def _reader(self) -> None:
+        transport = self.transport
+        outbox = self.outbox
+        while True:
+            lines = await transport.receive_lines()
+            if lines is None:
+                return
+            for line in lines:
+                if self.handle_event(protocol.parse_line(line)):
+                    return
+                if outbox.pending > outbox.high_water:
+                    await outbox.wait_drained()
+            if transport.line_too_long:
+                outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
+                log.info("closing %s: line over %d bytes", self.peer, self.limits.max_line_bytes)
+                return
+
+    def handle_event(self, event: protocol.LineEvent) -> bool:
+        """Apply one parsed line; return True when the client asked to quit."""
+        if event is None:
+            return False
+        push = self.outbox.push
+        cls = type(event)
+        if cls is Failure:
+            push(protocol.failure_bytes(event.reason))  # type: ignore[union-attr]
+            return False
+        if event is QUIT:
+            return True
+        try:
+            if cls is Send:
+                self.broker.publish(event)  # type: ignore[arg-type]
+                push(protocol.SUCCESS)
+            elif cls is Subscribe:
+                assert isinstance(event, Subscribe)
+                replay = self.broker.subscribe(
+                    self.outbox, event.topic, event.last_seen, event.cache
+                )
+                push(protocol.SUCCESS)
+                for payload in replay:
+                    push(payload)
+            elif cls is Unsubscribe:
+                assert isinstance(event, Unsubscribe)
+                self.broker.unsubscribe(self.outbox, event.topic)
+                push(protocol.SUCCESS)
+        except Exception:
+            # A bug must cost this one command, not the connection or the server.
+            log.exception("internal error handling a command from %s", self.peer)
+            push(protocol.failure_bytes(protocol.INTERNAL_ERROR))
+        return False

@@ -1,0 +1,281 @@
+"""Protocol v1, sans-IO: bytes in, typed commands or failure reasons out, bytes back.
+
+Nothing here knows about sockets or trio, so every rule of the wire contract can be
+tested by feeding bytes (the h11/wsproto approach). Transports own the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal, Union
+
+import attrs
+
+# The exact failure texts of the contract (PROTOCOL.md section 2).
+DECODE_ERROR = "Could not decode input as UTF-8"
+PARSE_ERROR = "Could not parse json"
+MALFORMED = "Malformed json message"
+INTERNAL_ERROR = "Internal exception"
+LINE_TOO_LONG = "Line too long"
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+
+Delivery = Literal["all", "one"]
+
+
+@attrs.frozen(slots=True)
+class Subscribe:
+    topic: str
+    last_seen: int = -1
+    cache: bool = True
+
+
+@attrs.frozen(slots=True)
+class Unsubscribe:
+    topic: str
+
+
+@attrs.frozen(slots=True)
+class Send:
+    topic: str
+    msg: str
+    delivery: Delivery
+    cache: bool = True
+    # The command text as received: a delivery is this object plus "index", so it is
+    # cheaper and more faithful to splice the index into the text than to re-encode.
+    raw: str = attrs.field(default="", repr=False, eq=False)
+
+
+@attrs.frozen(slots=True)
+class Failure:
+    reason: str
+
+
+@attrs.frozen(slots=True)
+class Quit:
+    pass
+
+
+QUIT = Quit()
+
+Command = Union[Subscribe, Unsubscribe, Send]
+#: What one processed line turns into. ``None`` is a blank line (no reply).
+LineEvent = Union[Subscribe, Unsubscribe, Send, Failure, Quit, None]
+
+
+# --- validation -------------------------------------------------------------------
+
+_SEND_KEYS = frozenset(("command", "topic", "msg", "delivery", "cache"))
+_SUBSCRIBE_KEYS = frozenset(("command", "topic", "last_seen", "cache"))
+_UNSUBSCRIBE_KEYS = frozenset(("command", "topic"))
+_MALFORMED = Failure(MALFORMED)
+_PARSE_ERROR = Failure(PARSE_ERROR)
+_DECODE_ERROR = Failure(DECODE_ERROR)
+
+
+def validate(obj: object, raw: str = "") -> Command | Failure:
+    """Turn a decoded JSON value into a command, or the ``Malformed json message`` failure.
+
+    ``type(x) is ...`` rather than ``isinstance`` because JSON booleans are not integers
+    (and the other way round) under this contract.
+    """
+    if type(obj) is not dict:
+        return _MALFORMED
+    command = obj.get("command")
+    topic = obj.get("topic")
+    if type(topic) is not str:
+        return _MALFORMED
+    cache = obj.get("cache", True)
+    if type(cache) is not bool:
+        return _MALFORMED
+    if command == "send":
+        msg = obj.get("msg")
+        delivery = obj.get("delivery")
+        if (
+            type(msg) is not str
+            or (delivery != "all" and delivery != "one")
+            or not _SEND_KEYS.issuperset(obj)
+        ):
+            return _MALFORMED
+        return Send(topic, msg, delivery, cache, raw)
+    if command == "subscribe":
+        last_seen = obj.get("last_seen", -1)
+        if type(last_seen) is not int or not _SUBSCRIBE_KEYS.issuperset(obj):
+            return _MALFORMED
+        return Subscribe(topic, last_seen, cache)
+    if command == "unsubscribe":
+        if not _UNSUBSCRIBE_KEYS.issuperset(obj):
+            return _MALFORMED
+        return Unsubscribe(topic)
+    return _MALFORMED
+
+
+def parse_text(text: str) -> LineEvent:
+    """Parse one already-decoded command (used by message transports such as WebSocket)."""
+    text = text.strip()
+    if not text:
+        return None
+    if text == "quit":
+        return QUIT
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return _PARSE_ERROR
+    except RecursionError:
+        # The C decoder gives up on very deep nesting; the text may still be valid JSON
+        # (then it is not a command) or not (then it is a parse error).
+        return _MALFORMED if is_valid_json(text) else _PARSE_ERROR
+    return validate(obj, text)
+
+
+def parse_line(line: bytes) -> LineEvent:
+    """Parse one line without its ``\\n``: decode, strip, JSON, validate."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return _DECODE_ERROR
+    return parse_text(text)
+
+
+# A non-recursive JSON well-formedness check, only for input too deep for json.loads.
+_TOKEN = re.compile(
+    r"""[ \t\n\r]*(?:
+        (?P<open>[\[{]) | (?P<close>[\]}]) | (?P<comma>,) | (?P<colon>:) |
+        (?P<string>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*") |
+        (?P<scalar>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null
+                   |NaN|Infinity|-Infinity)
+    )""",
+    re.VERBOSE,
+)
+
+
+def is_valid_json(text: str) -> bool:
+    """Whether ``text`` is one JSON value, checked with an explicit stack (no recursion)."""
+    stack: list[str] = []  # "[" or "{" for each open container
+    expect = "value"  # value | value_or_close | comma_or_close | key | key_or_close | colon
+    pos, end = 0, len(text)
+    done = False
+    while True:
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            return done and text[pos:].strip(" \t\n\r") == ""
+        if done:
+            return False
+        pos = m.end()
+        kind = m.lastgroup
+        if expect in ("value", "value_or_close"):
+            if kind == "close" and expect == "value_or_close" and m["close"] == "]":
+                stack.pop()
+            elif kind == "open":
+                stack.append(m["open"])
+                expect = "value_or_close" if m["open"] == "[" else "key_or_close"
+                continue
+            elif kind not in ("string", "scalar"):
+                return False
+        elif expect in ("key", "key_or_close"):
+            if kind == "string":
+                expect = "colon"
+                continue
+            if kind == "close" and expect == "key_or_close" and m["close"] == "}":
+                stack.pop()
+            else:
+                return False
+        elif expect == "colon":
+            if kind != "colon":
+                return False
+            expect = "value"
+            continue
+        else:  # comma_or_close
+            if kind == "comma":
+                expect = "value" if stack[-1] == "[" else "key"
+                continue
+            if kind != "close" or m["close"] != ("]" if stack[-1] == "[" else "}"):
+                return False
+            stack.pop()
+        # a value (scalar, string or closed container) just completed
+        if not stack:
+            done = True
+            if pos >= end:
+                return True
+        else:
+            expect = "comma_or_close"
+
+
+# --- encoding -----------------------------------------------------------------------
+# Outbox items are single JSON objects without a terminator; the TCP transport adds
+# "\r\n", the WebSocket transport sends each as one message.
+
+SUCCESS = b'{"success": true}'
+
+
+def encode_failure(reason: str) -> bytes:
+    return json.dumps({"success": False, "reason": reason}).encode()
+
+
+_FAILURES = {
+    r: encode_failure(r)
+    for r in (DECODE_ERROR, PARSE_ERROR, MALFORMED, INTERNAL_ERROR, LINE_TOO_LONG)
+}
+
+
+def failure_bytes(reason: str) -> bytes:
+    encoded = _FAILURES.get(reason)
+    return encoded if encoded is not None else encode_failure(reason)
+
+
+def encode_delivery(send: Send, index: int) -> bytes:
+    """The delivered object: the command exactly as received, plus ``"index"``."""
+    raw = send.raw
+    if raw:
+        # raw is a stripped JSON object with at least the send keys, so it ends in "}".
+        return f'{raw[:-1]}, "index": {index}}}'.encode()
+    obj: dict[str, object] = {
+        "command": "send",
+        "topic": send.topic,
+        "msg": send.msg,
+        "delivery": send.delivery,
+    }
+    if not send.cache:
+        obj["cache"] = False
+    obj["index"] = index
+    return json.dumps(obj).encode()
+
+
+# --- framing ------------------------------------------------------------------------
+
+
+@attrs.define
+class LineBuffer:
+    """Splits a byte stream into lines at ``\\n`` and enforces the line limit.
+
+    ``feed`` returns the complete lines of everything received so far; a partial line
+    waits for more data. ``too_long`` turns true once the pending partial line (or a
+    complete one) exceeds ``max_line_bytes``: the caller replies ``Line too long`` and
+    closes.
+    """
+
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    _partial: bytes = b""
+    too_long: bool = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._partial:
+            data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        limit = self.max_line_bytes
+        if len(self._partial) > limit:
+            self.too_long = True
+            self._partial = b""
+        for i, line in enumerate(lines):
+            if len(line) > limit:
+                self.too_long = True
+                self._partial = b""
+                return lines[:i]
+        return lines
+
+    @property
+    def pending(self) -> bytes:
+        """The incomplete line kept until its newline (or EOF) arrives."""
+        return self._partial

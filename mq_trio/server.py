@@ -1,0 +1,164 @@
+"""The server: listeners, the shared broker, and the nursery that owns every connection."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+import attrs
+import trio
+
+from .broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
+from .connection import (
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_MAX_PENDING_BYTES,
+    Connection,
+    Limits,
+    Transport,
+)
+from .protocol import DEFAULT_MAX_LINE_BYTES
+from .tcp import TCPTransport
+
+log = logging.getLogger("mq_trio.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7000
+
+
+@attrs.frozen
+class Config:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    cache_size: int = DEFAULT_CACHE_SIZE
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    #: On shutdown (and per closing connection): time allowed to flush queued output.
+    shutdown_grace: float = DEFAULT_FLUSH_TIMEOUT
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_pending_bytes=self.max_pending_bytes,
+            max_line_bytes=self.max_line_bytes,
+            flush_timeout=self.shutdown_grace,
+        )
+
+    def check(self) -> None:
+        """Raise ValueError for settings that cannot work together."""
+        if self.cache_size < 0:
+            raise ValueError("cache size must be >= 0")
+        if self.max_line_bytes < 1:
+            raise ValueError("max line bytes must be >= 1")
+        if self.max_pending_bytes < 2 * self.max_line_bytes:
+            # A single maximal message would otherwise disconnect every subscriber.
+            raise ValueError("max pending bytes must be at least twice max line bytes")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown grace must be >= 0")
+
+
+async def open_listeners(config: Config) -> list[trio.SocketListener]:
+    """Bind the TCP port (port 0 picks a free one). Raises OSError, e.g. port in use."""
+    return await trio.open_tcp_listeners(config.port, host=config.host)
+
+
+@attrs.define(eq=False)
+class Server:
+    """A running server, as reported by ``nursery.start(serve, config)``."""
+
+    config: Config
+    broker: Broker
+    listeners: list[trio.SocketListener]
+    connections: set[Connection] = attrs.field(factory=set)
+    _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _connections_scope: trio.CancelScope | None = None
+    #: Set once shutdown() was called.
+    stopping: bool = False
+    #: Set when serve() has returned (after a shutdown, every connection is closed).
+    stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with port 0)."""
+        return int(self.listeners[0].socket.getsockname()[1])
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listeners[0].socket.getsockname()[:2]
+        return str(host), int(port)
+
+    def shutdown(self) -> None:
+        """Stop accepting, ask every connection to flush and close, bound the wait."""
+        self.stopping = True
+        log.info("shutting down: closing %d connection(s)", len(self.connections))
+        self._accept_scope.cancel()
+        for conn in list(self.connections):
+            conn.stop()
+        if self._connections_scope is not None:
+            self._connections_scope.deadline = (
+                trio.current_time() + self.config.shutdown_grace
+            )
+
+    async def handle_transport(self, transport: Transport) -> None:
+        """Serve one client on any transport; a failure stays inside this connection."""
+        conn = Connection(transport, self.broker, self.config.limits)
+        self.connections.add(conn)
+        log.debug("connected: %s", conn.peer)
+        try:
+            await conn.run()
+        except Exception:
+            # serve_listeners would let this crash the server; contain it here.
+            log.exception("connection %s failed", conn.peer)
+        finally:
+            self.connections.discard(conn)
+            log.debug("disconnected: %s", conn.peer)
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        await self.handle_transport(TCPTransport(stream, self.config.max_line_bytes))
+
+
+async def serve(
+    config: Config,
+    *,
+    broker: Broker | None = None,
+    listeners: list[trio.SocketListener] | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until cancelled or until ``Server.shutdown()`` completes.
+
+    Start it with ``server = await nursery.start(serve, config)``; with ``port=0`` the
+    bound port is ``server.port``.
+    """
+    config.check()
+    if listeners is None:
+        listeners = await open_listeners(config)
+    if broker is None:
+        broker = Broker(MemoryHistory(config.cache_size))
+    server = Server(config, broker, listeners)
+    try:
+        await _run(server, listeners, task_status)
+    finally:
+        server.stopped.set()
+
+
+async def _run(
+    server: Server,
+    listeners: list[trio.SocketListener],
+    task_status: trio.TaskStatus[Server],
+) -> None:
+    async with trio.open_nursery() as connections:
+        server._connections_scope = connections.cancel_scope
+        with server._accept_scope:
+            async with trio.open_nursery() as accept:
+                accept.start_soon(
+                    partial(
+                        trio.serve_listeners,
+                        server._handle_tcp,
+                        listeners,
+                        handler_nursery=connections,
+                    )
+                )
+                for listener in listeners:
+                    host, port = listener.socket.getsockname()[:2]
+                    log.info("listening on %s:%d (tcp)", host, port)
+                task_status.started(server)
+        # Only a shutdown ends the accept scope; the connections nursery now waits
+        # for the connections it was given a deadline for.
