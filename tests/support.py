@@ -1,0 +1,77 @@
+"""Shared test helpers: a raw line client over real TCP sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from mq_trio.server import Config, Server, serve
+
+
+def make_config(**overrides: Any) -> Config:
+    """A config for in-process servers: loopback, ephemeral port."""
+    values: dict[str, Any] = {"host": "127.0.0.1", "port": 0}
+    values.update(overrides)
+    return Config(**values)
+
+
+async def start_server(nursery: trio.Nursery, **overrides: Any) -> Server:
+    server: Server = await nursery.start(serve, make_config(**overrides))
+    return server
+
+
+class LineClient:
+    """A protocol-v1 client that speaks raw lines; it decodes nothing it is not asked to."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buffer = b""
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> LineClient:
+        return cls(await trio.open_tcp_stream(host, port))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def send(self, obj: Any) -> None:
+        await self.stream.send_all(json.dumps(obj).encode() + b"\n")
+
+    async def readline(self) -> bytes:
+        """One reply line without its \\r\\n; raises EOFError at end of stream."""
+        while b"\r\n" not in self._buffer:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError(f"connection closed; unterminated: {self._buffer[:100]!r}")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    async def receive(self) -> Any:
+        return json.loads(await self.readline())
+
+    async def receive_many(self, n: int) -> list[Any]:
+        return [await self.receive() for _ in range(n)]
+
+    async def request(self, obj: Any) -> Any:
+        await self.send(obj)
+        return await self.receive()
+
+    async def read_to_eof(self) -> bytes:
+        """Everything until the server closes the connection."""
+        chunks = [self._buffer]
+        self._buffer = b""
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
