@@ -6,6 +6,7 @@ tested by feeding bytes (the h11/wsproto approach). Transports own the I/O.
 
 from __future__ import annotations
 
+import decimal
 import json
 import re
 from typing import Literal, Union
@@ -111,6 +112,10 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
     return _MALFORMED
 
 
+def _big_int(digits: str) -> int:
+    return int(decimal.Decimal(digits))
+
+
 def parse_text(text: str) -> LineEvent:
     """Parse one already-decoded command (used by message transports such as WebSocket)."""
     text = text.strip()
@@ -122,6 +127,15 @@ def parse_text(text: str) -> LineEvent:
         obj = json.loads(text)
     except json.JSONDecodeError:
         return _PARSE_ERROR
+    except ValueError:
+        # An integer of thousands of digits is valid JSON, but int() refuses to convert
+        # it (Python's int_max_str_digits); Decimal has no such limit.
+        try:
+            obj = json.loads(text, parse_int=_big_int)
+        except RecursionError:
+            return _MALFORMED if is_valid_json(text) else _PARSE_ERROR
+        except ValueError:
+            return _PARSE_ERROR
     except RecursionError:
         # The C decoder gives up on very deep nesting; the text may still be valid JSON
         # (then it is not a command) or not (then it is a parse error).
