@@ -9,7 +9,7 @@ from __future__ import annotations
 import decimal
 import json
 import re
-from typing import Literal, Union
+from typing import Literal
 
 import attrs
 
@@ -60,9 +60,9 @@ class Quit:
 
 QUIT = Quit()
 
-Command = Union[Subscribe, Unsubscribe, Send]
+Command = Subscribe | Unsubscribe | Send
 #: What one processed line turns into. ``None`` is a blank line (no reply).
-LineEvent = Union[Subscribe, Unsubscribe, Send, Failure, Quit, None]
+LineEvent = Subscribe | Unsubscribe | Send | Failure | Quit | None
 
 
 # --- validation -------------------------------------------------------------------
@@ -273,7 +273,9 @@ class LineBuffer:
     _partial: bytes = b""
     too_long: bool = False
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
+        if type(data) is not bytes:
+            data = bytes(data)  # trio streams may hand out a bytearray
         if self._partial:
             data = self._partial + data
         lines = data.split(b"\n")
