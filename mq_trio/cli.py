@@ -13,7 +13,8 @@ from functools import partial
 import trio
 
 from . import __version__
-from .server import Config, Server, open_listeners, serve
+from .server import Config, Server, open_listeners, open_ws_listeners, serve
+from .websocket import parse_origins
 
 log = logging.getLogger("mq_trio")
 
@@ -92,6 +93,37 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         help="on SIGINT/SIGTERM (and per closing client), time allowed to flush output",
     )
     p.add_argument(
+        "--ws-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve WebSocket clients and the browser page (http://HOST:PORT/) on "
+        "this port (default: off; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--ws-host",
+        default=None,
+        metavar="HOST",
+        help="address for the WebSocket port (default: --host)",
+    )
+    p.add_argument(
+        "--ws-allowed-origins",
+        type=_origins,
+        default=None,
+        metavar="ORIGINS",
+        help="comma-separated browser origins (scheme://host[:port]) allowed to open a "
+        "WebSocket besides the page's own, or '*' for any (default: the page's own "
+        "origin and http(s)://localhost, 127.0.0.1, [::1] on any port)",
+    )
+    p.add_argument(
+        "--ws-ping-interval",
+        type=float,
+        default=d.ws_ping_interval,
+        metavar="SECONDS",
+        help="keepalive ping interval for WebSocket clients; a ping unanswered for as "
+        "long drops the client (0: no pings)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -108,7 +140,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_pending_bytes=args.max_pending_bytes,
         max_line_bytes=args.max_line_bytes,
         shutdown_grace=args.shutdown_grace,
+        ws_port=args.ws_port,
+        ws_host=args.ws_host,
+        ws_allowed_origins=args.ws_allowed_origins,
+        ws_ping_interval=args.ws_ping_interval,
     )
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    try:
+        return parse_origins(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -123,8 +166,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(serve_until_signalled, config)
     except OSError as exc:
-        print(f"mq-trio: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        where = f"{config.host}:{config.port}"
+        if config.ws_port is not None:
+            where += f" (or WebSocket port {config.ws_port})"
+        print(f"mq-trio: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -132,9 +177,10 @@ def run_serve(args: argparse.Namespace) -> int:
 async def serve_until_signalled(config: Config) -> None:
     """Serve; the first SIGINT/SIGTERM shuts down gracefully, a second one at once."""
     listeners = await open_listeners(config)  # port errors surface here, unwrapped
+    ws_listeners = await open_ws_listeners(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(partial(serve, config, listeners=listeners))
+            server: Server = await nursery.start(partial(serve, config, listeners=listeners, ws_listeners=ws_listeners))
 
             async def watch_signals() -> None:
                 async for signum in signals:
@@ -160,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mq-trio {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_serve_parser(commands)
+    from .bench import add_bench_parser  # imported here: the server does not need it
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -1,0 +1,333 @@
+"""``mq-trio bench``: run scenarios against a protocol-v1 server and/or Redis."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .dialects import MQ, REDIS, resp_command
+from .procstat import listening_pid
+from .scenarios import (
+    BenchError,
+    Progress,
+    Result,
+    Settings,
+    Target,
+    run_conns,
+    run_e2e,
+    run_fanout,
+    run_publish,
+    run_rtt,
+)
+
+SCENARIOS = ("rtt", "e2e", "publish", "fanout", "conns")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("values must be >= 1")
+    return values
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    d = Settings()
+    p = commands.add_parser(
+        "bench",
+        help="benchmark a protocol-v1 server (or Redis) with a raw-socket load generator",
+        description="Load generator for any protocol-v1 server and for Redis pub/sub. "
+        "Scenarios: rtt (round-trip latency), e2e (publish-to-delivery latency at a fixed "
+        "rate), publish (pipelined throughput), fanout (one publisher, S subscribers), "
+        "conns (many idle subscribed connections: setup time, RSS, delivery time).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", default=[],
+                   help=f"which to run, of {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="server address")
+    p.add_argument("--port", type=int, default=7000, help="server port")
+    p.add_argument("--redis", action="store_true",
+                   help="the server at --host/--port is Redis (PUBLISH/SUBSCRIBE over RESP)")
+    p.add_argument("--name", default=None,
+                   help="label of the server in the output (default mq-trio or redis)")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="pid of the server for CPU/RSS figures (default: found via /proc)")
+    p.add_argument("--start-server", action="store_true",
+                   help="start 'mq-trio serve' on a free port for the run, stop it after")
+    p.add_argument("--server-cpu", type=int, default=None, metavar="CPU",
+                   help="pin a server started with --start-server to this CPU")
+    p.add_argument("--cpu", type=int, default=None, metavar="CPU",
+                   help="pin the generator (and its worker processes) to this CPU")
+    p.add_argument("--compare-redis", type=_address, default=None, metavar="HOST:PORT",
+                   help="also run every scenario against the Redis server at HOST:PORT")
+    p.add_argument("--duration", type=float, default=d.duration,
+                   help="seconds per timed scenario")
+    p.add_argument("--size", type=int, default=d.size, help="characters per message")
+    p.add_argument("--window", type=int, default=d.window,
+                   help="unacknowledged sends per publisher")
+    p.add_argument("--rate", type=int, default=d.rate, help="e2e messages per second")
+    p.add_argument("--publishers", type=_int_list, default=d.publishers, metavar="P[,P..]",
+                   help="publish: publisher processes (one run per value)")
+    p.add_argument("--subscribers", type=_int_list, default=d.subscribers, metavar="S[,S..]",
+                   help="fanout: subscribers (one run per value)")
+    p.add_argument("--conns", type=int, default=d.conns, help="conns: connections")
+    p.add_argument("--procs", type=int, default=d.procs,
+                   help="fanout: processes the subscribers are spread over")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write one JSON object per result to FILE ('-' for stdout)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write latency/throughput plots (needs the 'plot' extra: matplotlib)")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="write (or update the generated block of) a Markdown report")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+    p.set_defaults(func=run_bench)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr; silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.label = ""
+
+    def for_label(self, label: str) -> Progress:
+        self.label = label
+        self(0.0)
+        return self
+
+    def __call__(self, fraction: float) -> None:
+        if not self.enabled:
+            return
+        fraction = max(0.0, min(1.0, fraction))
+        filled = int(fraction * 30)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} {self.label}"
+                         "\033[K")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def redis_info(host: str, port: int) -> dict[str, str]:
+    """``INFO server`` as a dict (version, process_id); empty if it cannot be read."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            sock.sendall(resp_command("INFO", "server"))
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                header, _, body = data.partition(b"\r\n")
+                if header.startswith(b"$") and len(body) >= int(header[1:]):
+                    break
+    except (OSError, ValueError):
+        return {}
+    info = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key] = value.strip()
+    return info
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"the server exited with status {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise BenchError("the server did not start listening")
+
+
+@contextlib.contextmanager
+def started_server(host: str, cpu: int | None) -> Iterator[tuple[int, int]]:
+    """Run ``mq-trio serve`` in a subprocess; yield (port, pid); stop it with SIGINT."""
+    port = _free_port(host)
+    cmd = [sys.executable, "-m", "mq_trio", "serve", "--host", host, "--port", str(port),
+           "--log-level", "warning"]
+    preexec: Callable[[], None] | None = None
+    if cpu is not None:
+        def preexec() -> None:
+            os.sched_setaffinity(0, {cpu})
+    proc = subprocess.Popen(cmd, preexec_fn=preexec)
+    try:
+        _wait_listening(host, port, proc)
+        yield port, proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_scenario(name: str, target: Target, st: Settings, progress: ProgressBar,
+                 variant: int | None) -> Result:
+    label = f"{name} {target.name}" + (f" ({variant})" if variant is not None else "")
+    bar = progress.for_label(label)
+    try:
+        if name == "rtt":
+            return run_rtt(target, st, bar)
+        if name == "e2e":
+            return run_e2e(target, st, bar)
+        if name == "publish":
+            return run_publish(target, st, variant or 1, bar)
+        if name == "fanout":
+            return run_fanout(target, st, variant or 1, bar)
+        return run_conns(target, st, bar)
+    except (BenchError, OSError) as exc:
+        params: dict[str, Any] = {}
+        if name == "publish":
+            params = {"publishers": variant, "window": st.window, "size": st.size}
+        elif name == "fanout":
+            params = {"subscribers": variant, "window": st.window, "size": st.size}
+        elif name == "conns":
+            params = {"conns": st.conns}
+        elif name == "e2e":
+            params = {"rate": st.rate, "size": st.size}
+        else:
+            params = {"size": st.size}
+        return Result(target.name, name, params, errors=[f"failed: {exc}"])
+    finally:
+        progress.clear()
+
+
+def run_all(targets: list[Target], scenarios: list[str], st: Settings,
+            progress: ProgressBar, on_result: Callable[[Result], None] | None = None
+            ) -> list[Result]:
+    """Every scenario (and variant) against every target, interleaved per scenario."""
+    results = []
+    for name in scenarios:
+        variants: tuple[int | None, ...] = (None,)
+        if name == "publish":
+            variants = st.publishers
+        elif name == "fanout":
+            variants = st.subscribers
+        for variant in variants:
+            for target in targets:
+                result = run_scenario(name, target, st, progress, variant)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return results
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    scenarios = list(args.scenarios) or list(SCENARIOS)
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        print(f"mq-trio bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    st = Settings(
+        duration=args.duration, size=args.size, window=args.window, rate=args.rate,
+        publishers=args.publishers, subscribers=args.subscribers, conns=args.conns,
+        procs=args.procs,
+    )
+    progress = ProgressBar(sys.stderr.isatty() if args.progress is None else args.progress)
+    json_out = None
+    if args.json == "-":
+        json_out = sys.stdout
+    elif args.json:
+        json_out = open(args.json, "w")  # noqa: SIM115 - closed below
+
+    def emit(result: Result) -> None:
+        if json_out is not None:
+            json_out.write(json.dumps(result.to_json()) + "\n")
+            json_out.flush()
+
+    extra: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if args.start_server:
+            if args.redis:
+                print("mq-trio bench: --start-server starts mq-trio, not Redis", file=sys.stderr)
+                return 2
+            port, pid = stack.enter_context(started_server(args.host, args.server_cpu))
+        else:
+            port, pid = args.port, args.server_pid
+        targets = []
+        if args.redis:
+            info = redis_info(args.host, port)
+            if pid is None and "process_id" in info:
+                pid = int(info["process_id"])
+            if "redis_version" in info:
+                extra["redis"] = info["redis_version"]
+        if pid is None:
+            pid = listening_pid(port)
+        targets.append(Target(args.name or ("redis" if args.redis else report.MQ_NAME),
+                              args.host, port, REDIS if args.redis else MQ, pid))
+        if args.compare_redis:
+            rhost, rport = args.compare_redis
+            info = redis_info(rhost, rport)
+            rpid = int(info["process_id"]) if "process_id" in info else listening_pid(rport)
+            if "redis_version" in info:
+                extra["redis"] = info["redis_version"]
+            targets.append(Target(report.REDIS_NAME, rhost, rport, REDIS, rpid))
+        for t in targets:
+            if t.pid is None:
+                print(f"mq-trio bench: pid of {t.name} unknown: no server CPU/RSS figures",
+                      file=sys.stderr)
+        try:
+            results = run_all(targets, scenarios, st, progress, emit)
+        finally:
+            if json_out is not None and json_out is not sys.stdout:
+                json_out.close()
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(report.table(results), file=out)
+    checks = report.check_targets(results)
+    if len(targets) > 1 and any(c.met is not None for c in checks):
+        print("\n" + report.checks_table(checks), file=out)
+    plot_name = None
+    if args.plot:
+        if report.plot(results, args.plot):
+            plot_name = args.plot
+        else:
+            print("mq-trio bench: --plot needs matplotlib (pip install 'mq-trio[plot]')",
+                  file=sys.stderr)
+    if args.markdown:
+        md = Path(args.markdown)
+        rel = None
+        if plot_name:
+            rel = os.path.relpath(Path(plot_name).resolve(), md.resolve().parent)
+        block = report.markdown(results, command=report.command_line(), plot_name=rel,
+                                extra_info=extra, when=time.strftime("%Y-%m-%d %H:%M %Z"))
+        report.splice_markdown(md, block)
+    return 0 if all(r.ok for r in results) else 1

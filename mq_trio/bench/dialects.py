@@ -1,0 +1,132 @@
+"""The two wire dialects the generator speaks: protocol v1 (mq-trio and its family) and
+Redis pub/sub over RESP.
+
+The generator never decodes a reply it only has to count. Both dialects have replies and
+deliveries of a fixed number of lines for the topics and messages the benchmark uses (no
+newlines in either), so counting ``\\n`` (a C-speed ``bytes.count``) is enough; a token
+counted across chunk boundaries tells deliveries from replies where they are mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import attrs
+
+#: Timestamps travel as the first 20 characters of ``msg`` (zero-padded nanoseconds).
+STAMP_DIGITS = 20
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def resp_command(*args: str) -> bytes:
+    """A RESP array of bulk strings: how redis-cli sends a command."""
+    parts = [b"*%d\r\n" % len(args)]
+    parts.extend(_bulk(a.encode()) for a in args)
+    return b"".join(parts)
+
+
+@attrs.frozen
+class Dialect:
+    """How to talk to one kind of server, as fixed byte patterns."""
+
+    name: str
+    #: lines in the reply to one publish
+    ack_lines: int
+    #: lines in the reply to one subscribe (before any delivery)
+    sub_confirm_lines: int
+    #: lines in one delivery (for benchmark topics and messages)
+    delivery_lines: int
+    #: occurs exactly once in each delivery, never in a reply
+    delivery_token: bytes
+    #: occurs in an error reply, never in a success or a delivery
+    error_token: bytes
+    #: occurs once in each subscribe confirmation
+    sub_token: bytes
+    #: finds the stamp of each delivery in a buffer of whole deliveries
+    stamp_re: re.Pattern[bytes]
+    #: sent first on a connection that must publish while subscribed (Redis: RESP3)
+    hello_for_mixed: bytes = b""
+
+    def publish(self, topic: str, msg: str) -> bytes:
+        if self.name == "redis":
+            return resp_command("PUBLISH", topic, msg)
+        return (
+            json.dumps({"command": "send", "topic": topic, "msg": msg, "delivery": "all"})
+            + "\n"
+        ).encode()
+
+    def subscribe(self, topic: str) -> bytes:
+        if self.name == "redis":
+            return resp_command("SUBSCRIBE", topic)
+        return (json.dumps({"command": "subscribe", "topic": topic}) + "\n").encode()
+
+
+MQ = Dialect(
+    name="mq",
+    ack_lines=1,
+    sub_confirm_lines=1,
+    delivery_lines=1,
+    delivery_token=b'"index"',
+    error_token=b"false",
+    sub_token=b"true",
+    stamp_re=re.compile(rb'"msg"\s*:\s*"(\d{20})'),
+)
+
+REDIS = Dialect(
+    name="redis",
+    ack_lines=1,  # ":<receivers>\r\n"
+    sub_confirm_lines=6,  # *3 $9 subscribe $n topic :1
+    delivery_lines=7,  # *3 $7 message $n topic $m msg
+    delivery_token=b"message\r\n",
+    error_token=b"-ERR",
+    sub_token=b"subscribe\r\n",
+    stamp_re=re.compile(rb"message\r\n\$\d+\r\n[^\r\n]*\r\n\$\d+\r\n(\d{20})"),
+    # RESP2 forbids PUBLISH on a subscribed connection; RESP3 (Redis >= 6) allows it.
+    hello_for_mixed=resp_command("HELLO", "3"),
+)
+
+
+def dialect(name: str) -> Dialect:
+    return REDIS if name == "redis" else MQ
+
+
+@attrs.define
+class TokenCounter:
+    """Counts a token in a stream of chunks, including occurrences split across chunks."""
+
+    token: bytes
+    count: int = 0
+    _tail: bytes = b""
+
+    def feed(self, data: bytes) -> int:
+        keep = len(self.token) - 1
+        joined = self._tail + data if self._tail else data
+        found = joined.count(self.token)
+        self.count += found
+        # The tail is too short to hold a whole token, so nothing is counted twice.
+        self._tail = joined[-keep:] if keep else b""
+        return found
+
+
+@attrs.define
+class StampReader:
+    """Extracts the timestamps of whole deliveries from a stream of chunks."""
+
+    pattern: re.Pattern[bytes]
+    _buffer: bytes = b""
+
+    def feed(self, data: bytes) -> list[int]:
+        buf = self._buffer + data if self._buffer else data
+        stamps: list[int] = []
+        end = 0
+        for m in self.pattern.finditer(buf):
+            stamps.append(int(m.group(1)))
+            end = m.end()
+        rest = buf[end:]
+        # Keep only what may be the start of an unfinished delivery.
+        self._buffer = rest[-4096:] if len(rest) > 4096 else rest
+        return stamps

@@ -1,0 +1,313 @@
+"""Presenting results: terminal table, JSON lines, PNG plot, Markdown, target checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from .scenarios import Result
+
+MQ_NAME = "mq-trio"
+REDIS_NAME = "redis"
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+
+def params_text(r: Result) -> str:
+    p = r.params
+    if r.scenario == "publish":
+        return f"P={p['publishers']} window={p['window']}"
+    if r.scenario == "fanout":
+        return f"S={p['subscribers']}"
+    if r.scenario == "e2e":
+        return f"{p['rate']}/s"
+    if r.scenario == "conns":
+        return f"C={p['conns']}"
+    return f"{p.get('size', '')}B msg"
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def result_text(r: Result) -> str:
+    m = r.metrics
+    if not m:
+        return "-"
+    if r.scenario in ("rtt", "e2e"):
+        if not m.get("n"):
+            return "no samples"
+        return f"p50 {_num(m['p50_us'])} / p99 {_num(m['p99_us'])} / p99.9 {_num(m['p999_us'])} µs"
+    if r.scenario == "publish":
+        return f"{m['per_s']:,} acked msg/s"
+    if r.scenario == "fanout":
+        return f"{m['per_s']:,} delivered msg/s"
+    if r.scenario == "conns":
+        text = f"setup {m['setup_s']:.2f} s, delivery {m['delivery_s']:.2f} s"
+        if "rss_per_conn_kib" in m:
+            text += f", {m['rss_per_conn_kib']:.1f} KiB/conn"
+        return text
+    return json.dumps(m)
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0f}%"
+
+
+def note_text(r: Result) -> str:
+    notes = []
+    if r.saturated:
+        notes.append("GENERATOR SATURATED")
+    notes.extend(r.errors)
+    return "; ".join(notes)
+
+
+HEADERS = ("scenario", "params", "target", "result", "gen CPU", "server CPU", "note")
+
+
+def rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
+    return [
+        (r.scenario, params_text(r), r.target, result_text(r), _pct(r.gen_cpu_pct),
+         _pct(r.server_cpu_pct), note_text(r))
+        for r in results
+    ]
+
+
+def table(results: Sequence[Result]) -> str:
+    body = rows(results)
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+              for i, h in enumerate(HEADERS)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in body]
+    return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(out)
+
+
+def write_json_lines(results: Sequence[Result], stream: IO[str]) -> None:
+    for r in results:
+        stream.write(json.dumps(r.to_json()) + "\n")
+
+
+# --- targets ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Check:
+    name: str
+    target: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _find(results: Sequence[Result], target: str, scenario: str, **params: Any
+          ) -> Result | None:
+    for r in results:
+        if r.target == target and r.scenario == scenario and all(
+            r.params.get(k) == v for k, v in params.items()
+        ):
+            return r
+    return None
+
+
+def _ratio_check(name: str, want: str, mq: Result | None, redis: Result | None, key: str,
+                 minimum: float | None = None, maximum: float | None = None,
+                 unit: str = "") -> Check:
+    if mq is None or redis is None or key not in mq.metrics or key not in redis.metrics:
+        return Check(name, want, "not measured", None)
+    a, b = mq.metrics[key], redis.metrics[key]
+    ratio = a / b if b else float("inf")
+    met = (minimum is None or ratio >= minimum) and (maximum is None or ratio <= maximum)
+    met = met and mq.ok and redis.ok
+    return Check(name, want, f"{_num(a)}{unit} vs {_num(b)}{unit} = {ratio:.2f}x", met)
+
+
+def check_targets(results: Sequence[Result]) -> list[Check]:
+    """The issue's targets, as ratios of mq-trio to Redis measured in the same run."""
+    mq = MQ_NAME
+    rd = REDIS_NAME
+    checks = [
+        _ratio_check("publish P=1 throughput", ">= 0.3x Redis",
+                     _find(results, mq, "publish", publishers=1),
+                     _find(results, rd, "publish", publishers=1), "per_s", minimum=0.3,
+                     unit=" msg/s"),
+        _ratio_check("fanout S=100 delivered throughput", ">= 0.3x Redis",
+                     _find(results, mq, "fanout", subscribers=100),
+                     _find(results, rd, "fanout", subscribers=100), "per_s", minimum=0.3,
+                     unit=" msg/s"),
+    ]
+    e2e_mq = _find(results, mq, "e2e")
+    e2e = _ratio_check("e2e p99", "<= 1.5x Redis and < 500 µs", e2e_mq,
+                       _find(results, rd, "e2e"), "p99_us", maximum=1.5, unit=" µs")
+    if e2e.met and e2e_mq is not None:
+        e2e = attrs.evolve(e2e, met=e2e_mq.metrics["p99_us"] < 500)
+    checks.append(e2e)
+    checks.append(_ratio_check("rtt p50", "<= 1.2x Redis", _find(results, mq, "rtt"),
+                               _find(results, rd, "rtt"), "p50_us", maximum=1.2, unit=" µs"))
+    conns = _find(results, mq, "conns")
+    if conns is None or not conns.metrics:
+        checks.append(Check("conns: RSS per connection", "<= 8 KiB", "not measured", None))
+        checks.append(Check("conns: setup / delivery", "< 2 s each", "not measured", None))
+    else:
+        m = conns.metrics
+        n = conns.params["conns"]
+        if "rss_per_conn_kib" in m:
+            checks.append(Check(f"conns C={n}: RSS per connection", "<= 8 KiB",
+                                f"{m['rss_per_conn_kib']:.2f} KiB", m["rss_per_conn_kib"] <= 8))
+        else:
+            checks.append(Check("conns: RSS per connection", "<= 8 KiB",
+                                "server pid unknown", None))
+        checks.append(Check(f"conns C={n}: setup / delivery", "< 2 s each",
+                            f"{m['setup_s']:.2f} s / {m['delivery_s']:.2f} s",
+                            m["setup_s"] < 2 and m["delivery_s"] < 2 and conns.ok))
+    return checks
+
+
+def checks_rows(checks: Sequence[Check]) -> list[tuple[str, str, str, str]]:
+    verdict = {True: "met", False: "NOT met", None: "-"}
+    return [(c.name, c.target, c.measured, verdict[c.met]) for c in checks]
+
+
+def checks_table(checks: Sequence[Check]) -> str:
+    body = checks_rows(checks)
+    heads = ("target", "wanted", "measured (mq-trio vs Redis)", "")
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(heads)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in body]
+    return "\n".join(out)
+
+
+# --- plot -------------------------------------------------------------------------------
+
+
+def plot(results: Sequence[Result], path: str | os.PathLike[str]) -> bool:
+    """Latency distributions (rtt, e2e) and throughputs; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, scenario in zip(axes[:2], ("rtt", "e2e"), strict=True):
+        for r in results:
+            if r.scenario != scenario or not r.samples_us:
+                continue
+            s = sorted(r.samples_us)
+            n = len(s)
+            # x: percentile on a log scale of 1/(1-p), the usual latency-tail view
+            xs = [1 / (1 - min(i / n, 0.99999)) for i in range(n)]
+            ax.plot(xs, s, label=f"{r.target} ({params_text(r)})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [1, 2, 10, 100, 1000, 10000]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%"])
+        ax.set_xlabel("percentile")
+        ax.set_ylabel("latency (µs)")
+        ax.set_title(f"{scenario} latency")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    ax = axes[2]
+    bars = [r for r in results if r.scenario in ("publish", "fanout") and r.metrics]
+    targets = sorted({r.target for r in bars})
+    labels = sorted({f"{r.scenario} {params_text(r)}" for r in bars},
+                    key=lambda x: (x.split()[0], len(x), x))
+    width = 0.8 / max(1, len(targets))
+    for t_i, target in enumerate(targets):
+        values = []
+        for label in labels:
+            match = [r for r in bars if r.target == target
+                     and f"{r.scenario} {params_text(r)}" == label]
+            values.append(match[0].metrics["per_s"] if match else 0)
+        ax.bar([i + t_i * width for i in range(len(labels))], values, width, label=target)
+    ax.set_xticks([i + width * (len(targets) - 1) / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("messages / s")
+    ax.set_title("throughput")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    if targets:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# --- markdown ---------------------------------------------------------------------------
+
+
+def machine_info(extra: dict[str, str] | None = None) -> dict[str, str]:
+    info = {
+        "os": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "cpus": str(os.cpu_count()),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
+        info["memory"] = f"{int(mem) // 1024} MiB"
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        import trio
+
+        info["trio"] = trio.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    info.update(extra or {})
+    return info
+
+
+def markdown(results: Sequence[Result], *, command: str, plot_name: str | None,
+             extra_info: dict[str, str] | None = None, when: str = "") -> str:
+    parts = [BEGIN, ""]
+    parts.append(f"Run{' of ' + when if when else ''}: `{command}`")
+    parts.append("")
+    parts.append(markdown_table(HEADERS, rows(results)))
+    checks = check_targets(results)
+    if any(c.met is not None for c in checks):
+        parts += ["", "Targets of issue 5 (ratios in this same run):", ""]
+        parts.append(markdown_table(("target", "wanted", "measured (mq-trio vs Redis)",
+                                     "verdict"), checks_rows(checks)))
+    if plot_name:
+        parts += ["", f"![latency and throughput]({plot_name})"]
+    parts += ["", "Machine:", ""]
+    parts += [f"- {k}: {v}" for k, v in machine_info(extra_info).items()]
+    parts += ["", END]
+    return "\n".join(parts)
+
+
+def splice_markdown(path: Path, block: str, title: str = "# Benchmarks") -> None:
+    """Replace the generated block of ``path`` (between the markers), keeping the prose."""
+    text = path.read_text() if path.exists() else f"{title}\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def command_line() -> str:
+    return " ".join(["mq-trio", *sys.argv[1:]]) if sys.argv else "mq-trio bench"

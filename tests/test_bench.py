@@ -1,0 +1,248 @@
+"""The bench tool itself: every scenario runs briefly and reports consistent numbers.
+
+Nothing here asserts on speed; the benchmarks are run by hand (bench/compare.sh).
+The server runs in a subprocess (``mq-trio serve``) because the generator is plain
+blocking-socket code with worker processes, which must not share a thread with trio.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mq_trio.bench import report
+from mq_trio.bench.cli import started_server
+from mq_trio.bench.dialects import MQ, REDIS, StampReader, TokenCounter, resp_command
+from mq_trio.bench.scenarios import (
+    Result,
+    Settings,
+    Target,
+    latency_summary,
+    run_conns,
+    run_e2e,
+    run_fanout,
+    run_publish,
+    run_rtt,
+)
+from mq_trio.cli import main
+
+QUICK = Settings(duration=0.3, window=64, rate=2000, conns=40, procs=2, stall_timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mq() -> Iterator[Target]:
+    with started_server("127.0.0.1", None) as (port, pid):
+        yield Target("mq-trio", "127.0.0.1", port, MQ, pid)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Target]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        yield Target("redis", "127.0.0.1", port, REDIS, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def assert_latencies(r: Result) -> None:
+    m = r.metrics
+    assert m["n"] > 0
+    assert 0 < m["p50_us"] <= m["p90_us"] <= m["p99_us"] <= m["p999_us"] <= m["max_us"]
+    assert len(r.samples_us) == m["n"]
+
+
+def assert_cpu(r: Result) -> None:
+    assert r.gen_cpu_pct is not None and r.gen_cpu_pct >= 0
+    assert r.server_cpu_pct is not None and r.server_cpu_pct >= 0
+
+
+# --- scenarios against mq-trio --------------------------------------------------------
+
+
+def test_rtt(mq: Target) -> None:
+    r = run_rtt(mq, QUICK)
+    assert r.ok, r.errors
+    assert_latencies(r)
+    assert r.metrics["per_s"] > 0
+    assert_cpu(r)
+
+
+def test_e2e(mq: Target) -> None:
+    r = run_e2e(mq, QUICK)
+    assert r.ok, r.errors
+    m = r.metrics
+    assert m["delivered"] == m["sent"] == int(QUICK.rate * QUICK.duration)
+    # the warm-up tenth is left out of the percentiles
+    assert m["n"] == m["sent"] - m["sent"] // 10
+    assert_latencies(r)
+
+
+def test_publish_several_publishers(mq: Target) -> None:
+    r = run_publish(mq, QUICK, publishers=2)
+    assert r.ok, r.errors
+    m = r.metrics
+    assert m["acked"] >= 2 * QUICK.window
+    assert m["per_s"] == round(m["acked"] / m["seconds"]) or abs(
+        m["per_s"] - m["acked"] / m["seconds"]) < 0.01 * m["per_s"]
+    assert_cpu(r)
+
+
+@pytest.mark.parametrize("subscribers", [1, 5])
+def test_fanout_accounts_for_every_message(mq: Target, subscribers: int) -> None:
+    r = run_fanout(mq, QUICK, subscribers)
+    assert r.ok, r.errors
+    m = r.metrics
+    assert m["published"] > 0
+    assert m["delivered"] == subscribers * m["published"]
+    assert m["per_s"] > 0
+    assert_cpu(r)
+
+
+def test_conns(mq: Target) -> None:
+    r = run_conns(mq, QUICK, settle=0.1)
+    assert r.ok, r.errors
+    m = r.metrics
+    assert m["setup_s"] > 0 and m["delivery_s"] > 0
+    assert "rss_per_conn_kib" in m  # the pid is known, so RSS is measured
+
+
+def test_failed_scenario_is_reported_not_raised() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    from mq_trio.bench.cli import ProgressBar, run_scenario
+
+    r = run_scenario("rtt", Target("nobody", "127.0.0.1", port, MQ), QUICK,
+                     ProgressBar(False), None)
+    assert not r.ok and r.errors[0].startswith("failed:")
+
+
+# --- against Redis (skipped where redis-server is not installed) -----------------------
+
+
+def test_redis_scenarios(redis: Target) -> None:
+    rtt = run_rtt(redis, QUICK)
+    assert rtt.ok, rtt.errors
+    assert_latencies(rtt)
+    e2e = run_e2e(redis, QUICK)
+    assert e2e.ok, e2e.errors
+    assert e2e.metrics["delivered"] == e2e.metrics["sent"]
+    fan = run_fanout(redis, QUICK, 3)
+    assert fan.ok, fan.errors
+    assert fan.metrics["delivered"] == 3 * fan.metrics["published"]
+    conns = run_conns(redis, QUICK, settle=0.1)
+    assert conns.ok, conns.errors
+
+
+# --- the command line and the reports ---------------------------------------------------
+
+
+def test_cli_json_markdown_and_plot(mq: Target, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    md = tmp_path / "bench.md"
+    md.write_text(f"# Benchmarks\n\nprose before\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
+    png = tmp_path / "plot.png"
+    argv = ["bench", "rtt", "publish", "--port", str(mq.port), "--server-pid", str(mq.pid),
+            "--duration", "0.2", "--window", "32", "--json", str(out), "--markdown", str(md),
+            "--plot", str(png), "--no-progress"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["scenario"] for r in records] == ["rtt", "publish"]
+    assert all(r["ok"] and r["target"] == "mq-trio" for r in records)
+    text = md.read_text()
+    assert "prose before" in text and "after" in text and "old" not in text
+    assert "| rtt |" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not png.exists()
+    else:
+        assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_unknown_scenario() -> None:
+    assert main(["bench", "nonsense", "--no-progress"]) == 2
+
+
+def test_check_targets_ratios() -> None:
+    def res(target: str, scenario: str, params: dict[str, int], **metrics: float) -> Result:
+        return Result(target, scenario, params, dict(metrics))
+
+    results = [
+        res("mq-trio", "publish", {"publishers": 1}, per_s=400),
+        res("redis", "publish", {"publishers": 1}, per_s=1000),
+        res("mq-trio", "rtt", {}, p50_us=130),
+        res("redis", "rtt", {}, p50_us=100),
+        res("mq-trio", "e2e", {}, p99_us=400),
+        res("redis", "e2e", {}, p99_us=300),
+        res("mq-trio", "conns", {"conns": 10}, setup_s=1, delivery_s=3, rss_per_conn_kib=7),
+    ]
+    verdicts = {c.name: c.met for c in report.check_targets(results)}
+    assert verdicts["publish P=1 throughput"] is True  # 0.4x
+    assert verdicts["fanout S=100 delivered throughput"] is None  # not measured
+    assert verdicts["rtt p50"] is False  # 1.3x
+    assert verdicts["e2e p99"] is True  # 1.33x and under 500 µs
+    assert verdicts["conns C=10: RSS per connection"] is True
+    assert verdicts["conns C=10: setup / delivery"] is False
+
+
+# --- the generator's byte-level helpers ----------------------------------------------
+
+
+def test_token_counter_counts_tokens_split_across_chunks() -> None:
+    counter = TokenCounter(b'"index"')
+    stream = b'{"a": 1, "index": 0}\r\n{"index": 1}\r\n' * 3
+    for i in range(len(stream)):  # every split point, in one-byte and larger chunks
+        counter = TokenCounter(b'"index"')
+        counter.feed(stream[:i])
+        counter.feed(stream[i:])
+        assert counter.count == 6
+    counter = TokenCounter(b'"index"')
+    for b in stream:
+        counter.feed(bytes([b]))
+    assert counter.count == 6
+
+
+def test_stamp_reader_mq_and_redis() -> None:
+    mq_stream = b"".join(
+        b'{"command": "send", "topic": "t", "msg": "%020dxx", "delivery": "all", "index": %d}'
+        b"\r\n" % (n, n) for n in range(5)
+    )
+    redis_stream = b"".join(
+        b"*3\r\n$7\r\nmessage\r\n$1\r\nt\r\n$22\r\n%020dxx\r\n" % n for n in range(5)
+    )
+    for d, stream in ((MQ, mq_stream), (REDIS, redis_stream)):
+        reader = StampReader(d.stamp_re)
+        got: list[int] = []
+        for i in range(0, len(stream), 7):
+            got += reader.feed(stream[i:i + 7])
+        assert got == list(range(5))
+
+
+def test_resp_encoding_and_latency_summary() -> None:
+    expected = b"*3\r\n$7\r\nPUBLISH\r\n$1\r\nt\r\n$3\r\nh\xc3\xa9\r\n"
+    assert resp_command("PUBLISH", "t", "hé") == expected
+    s = latency_summary(list(range(1000, 1_001_000, 1000)))  # 1..1000 µs
+    assert (s["p50_us"], s["p99_us"], s["p999_us"], s["max_us"]) == (500, 990, 999, 1000)
