@@ -202,7 +202,7 @@ class Connection:
             if lines is None:
                 return
             for line in lines:
-                if self.handle_event(protocol.parse_line(line)):
+                if self.handle_event(self._parse(line)):
                     return
                 if outbox.pending > outbox.high_water:
                     await outbox.wait_drained()
@@ -210,6 +210,14 @@ class Connection:
                 outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
                 log.info("closing %s: line over %d bytes", self.peer, self.limits.max_line_bytes)
                 return
+
+    def _parse(self, line: bytes) -> protocol.LineEvent:
+        """Parse one line; a bug in parsing costs this line, like one in handling."""
+        try:
+            return protocol.parse_line(line)
+        except Exception:
+            log.exception("internal error parsing a line from %s", self.peer)
+            return Failure(protocol.INTERNAL_ERROR)
 
     def handle_event(self, event: protocol.LineEvent) -> bool:
         """Apply one parsed line; return True when the client asked to quit."""
