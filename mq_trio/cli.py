@@ -180,7 +180,9 @@ async def serve_until_signalled(config: Config) -> None:
     ws_listeners = await open_ws_listeners(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server: Server = await nursery.start(partial(serve, config, listeners=listeners, ws_listeners=ws_listeners))
+            server: Server = await nursery.start(
+                partial(serve, config, listeners=listeners, ws_listeners=ws_listeners)
+            )
 
             async def watch_signals() -> None:
                 async for signum in signals:

@@ -18,6 +18,7 @@ from .connection import (
 )
 from .protocol import DEFAULT_MAX_LINE_BYTES
 from .tcp import TCPTransport
+from .websocket import DEFAULT_PING_INTERVAL, OriginPolicy, handle_stream
 
 log = logging.getLogger("mq_trio.server")
 
@@ -34,6 +35,14 @@ class Config:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     #: On shutdown (and per closing connection): time allowed to flush queued output.
     shutdown_grace: float = DEFAULT_FLUSH_TIMEOUT
+    #: WebSocket listener (and browser page): off when ``ws_port`` is None; 0 picks a port.
+    ws_port: int | None = None
+    #: Defaults to ``host``.
+    ws_host: str | None = None
+    #: Origins allowed besides the page's own; None: localhost origins; ("*",): any.
+    ws_allowed_origins: tuple[str, ...] | None = None
+    #: Seconds between keepalive pings; a ping unanswered as long drops the peer. 0: off.
+    ws_ping_interval: float = DEFAULT_PING_INTERVAL
 
     @property
     def limits(self) -> Limits:
@@ -54,11 +63,22 @@ class Config:
             raise ValueError("max pending bytes must be at least twice max line bytes")
         if self.shutdown_grace < 0:
             raise ValueError("shutdown grace must be >= 0")
+        if self.ws_ping_interval < 0:
+            raise ValueError("WebSocket ping interval must be >= 0")
+        OriginPolicy.from_config(self.ws_allowed_origins)  # ValueError for a bad origin
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
     """Bind the TCP port (port 0 picks a free one). Raises OSError, e.g. port in use."""
     return await trio.open_tcp_listeners(config.port, host=config.host)
+
+
+async def open_ws_listeners(config: Config) -> list[trio.SocketListener]:
+    """Bind the WebSocket port, if one is configured (``ws_host`` defaults to ``host``)."""
+    if config.ws_port is None:
+        return []
+    host = config.ws_host if config.ws_host is not None else config.host
+    return await trio.open_tcp_listeners(config.ws_port, host=host)
 
 
 @attrs.define(eq=False)
@@ -68,6 +88,8 @@ class Server:
     config: Config
     broker: Broker
     listeners: list[trio.SocketListener]
+    #: The WebSocket/page listeners; empty when the WebSocket endpoint is off.
+    ws_listeners: list[trio.SocketListener] = attrs.field(factory=list)
     connections: set[Connection] = attrs.field(factory=set)
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _connections_scope: trio.CancelScope | None = None
@@ -80,6 +102,13 @@ class Server:
     def port(self) -> int:
         """The bound TCP port (useful with port 0)."""
         return int(self.listeners[0].socket.getsockname()[1])
+
+    @property
+    def ws_port(self) -> int | None:
+        """The bound WebSocket port (None when the endpoint is off)."""
+        if not self.ws_listeners:
+            return None
+        return int(self.ws_listeners[0].socket.getsockname()[1])
 
     @property
     def address(self) -> tuple[str, int]:
@@ -115,12 +144,16 @@ class Server:
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         await self.handle_transport(TCPTransport(stream, self.config.max_line_bytes))
 
+    async def _handle_ws(self, stream: trio.SocketStream) -> None:
+        await handle_stream(self, stream)
+
 
 async def serve(
     config: Config,
     *,
     broker: Broker | None = None,
     listeners: list[trio.SocketListener] | None = None,
+    ws_listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until cancelled or until ``Server.shutdown()`` completes.
@@ -133,7 +166,9 @@ async def serve(
         listeners = await open_listeners(config)
     if broker is None:
         broker = Broker(MemoryHistory(config.cache_size))
-    server = Server(config, broker, listeners)
+    if ws_listeners is None:
+        ws_listeners = await open_ws_listeners(config)
+    server = Server(config, broker, listeners, ws_listeners)
     try:
         await _run(server, listeners, task_status)
     finally:
@@ -160,6 +195,20 @@ async def _run(
                 for listener in listeners:
                     host, port = listener.socket.getsockname()[:2]
                     log.info("listening on %s:%d (tcp)", host, port)
+                if server.ws_listeners:
+                    # Same nurseries as TCP: shutdown stops both, connections share one.
+                    accept.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            server._handle_ws,
+                            server.ws_listeners,
+                            handler_nursery=connections,
+                        )
+                    )
+                    for listener in server.ws_listeners:
+                        host, port = listener.socket.getsockname()[:2]
+                        log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
+                                 host, port, host, port)
                 task_status.started(server)
         # Only a shutdown ends the accept scope; the connections nursery now waits
         # for the connections it was given a deadline for.
