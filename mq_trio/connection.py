@@ -87,13 +87,14 @@ class Outbox:
     def push(self, payload: bytes) -> None:
         if self.overflowed:
             return
-        self.pending += len(payload)
-        if self.pending > self.budget:
+        # Checked before counting, so ``pending`` itself never exceeds the budget.
+        if self.pending + len(payload) > self.budget:
             self.overflowed = True
             self._send.close()
             if self._on_overflow is not None:
                 self._on_overflow()
             return
+        self.pending += len(payload)
         try:
             self._send.send_nowait(payload)
         except trio.ClosedResourceError:
