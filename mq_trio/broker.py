@@ -8,7 +8,9 @@ the in-memory one without touching delivery.
 
 from __future__ import annotations
 
+import json
 import random
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ from typing import Protocol
 
 import attrs
 
-from .protocol import Send, encode_delivery
+from .protocol import SUCCESS, Send, encode_delivery
 
 DEFAULT_CACHE_SIZE = 100
 
@@ -46,6 +48,14 @@ class TopicHistory(Protocol):
     def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
         """Cached messages with ``index > last_seen`` in order; "one" ones are removed."""
 
+    def recovered(self, topic: str, last_seen: int) -> bool:
+        """Whether nothing after ``last_seen`` was lost to the cache-size rule (epoch ext.)."""
+
+
+def new_epoch() -> str:
+    """A random id for a history; a new one whenever history may have been lost."""
+    return uuid.uuid4().hex
+
 
 @attrs.define
 class MemoryHistory:
@@ -54,6 +64,8 @@ class MemoryHistory:
     cache_size: int = DEFAULT_CACHE_SIZE
     _caches: dict[str, deque[CachedMessage]] = attrs.field(factory=dict)
     _indexes: dict[str, int] = attrs.field(factory=dict)
+    #: Per topic, the highest index the cache-size rule dropped (for the epoch extension).
+    _evicted: dict[str, int] = attrs.field(factory=dict)
 
     def next_index(self, topic: str) -> int:
         index = self._indexes.get(topic, 0)
@@ -64,6 +76,8 @@ class MemoryHistory:
         cache = self._caches.get(topic)
         if cache is None:
             cache = self._caches[topic] = deque(maxlen=self.cache_size)
+        if len(cache) == self.cache_size:
+            self._evicted[topic] = cache[0].index if cache else message.index
         cache.append(message)
 
     def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
@@ -81,6 +95,9 @@ class MemoryHistory:
             )
         return sent
 
+    def recovered(self, topic: str, last_seen: int) -> bool:
+        return self._evicted.get(topic, -1) <= max(last_seen, -1) < self._indexes.get(topic, 0)
+
     def cached(self, topic: str) -> list[CachedMessage]:
         """A copy of the topic's cache, for inspection and tests."""
         return list(self._caches.get(topic, ()))
@@ -94,6 +111,11 @@ class Broker:
     _subscribers: dict[str, dict[Subscriber, None]] = attrs.field(factory=dict)
     _topics_of: dict[Subscriber, set[str]] = attrs.field(factory=dict)
     _random: random.Random = attrs.field(factory=random.Random)
+    #: The history's id for the epoch extension (docs/protocol.md).
+    epoch: str = attrs.field(factory=new_epoch, kw_only=True)
+    #: What the sender gets once ``publish`` returns; a durable broker sets a reply that
+    #: waits for the store (mq_trio.store.Pending).
+    send_reply: bytes = attrs.field(default=SUCCESS, init=False)
 
     def subscribe(
         self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
@@ -144,6 +166,11 @@ class Broker:
         elif send.cache:
             self.history.append(topic, CachedMessage(index, True, payload))
         return index
+
+    def subscribe_reply(self, topic: str, last_seen: int, epoch: str) -> bytes:
+        """The reply to a subscribe that carries ``epoch`` (the epoch extension)."""
+        recovered = epoch == self.epoch and self.history.recovered(topic, last_seen)
+        return json.dumps({"success": True, "epoch": self.epoch, "recovered": recovered}).encode()
 
     @contextmanager
     def attached(self, subscriber: Subscriber) -> Iterator[Subscriber]:

@@ -142,12 +142,15 @@ class Connection:
     transport: Transport
     broker: Broker
     limits: Limits = attrs.field(factory=Limits)
+    #: Builds the outbox: (byte budget, overflow callback). Durable mode passes an
+    #: outbox whose writer waits for the store (mq_trio.store.DurableOutbox).
+    outbox_factory: Callable[[int, Callable[[], None] | None], Outbox] = Outbox
     outbox: Outbox = attrs.field(init=False)
     _reader_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
-        self.outbox = Outbox(self.limits.max_pending_bytes, self._slow_consumer)
+        self.outbox = self.outbox_factory(self.limits.max_pending_bytes, self._slow_consumer)
 
     @property
     def peer(self) -> str:
@@ -233,14 +236,18 @@ class Connection:
             return True
         try:
             if cls is Send:
-                self.broker.publish(event)  # type: ignore[arg-type]
-                push(protocol.SUCCESS)
+                broker = self.broker
+                broker.publish(event)  # type: ignore[arg-type]
+                push(broker.send_reply)
             elif cls is Subscribe:
                 assert isinstance(event, Subscribe)
                 replay = self.broker.subscribe(
                     self.outbox, event.topic, event.last_seen, event.cache
                 )
-                push(protocol.SUCCESS)
+                if event.epoch is None:
+                    push(protocol.SUCCESS)
+                else:
+                    push(self.broker.subscribe_reply(event.topic, event.last_seen, event.epoch))
                 for payload in replay:
                     push(payload)
             elif cls is Unsubscribe:

@@ -30,6 +30,8 @@ class Subscribe:
     topic: str
     last_seen: int = -1
     cache: bool = True
+    #: The epoch extension (docs/protocol.md): None for a version-1 subscribe.
+    epoch: str | None = None
 
 
 @attrs.frozen(slots=True)
@@ -68,7 +70,7 @@ LineEvent = Subscribe | Unsubscribe | Send | Failure | Quit | None
 # --- validation -------------------------------------------------------------------
 
 _SEND_KEYS = frozenset(("command", "topic", "msg", "delivery", "cache"))
-_SUBSCRIBE_KEYS = frozenset(("command", "topic", "last_seen", "cache"))
+_SUBSCRIBE_KEYS = frozenset(("command", "topic", "last_seen", "cache", "epoch"))
 _UNSUBSCRIBE_KEYS = frozenset(("command", "topic"))
 _MALFORMED = Failure(MALFORMED)
 _PARSE_ERROR = Failure(PARSE_ERROR)
@@ -102,9 +104,14 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
         return Send(topic, msg, delivery, cache, raw)
     if command == "subscribe":
         last_seen = obj.get("last_seen", -1)
-        if type(last_seen) is not int or not _SUBSCRIBE_KEYS.issuperset(obj):
+        epoch = obj.get("epoch")
+        if (
+            type(last_seen) is not int
+            or not _SUBSCRIBE_KEYS.issuperset(obj)
+            or (type(epoch) is not str and "epoch" in obj)
+        ):
             return _MALFORMED
-        return Subscribe(topic, last_seen, cache)
+        return Subscribe(topic, last_seen, cache, epoch)
     if command == "unsubscribe":
         if not _UNSUBSCRIBE_KEYS.issuperset(obj):
             return _MALFORMED

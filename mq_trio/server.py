@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 
 import attrs
@@ -14,6 +15,7 @@ from .connection import (
     DEFAULT_MAX_PENDING_BYTES,
     Connection,
     Limits,
+    Outbox,
     Transport,
 )
 from .protocol import DEFAULT_MAX_LINE_BYTES
@@ -43,6 +45,12 @@ class Config:
     ws_allowed_origins: tuple[str, ...] | None = None
     #: Seconds between keepalive pings; a ping unanswered as long drops the peer. 0: off.
     ws_ping_interval: float = DEFAULT_PING_INTERVAL
+    #: Durable topics (docs/durability.md): None keeps everything in memory.
+    data_dir: str | None = None
+    #: With data_dir: "always", "everysec" or "never" (when the store fsyncs).
+    fsync: str = "everysec"
+    #: With data_dir: cached messages per topic kept in RAM (older ones stay on disk).
+    memory_window: int = 1000
 
     @property
     def limits(self) -> Limits:
@@ -66,6 +74,10 @@ class Config:
         if self.ws_ping_interval < 0:
             raise ValueError("WebSocket ping interval must be >= 0")
         OriginPolicy.from_config(self.ws_allowed_origins)  # ValueError for a bad origin
+        if self.fsync not in ("always", "everysec", "never"):
+            raise ValueError("fsync must be always, everysec or never")
+        if self.memory_window < 1:
+            raise ValueError("memory window must be >= 1")
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
@@ -97,6 +109,8 @@ class Server:
     stopping: bool = False
     #: Set when serve() has returned (after a shutdown, every connection is closed).
     stopped: trio.Event = attrs.field(factory=trio.Event)
+    #: How connections build their outbox (durable mode: one that waits for the store).
+    outbox_factory: Callable[[int, Callable[[], None] | None], Outbox] = Outbox
 
     @property
     def port(self) -> int:
@@ -129,7 +143,7 @@ class Server:
 
     async def handle_transport(self, transport: Transport) -> None:
         """Serve one client on any transport; a failure stays inside this connection."""
-        conn = Connection(transport, self.broker, self.config.limits)
+        conn = Connection(transport, self.broker, self.config.limits, self.outbox_factory)
         self.connections.add(conn)
         log.debug("connected: %s", conn.peer)
         try:
@@ -168,11 +182,30 @@ async def serve(
         broker = Broker(MemoryHistory(config.cache_size))
     if ws_listeners is None:
         ws_listeners = await open_ws_listeners(config)
-    server = Server(config, broker, listeners, ws_listeners)
+    if config.data_dir is None:
+        server = Server(config, broker, listeners, ws_listeners)
+        try:
+            await _run(server, listeners, task_status)
+        finally:
+            server.stopped.set()
+        return
+    from .store import open_durable  # only durable mode needs sqlite3
+
+    durable_server: Server | None = None
     try:
-        await _run(server, listeners, task_status)
+        async with open_durable(
+            config.data_dir,
+            cache_size=config.cache_size,
+            fsync=config.fsync,  # type: ignore[arg-type]  # checked by Config.check
+            memory_window=config.memory_window,
+        ) as durable:
+            durable_server = Server(config, durable.broker, listeners, ws_listeners)
+            durable_server.outbox_factory = durable.outbox_factory
+            await _run(durable_server, listeners, task_status)
+        # leaving the block wrote what was queued and closed the store
     finally:
-        server.stopped.set()
+        if durable_server is not None:
+            durable_server.stopped.set()
 
 
 async def _run(

@@ -1,0 +1,1134 @@
+"""Durable topics: indexes and caches in an embedded SQLite database (``--data-dir``).
+
+The broker stays synchronous. A durable ``send`` consumes its index and updates the
+in-memory window of the cache at once, and hands a :class:`Record` to the
+:class:`Store`; one trio task (the flusher) takes everything queued and writes it in
+one transaction in a worker thread, so many pipelined or concurrent sends share one
+commit (and, with ``--fsync always``, one fsync: group commit).
+
+Nothing that depends on a record leaves the server before the record is decided:
+the sender's ``success`` and every delivery of the message go into the outboxes as
+:class:`Pending` items, and a connection's writer waits for the store before writing
+one (and everything queued after it, which keeps the reply order). Delivering only
+after the write is what makes "no subscriber ever sees two different messages with the
+same topic and index" hold across a crash: an index that a subscriber has seen is
+always on disk, so a restart never hands it out again. A send whose write fails gets
+``Storage unavailable`` and its deliveries are dropped.
+
+Only a recent window of each topic's cache (``memory_window`` messages) stays in
+memory; a subscriber that asks for older messages gets a :class:`DiskReplay` marker in
+its outbox, and its writer streams those rows from the database in chunks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import sqlite3
+import struct
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import trio
+
+from .broker import Broker, CachedMessage, Subscriber
+from .connection import WRITE_BATCH_BYTES, Outbox, Transport
+from .protocol import SUCCESS, Send, encode_delivery, failure_bytes
+
+log = logging.getLogger("mq_trio.store")
+
+STORAGE_UNAVAILABLE = "Storage unavailable"
+_STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
+
+FsyncPolicy = Literal["always", "everysec", "never"]
+FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "everysec", "never")
+DEFAULT_FSYNC: FsyncPolicy = "everysec"
+#: Cached messages per topic kept in RAM; older ones are read from disk when asked for.
+DEFAULT_MEMORY_WINDOW = 1000
+DB_NAME = "mq-trio.sqlite3"
+LOCK_NAME = "mq-trio.lock"
+#: Rows per read when streaming old history to a subscriber.
+READ_CHUNK_ROWS = 1000
+#: everysec: the longest a committed write waits for its fsync.
+SYNC_INTERVAL = 1.0
+#: While the store fails, how often queued state changes are retried with no new sends.
+RETRY_INTERVAL = 1.0
+
+#: Larger logs are not scanned for a torn tail at startup (SQLite handles them anyway).
+MAX_WAL_SCAN_BYTES = 64 << 20
+
+_SYNCHRONOUS = {"always": "FULL", "everysec": "NORMAL", "never": "OFF"}
+
+
+class StoreError(Exception):
+    """The data directory cannot be used at all (locked by another server, not a dir)."""
+
+
+def find_store_error(exc: BaseException) -> StoreError | None:
+    """The StoreError inside (nested, single-member) exception groups from nurseries."""
+    while True:
+        if isinstance(exc, StoreError):
+            return exc
+        inner = getattr(exc, "exceptions", None)
+        if not inner or len(inner) != 1:
+            return None
+        exc = inner[0]
+
+
+# --- what travels to the worker thread --------------------------------------------
+
+
+@attrs.define(slots=True, eq=False)
+class Record:
+    """One accepted send on its way to disk; outbox items wait for it to be decided."""
+
+    seq: int
+    tid: int
+    index: int
+    one: bool
+    #: The delivery to cache, or None when the send is not cached (only its index counts).
+    payload: bytes | None
+    failed: bool = False
+
+
+@attrs.frozen(slots=True)
+class NewTopic:
+    tid: int
+    name: str
+
+
+@attrs.frozen(slots=True)
+class Evict:
+    """Drop the topic's ``count`` oldest cached messages (the cache-size rule)."""
+
+    tid: int
+    count: int
+
+
+@attrs.frozen(slots=True)
+class Take:
+    """A "one" message was replayed to a subscriber, so it leaves the cache."""
+
+    tid: int
+    index: int
+
+
+@attrs.frozen(slots=True)
+class Bump:
+    """Make sure the topic's next index is at least ``next_index`` (retries after faults)."""
+
+    tid: int
+    next_index: int
+
+
+@attrs.define(slots=True, eq=False)
+class Read:
+    """A chunk of old history, ``after < index <= upto``; "one" messages read are taken."""
+
+    tid: int
+    after: int
+    upto: int
+    limit: int
+    rows: list[tuple[int, bytes]] = attrs.field(factory=list)
+    taken: int = 0
+    error: Exception | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+Op = Record | NewTopic | Evict | Take | Bump | Read
+
+
+@attrs.define
+class BatchResult:
+    error: Exception | None = None
+    #: tid -> highest index the batch evicted.
+    evicted: dict[int, int] = attrs.field(factory=dict)
+
+
+# --- outbox items -------------------------------------------------------------------
+
+
+class Pending(bytes):
+    """An outbox item that may be written only once its record is decided.
+
+    A ``bytes`` subclass so that outboxes, the broker's ``Subscriber`` protocol and the
+    byte budget need no change: the in-memory path never sees one.
+    """
+
+    record: Record
+    #: Written instead when the record failed; None drops the item.
+    failure: bytes | None
+
+    @classmethod
+    def make(cls, payload: bytes, record: Record, failure: bytes | None) -> Pending:
+        item = cls(payload)
+        item.record = record
+        item.failure = failure
+        return item
+
+
+class DiskReplay(bytes):
+    """Marks where a subscriber's replay of older-than-memory history goes (empty bytes)."""
+
+    tid: int
+    after: int
+    upto: int
+
+    @classmethod
+    def make(cls, tid: int, after: int, upto: int) -> DiskReplay:
+        item = cls()
+        item.tid, item.after, item.upto = tid, after, upto
+        return item
+
+
+# --- the SQLite side (runs in worker threads, one call at a time) -------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS topics (
+    tid INTEGER PRIMARY KEY,
+    name BLOB NOT NULL,
+    next_index INTEGER NOT NULL,
+    evicted INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS messages (
+    tid INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    one INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    PRIMARY KEY (tid, idx)
+) WITHOUT ROWID;
+"""
+
+
+@attrs.define
+class LoadedTopic:
+    tid: int
+    name: str
+    next_index: int
+    evicted: int
+    count: int
+    #: The newest cached messages, oldest first: (index, one, payload).
+    window: list[tuple[int, bool, bytes]]
+    #: Newest cached index that is not in the window (-1: none).
+    spilled_max: int
+
+
+@attrs.define
+class Loaded:
+    epoch: str
+    topics: list[LoadedTopic]
+    messages: int
+    notes: list[str]
+
+
+def _topic_name(blob: bytes) -> str:
+    return blob.decode("utf-8", "surrogatepass")
+
+
+def _topic_blob(name: str) -> bytes:
+    # JSON allows lone surrogates ("\\ud800") in strings; keep them byte-exact.
+    return name.encode("utf-8", "surrogatepass")
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+@attrs.define
+class WalReport:
+    """What SQLite will ignore at the end of a write-ahead log after a crash."""
+
+    committed_frames: int = 0
+    ignored_bytes: int = 0
+    torn: bool = False
+
+
+def scan_wal(path: Path) -> WalReport:
+    """Find a torn or corrupt tail in a WAL file (format: sqlite.org/fileformat.html).
+
+    SQLite itself recovers by ignoring every frame after the last valid commit; this
+    scan only tells how much that is, so that startup can say so. Frames left from
+    before the log was last reset carry other salts: they are normal, not damage.
+    """
+    report = WalReport()
+    try:
+        if path.stat().st_size > MAX_WAL_SCAN_BYTES:
+            return report  # not worth the startup time; SQLite still recovers it
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return report
+    if len(data) < 32:
+        report.ignored_bytes = len(data)
+        report.torn = bool(data)
+        return report
+    magic, _version, page_size, _ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:32])
+    if magic not in (0x377F0682, 0x377F0683) or page_size < 512:
+        report.ignored_bytes, report.torn = len(data), True
+        return report
+    word = ">" if magic & 1 else "<"
+
+    def checksum(chunk: bytes, s0: int, s1: int) -> tuple[int, int]:
+        words = struct.unpack(f"{word}{len(chunk) // 4}I", chunk)
+        for i in range(0, len(words), 2):
+            s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+            s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+        return s0, s1
+
+    s0, s1 = checksum(data[:24], 0, 0)
+    if (s0, s1) != (c1, c2):
+        report.ignored_bytes, report.torn = len(data), True
+        return report
+    frame = 24 + page_size
+    pos = 32
+    end_of_commit = 32
+    frames = 0
+    while pos + frame <= len(data):
+        _page, commit, fsalt1, fsalt2, fc1, fc2 = struct.unpack(">6I", data[pos : pos + 24])
+        if (fsalt1, fsalt2) != (salt1, salt2):
+            break  # left over from before a reset: the valid log ends here
+        s0, s1 = checksum(data[pos : pos + 8], s0, s1)
+        s0, s1 = checksum(data[pos + 24 : pos + frame], s0, s1)
+        if (s0, s1) != (fc1, fc2):
+            report.torn = True  # our salt, wrong checksum: damaged or half written
+            break
+        pos += frame
+        frames += 1
+        if commit:
+            end_of_commit = pos
+            report.committed_frames = frames
+    if pos < len(data) and (len(data) - pos) < frame:
+        # a partial frame at the very end is a write that was cut off
+        report.torn = True
+    if end_of_commit < pos:
+        report.torn = True  # frames of a transaction that never committed
+    if report.torn:
+        report.ignored_bytes = len(data) - end_of_commit
+    return report
+
+
+class SqliteBackend:
+    """All SQL. Every method runs in a worker thread, never two at once."""
+
+    def __init__(self, directory: Path, fsync: FsyncPolicy, cache_size: int, window: int):
+        self.directory = directory
+        self.path = directory / DB_NAME
+        self.fsync = fsync
+        self.cache_size = cache_size
+        self.window = window
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._broken = False
+
+    # -- opening ---------------------------------------------------------------
+
+    def open(self) -> Loaded:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            return self._open()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot use data directory {self.directory}: {exc}") from exc
+
+    def _open(self) -> Loaded:
+        notes: list[str] = []
+        wal = scan_wal(Path(f"{self.path}-wal"))
+        if wal.torn:
+            log.warning(
+                "torn or corrupt tail in the write-ahead log: %d bytes after the last "
+                "complete transaction are skipped",
+                wal.ignored_bytes,
+            )
+            notes.append(f"skipped a torn log tail of {wal.ignored_bytes} bytes")
+        try:
+            return self._load(notes)
+        except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
+            self.close_quietly()
+            aside = self._move_aside()
+            log.error(
+                "the database in %s is corrupt (%s); moved it to %s and started with an "
+                "empty history (new epoch)", self.directory, exc, aside
+            )
+            notes.append(f"corrupt database moved to {aside.name}")
+            return self._load(notes)
+
+    def _lock(self) -> None:
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"data directory {self.directory} is in use by another server"
+            ) from None
+        self._lock_fd = fd
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(Path(f"{aside}{suffix}"))
+        return aside
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
+        return conn
+
+    def _load(self, notes: list[str]) -> Loaded:
+        conn = self._conn = self._connect()
+        conn.executescript(_SCHEMA)
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        epoch = meta.get("epoch")
+        boot = _boot_id()
+        if epoch is None:
+            epoch = uuid.uuid4().hex
+            notes.append("new data directory")
+        elif meta.get("clean") == "0":
+            notes.append("previous run did not shut down cleanly")
+            if meta.get("fsync") != "always" and meta.get("boot_id") not in ("", boot):
+                # The machine restarted under us: writes after the last fsync may be gone.
+                epoch = uuid.uuid4().hex
+                notes.append("machine rebooted since the unclean stop: new epoch")
+                log.warning(
+                    "unclean stop followed by a reboot with --fsync %s: recent history may "
+                    "be lost, starting a new epoch", meta.get("fsync")
+                )
+        topics: list[LoadedTopic] = []
+        total = 0
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute("SELECT tid, name, next_index, evicted FROM topics").fetchall()
+        for tid, name, next_index, evicted in rows:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM messages WHERE tid = ?", (tid,)
+            ).fetchone()
+            if count > self.cache_size:
+                # --cache-size shrank since the last run: apply the cache rule now.
+                high = self._evict(tid, count - self.cache_size)
+                evicted = max(evicted, high)
+                count = self.cache_size
+            window = conn.execute(
+                "SELECT idx, one, payload FROM messages WHERE tid = ? ORDER BY idx DESC "
+                "LIMIT ?",
+                (tid, self.window),
+            ).fetchall()
+            window.reverse()
+            spilled_max = -1
+            if count > len(window):
+                (spilled_max,) = conn.execute(
+                    "SELECT max(idx) FROM messages WHERE tid = ? AND idx < ?",
+                    (tid, window[0][0]),
+                ).fetchone()
+            top = window[-1][0] + 1 if window else 0
+            topics.append(
+                LoadedTopic(
+                    tid,
+                    _topic_name(name),
+                    max(next_index, top),
+                    evicted,
+                    count,
+                    [(i, bool(o), bytes(p)) for i, o, p in window],
+                    spilled_max,
+                )
+            )
+            total += count
+        conn.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [("epoch", epoch), ("clean", "0"), ("boot_id", boot), ("fsync", self.fsync)],
+        )
+        conn.execute("COMMIT")
+        self._sync_commit()
+        return Loaded(epoch, topics, total, notes)
+
+    # -- writing ---------------------------------------------------------------
+
+    def _evict(self, tid: int, count: int) -> int:
+        conn = self._conn
+        assert conn is not None
+        rows = conn.execute(
+            "SELECT idx FROM messages WHERE tid = ? ORDER BY idx LIMIT ?", (tid, count)
+        ).fetchall()
+        if not rows:
+            return -1
+        high = int(rows[-1][0])
+        conn.execute("DELETE FROM messages WHERE tid = ? AND idx <= ?", (tid, high))
+        conn.execute("UPDATE topics SET evicted = max(evicted, ?) WHERE tid = ?", (high, tid))
+        return high
+
+    def _reconnect(self) -> sqlite3.Connection:
+        """After an I/O error the connection may be unusable; start a fresh one."""
+        if self._broken or self._conn is None:
+            self.close_quietly()
+            self._conn = self._connect()
+            self._broken = False
+        return self._conn
+
+    def apply(self, ops: list[Op], sync: bool) -> BatchResult:
+        """Write a batch in one transaction, in order; then serve the reads in it."""
+        result = BatchResult()
+        inserts: list[tuple[int, int, int, bytes]] = []
+        bumps: dict[int, int] = {}
+        evicts: dict[int, int] = {}
+        takes: list[tuple[int, int]] = []
+        new_topics: list[tuple[int, bytes]] = []
+        reads: list[Read] = []
+        for op in ops:
+            cls = type(op)
+            if cls is Record:
+                assert isinstance(op, Record)
+                if bumps.get(op.tid, -1) <= op.index:
+                    bumps[op.tid] = op.index + 1
+                if op.payload is not None:
+                    inserts.append((op.tid, op.index, op.one, op.payload))
+            elif cls is Evict:
+                assert isinstance(op, Evict)
+                evicts[op.tid] = evicts.get(op.tid, 0) + op.count
+            elif cls is Take:
+                assert isinstance(op, Take)
+                takes.append((op.tid, op.index))
+            elif cls is Bump:
+                assert isinstance(op, Bump)
+                if bumps.get(op.tid, -1) < op.next_index:
+                    bumps[op.tid] = op.next_index
+            elif cls is NewTopic:
+                assert isinstance(op, NewTopic)
+                new_topics.append((op.tid, _topic_blob(op.name)))
+            else:
+                assert isinstance(op, Read)
+                reads.append(op)
+        if inserts or bumps or evicts or takes or new_topics:
+            try:
+                conn = self._reconnect()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    # Order matters only between kinds: new rows, then "one" rows taken,
+                    # then the oldest evicted (eviction counts what memory counted).
+                    if new_topics:
+                        conn.executemany(
+                            "INSERT OR IGNORE INTO topics (tid, name, next_index) "
+                            "VALUES (?, ?, 0)",
+                            new_topics,
+                        )
+                    if inserts:
+                        conn.executemany(
+                            "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts
+                        )
+                    if takes:
+                        conn.executemany(
+                            "DELETE FROM messages WHERE tid = ? AND idx = ?", takes
+                        )
+                    for tid, count in evicts.items():
+                        high = self._evict(tid, count)
+                        if high >= 0:
+                            result.evicted[tid] = high
+                    if bumps:
+                        conn.executemany(
+                            "UPDATE topics SET next_index = max(next_index, ?) WHERE tid = ?",
+                            [(n, tid) for tid, n in bumps.items()],
+                        )
+                    self._commit(conn, sync)
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                self._broken = True
+                result.error = exc
+                result.evicted.clear()
+        for read in reads:
+            self._read(read)
+        return result
+
+    def _commit(self, conn: sqlite3.Connection, sync: bool) -> None:
+        if sync and self.fsync == "everysec":
+            conn.execute("COMMIT")  # switching synchronous inside a transaction is a no-op
+            self._sync_commit()
+        else:
+            conn.execute("COMMIT")
+
+    def _sync_commit(self) -> None:
+        """A tiny transaction committed with synchronous=FULL: fsyncs the whole log."""
+        conn = self._conn
+        assert conn is not None
+        conn.execute("PRAGMA synchronous=FULL")
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('synced', ?)",
+                (str(time.time()),),
+            )
+        finally:
+            conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.fsync]}")
+
+    def sync(self) -> BatchResult:
+        """everysec with nothing new to write: fsync what the last commits left."""
+        try:
+            self._reconnect()
+            self._sync_commit()
+        except (sqlite3.Error, OSError) as exc:
+            self._broken = True
+            return BatchResult(error=exc)
+        return BatchResult()
+
+    def _read(self, read: Read) -> None:
+        try:
+            conn = self._reconnect()
+            rows = conn.execute(
+                "SELECT idx, one, payload FROM messages WHERE tid = ? AND idx > ? "
+                "AND idx <= ? ORDER BY idx LIMIT ?",
+                (read.tid, read.after, read.upto, read.limit),
+            ).fetchall()
+            ones = [(read.tid, idx) for idx, one, _ in rows if one]
+            if ones:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", ones)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            read.rows = [(idx, bytes(payload)) for idx, _, payload in rows]
+            read.taken = len(ones)
+        except (sqlite3.Error, OSError) as exc:
+            self._broken = True
+            read.error = exc
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Clean shutdown: mark it, fsync, let SQLite checkpoint and remove the log."""
+        try:
+            conn = self._reconnect()
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clean', '1')")
+            self._sync_commit()
+            conn.close()
+            self._conn = None
+        except (sqlite3.Error, OSError) as exc:
+            log.error("could not close the store cleanly: %s", exc)
+        finally:
+            self.abandon()
+
+    def close_quietly(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+
+    def abandon(self) -> None:
+        """Close without marking a clean stop (startup failed); release the directory."""
+        self.close_quietly()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+# --- the trio side -------------------------------------------------------------------
+
+
+@attrs.define(slots=True, eq=False)
+class Entry:
+    """A cached message in the in-memory window."""
+
+    index: int
+    one: bool
+    payload: bytes
+    #: The record that writes it (None when loaded from disk: already durable).
+    record: Record | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class TopicState:
+    tid: int
+    name: str
+    next_index: int = 0
+    #: Cached messages, in memory and on disk together (at most the cache size).
+    count: int = 0
+    window: deque[Entry] = attrs.field(factory=deque)
+    #: The newest cached index that lives only on disk (older than the window); -1: none.
+    spilled_max: int = -1
+    #: The highest index the cache-size rule has dropped (-1: none).
+    evicted: int = -1
+
+
+@attrs.define(eq=False)
+class Store:
+    """The queue to the worker thread and the flusher task that drains it."""
+
+    backend: SqliteBackend
+    fsync: FsyncPolicy = DEFAULT_FSYNC
+    #: Every record with ``seq <=`` this is decided (written, or failed).
+    decided_seq: int = 0
+    last_seq: int = 0
+    available: bool = True
+    on_result: Callable[[list[Op], BatchResult], list[Op]] | None = None
+    _queue: list[Op] = attrs.field(factory=list)
+    _carry: list[Op] = attrs.field(factory=list)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _decided: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _closing: bool = False
+    _stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    def submit(self, op: Op) -> None:
+        self._queue.append(op)
+        self._wakeup.set()
+
+    def write(self, tid: int, index: int, one: bool, payload: bytes | None) -> Record:
+        self.last_seq = seq = self.last_seq + 1
+        record = Record(seq, tid, index, one, payload)
+        self._queue.append(record)
+        self._wakeup.set()
+        return record
+
+    async def wait(self, seq: int) -> None:
+        while self.decided_seq < seq:
+            await self._decided.park()
+
+    async def read(self, tid: int, after: int, upto: int, limit: int) -> Read:
+        read = Read(tid, after, upto, limit)
+        self.submit(read)
+        await read.done.wait()
+        return read
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: one worker-thread call per batch of whatever is queued."""
+        task_status.started()
+        try:
+            await self._run()
+        finally:
+            self._stopped.set()
+
+    async def _run(self) -> None:
+        last_sync = trio.current_time()
+        dirty = False
+        while True:
+            if not self._queue:
+                if self._closing:
+                    if self._carry:
+                        log.warning("closing with %d state change(s) unwritten", len(self._carry))
+                    return  # the backend's close fsyncs what was committed
+                timeout = math.inf
+                if self._carry:
+                    timeout = RETRY_INTERVAL
+                elif dirty and self.fsync == "everysec":
+                    timeout = max(0.0, last_sync + SYNC_INTERVAL - trio.current_time())
+                with trio.move_on_after(timeout):
+                    await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            ops = self._carry + self._queue if self._carry else self._queue
+            self._carry = []
+            self._queue = []
+            now = trio.current_time()
+            sync = self.fsync == "always" or (
+                self.fsync == "everysec" and now - last_sync >= SYNC_INTERVAL
+            )
+            if ops:
+                result = await trio.to_thread.run_sync(self.backend.apply, ops, sync)
+            elif dirty and sync:
+                result = await trio.to_thread.run_sync(self.backend.sync)
+            else:
+                if self._closing:
+                    return
+                continue
+            if result.error is None:
+                if sync:
+                    last_sync, dirty = now, False
+                else:
+                    dirty = True
+            self._settle(ops, result)
+
+    def _settle(self, ops: list[Op], result: BatchResult) -> None:
+        """Back on the trio thread: mark records decided, fix state after a failure."""
+        records = [op for op in ops if isinstance(op, Record)]
+        if result.error is not None:
+            if self.available:
+                log.error(
+                    "storage unavailable (%s): sends fail with %r until it works again",
+                    result.error,
+                    STORAGE_UNAVAILABLE,
+                )
+                self.available = False
+            for record in records:
+                record.failed = True
+        elif not self.available and any(type(op) is not Read for op in ops):
+            log.warning("storage works again")
+            self.available = True
+        if self.on_result is not None:
+            self._carry = self.on_result(ops, result)
+        if records:
+            self.decided_seq = records[-1].seq
+            self._decided.unpark_all()
+        for op in ops:
+            if isinstance(op, Read):
+                op.done.set()
+
+    async def aclose(self) -> None:
+        """Write what is queued, wait for the flusher, then close the database."""
+        self._closing = True
+        self._wakeup.set()
+        await self._stopped.wait()
+        await trio.to_thread.run_sync(self.backend.close)
+
+
+@attrs.define(eq=False)
+class DurableHistory:
+    """Indexes and caches, durable: a window in memory, everything in the database.
+
+    Implements the broker's ``TopicHistory`` protocol; :class:`DurableBroker` uses the
+    richer methods below so that deliveries can wait for the store.
+    """
+
+    store: Store
+    cache_size: int
+    window_size: int = DEFAULT_MEMORY_WINDOW
+    epoch: str = ""
+    topics: dict[str, TopicState] = attrs.field(factory=dict)
+    _by_tid: dict[int, TopicState] = attrs.field(factory=dict)
+    _next_tid: int = 1
+
+    def load(self, loaded: Loaded) -> None:
+        self.epoch = loaded.epoch
+        for t in loaded.topics:
+            state = TopicState(t.tid, t.name, t.next_index, t.count, deque(
+                Entry(i, one, payload) for i, one, payload in t.window
+            ), t.spilled_max, t.evicted)
+            self.topics[t.name] = state
+            self._by_tid[t.tid] = state
+            self._next_tid = max(self._next_tid, t.tid + 1)
+
+    def state(self, topic: str) -> TopicState:
+        state = self.topics.get(topic)
+        if state is None:
+            tid = self._next_tid
+            self._next_tid += 1
+            state = self.topics[topic] = self._by_tid[tid] = TopicState(tid, topic)
+            self.store.submit(NewTopic(tid, topic))
+        return state
+
+    def add(self, state: TopicState, entry: Entry) -> None:
+        """Cache a message: the cache-size rule first, then spill the window's oldest."""
+        window = state.window
+        window.append(entry)
+        state.count += 1
+        while state.count > self.cache_size:
+            state.count -= 1
+            if state.count >= len(window):
+                pass  # the oldest lives only on disk; the store reports its index
+            else:
+                state.evicted = max(state.evicted, window.popleft().index)
+            self.store.submit(Evict(state.tid, 1))
+        decided = self.store.decided_seq
+        while len(window) > self.window_size:
+            oldest = window[0]
+            if oldest.record is not None and oldest.record.seq > decided:
+                break  # spill only what is on disk already
+            window.popleft()
+            state.spilled_max = oldest.index
+
+    def replay_items(self, topic: str, last_seen: int) -> list[bytes]:
+        """Outbox items for a subscribe: a disk-replay marker, then the window."""
+        state = self.topics.get(topic)
+        if state is None or state.count == 0:
+            return []
+        items: list[bytes] = []
+        window = state.window
+        if last_seen < state.spilled_max and state.count > len(window):
+            items.append(DiskReplay.make(state.tid, last_seen, state.spilled_max))
+        decided = self.store.decided_seq
+        taken: list[int] = []
+        for entry in window:
+            if entry.index <= last_seen:
+                continue
+            record = entry.record
+            if record is not None and record.seq > decided:
+                items.append(Pending.make(entry.payload, record, None))
+            else:
+                items.append(entry.payload)
+            if entry.one:
+                taken.append(entry.index)
+        if taken:
+            state.window = deque(e for e in window if not (e.one and e.index > last_seen))
+            state.count -= len(taken)
+            for index in taken:
+                self.store.submit(Take(state.tid, index))
+        return items
+
+    def on_result(self, ops: list[Op], result: BatchResult) -> list[Op]:
+        """Apply a batch's outcome to memory; return the state changes to retry."""
+        for tid, high in result.evicted.items():
+            state = self._by_tid.get(tid)
+            if state is not None and high > state.evicted:
+                state.evicted = high
+        for op in ops:
+            if isinstance(op, Read) and op.taken:
+                state = self._by_tid.get(op.tid)
+                if state is not None:
+                    state.count -= op.taken
+        if result.error is None:
+            return []
+        # The transaction rolled back. Failed messages leave the window; evictions,
+        # takes, new topics and index bumps are retried with the next batch. An eviction
+        # that memory made only because of a failed message is not retried.
+        carry: list[Op] = []
+        evicts: dict[int, int] = {}
+        evicted_failed: dict[int, int] = {}
+        for op in ops:
+            cls = type(op)
+            if cls is Record:
+                assert isinstance(op, Record)
+                carry.append(Bump(op.tid, op.index + 1))
+                if op.payload is None:
+                    continue
+                state = self._by_tid[op.tid]
+                kept = deque(e for e in state.window if e.record is not op)
+                if len(kept) < len(state.window):
+                    state.window = kept
+                    state.count -= 1
+                else:
+                    evicted_failed[op.tid] = evicted_failed.get(op.tid, 0) + 1
+            elif cls is Evict:
+                assert isinstance(op, Evict)
+                evicts[op.tid] = evicts.get(op.tid, 0) + op.count
+            elif cls is not Read:
+                carry.append(op)
+        for tid, count in evicts.items():
+            count -= evicted_failed.get(tid, 0)
+            if count > 0:
+                carry.append(Evict(tid, count))
+        return carry
+
+    # -- TopicHistory ------------------------------------------------------------
+
+    def next_index(self, topic: str) -> int:
+        state = self.state(topic)
+        index = state.next_index
+        state.next_index = index + 1
+        self.store.submit(Bump(state.tid, index + 1))
+        return index
+
+    def append(self, topic: str, message: CachedMessage) -> None:
+        state = self.state(topic)
+        record = self.store.write(state.tid, message.index, message.one, message.payload)
+        self.add(state, Entry(message.index, message.one, message.payload, record))
+
+    def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
+        """The in-memory part only; :class:`DurableBroker` streams older ones from disk."""
+        state = self.topics.get(topic)
+        if state is None:
+            return []
+        sent = [
+            CachedMessage(e.index, e.one, e.payload) for e in state.window if e.index > last_seen
+        ]
+        self.replay_items(topic, max(last_seen, state.spilled_max))
+        return sent
+
+    def recovered(self, topic: str, last_seen: int) -> bool:
+        state = self.topics.get(topic)
+        if state is None:
+            return last_seen <= -1
+        return state.evicted <= max(last_seen, -1) < state.next_index
+
+    def cached(self, topic: str) -> list[CachedMessage]:
+        """The in-memory window, for inspection and tests."""
+        state = self.topics.get(topic)
+        if state is None:
+            return []
+        return [CachedMessage(e.index, e.one, e.payload) for e in state.window]
+
+
+@attrs.define(eq=False)
+class DurableBroker(Broker):
+    """The broker with deliveries and replies held until the store has the message."""
+
+    durable: DurableHistory = attrs.field(kw_only=True)
+
+    def publish(self, send: Send) -> int:
+        topic = send.topic
+        durable = self.durable
+        state = durable.state(topic)
+        index = state.next_index
+        state.next_index = index + 1
+        payload = encode_delivery(send, index)
+        subs = self._subscribers.get(topic)
+        if send.delivery == "all":
+            one = False
+            cached = send.cache
+        else:
+            one = True
+            cached = send.cache and not subs
+        record = durable.store.write(state.tid, index, one, payload if cached else None)
+        if cached:
+            durable.add(state, Entry(index, one, payload, record))
+        self.send_reply = Pending.make(SUCCESS, record, _STORAGE_UNAVAILABLE)
+        if subs:
+            item = Pending.make(payload, record, None)
+            if not one:
+                for subscriber in subs:
+                    subscriber.push(item)
+            else:
+                self._random.choice(list(subs)).push(item)
+        return index
+
+    def subscribe(
+        self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
+    ) -> list[bytes]:
+        super().subscribe(subscriber, topic, last_seen, cache=False)
+        if not cache:
+            return []
+        return self.durable.replay_items(topic, last_seen)
+
+
+class DurableOutbox(Outbox):
+    """An outbox whose writer waits for the store at :class:`Pending` items."""
+
+    def __init__(
+        self, budget: int, on_overflow: Callable[[], None] | None = None, *, store: Store
+    ) -> None:
+        super().__init__(budget, on_overflow)
+        self.store = store
+
+    async def drain_into(self, transport: Transport) -> None:
+        receive = self._receive
+        store = self.store
+        while True:
+            try:
+                item = await receive.receive()
+            except trio.EndOfChannel:
+                return
+            batch: list[bytes] = []
+            size = 0
+            while True:
+                size += len(item)
+                cls = type(item)
+                if cls is bytes:
+                    batch.append(item)
+                elif cls is Pending:
+                    assert isinstance(item, Pending)
+                    record = item.record
+                    if record.seq > store.decided_seq:
+                        if batch:
+                            await transport.send_batch(batch)
+                            batch = []
+                        await store.wait(record.seq)
+                    if not record.failed:
+                        batch.append(item)
+                    elif item.failure is not None:
+                        batch.append(item.failure)
+                else:
+                    assert isinstance(item, DiskReplay)
+                    if batch:
+                        await transport.send_batch(batch)
+                        batch = []
+                    await self._replay(transport, item)
+                if size >= WRITE_BATCH_BYTES:
+                    break
+                try:
+                    item = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if batch:
+                await transport.send_batch(batch)
+            self.pending -= size
+            if self.pending <= self.high_water:
+                self._drained.unpark_all()
+
+    async def _replay(self, transport: Transport, marker: DiskReplay) -> None:
+        """Stream older history chunk by chunk; the transport paces the reads."""
+        after = marker.after
+        while True:
+            read = await self.store.read(marker.tid, after, marker.upto, READ_CHUNK_ROWS)
+            if read.error is not None:
+                log.warning("history unavailable for a replay: %s", read.error)
+                raise trio.BrokenResourceError("history unavailable")
+            if read.rows:
+                await transport.send_batch([payload for _, payload in read.rows])
+                after = read.rows[-1][0]
+            if len(read.rows) < READ_CHUNK_ROWS:
+                return
+
+
+@attrs.define(eq=False)
+class Durable:
+    """What ``serve`` needs from an open data directory."""
+
+    store: Store
+    history: DurableHistory
+    broker: DurableBroker
+
+    def outbox_factory(self, budget: int, on_overflow: Callable[[], None] | None) -> Outbox:
+        return DurableOutbox(budget, on_overflow, store=self.store)
+
+
+@asynccontextmanager
+async def open_durable(
+    data_dir: str | os.PathLike[str],
+    *,
+    cache_size: int,
+    fsync: FsyncPolicy = DEFAULT_FSYNC,
+    memory_window: int = DEFAULT_MEMORY_WINDOW,
+) -> AsyncIterator[Durable]:
+    """Open (or create) the data directory, recover, run the flusher, close cleanly."""
+    directory = Path(data_dir)
+    backend = SqliteBackend(directory, fsync, cache_size, memory_window)
+    started = time.perf_counter()
+    try:
+        loaded = await trio.to_thread.run_sync(backend.open)
+    except BaseException:
+        backend.abandon()
+        raise
+    took = time.perf_counter() - started
+    store = Store(backend, fsync)
+    history = DurableHistory(store, cache_size, memory_window)
+    history.load(loaded)
+    store.on_result = history.on_result
+    broker = DurableBroker(history, durable=history, epoch=history.epoch)
+    log.info(
+        "data directory %s: recovered %d cached message(s) in %d topic(s) in %.3f s "
+        "(fsync %s, epoch %s)%s",
+        directory,
+        loaded.messages,
+        len(loaded.topics),
+        took,
+        fsync,
+        loaded.epoch,
+        "".join(f"; {note}" for note in loaded.notes),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            try:
+                yield Durable(store, history, broker)
+            finally:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + 30
+                    await store.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseException:
+        backend.abandon()
+        raise
+

@@ -1,0 +1,533 @@
+"""Durable topics (issue 6): restarts, SIGKILL, torn logs, storage faults, the epoch
+extension and history bigger than the memory window. Real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from support import LineClient, make_config
+
+from mq_trio import store as store_module
+from mq_trio.server import Server, serve
+from mq_trio.store import (
+    DB_NAME,
+    STORAGE_UNAVAILABLE,
+    Record,
+    SqliteBackend,
+    scan_wal,
+)
+
+SUCCESS = {"success": True}
+
+
+def send(topic: str, msg: str, delivery: str = "all", **extra: Any) -> dict[str, Any]:
+    return {"command": "send", "topic": topic, "msg": msg, "delivery": delivery, **extra}
+
+
+@asynccontextmanager
+async def running(data_dir: Path | None, **overrides: Any) -> AsyncIterator[Server]:
+    """An in-process server; leaving the block shuts it down and closes its store."""
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(serve, make_config(**overrides))
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            await server.stopped.wait()
+
+
+async def replay(client: LineClient, topic: str, last_seen: int = -1) -> list[dict[str, Any]]:
+    """Subscribe and collect the whole replay (a later request's reply marks its end)."""
+    await client.send({"command": "subscribe", "topic": topic, "last_seen": last_seen})
+    await client.send({"command": "unsubscribe", "topic": "\x00end-of-replay"})
+    assert await client.receive() == SUCCESS
+    items: list[dict[str, Any]] = []
+    while True:
+        item = await client.receive()
+        if item == SUCCESS:
+            return items
+        items.append(item)
+
+
+# --- restarts -------------------------------------------------------------------------
+
+
+async def test_graceful_restart_keeps_caches_and_indexes(tmp_path: Path) -> None:
+    async with running(tmp_path, cache_size=3) as server:
+        pub = await LineClient.connect(server.port)
+        for i in range(5):
+            assert await pub.request(send("a", f"a{i}")) == SUCCESS
+        assert await pub.request(send("b", "uncached", cache=False)) == SUCCESS
+        assert await pub.request(send("b", "queued", "one")) == SUCCESS
+        assert await pub.request(send("c", "taken", "one")) == SUCCESS
+        taker = await LineClient.connect(server.port)
+        assert [m["msg"] for m in await replay(taker, "c")] == ["taken"]
+        before = await replay(await LineClient.connect(server.port), "a", 1)
+
+    async with running(tmp_path, cache_size=3) as server:
+        sub = await LineClient.connect(server.port)
+        # same cache window, same eviction, the exact same delivered bytes
+        assert await replay(sub, "a", 1) == before
+        assert [m["index"] for m in before] == [2, 3, 4]
+        b = await replay(sub, "b")
+        assert [(m["msg"], m["index"]) for m in b] == [("queued", 1)]
+        # the "one" message was taken by a replay before the restart, and this one now
+        assert await replay(sub, "c") == []
+        assert await replay(await LineClient.connect(server.port), "b") == []
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("a", "a5")) == SUCCESS
+        assert (await sub.receive())["index"] == 5  # sub is still subscribed to "a"
+        assert await pub.request(send("b", "b2")) == SUCCESS
+        assert (await sub.receive())["index"] == 2  # index 0 went to the uncached send
+
+
+async def test_without_data_dir_nothing_is_kept(tmp_path: Path) -> None:
+    async with running(None) as server:
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("a", "x")) == SUCCESS
+        first_epoch = server.broker.epoch
+    async with running(None) as server:
+        assert await replay(await LineClient.connect(server.port), "a") == []
+        assert server.broker.epoch != first_epoch
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_cache_size_shrunk_between_runs(tmp_path: Path) -> None:
+    async with running(tmp_path, cache_size=10) as server:
+        pub = await LineClient.connect(server.port)
+        for i in range(8):
+            assert await pub.request(send("a", f"{i}")) == SUCCESS
+    async with running(tmp_path, cache_size=3) as server:
+        got = await replay(await LineClient.connect(server.port), "a")
+        assert [m["index"] for m in got] == [5, 6, 7]
+
+
+async def test_data_dir_in_use_is_refused(tmp_path: Path) -> None:
+    async with running(tmp_path):
+        with pytest.raises(Exception) as info:  # noqa: B017 - wrapped in exception groups
+            async with running(tmp_path):
+                pass  # pragma: no cover
+        error = store_module.find_store_error(info.value)
+        assert error is not None and "in use by another server" in str(error)
+
+
+# --- the epoch extension --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_epoch_extension(tmp_path: Path, durable: bool) -> None:
+    data_dir = tmp_path if durable else None
+    async with running(data_dir, cache_size=3) as server:
+        epoch = server.broker.epoch
+        pub = await LineClient.connect(server.port)
+        sub = await LineClient.connect(server.port)
+        # version 1: the version-1 reply, byte for byte
+        await sub.send({"command": "subscribe", "topic": "t"})
+        assert await sub.readline() == b'{"success": true}'
+        # unknown epoch (e.g. a first connection): told, not recovered
+        reply = await sub.request({"command": "subscribe", "topic": "t", "epoch": ""})
+        assert reply == {"success": True, "epoch": epoch, "recovered": False}
+        assert await sub.request({"command": "subscribe", "topic": "t", "epoch": 5}) == {
+            "success": False,
+            "reason": "Malformed json message",
+        }
+        assert await sub.request({"command": "subscribe", "topic": "t", "epoch": None}) == {
+            "success": False,
+            "reason": "Malformed json message",
+        }
+        await sub.request({"command": "unsubscribe", "topic": "t"})
+        for i in range(5):
+            assert await pub.request(send("t", f"{i}")) == SUCCESS  # 0 and 1 are evicted
+
+        async def resume(last_seen: int, with_epoch: str = epoch) -> Any:
+            client = await LineClient.connect(server.port)
+            return await client.request(
+                {"command": "subscribe", "topic": "t", "last_seen": last_seen, "epoch": with_epoch}
+            )
+
+        assert (await resume(1))["recovered"] is True
+        assert (await resume(4))["recovered"] is True
+        assert (await resume(0))["recovered"] is False  # index 1 was evicted
+        assert (await resume(-1))["recovered"] is False
+        assert (await resume(9))["recovered"] is False  # an index this history never gave
+        assert (await resume(2, "other"))["recovered"] is False
+        assert (await resume(-1, epoch))["epoch"] == epoch
+
+    async with running(data_dir, cache_size=3) as server:
+        if durable:
+            assert server.broker.epoch == epoch
+            client = await LineClient.connect(server.port)
+            reply = await client.request(
+                {"command": "subscribe", "topic": "t", "last_seen": 3, "epoch": epoch}
+            )
+            assert reply == {"success": True, "epoch": epoch, "recovered": True}
+            assert (await client.receive())["index"] == 4  # the replay follows the reply
+        else:
+            assert server.broker.epoch != epoch
+
+
+async def test_new_data_directory_new_epoch(tmp_path: Path) -> None:
+    async with running(tmp_path / "one") as server:
+        first = server.broker.epoch
+    async with running(tmp_path / "two") as server:
+        assert server.broker.epoch != first
+
+
+# --- SIGKILL under pipelined load ------------------------------------------------------
+
+
+@asynccontextmanager
+async def server_process(
+    data_dir: Path, *args: str
+) -> AsyncIterator[tuple[trio.Process, int, list[str]]]:
+    """``python -m mq_trio serve`` on an ephemeral port; yields (process, port, log)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mq_trio", "serve", "--port", "0", "--data-dir", str(data_dir),
+         *args],
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    buffer = b""
+    port = None
+    try:
+        with trio.fail_after(30):
+            while port is None:
+                data = await process.stderr.receive_some()
+                if not data:
+                    raise AssertionError("server exited: " + "".join(lines))
+                buffer += data
+                *complete, buffer = buffer.split(b"\n")
+                for line in complete:
+                    lines.append(line.decode() + "\n")
+                    m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(tcp\)", lines[-1])
+                    if m:
+                        port = int(m.group(1))
+
+        async def keep_reading() -> None:
+            while data := await process.stderr.receive_some():  # type: ignore[union-attr]
+                lines.append(data.decode(errors="replace"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_reading)
+            yield process, port, lines
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(10):
+            await process.wait()
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec", "never"])
+async def test_sigkill_loses_no_acknowledged_message(tmp_path: Path, fsync: str) -> None:
+    # Publishers pipeline without pause until the kill cuts them off.
+    publishers, per_publisher, chunk = 3, 1_000_000, 250
+    acked = [0] * publishers
+    seen: dict[int, str] = {}  # what a subscriber saw before the crash: index -> msg
+    enough = trio.Event()
+    killed = trio.Event()
+
+    async with server_process(tmp_path, "--fsync", fsync, "--cache-size", "1000000") as (
+        process,
+        port,
+        _,
+    ):
+        watcher = await LineClient.connect(port)
+        assert await watcher.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+
+        async def watch() -> None:
+            try:
+                while True:
+                    m = await watcher.receive()
+                    seen[m["index"]] = m["msg"]
+            except (EOFError, trio.BrokenResourceError):
+                pass
+
+        async def publish(k: int) -> None:
+            client = await LineClient.connect(port)
+
+            async def write() -> None:
+                try:
+                    for start in range(0, per_publisher, chunk):
+                        lines = b"".join(
+                            json.dumps(send("t", f"{k}:{i}")).encode() + b"\n"
+                            for i in range(start, start + chunk)
+                        )
+                        await client.send_raw(lines)
+                except trio.BrokenResourceError:
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                try:
+                    while True:
+                        assert await client.receive() == SUCCESS
+                        acked[k] += 1
+                        if sum(acked) >= 3000:
+                            enough.set()
+                except (EOFError, trio.BrokenResourceError):
+                    assert killed.is_set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for k in range(publishers):
+                nursery.start_soon(publish, k)
+            await enough.wait()
+            killed.set()
+            process.send_signal(signal.SIGKILL)  # mid-flight: sends still pipelined
+            await process.wait()
+
+    assert 0 < sum(acked) < publishers * per_publisher  # the kill did land mid-load
+
+    async with server_process(tmp_path, "--fsync", fsync, "--cache-size", "1000000") as (
+        _,
+        port,
+        log_lines,
+    ):
+        client = await LineClient.connect(port)
+        got = await replay(client, "t")
+        indexes = [m["index"] for m in got]
+        assert indexes == sorted(set(indexes))
+        by_publisher: dict[str, list[int]] = {}
+        for m in got:
+            k, i = m["msg"].split(":")
+            by_publisher.setdefault(k, []).append(int(i))
+        for k in range(publishers):
+            numbers = by_publisher.get(str(k), [])
+            assert numbers == sorted(numbers)  # per-topic order kept
+            # every acknowledged send is there (a few unacknowledged ones may be too)
+            assert numbers[: acked[k]] == list(range(acked[k]))
+        # nothing a subscriber saw is missing or changed
+        stored = {m["index"]: m["msg"] for m in got}
+        assert all(stored.get(index) == msg for index, msg in seen.items())
+        await client.send(send("t", "after"))
+        after = await client.receive()  # subscribed: the delivery precedes the reply
+        assert await client.receive() == SUCCESS
+        assert after["msg"] == "after"
+        assert after["index"] > max(indexes + list(seen))
+        assert any("recovered" in line and "did not shut down cleanly" in line
+                   for line in log_lines)
+
+
+# --- torn and corrupt files -------------------------------------------------------------
+
+
+def crash_copy(live: Path, target: Path) -> None:
+    """What a crash leaves: the database and its write-ahead log, taken while open."""
+    target.mkdir()
+    for suffix in ("", "-wal"):
+        shutil.copyfile(f"{live / DB_NAME}{suffix}", f"{target / DB_NAME}{suffix}")
+
+
+def fill(
+    directory: Path, messages: int, cache_size: int = 1000, batch: int = 10_000
+) -> SqliteBackend:
+    """A store with ``messages`` cached sends on topic "t", left open (not closed);
+    one transaction per ``batch`` messages."""
+    backend = SqliteBackend(directory, "never", cache_size, 1000)
+    backend.open()
+    backend.apply([store_module.NewTopic(1, "t")], sync=False)
+    for start in range(0, messages, batch):
+        records: list[store_module.Op] = [
+            Record(i + 1, 1, i, False, b'{"command": "send", "topic": "t", "msg": "%d", '
+                   b'"delivery": "all", "index": %d}' % (i, i))
+            for i in range(start, min(messages, start + batch))
+        ]
+        assert backend.apply(records, sync=False).error is None
+    return backend
+
+
+async def test_torn_log_tail_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = fill(tmp_path / "live", 50)
+    crash_copy(tmp_path / "live", tmp_path / "crashed")
+    backend.abandon()
+    wal = tmp_path / "crashed" / f"{DB_NAME}-wal"
+    assert not scan_wal(wal).torn
+    with open(wal, "ab") as f:
+        f.write(os.urandom(1000))  # half a frame: a write cut off by the crash
+    report = scan_wal(wal)
+    assert report.torn and report.ignored_bytes == 1000
+    caplog.set_level(logging.INFO, "mq_trio.store")
+    async with running(tmp_path / "crashed") as server:
+        got = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in got] == list(range(50))
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("t", "next")) == SUCCESS
+    assert "torn or corrupt tail" in caplog.text
+    assert "recovered 50 cached message(s) in 1 topic(s)" in caplog.text
+
+
+async def test_corrupt_frame_in_log_is_skipped(tmp_path: Path) -> None:
+    backend = fill(tmp_path / "live", 20, batch=5)
+    crash_copy(tmp_path / "live", tmp_path / "crashed")
+    backend.abandon()
+    wal = tmp_path / "crashed" / f"{DB_NAME}-wal"
+    size = wal.stat().st_size
+    with open(wal, "r+b") as f:  # flip bytes inside the last frame's page
+        f.seek(size - 100)
+        f.write(b"\xff" * 8)
+    assert scan_wal(wal).torn
+    async with running(tmp_path / "crashed") as server:
+        client = await LineClient.connect(server.port)
+        got = await replay(client, "t")
+        # the damaged last transaction is dropped whole; the ones before it are intact
+        assert [m["index"] for m in got] == list(range(15))
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("t", "next")) == SUCCESS
+        assert (await client.receive())["index"] == 15
+
+
+async def test_corrupt_database_is_moved_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / DB_NAME).write_bytes(b"this is not a database" * 100)
+    async with running(tmp_path) as server:
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("t", "x")) == SUCCESS
+    assert "is corrupt" in caplog.text
+    assert any(p.name.startswith(f"{DB_NAME}.corrupt-") for p in tmp_path.iterdir())
+
+
+# --- an unwritable store ----------------------------------------------------------------
+
+
+async def test_unwritable_store_fails_sends_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing = True
+    real_commit = SqliteBackend._commit
+
+    def commit(self: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit(self, conn, sync)
+
+    async with running(tmp_path, cache_size=10) as server:
+        pub = await LineClient.connect(server.port)
+        sub = await LineClient.connect(server.port)
+        for i in range(3):
+            assert await pub.request(send("t", f"ok{i}")) == SUCCESS
+        assert await sub.request({"command": "subscribe", "topic": "t", "last_seen": 2}) == (
+            SUCCESS
+        )
+        monkeypatch.setattr(SqliteBackend, "_commit", commit)
+        failure = {"success": False, "reason": STORAGE_UNAVAILABLE}
+        # pipelined: every send of the failing batches fails, in order
+        for i in range(5):
+            await pub.send(send("t", f"lost{i}"))
+        assert await pub.receive_many(5) == [failure] * 5
+        # subscribers are still served: subscribe, replay from the cache, round trips
+        late = await LineClient.connect(server.port)
+        assert [m["msg"] for m in await replay(late, "t")] == ["ok0", "ok1", "ok2"]
+        assert await sub.request({"command": "unsubscribe", "topic": "other"}) == SUCCESS
+        failing = False
+        # recovers by itself: the next send works and gets a fresh index
+        assert await pub.request(send("t", "back")) == SUCCESS
+        got = await sub.receive()
+        assert got["msg"] == "back"  # nothing of the failed sends was delivered
+        assert got["index"] == 8  # their indexes are never handed out again
+        assert (await late.receive())["msg"] == "back"  # late is subscribed too
+        fresh = await LineClient.connect(server.port)
+        assert [m["msg"] for m in await replay(fresh, "t", 1)] == ["ok2", "back"]
+    assert "storage unavailable" in caplog.text and "works again" in caplog.text
+
+    async with running(tmp_path, cache_size=10) as server:
+        got = await replay(await LineClient.connect(server.port), "t")
+        assert [(m["msg"], m["index"]) for m in got] == [
+            ("ok0", 0), ("ok1", 1), ("ok2", 2), ("back", 8)
+        ]
+
+
+async def test_failed_batch_keeps_cache_count_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evictions caused only by failed messages are not applied on disk."""
+    failing = False
+    real_commit = SqliteBackend._commit
+
+    def commit(self: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
+        if failing:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(self, conn, sync)
+
+    monkeypatch.setattr(SqliteBackend, "_commit", commit)
+    async with running(tmp_path, cache_size=2) as server:
+        pub = await LineClient.connect(server.port)
+        for i in range(2):
+            assert await pub.request(send("t", f"{i}")) == SUCCESS
+        failing = True
+        assert (await pub.request(send("t", "x")))["success"] is False
+        failing = False
+        cached = await replay(await LineClient.connect(server.port), "t")
+        assert [m["msg"] for m in cached] == ["1"]  # 0 was evicted for x, x failed
+    async with running(tmp_path, cache_size=2) as server:
+        cached = await replay(await LineClient.connect(server.port), "t")
+        assert [m["msg"] for m in cached] == ["1"]
+
+
+# --- history bigger than the memory window ----------------------------------------------
+
+
+async def test_history_beyond_memory_window(tmp_path: Path) -> None:
+    async with running(tmp_path, cache_size=50, memory_window=10) as server:
+        pub = await LineClient.connect(server.port)
+        for i in range(60):
+            await pub.send(send("t", f"{i}", "one" if i % 7 == 0 else "all"))
+        assert await pub.receive_many(60) == [SUCCESS] * 60
+        first = await replay(await LineClient.connect(server.port), "t", 12)
+        assert [m["index"] for m in first] == list(range(13, 60))
+        # the "one" messages went to that subscriber only
+        again = await replay(await LineClient.connect(server.port), "t", 12)
+        assert [m["index"] for m in again] == [i for i in range(13, 60) if i % 7]
+        everything = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in everything] == [i for i in range(10, 60) if i % 7 or i < 13]
+    async with running(tmp_path, cache_size=50, memory_window=10) as server:
+        everything = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in everything] == [i for i in range(10, 60) if i % 7 or i < 13]
+
+
+BIG_HISTORY = int(os.environ.get("MQ_TRIO_BIG_HISTORY", "200000"))
+
+
+async def test_big_history_replay_does_not_hold_up_others(tmp_path: Path) -> None:
+    """A late subscriber replays a large history from disk; others keep their turn."""
+    fill(tmp_path, BIG_HISTORY, cache_size=BIG_HISTORY).close()
+    async with running(tmp_path, cache_size=BIG_HISTORY, memory_window=1000) as server:
+        late = await LineClient.connect(server.port)
+        other = await LineClient.connect(server.port)
+        assert await late.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        # The late subscriber reads nothing yet: its replay is in progress (or stalled
+        # on TCP backpressure). Round trips of another client still complete, sends
+        # to the same topic included.
+        for i in range(50):
+            assert await other.request(send("u", f"{i}")) == SUCCESS
+            assert await other.request({"command": "subscribe", "topic": f"x{i}"}) == SUCCESS
+        assert await other.request(send("t", "live")) == SUCCESS
+        count = 0
+        while True:
+            m = await late.receive()
+            if m["msg"] == "live":
+                break
+            assert m["index"] == count
+            count += 1
+        assert count == BIG_HISTORY
+        assert m["index"] == BIG_HISTORY  # the live message comes after the replay
