@@ -22,6 +22,17 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?)?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0-65535 (the OS would silently wrap a larger number)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
+    return port
+
+
 def byte_size(text: str) -> int:
     """Parse ``1048576``, ``64k``, ``8MiB``, ``1G`` (binary units) into bytes."""
     m = _SIZE.match(text)
@@ -62,7 +73,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=d.port,
+                   help="TCP port (0 picks a free one)")
     p.add_argument(
         "--cache-size",
         type=int,
