@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import attrs
+import h11
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -155,30 +156,29 @@ class RequestHead:
 
 
 def parse_head(data: bytes) -> RequestHead | None:
-    """Parse a request head (without the blank line); ``None`` if it is not HTTP/1.x."""
+    """Parse a request head (without its blank line); ``None`` if it is not valid HTTP/1.x.
+
+    h11 does the parsing because wsproto, under trio-websocket, parses the handshake with
+    it again: a head accepted here is one the handshake will not choke on.
+    """
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(data) + 8)
+    conn.receive_data(data + b"\r\n\r\n")
     try:
-        text = data.decode("latin-1")  # header bytes are octets; HTTP is ASCII in practice
-        request_line, *header_lines = text.split("\r\n")
-        method, target, version = request_line.split(" ")
-    except ValueError:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
         return None
-    if (
-        not (method.isascii() and method.isalpha())
-        or version not in ("HTTP/1.0", "HTTP/1.1")
-        or not target
-        or not (target.isascii() and target.isprintable())
-    ):
+    if not isinstance(event, h11.Request):
         return None
     headers: dict[str, str] = {}
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if not sep or not name.isascii() or not name.isprintable() or not name.strip() \
-                or name != name.strip() or " " in name:
-            return None
-        name = name.lower()
-        value = value.strip()
+    for raw_name, raw_value in event.headers:
+        name, value = raw_name.decode("ascii"), raw_value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    return RequestHead(method, target, version, headers)
+    return RequestHead(
+        event.method.decode("ascii"),
+        event.target.decode("ascii"),
+        "HTTP/" + event.http_version.decode("ascii"),
+        headers,
+    )
 
 
 def handshake_problem(head: RequestHead) -> tuple[int, str] | None:
@@ -189,8 +189,14 @@ def handshake_problem(head: RequestHead) -> tuple[int, str] | None:
     """
     if head.method != "GET" or head.version != "HTTP/1.1":
         return 400, "A WebSocket handshake is a GET over HTTP/1.1"
+    if head.headers.get("upgrade", "").lower() != "websocket":
+        return 400, "Expected 'Upgrade: websocket'"
     if "upgrade" not in head.tokens("connection"):
         return 400, "Missing header 'Connection: Upgrade'"
+    try:
+        head.headers["host"].encode("latin-1").decode("idna")
+    except (KeyError, UnicodeError):
+        return 400, "Missing or invalid header 'Host'"
     if head.headers.get("sec-websocket-version") != "13":
         return 426, "Only WebSocket version 13 is supported"
     if not head.headers.get("sec-websocket-key"):

@@ -178,7 +178,8 @@ async def test_page_is_served_on_the_websocket_port(nursery: trio.Nursery) -> No
         (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
         (b"GET /index.html?x=1 HTTP/1.0\r\n\r\n", b"200"),
         (b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"405"),
+        (b"GET / HTTP/1.1\r\n\r\n", b"400"),  # HTTP/1.1 without Host
         (b"hello there\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * (20 << 10) + b"\r\n\r\n", b"431"),
@@ -194,7 +195,7 @@ async def test_http_answers(nursery: trio.Nursery, data: bytes, status: bytes) -
         head, _, body = response.partition(b"\r\n\r\n")
         assert body == b"" and f"Content-Length: {len(page_bytes())}".encode() in head
     # the listener is still fine
-    assert (await http(server.ws_port, b"GET / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    assert (await http(server.ws_port, b"GET / HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 200")
 
 
 async def test_slow_request_head_times_out(
@@ -220,6 +221,8 @@ async def test_client_leaving_before_its_head_is_harmless(nursery: trio.Nursery)
     ("headers", "status"),
     [
         (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n", b"400"),
+        (b"Connection: Upgrade\r\nUpgrade: websocket, h2c\r\nSec-WebSocket-Version: 13\r\n"
+         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"400"),
         (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\n"
          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"426"),
         (b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
@@ -233,6 +236,18 @@ async def test_bad_handshake_is_answered(
     assert server.ws_port is not None
     response = await http(server.ws_port, b"GET / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
     assert response.split(b" ")[1] == status
+
+
+async def test_handshake_with_a_bad_host_is_answered(nursery: trio.Nursery) -> None:
+    # wsproto would raise on this Host inside trio-websocket's reader task
+    server = await ws_server(nursery)
+    assert server.ws_port is not None
+    response = await http(
+        server.ws_port,
+        b"GET / HTTP/1.1\r\nHost: xn--zz\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    assert response.startswith(b"HTTP/1.1 400 ")
 
 
 # --- the protocol over WebSocket -------------------------------------------------------
@@ -584,7 +599,8 @@ def test_parse_head() -> None:
     assert head.wants_websocket and "upgrade" in head.tokens("connection")
     assert handshake_problem(head) == (426, "Only WebSocket version 13 is supported")
     for bad in (b"", b"GET /", b"GET / HTTP/2", b"GET / HTTP/1.1\r\n: v", b"G\xc3T / HTTP/1.1",
-                b"GET / HTTP/1.1\r\nBad Name: v"):
+                b"GET / HTTP/1.1\r\nBad Name: v", b"GET / HTTP/1.1",  # 1.1 needs Host
+                b"GET /\xff HTTP/1.1\r\nHost: a"):
         assert parse_head(bad) is None, bad
 
 
