@@ -5,6 +5,30 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .broker import Broker, MemoryHistory, TopicHistory  # noqa: E402
+from .client import (  # noqa: E402
+    Backoff,
+    Client,
+    ConnectError,
+    ConnectionLost,
+    Message,
+    MQError,
+    open_client,
+)
 from .server import Config, Server, serve  # noqa: E402
 
-__all__ = ["Broker", "Config", "MemoryHistory", "Server", "TopicHistory", "__version__", "serve"]
+__all__ = [
+    "Backoff",
+    "Broker",
+    "Client",
+    "Config",
+    "ConnectError",
+    "ConnectionLost",
+    "MQError",
+    "MemoryHistory",
+    "Message",
+    "Server",
+    "TopicHistory",
+    "__version__",
+    "open_client",
+    "serve",
+]
