@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import collections
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -628,3 +632,31 @@ async def test_ws_port_is_off_by_default(nursery: trio.Nursery) -> None:
 async def test_ws_host_defaults_to_host(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, host="127.0.0.1", ws_port=0)
     assert server.ws_listeners[0].socket.getsockname()[0] == "127.0.0.1"
+
+
+async def test_cli_serves_the_page_and_websocket() -> None:
+    """``mq-trio serve --ws-port``, end to end: the real command line, signals included."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mq_trio", "serve", "--port", "0", "--ws-port", "0"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        log = b""
+        with trio.fail_after(10):
+            while (m := re.search(rb":(\d+) \(websocket", log)) is None:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log
+                log += chunk
+        ws_port = int(m[1])
+        response = await http(ws_port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 OK") and response.endswith(page_bytes())
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{ws_port}/") as ws:
+            assert await request(ws, {"command": "subscribe", "topic": "t"}) == SUCCESS
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
