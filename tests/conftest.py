@@ -8,6 +8,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# tests/test_plugin.py runs user-style test files with pytester.
+pytest_plugins = ["pytester"]
+
 from support import LineClient, start_server  # noqa: E402
 
 from mq_trio.server import Server  # noqa: E402
