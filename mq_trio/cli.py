@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser  # imported here: the server does not need it
 
     add_bench_parser(commands)
+    from .pubsub_cli import add_pubsub_parsers  # pub, sub: the client side
+
+    add_pubsub_parsers(commands)
     return parser
 
 

@@ -1,0 +1,271 @@
+"""``mq-trio pub`` and ``mq-trio sub``: publish and subscribe from a shell.
+
+Modelled on ``mosquitto_pub``/``mosquitto_sub`` and ``nats pub``/``nats sub``: ``sub``
+prints one delivery per line until interrupted (or ``--count`` messages); ``pub`` sends
+one message, or one per line of stdin with ``-``. Both talk to ``--host``/``--port`` or
+a ``--url`` (``ws://`` for the WebSocket endpoint).
+
+Exit status: 0 on success; 1 when the server is unreachable, the connection is lost or
+the server refuses a command (with a one-line message on stderr); 2 for bad arguments;
+128 + the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM), as shells
+expect from a program stopped by a signal, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from .cli import port_number
+from .client import Client, MQError, open_client, parse_target
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+def add_pubsub_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``pub`` and ``sub`` (called from :func:`mq_trio.cli.build_parser`)."""
+    add_pub_parser(commands)
+    add_sub_parser(commands)
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=None, help="server host (default 127.0.0.1)")
+    g.add_argument(
+        "--port", type=port_number, default=None, help="server TCP port (default 7000)"
+    )
+    g.add_argument(
+        "--url",
+        default=None,
+        help="server URL instead of --host/--port: ws://HOST:PORT/ (WebSocket) or "
+        "tcp://HOST:PORT",
+    )
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up connecting after this long (default 10)",
+    )
+
+
+def add_pub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = commands.add_parser(
+        "pub",
+        help="publish a message",
+        description="Publish MSG to TOPIC and wait until the server accepted it. With MSG "
+        "'-', publish each line of stdin as one message (blank lines are skipped), in order.",
+    )
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("msg", metavar="MSG", help="the message, or - to read lines from stdin")
+    p.add_argument(
+        "--delivery",
+        choices=["all", "one"],
+        default="all",
+        help="all: every subscriber (default); one: a single subscriber, chosen at random",
+    )
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="keep the message out of the topic's replay cache",
+    )
+    _add_connection_args(p)
+    p.set_defaults(func=run_pub)
+
+
+def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = commands.add_parser(
+        "sub",
+        help="subscribe and print messages",
+        description="Subscribe to TOPIC(s) and print one delivery per line until "
+        "interrupted (Ctrl-C) or --count messages arrived. By default the message text "
+        "is printed; --json prints objects (safe for messages containing newlines).",
+    )
+    p.add_argument("topics", metavar="TOPIC", nargs="+")
+    p.add_argument(
+        "--last-seen",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replay only cached messages with an index above N",
+    )
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="no replay of cached messages: only new ones",
+    )
+    p.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit (status 0) after N messages",
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"topic", "msg", "index", "delivery"} objects, one per line',
+    )
+    out.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print 'TOPIC MSG' instead of MSG",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="after a lost connection, reconnect and resume from the last message "
+        "printed (default: exit with status 1)",
+    )
+    _add_connection_args(p)
+    p.set_defaults(func=run_sub)
+
+
+def _target(args: argparse.Namespace) -> tuple[str, int | None]:
+    if args.url is not None:
+        if args.host is not None or args.port is not None:
+            raise ValueError("give either --url or --host/--port, not both")
+        return args.url, None
+    return args.host or "127.0.0.1", args.port if args.port is not None else 7000
+
+
+def _error(command: str, text: str) -> None:
+    print(f"mq-trio {command}: {text}", file=sys.stderr)
+
+
+def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaitable[int]],
+         **options: Any) -> int:
+    """Connect, run ``body``, map failures and signals to one line and an exit status."""
+    try:
+        target = _target(args)
+        parse_target(*target)  # report a bad URL here, before any connection
+    except ValueError as exc:
+        _error(command, str(exc))
+        return 2
+
+    async def main() -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            status = EXIT_OK
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal status
+                    async for signum in signals:
+                        status = 128 + signum
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                try:
+                    async with open_client(
+                        *target, connect_timeout=args.connect_timeout, **options
+                    ) as client:
+                        status = await body(client)
+                except MQError as exc:  # ConnectError, ConnectionLost, a failure reply
+                    _error(command, exc.reason)
+                    status = EXIT_ERROR
+                nursery.cancel_scope.cancel()
+            return status
+
+    return trio.run(main)
+
+
+# --- pub ----------------------------------------------------------------------------------
+
+
+def run_pub(args: argparse.Namespace) -> int:
+    async def body(client: Client) -> int:
+        if args.msg != "-":
+            await client.send(args.topic, args.msg, delivery=args.delivery, cache=args.cache)
+            return EXIT_OK
+        line_number = 0
+        async for line in _stdin_lines():
+            line_number += 1
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                _error("pub", f"stdin line {line_number} is not UTF-8; stopped there")
+                return EXIT_ERROR
+            if text.strip():
+                await client.send(args.topic, text, delivery=args.delivery, cache=args.cache)
+        return EXIT_OK
+
+    return _run("pub", args, body)
+
+
+async def _stdin_lines() -> AsyncIterator[bytes]:
+    """Lines of stdin without their ``\\n`` (or ``\\r\\n``), read without blocking trio."""
+    if os.name == "posix":
+        # An FdStream is cancellable (Ctrl-C works while waiting for input), unlike a
+        # thread blocked in read(); it restores the fd's blocking mode when closed.
+        stream: Any = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        async with stream:
+            buffer = b""
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                buffer += data
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    yield line.removesuffix(b"\r")
+            if buffer:
+                yield buffer.removesuffix(b"\r")
+    else:  # pragma: no cover - Windows
+        async with trio.wrap_file(sys.stdin.buffer) as f:
+            async for line in f:
+                yield line.rstrip(b"\r\n")
+
+
+# --- sub ----------------------------------------------------------------------------------
+
+
+def _format(message: Any, args: argparse.Namespace) -> str:
+    if args.json:
+        return json.dumps(attrs.asdict(message), ensure_ascii=False)
+    if args.verbose:
+        return f"{message.topic} {message.msg}"
+    return str(message.msg)
+
+
+def run_sub(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 0:
+        _error("sub", "--count must be >= 0")
+        return 2
+    out: TextIO = sys.stdout
+
+    async def body(client: Client) -> int:
+        for topic in args.topics:
+            await client.subscribe(topic, last_seen=args.last_seen, cache=args.cache)
+        printed = 0
+        if args.count == 0:
+            return EXIT_OK
+        try:
+            async for message in client.messages():
+                out.write(_format(message, args) + "\n")
+                printed += 1
+                if args.count is not None and printed >= args.count:
+                    break
+                if not client.buffered:  # flush per burst, not per line
+                    out.flush()
+            out.flush()
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head -3`): not an error, and nothing to flush.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+        return EXIT_OK
+
+    return _run("sub", args, body, reconnect=args.reconnect)
