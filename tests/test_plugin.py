@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from mq_trio import Client, Server
@@ -85,6 +88,18 @@ def test_plugin_in_a_user_project(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=6, failed=1)
     result.stdout.fnmatch_lines(["*test_a_failing_user_test_fails_cleanly FAILED*",
                                  "*the user's own assertion*"])
+
+
+def test_the_example_in_docs_testing_md(pytester: pytest.Pytester) -> None:
+    """docs/testing.md's complete test, run as written."""
+    doc = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
+    blocks = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", doc, re.DOTALL)
+    assert [name for name, _ in blocks] == ["myapp.py", "test_myapp.py"]
+    pytester.makeini("[pytest]\ntrio_mode = true\n")
+    for name, code in blocks:
+        pytester.path.joinpath(name).write_text(code)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
 
 
 def test_unknown_marker_setting_is_an_error(pytester: pytest.Pytester) -> None:

@@ -61,11 +61,12 @@ class Running:
         return status, err.decode()
 
 
-async def start(nursery: trio.Nursery, *args: str) -> Running:
+async def start(nursery: trio.Nursery, *args: str, stdin: int | None = None) -> Running:
     """Start ``mq-trio ARGS`` in the test's nursery (killed at test end if still running)."""
     process: trio.Process = await nursery.start(
         lambda task_status: trio.run_process(
             [*COMMAND, *args],
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             check=False,
@@ -109,6 +110,23 @@ async def test_pub_reads_stdin_lines_in_order(server: Server) -> None:
         got = [(await client.receive()).msg for _ in range(4)]
         assert got == ["first", "second line", "third ünïcode", "no newline at the end"]
         assert client.buffered == 0
+
+
+async def test_pub_from_stdin_stops_on_ctrl_c_while_waiting_for_input(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    async with open_client("127.0.0.1", server.port) as client:
+        await client.subscribe("t")
+        pub = await start(nursery, "pub", "t", "-", "--port", str(server.port),
+                          stdin=subprocess.PIPE)
+        assert pub.process.stdin is not None
+        await pub.process.stdin.send_all(b"one\ntw")
+        assert (await client.receive()).msg == "one"  # sent as soon as its line is complete
+        pub.process.send_signal(signal.SIGINT)  # "tw" is an unfinished line: not sent
+        status, err = await pub.finish()
+        assert (status, err) == (130, "")
+        await client.send("t", "marker")
+        assert (await client.receive()).msg == "marker"
 
 
 async def test_sub_replays_with_count_and_json(server: Server) -> None:
