@@ -96,9 +96,11 @@ class Message:
 class Backoff:
     """How ``open_client(..., reconnect=True)`` spaces its reconnection attempts.
 
-    Each consecutive failure doubles the delay (with jitter) up to ``maximum``; after
-    ``max_attempts`` consecutive failures (``None``: never) the client gives up and every
-    waiting call raises :class:`ConnectionLost`.
+    The first attempt after a drop waits about ``initial``; each consecutive failure
+    (a failed attempt, or a connection that dropped within ``maximum`` seconds) multiplies
+    the delay up to ``maximum``, with jitter. After ``max_attempts`` consecutive failed
+    attempts to connect (``None``: never) the client gives up and every waiting call
+    raises :class:`ConnectionLost`.
     """
 
     initial: float = 0.05
@@ -492,7 +494,8 @@ class Client:
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve, and (with a backoff) reconnect until cancelled or giving up."""
         first = True
-        failures = 0
+        failed_attempts = 0  # consecutive failed connects: what max_attempts counts
+        streak = 0  # ... and connections that dropped at once: what the delay grows with
         preamble: list[_Command] = []
         while True:
             try:
@@ -503,7 +506,8 @@ class Client:
                     else:
                         self.reconnects += 1
                         log.info("reconnected to %s", self.target)
-                    failures = 0
+                    failed_attempts = 0
+                    connected_at = trio.current_time()
                     self.connected = True
                     self._connected_event.set()
                     try:
@@ -511,20 +515,28 @@ class Client:
                     finally:
                         self.connected = False
                         self._connected_event = trio.Event()
+                # A server that accepts and drops at once (e.g. a slow-consumer cut-off
+                # on every resume) must not be hammered: only a connection that held
+                # for a while resets the delay.
+                if self._backoff is not None and (
+                    trio.current_time() - connected_at >= self._backoff.maximum
+                ):
+                    streak = 0
             except ConnectError as exc:
                 if first:
                     raise
                 reason = exc.reason
-                failures += 1
+                failed_attempts += 1
+            streak += 1
             backoff = self._backoff
             if backoff is None or (
-                backoff.max_attempts is not None and failures >= backoff.max_attempts
+                backoff.max_attempts is not None and failed_attempts >= backoff.max_attempts
             ):
                 self._shut(reason)
                 return
             log.info("connection to %s lost (%s); reconnecting", self.target, reason)
             preamble = self._after_drop(reason)
-            await trio.sleep(backoff.delay(failures))
+            await trio.sleep(backoff.delay(streak))
 
     async def _serve(self, wire: _Wire, preamble: list[_Command]) -> str:
         """Run one connection's reader and writer; return why it ended."""
