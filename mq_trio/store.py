@@ -896,30 +896,30 @@ class DurableHistory:
         # that memory made only because of a failed message is not retried.
         carry: list[Op] = []
         evicts: dict[int, int] = {}
-        evicted_failed: dict[int, int] = {}
+        bumps: dict[int, int] = {}
+        failed: dict[int, set[int]] = {}  # tid -> ids of failed records that were cached
         for op in ops:
             cls = type(op)
             if cls is Record:
                 assert isinstance(op, Record)
-                carry.append(Bump(op.tid, op.index + 1))
-                if op.payload is None:
-                    continue
-                state = self._by_tid[op.tid]
-                kept = deque(e for e in state.window if e.record is not op)
-                if len(kept) < len(state.window):
-                    state.window = kept
-                    state.count -= 1
-                else:
-                    evicted_failed[op.tid] = evicted_failed.get(op.tid, 0) + 1
+                bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
+                if op.payload is not None:
+                    failed.setdefault(op.tid, set()).add(id(op))
             elif cls is Evict:
                 assert isinstance(op, Evict)
                 evicts[op.tid] = evicts.get(op.tid, 0) + op.count
             elif cls is not Read:
                 carry.append(op)
-        for tid, count in evicts.items():
-            count -= evicted_failed.get(tid, 0)
-            if count > 0:
-                carry.append(Evict(tid, count))
+        carry.extend(Bump(tid, n) for tid, n in bumps.items())
+        for tid, ids in failed.items():
+            state = self._by_tid[tid]
+            kept = deque(e for e in state.window if id(e.record) not in ids)
+            removed = len(state.window) - len(kept)
+            state.window = kept
+            state.count -= removed
+            # the rest were evicted by memory already: that eviction is not redone on disk
+            evicts[tid] = evicts.get(tid, 0) - (len(ids) - removed)
+        carry.extend(Evict(tid, count) for tid, count in evicts.items() if count > 0)
         return carry
 
     # -- TopicHistory ------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from support import LineClient, make_config
 
 from mq_trio import store as store_module
@@ -514,20 +515,125 @@ async def test_big_history_replay_does_not_hold_up_others(tmp_path: Path) -> Non
     async with running(tmp_path, cache_size=BIG_HISTORY, memory_window=1000) as server:
         late = await LineClient.connect(server.port)
         other = await LineClient.connect(server.port)
-        assert await late.request({"command": "subscribe", "topic": "t"}) == SUCCESS
-        # The late subscriber reads nothing yet: its replay is in progress (or stalled
-        # on TCP backpressure). Round trips of another client still complete, sends
-        # to the same topic included.
-        for i in range(50):
-            assert await other.request(send("u", f"{i}")) == SUCCESS
-            assert await other.request({"command": "subscribe", "topic": f"x{i}"}) == SUCCESS
-        assert await other.request(send("t", "live")) == SUCCESS
-        count = 0
-        while True:
-            m = await late.receive()
-            if m["msg"] == "live":
-                break
-            assert m["index"] == count
-            count += 1
-        assert count == BIG_HISTORY
-        assert m["index"] == BIG_HISTORY  # the live message comes after the replay
+        received = 0
+        done = trio.Event()
+
+        async def read_replay() -> None:
+            nonlocal received
+            assert await late.receive() == SUCCESS
+            while received < BIG_HISTORY:
+                m = await late.receive()
+                assert m["index"] == received  # in order, nothing missing
+                received += 1
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            await late.send({"command": "subscribe", "topic": "t"})
+            nursery.start_soon(read_replay)
+            # While the replay streams, another client's round trips go through, sends
+            # to the same topic included; they do not wait for the replay to end.
+            for i in range(50):
+                assert await other.request(send("u", f"{i}")) == SUCCESS
+                assert await other.request({"command": "subscribe", "topic": f"x{i}"}) == SUCCESS
+            assert await other.request(send("t", "live")) == SUCCESS
+            progress = received
+            await done.wait()
+        assert progress < BIG_HISTORY
+        live = await late.receive()  # the live message comes after the whole replay
+        assert (live["msg"], live["index"]) == ("live", BIG_HISTORY)
+
+
+# --- the flusher: group commit and fsync policies (fake backend, virtual clock) ---------
+
+
+class FakeBackend:
+    """Records what the flusher asks of the database, with the (virtual) time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str, int, bool]] = []  # (time, kind, records, sync)
+
+    def apply(self, ops: list[store_module.Op], sync: bool) -> store_module.BatchResult:
+        records = sum(isinstance(op, Record) for op in ops)
+        self.calls.append((trio.current_time(), "apply", records, sync))
+        return store_module.BatchResult()
+
+    def sync(self) -> store_module.BatchResult:
+        self.calls.append((trio.current_time(), "sync", 0, True))
+        return store_module.BatchResult()
+
+
+@asynccontextmanager
+async def fake_store(
+    fsync: str, monkeypatch: pytest.MonkeyPatch, gate: trio.Event | None = None
+) -> AsyncIterator[tuple[store_module.Store, FakeBackend]]:
+    """A Store whose "worker thread" runs on the trio thread (exact virtual time);
+    ``gate``, while unset, holds every write open."""
+
+    async def run_sync(fn: Any, *args: Any) -> Any:
+        if gate is not None:
+            await gate.wait()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    backend = FakeBackend()
+    store = store_module.Store(backend, fsync)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        yield store, backend
+        nursery.cancel_scope.cancel()
+
+
+async def test_group_commit_with_fsync_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = trio.Event()
+    async with fake_store("always", monkeypatch, gate) as (store, backend):
+        first = store.write(1, 0, False, b"x")
+        await trio.testing.wait_all_tasks_blocked()  # the first batch is being written
+        later = [store.write(1, i, False, b"x") for i in range(1, 101)]
+        gate.set()
+        await store.wait(later[-1].seq)
+        assert first.seq < later[0].seq and not any(r.failed for r in [first, *later])
+    # one write (one fsync) for the first send, one for the 100 queued behind it
+    assert [(kind, n, sync) for _, kind, n, sync in backend.calls] == [
+        ("apply", 1, True),
+        ("apply", 100, True),
+    ]
+
+
+async def test_everysec_fsyncs_within_a_second(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fake_store("everysec", monkeypatch) as (store, backend):
+        await trio.sleep(5)
+        await store.wait(store.write(1, 0, False, b"x").seq)  # after idling: synced at once
+        second = store.write(1, 1, False, b"x")
+        await store.wait(second.seq)  # acknowledged once written, before its fsync
+        written = trio.current_time()
+        await trio.sleep(3)
+    assert [(kind, sync) for _, kind, _, sync in backend.calls] == [
+        ("apply", True),
+        ("apply", False),
+        ("sync", True),
+    ]
+    assert backend.calls[2][0] - written <= 1.0 + 1e-6
+
+
+async def test_everysec_idle_sync(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fake_store("everysec", monkeypatch) as (store, backend):
+        first = store.write(1, 0, False, b"x")  # right at start: not synced yet
+        await store.wait(first.seq)
+        await trio.sleep(3)
+    kinds = [(kind, sync) for _, kind, _, sync in backend.calls]
+    assert kinds == [("apply", False), ("sync", True)]
+    assert backend.calls[1][0] - backend.calls[0][0] <= 1.0 + 1e-6
+
+
+async def test_fsync_never_does_not_sync(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with fake_store("never", monkeypatch) as (store, backend):
+        for i in range(3):
+            await store.wait(store.write(1, i, False, b"x").seq)
+            await trio.sleep(2)
+    assert [sync for _, _, _, sync in backend.calls] == [False, False, False]
