@@ -136,6 +136,28 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "long drops the client (0: no pings)",
     )
     p.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="keep topic indexes and caches in DIR so they survive restarts and crashes "
+        "(default: off, everything in memory); see docs/durability.md",
+    )
+    p.add_argument(
+        "--fsync",
+        default=d.fsync,
+        choices=["always", "everysec", "never"],
+        help="with --data-dir: fsync before acknowledging each send (always, group "
+        "commit), about once a second (everysec), or leave it to the OS (never)",
+    )
+    p.add_argument(
+        "--memory-window",
+        type=int,
+        default=d.memory_window,
+        metavar="N",
+        help="with --data-dir: cached messages per topic kept in RAM; older ones (up to "
+        "--cache-size) are streamed from disk to subscribers that ask for them",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -156,6 +178,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ws_host=args.ws_host,
         ws_allowed_origins=args.ws_allowed_origins,
         ws_ping_interval=args.ws_ping_interval,
+        data_dir=args.data_dir,
+        fsync=args.fsync,
+        memory_window=args.memory_window,
     )
 
 
@@ -182,6 +207,14 @@ def run_serve(args: argparse.Namespace) -> int:
         if config.ws_port is not None:
             where += f" (or WebSocket port {config.ws_port})"
         print(f"mq-trio: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from .store import find_store_error  # only durable mode needs sqlite3
+
+        store_error = find_store_error(exc)
+        if store_error is None:
+            raise
+        print(f"mq-trio: {store_error}", file=sys.stderr)
         return 1
     return 0
 
