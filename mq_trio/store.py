@@ -747,15 +747,16 @@ class Store:
             sync = self.fsync == "always" or (
                 self.fsync == "everysec" and now - last_sync >= SYNC_INTERVAL
             )
+            # Only batches with writes commit (reads of old history do not count).
+            writes = any(type(op) is not Read for op in ops)
             if ops:
-                result = await trio.to_thread.run_sync(self.backend.apply, ops, sync)
+                result = await trio.to_thread.run_sync(self.backend.apply, ops, sync and writes)
             elif dirty and sync:
                 result = await trio.to_thread.run_sync(self.backend.sync)
+                writes = True
             else:
-                if self._closing:
-                    return
                 continue
-            if result.error is None:
+            if result.error is None and writes:
                 if sync:
                     last_sync, dirty = now, False
                 else:

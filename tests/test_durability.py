@@ -637,3 +637,25 @@ async def test_fsync_never_does_not_sync(
             await store.wait(store.write(1, i, False, b"x").seq)
             await trio.sleep(2)
     assert [sync for _, _, _, sync in backend.calls] == [False, False, False]
+
+
+async def test_websocket_clients_get_durable_replies_and_deliveries(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The waiting outbox works for any transport: here a WebSocket subscriber."""
+    import trio_websocket
+
+    async with running(tmp_path, ws_port=0) as server:
+        ws = await trio_websocket.connect_websocket_url(
+            nursery, f"ws://127.0.0.1:{server.ws_port}/"
+        )
+        await ws.send_message(json.dumps({"command": "subscribe", "topic": "t"}))
+        assert json.loads(await ws.get_message()) == SUCCESS
+        await ws.send_message(json.dumps(send("t", "via ws")))
+        delivery = json.loads(await ws.get_message())
+        assert (delivery["msg"], delivery["index"]) == ("via ws", 0)
+        assert json.loads(await ws.get_message()) == SUCCESS
+        await ws.aclose()
+    async with running(tmp_path) as server:
+        got = await replay(await LineClient.connect(server.port), "t")
+        assert [m["msg"] for m in got] == ["via ws"]
