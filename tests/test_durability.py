@@ -33,6 +33,7 @@ from mq_trio.store import (
 )
 
 SUCCESS = {"success": True}
+TEST_GUARD_SECONDS = 120
 
 
 def send(topic: str, msg: str, delivery: str = "all", **extra: Any) -> dict[str, Any]:
@@ -44,13 +45,15 @@ async def running(data_dir: Path | None, **overrides: Any) -> AsyncIterator[Serv
     """An in-process server; leaving the block shuts it down and closes its store."""
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(serve, make_config(**overrides))
-        try:
-            yield server
-        finally:
-            server.shutdown()
-            await server.stopped.wait()
+    # A guard, not a timing assertion: a bug here must fail the test, not hang the suite.
+    with trio.fail_after(TEST_GUARD_SECONDS):
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(serve, make_config(**overrides))
+            try:
+                yield server
+            finally:
+                server.shutdown()
+                await server.stopped.wait()
 
 
 async def replay(client: LineClient, topic: str, last_seen: int = -1) -> list[dict[str, Any]]:
@@ -208,7 +211,7 @@ async def server_process(
     buffer = b""
     port = None
     try:
-        with trio.fail_after(30):
+        with trio.fail_after(TEST_GUARD_SECONDS):
             while port is None:
                 data = await process.stderr.receive_some()
                 if not data:
@@ -225,10 +228,11 @@ async def server_process(
             while data := await process.stderr.receive_some():  # type: ignore[union-attr]
                 lines.append(data.decode(errors="replace"))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_reading)
-            yield process, port, lines
-            nursery.cancel_scope.cancel()
+        with trio.fail_after(TEST_GUARD_SECONDS):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_reading)
+                yield process, port, lines
+                nursery.cancel_scope.cancel()
     finally:
         if process.returncode is None:
             process.kill()
@@ -577,10 +581,11 @@ async def fake_store(
     monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
     backend = FakeBackend()
     store = store_module.Store(backend, fsync)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(store.run)
-        yield store, backend
-        nursery.cancel_scope.cancel()
+    with trio.fail_after(TEST_GUARD_SECONDS):  # virtual seconds under autojump_clock
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            yield store, backend
+            nursery.cancel_scope.cancel()
 
 
 async def test_group_commit_with_fsync_always(monkeypatch: pytest.MonkeyPatch) -> None:
