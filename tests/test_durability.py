@@ -664,3 +664,16 @@ async def test_websocket_clients_get_durable_replies_and_deliveries(
     async with running(tmp_path) as server:
         got = await replay(await LineClient.connect(server.port), "t")
         assert [m["msg"] for m in got] == ["via ws"]
+
+
+async def test_cache_size_zero_still_keeps_indexes(tmp_path: Path) -> None:
+    async with running(tmp_path, cache_size=0) as server:
+        pub = await LineClient.connect(server.port)
+        for i in range(3):
+            assert await pub.request(send("t", f"{i}")) == SUCCESS
+    async with running(tmp_path, cache_size=0) as server:
+        sub = await LineClient.connect(server.port)
+        assert await replay(sub, "t") == []
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("t", "next")) == SUCCESS
+        assert (await sub.receive())["index"] == 3
