@@ -31,7 +31,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -131,19 +131,28 @@ class Bump:
 
 @attrs.define(slots=True, eq=False)
 class Read:
-    """A chunk of old history, ``after < index <= upto``; "one" messages read are taken."""
+    """The start of a replay of old history: opens a snapshot, reads its first chunk.
+
+    It travels through the flusher's queue so that the snapshot includes every write
+    queued before the subscribe; later chunks come from the same snapshot, read
+    directly (:func:`read_chunk`), so evictions meanwhile do not cut the replay short
+    and the reads never wait behind writes.
+    """
 
     tid: int
     after: int
     upto: int
     limit: int
-    rows: list[tuple[int, bytes]] = attrs.field(factory=list)
-    taken: int = 0
+    rows: list[Row] = attrs.field(factory=list)
+    #: A connection holding the snapshot (a read transaction); the reader closes it.
+    conn: sqlite3.Connection | None = None
     error: Exception | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
 
 
 Op = Record | NewTopic | Evict | Take | Bump | Read
+#: A cached message as read back: (index, one, payload).
+Row = tuple[int, bool, bytes]
 
 
 @attrs.define
@@ -594,27 +603,17 @@ class SqliteBackend:
         return BatchResult()
 
     def _read(self, read: Read) -> None:
+        """Open a snapshot (its own connection, a read transaction) and read a chunk."""
         try:
-            conn = self._reconnect()
-            rows = conn.execute(
-                "SELECT idx, one, payload FROM messages WHERE tid = ? AND idx > ? "
-                "AND idx <= ? ORDER BY idx LIMIT ?",
-                (read.tid, read.after, read.upto, read.limit),
-            ).fetchall()
-            ones = [(read.tid, idx) for idx, one, _ in rows if one]
-            if ones:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", ones)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            read.rows = [(idx, bytes(payload)) for idx, _, payload in rows]
-            read.taken = len(ones)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("BEGIN")  # the snapshot is taken by the first SELECT
+                read.rows = read_chunk(conn, read.tid, read.after, read.upto, read.limit)
+            except BaseException:
+                conn.close()
+                raise
+            read.conn = conn
         except (sqlite3.Error, OSError) as exc:
-            self._broken = True
             read.error = exc
 
     # -- closing ---------------------------------------------------------------
@@ -648,6 +647,16 @@ class SqliteBackend:
             self._lock_fd = None
 
 
+def read_chunk(conn: sqlite3.Connection, tid: int, after: int, upto: int, limit: int) -> list[Row]:
+    """The next cached messages of a snapshot, ``after < index <= upto``, in order."""
+    rows = conn.execute(
+        "SELECT idx, one, payload FROM messages WHERE tid = ? AND idx > ? AND idx <= ? "
+        "ORDER BY idx LIMIT ?",
+        (tid, after, upto, limit),
+    ).fetchall()
+    return [(idx, bool(one), bytes(payload)) for idx, one, payload in rows]
+
+
 # --- the trio side -------------------------------------------------------------------
 
 
@@ -674,6 +683,10 @@ class TopicState:
     spilled_max: int = -1
     #: The highest index the cache-size rule has dropped (-1: none).
     evicted: int = -1
+    #: Replays from disk under way, and the "one" messages they have taken: a snapshot
+    #: older than the deletion still holds them, so the others must skip them.
+    disk_replays: int = 0
+    disk_taken: set[int] = attrs.field(factory=set)
 
 
 @attrs.define(eq=False)
@@ -885,11 +898,6 @@ class DurableHistory:
             state = self._by_tid.get(tid)
             if state is not None and high > state.evicted:
                 state.evicted = high
-        for op in ops:
-            if isinstance(op, Read) and op.taken:
-                state = self._by_tid.get(op.tid)
-                if state is not None:
-                    state.count -= op.taken
         if result.error is None:
             return []
         # The transaction rolled back. Failed messages leave the window; evictions,
@@ -922,6 +930,53 @@ class DurableHistory:
             evicts[tid] = evicts.get(tid, 0) - (len(ids) - removed)
         carry.extend(Evict(tid, count) for tid, count in evicts.items() if count > 0)
         return carry
+
+    async def replay_from_disk(
+        self, marker: DiskReplay, send: Callable[[list[bytes]], Awaitable[None]]
+    ) -> None:
+        """Stream older-than-memory history to one subscriber, chunk by chunk.
+
+        ``send`` (the transport) paces the reads. "one" messages met on the way are
+        taken: skipped if another replay took them first, else removed from the cache.
+        """
+        state = self._by_tid[marker.tid]
+        state.disk_replays += 1
+        read: Read | None = None
+        try:
+            read = await self.store.read(marker.tid, marker.after, marker.upto, READ_CHUNK_ROWS)
+            if read.error is not None:
+                raise read.error
+            conn = read.conn
+            assert conn is not None
+            rows = read.rows
+            while True:
+                payloads = self._take_ones(state, rows)
+                if payloads:
+                    await send(payloads)
+                if len(rows) < READ_CHUNK_ROWS:
+                    return
+                rows = await trio.to_thread.run_sync(
+                    read_chunk, conn, marker.tid, rows[-1][0], marker.upto, READ_CHUNK_ROWS
+                )
+        finally:
+            if read is not None and read.conn is not None:
+                read.conn.close()  # ends the read transaction; no disk I/O
+            state.disk_replays -= 1
+            if not state.disk_replays:
+                # every Take queued so far is committed before the next snapshot opens
+                state.disk_taken.clear()
+
+    def _take_ones(self, state: TopicState, rows: list[Row]) -> list[bytes]:
+        payloads = []
+        for index, one, payload in rows:
+            if one:
+                if index in state.disk_taken:
+                    continue  # another replay's snapshot gave it out already
+                state.disk_taken.add(index)
+                state.count -= 1
+                self.store.submit(Take(state.tid, index))
+            payloads.append(payload)
+        return payloads
 
     # -- TopicHistory ------------------------------------------------------------
 
@@ -1008,10 +1063,15 @@ class DurableOutbox(Outbox):
     """An outbox whose writer waits for the store at :class:`Pending` items."""
 
     def __init__(
-        self, budget: int, on_overflow: Callable[[], None] | None = None, *, store: Store
+        self,
+        budget: int,
+        on_overflow: Callable[[], None] | None = None,
+        *,
+        history: DurableHistory,
     ) -> None:
         super().__init__(budget, on_overflow)
-        self.store = store
+        self.history = history
+        self.store = history.store
 
     async def drain_into(self, transport: Transport) -> None:
         receive = self._receive
@@ -1059,18 +1119,11 @@ class DurableOutbox(Outbox):
                 self._drained.unpark_all()
 
     async def _replay(self, transport: Transport, marker: DiskReplay) -> None:
-        """Stream older history chunk by chunk; the transport paces the reads."""
-        after = marker.after
-        while True:
-            read = await self.store.read(marker.tid, after, marker.upto, READ_CHUNK_ROWS)
-            if read.error is not None:
-                log.warning("history unavailable for a replay: %s", read.error)
-                raise trio.BrokenResourceError("history unavailable")
-            if read.rows:
-                await transport.send_batch([payload for _, payload in read.rows])
-                after = read.rows[-1][0]
-            if len(read.rows) < READ_CHUNK_ROWS:
-                return
+        try:
+            await self.history.replay_from_disk(marker, transport.send_batch)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("history unavailable for a replay: %s", exc)
+            raise trio.BrokenResourceError("history unavailable") from exc
 
 
 @attrs.define(eq=False)
@@ -1082,7 +1135,7 @@ class Durable:
     broker: DurableBroker
 
     def outbox_factory(self, budget: int, on_overflow: Callable[[], None] | None) -> Outbox:
-        return DurableOutbox(budget, on_overflow, store=self.store)
+        return DurableOutbox(budget, on_overflow, history=self.history)
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -342,19 +342,26 @@ def crash_copy(live: Path, target: Path) -> None:
 
 
 def fill(
-    directory: Path, messages: int, cache_size: int = 1000, batch: int = 10_000
+    directory: Path,
+    messages: int,
+    cache_size: int = 1000,
+    batch: int = 10_000,
+    msg_size: int = 0,
+    one: Callable[[int], bool] = lambda i: False,
 ) -> SqliteBackend:
-    """A store with ``messages`` cached sends on topic "t", left open (not closed);
-    one transaction per ``batch`` messages."""
+    """A store with ``messages`` cached sends on topic "t" (msg: the index, padded to
+    ``msg_size``; delivery "one" where ``one(i)``), left open (not closed); one
+    transaction per ``batch`` messages."""
     backend = SqliteBackend(directory, "never", cache_size, 1000)
     backend.open()
     backend.apply([store_module.NewTopic(1, "t")], sync=False)
     for start in range(0, messages, batch):
-        records: list[store_module.Op] = [
-            Record(i + 1, 1, i, False, b'{"command": "send", "topic": "t", "msg": "%d", '
-                   b'"delivery": "all", "index": %d}' % (i, i))
-            for i in range(start, min(messages, start + batch))
-        ]
+        records: list[store_module.Op] = []
+        for i in range(start, min(messages, start + batch)):
+            delivery = "one" if one(i) else "all"
+            obj = {"command": "send", "topic": "t", "msg": str(i).ljust(msg_size),
+                   "delivery": delivery, "index": i}
+            records.append(Record(i + 1, 1, i, one(i), json.dumps(obj).encode()))
         assert backend.apply(records, sync=False).error is None
     return backend
 
@@ -677,3 +684,62 @@ async def test_cache_size_zero_still_keeps_indexes(tmp_path: Path) -> None:
         pub = await LineClient.connect(server.port)
         assert await pub.request(send("t", "next")) == SUCCESS
         assert (await sub.receive())["index"] == 3
+
+
+async def test_disk_replay_is_a_snapshot(tmp_path: Path) -> None:
+    """Messages evicted while a long replay from disk is under way still reach it."""
+    old = 3000
+    fill(tmp_path, old, cache_size=old, msg_size=4000).close()  # 12 MB: TCP stalls it
+    async with running(tmp_path, cache_size=old, memory_window=100) as server:
+        late = await LineClient.connect(server.port)
+        assert await late.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        pub = await LineClient.connect(server.port)
+        for i in range(old):  # evicts every old message while the replay is stalled
+            await pub.send(send("t", f"new{i}"))
+        assert await pub.receive_many(old) == [SUCCESS] * old
+        fresh = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in fresh] == list(range(old, 2 * old))
+        got = [(await late.receive())["index"] for _ in range(2 * old)]
+        assert got == list(range(2 * old))  # the whole old cache, then the live ones
+
+
+async def test_concurrent_disk_replays_share_one_messages(tmp_path: Path) -> None:
+    """Two replays from disk at once: each "one" message goes to exactly one of them."""
+    total = 2000
+    fill(tmp_path, total, cache_size=total, one=lambda i: i % 2 == 0).close()
+    async with running(tmp_path, cache_size=total, memory_window=100) as server:
+        a = await LineClient.connect(server.port)
+        b = await LineClient.connect(server.port)
+        await a.send({"command": "subscribe", "topic": "t"})
+        await b.send({"command": "subscribe", "topic": "t"})
+        got: dict[str, list[dict[str, Any]]] = {}
+
+        async def read_all(name: str, client: LineClient) -> None:
+            assert await client.receive() == SUCCESS
+            got[name] = await replay_rest(client)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all, "a", a)
+            nursery.start_soon(read_all, "b", b)
+        for name in "ab":
+            indexes = [m["index"] for m in got[name]]
+            assert indexes == sorted(indexes)
+            assert [i for i in indexes if i % 2] == list(range(1, total, 2))  # all "all"s
+        ones_a = {m["index"] for m in got["a"] if m["delivery"] == "one"}
+        ones_b = {m["index"] for m in got["b"] if m["delivery"] == "one"}
+        assert not ones_a & ones_b
+        assert ones_a | ones_b == set(range(0, total, 2))
+        later = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in later] == list(range(1, total, 2))
+    async with running(tmp_path, cache_size=total, memory_window=100) as server:
+        later = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in later] == list(range(1, total, 2))
+
+
+async def replay_rest(client: LineClient) -> list[dict[str, Any]]:
+    """After a subscribe's reply: the replay, up to the reply of a marker request."""
+    await client.send({"command": "unsubscribe", "topic": "\x00end-of-replay"})
+    items = []
+    while (item := await client.receive()) != SUCCESS:
+        items.append(item)
+    return items
