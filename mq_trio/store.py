@@ -144,10 +144,12 @@ class Read:
     upto: int
     limit: int
     rows: list[Row] = attrs.field(factory=list)
-    #: A connection holding the snapshot (a read transaction); the reader closes it.
+    #: A connection holding the snapshot (a read transaction), opened by the worker
+    #: thread, closed on the trio thread by :meth:`DurableHistory.release`.
     conn: sqlite3.Connection | None = None
     error: Exception | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
+    released: bool = False
 
 
 Op = Record | NewTopic | Evict | Take | Bump | Read
@@ -157,7 +159,9 @@ Row = tuple[int, bool, bytes]
 
 @attrs.define
 class BatchResult:
+    #: The last error; ``failed`` holds the ops of every transaction that failed.
     error: Exception | None = None
+    failed: list[Op] = attrs.field(factory=list)
     #: tid -> highest index the batch evicted.
     evicted: dict[int, int] = attrs.field(factory=dict)
 
@@ -185,16 +189,17 @@ class Pending(bytes):
 
 
 class DiskReplay(bytes):
-    """Marks where a subscriber's replay of older-than-memory history goes (empty bytes)."""
+    """Marks where a subscriber's replay of older-than-memory history goes (empty bytes).
 
-    tid: int
-    after: int
-    upto: int
+    ``read`` was queued at the subscribe, so its snapshot is the cache as it was then.
+    """
+
+    read: Read
 
     @classmethod
-    def make(cls, tid: int, after: int, upto: int) -> DiskReplay:
+    def make(cls, read: Read) -> DiskReplay:
         item = cls()
-        item.tid, item.after, item.upto = tid, after, upto
+        item.read = read
         return item
 
 
@@ -497,14 +502,40 @@ class SqliteBackend:
         return self._conn
 
     def apply(self, ops: list[Op], sync: bool) -> BatchResult:
-        """Write a batch in one transaction, in order; then serve the reads in it."""
+        """Write a batch in order: one transaction, or one per stretch between reads.
+
+        A :class:`Read` opens its snapshot exactly where it stands in the queue, so the
+        writes before it are committed first (an extra commit only when a replay from
+        disk starts). ``sync`` applies to the last commit, which covers the others.
+        """
         result = BatchResult()
+        segments: list[list[Op]] = [[]]
+        for op in ops:
+            if type(op) is Read:
+                segments.append([op])
+                segments.append([])
+            else:
+                segments[-1].append(op)
+        last_write = max((i for i, seg in enumerate(segments) if seg and type(seg[0]) is not Read),
+                         default=-1)
+        for i, segment in enumerate(segments):
+            if not segment:
+                continue
+            op = segment[0]
+            if type(op) is Read:
+                assert isinstance(op, Read)
+                self._read(op)
+            else:
+                self._write(segment, sync and i == last_write, result)
+        return result
+
+    def _write(self, ops: list[Op], sync: bool, result: BatchResult) -> None:
+        """One transaction for these writes; on failure its records are marked failed."""
         inserts: list[tuple[int, int, int, bytes]] = []
         bumps: dict[int, int] = {}
         evicts: dict[int, int] = {}
         takes: list[tuple[int, int]] = []
         new_topics: list[tuple[int, bytes]] = []
-        reads: list[Read] = []
         for op in ops:
             cls = type(op)
             if cls is Record:
@@ -523,54 +554,49 @@ class SqliteBackend:
                 assert isinstance(op, Bump)
                 if bumps.get(op.tid, -1) < op.next_index:
                     bumps[op.tid] = op.next_index
-            elif cls is NewTopic:
+            else:
                 assert isinstance(op, NewTopic)
                 new_topics.append((op.tid, _topic_blob(op.name)))
-            else:
-                assert isinstance(op, Read)
-                reads.append(op)
-        if inserts or bumps or evicts or takes or new_topics:
+        evicted: dict[int, int] = {}
+        try:
+            conn = self._reconnect()
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn = self._reconnect()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    # Order matters only between kinds: new rows, then "one" rows taken,
-                    # then the oldest evicted (eviction counts what memory counted).
-                    if new_topics:
-                        conn.executemany(
-                            "INSERT OR IGNORE INTO topics (tid, name, next_index) "
-                            "VALUES (?, ?, 0)",
-                            new_topics,
-                        )
-                    if inserts:
-                        conn.executemany(
-                            "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts
-                        )
-                    if takes:
-                        conn.executemany(
-                            "DELETE FROM messages WHERE tid = ? AND idx = ?", takes
-                        )
-                    for tid, count in evicts.items():
-                        high = self._evict(tid, count)
-                        if high >= 0:
-                            result.evicted[tid] = high
-                    if bumps:
-                        conn.executemany(
-                            "UPDATE topics SET next_index = max(next_index, ?) WHERE tid = ?",
-                            [(n, tid) for tid, n in bumps.items()],
-                        )
-                    self._commit(conn, sync)
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except (sqlite3.Error, OSError) as exc:
-                self._broken = True
-                result.error = exc
-                result.evicted.clear()
-        for read in reads:
-            self._read(read)
-        return result
+                # Order matters only between kinds: new rows, then "one" rows taken,
+                # then the oldest evicted (eviction counts what memory counted).
+                if new_topics:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO topics (tid, name, next_index) VALUES (?, ?, 0)",
+                        new_topics,
+                    )
+                if inserts:
+                    conn.executemany("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts)
+                if takes:
+                    conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", takes)
+                for tid, count in evicts.items():
+                    high = self._evict(tid, count)
+                    if high >= 0:
+                        evicted[tid] = high
+                if bumps:
+                    conn.executemany(
+                        "UPDATE topics SET next_index = max(next_index, ?) WHERE tid = ?",
+                        [(n, tid) for tid, n in bumps.items()],
+                    )
+                self._commit(conn, sync)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            self._broken = True
+            result.error = exc
+            result.failed.extend(ops)
+            for op in ops:
+                if isinstance(op, Record):
+                    op.failed = True  # the trio side reads it only after the batch
+        else:
+            for tid, high in evicted.items():
+                result.evicted[tid] = max(high, result.evicted.get(tid, -1))
 
     def _commit(self, conn: sqlite3.Connection, sync: bool) -> None:
         if sync and self.fsync == "everysec":
@@ -787,8 +813,6 @@ class Store:
                     STORAGE_UNAVAILABLE,
                 )
                 self.available = False
-            for record in records:
-                record.failed = True
         elif not self.available and any(type(op) is not Read for op in ops):
             log.warning("storage works again")
             self.available = True
@@ -799,6 +823,9 @@ class Store:
             self._decided.unpark_all()
         for op in ops:
             if isinstance(op, Read):
+                if op.released and op.conn is not None:
+                    op.conn.close()  # its subscriber left before the snapshot opened
+                    op.conn = None
                 op.done.set()
 
     async def aclose(self) -> None:
@@ -864,15 +891,26 @@ class DurableHistory:
             window.popleft()
             state.spilled_max = oldest.index
 
-    def replay_items(self, topic: str, last_seen: int) -> list[bytes]:
-        """Outbox items for a subscribe: a disk-replay marker, then the window."""
+    def replay_items(
+        self, topic: str, last_seen: int, owner: DurableOutbox | None = None
+    ) -> list[bytes]:
+        """Outbox items for a subscribe: a disk-replay marker, then the window.
+
+        The marker's snapshot belongs to ``owner`` (the subscriber's outbox), whose
+        writer releases it when it is done with it or ends.
+        """
         state = self.topics.get(topic)
         if state is None or state.count == 0:
             return []
         items: list[bytes] = []
         window = state.window
         if last_seen < state.spilled_max and state.count > len(window):
-            items.append(DiskReplay.make(state.tid, last_seen, state.spilled_max))
+            read = Read(state.tid, last_seen, state.spilled_max, READ_CHUNK_ROWS)
+            self.store.submit(read)
+            state.disk_replays += 1
+            if owner is not None:
+                owner.snapshots.add(read)
+            items.append(DiskReplay.make(read))
         decided = self.store.decided_seq
         taken: list[int] = []
         for entry in window:
@@ -898,16 +936,16 @@ class DurableHistory:
             state = self._by_tid.get(tid)
             if state is not None and high > state.evicted:
                 state.evicted = high
-        if result.error is None:
+        if not result.failed:
             return []
-        # The transaction rolled back. Failed messages leave the window; evictions,
+        # A transaction rolled back. Failed messages leave the window; evictions,
         # takes, new topics and index bumps are retried with the next batch. An eviction
         # that memory made only because of a failed message is not retried.
         carry: list[Op] = []
         evicts: dict[int, int] = {}
         bumps: dict[int, int] = {}
         failed: dict[int, set[int]] = {}  # tid -> ids of failed records that were cached
-        for op in ops:
+        for op in result.failed:
             cls = type(op)
             if cls is Record:
                 assert isinstance(op, Record)
@@ -938,12 +976,12 @@ class DurableHistory:
 
         ``send`` (the transport) paces the reads. "one" messages met on the way are
         taken: skipped if another replay took them first, else removed from the cache.
+        Raises ``sqlite3.Error``/``OSError`` when the history cannot be read.
         """
-        state = self._by_tid[marker.tid]
-        state.disk_replays += 1
-        read: Read | None = None
+        read = marker.read
+        state = self._by_tid[read.tid]
         try:
-            read = await self.store.read(marker.tid, marker.after, marker.upto, READ_CHUNK_ROWS)
+            await read.done.wait()
             if read.error is not None:
                 raise read.error
             conn = read.conn
@@ -956,15 +994,25 @@ class DurableHistory:
                 if len(rows) < READ_CHUNK_ROWS:
                     return
                 rows = await trio.to_thread.run_sync(
-                    read_chunk, conn, marker.tid, rows[-1][0], marker.upto, READ_CHUNK_ROWS
+                    read_chunk, conn, read.tid, rows[-1][0], read.upto, READ_CHUNK_ROWS
                 )
         finally:
-            if read is not None and read.conn is not None:
-                read.conn.close()  # ends the read transaction; no disk I/O
-            state.disk_replays -= 1
-            if not state.disk_replays:
-                # every Take queued so far is committed before the next snapshot opens
-                state.disk_taken.clear()
+            self.release(read)
+
+    def release(self, read: Read) -> None:
+        """End a replay's snapshot (idempotent); the trio thread owns closing it."""
+        if read.released:
+            return
+        read.released = True
+        if read.conn is not None:
+            read.conn.close()  # ends the read transaction; no disk I/O
+            read.conn = None
+        state = self._by_tid[read.tid]
+        state.disk_replays -= 1
+        if not state.disk_replays:
+            # no snapshot is open, and every Take queued so far is committed before
+            # the next snapshot opens (the queue is in order)
+            state.disk_taken.clear()
 
     def _take_ones(self, state: TopicState, rows: list[Row]) -> list[bytes]:
         payloads = []
@@ -1056,7 +1104,8 @@ class DurableBroker(Broker):
         super().subscribe(subscriber, topic, last_seen, cache=False)
         if not cache:
             return []
-        return self.durable.replay_items(topic, last_seen)
+        owner = subscriber if isinstance(subscriber, DurableOutbox) else None
+        return self.durable.replay_items(topic, last_seen, owner)
 
 
 class DurableOutbox(Outbox):
@@ -1072,8 +1121,19 @@ class DurableOutbox(Outbox):
         super().__init__(budget, on_overflow)
         self.history = history
         self.store = history.store
+        #: Snapshots of replays from disk queued here; the writer releases them.
+        self.snapshots: set[Read] = set()
 
     async def drain_into(self, transport: Transport) -> None:
+        try:
+            await self._drain(transport)
+        finally:
+            # Whatever ends the writer ends the snapshots of replays it did not reach.
+            for read in self.snapshots:
+                self.history.release(read)
+            self.snapshots.clear()
+
+    async def _drain(self, transport: Transport) -> None:
         receive = self._receive
         store = self.store
         while True:
@@ -1121,6 +1181,7 @@ class DurableOutbox(Outbox):
     async def _replay(self, transport: Transport, marker: DiskReplay) -> None:
         try:
             await self.history.replay_from_disk(marker, transport.send_batch)
+            self.snapshots.discard(marker.read)
         except (sqlite3.Error, OSError) as exc:
             log.warning("history unavailable for a replay: %s", exc)
             raise trio.BrokenResourceError("history unavailable") from exc

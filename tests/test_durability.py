@@ -686,21 +686,27 @@ async def test_cache_size_zero_still_keeps_indexes(tmp_path: Path) -> None:
         assert (await sub.receive())["index"] == 3
 
 
-async def test_disk_replay_is_a_snapshot(tmp_path: Path) -> None:
-    """Messages evicted while a long replay from disk is under way still reach it."""
+async def test_disk_replay_is_the_cache_as_of_the_subscribe(tmp_path: Path) -> None:
+    """Messages evicted after a subscribe still reach its replay from disk, even when
+    that replay has not started yet (it waits behind another one, stalled by TCP)."""
     old = 3000
     fill(tmp_path, old, cache_size=old, msg_size=4000).close()  # 12 MB: TCP stalls it
     async with running(tmp_path, cache_size=old, memory_window=100) as server:
         late = await LineClient.connect(server.port)
         assert await late.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        # a second replay of the same history, queued behind the stalled first one
+        await late.send({"command": "subscribe", "topic": "t"})
         pub = await LineClient.connect(server.port)
-        for i in range(old):  # evicts every old message while the replay is stalled
+        for i in range(old):  # evicts every old message while both replays wait
             await pub.send(send("t", f"new{i}"))
         assert await pub.receive_many(old) == [SUCCESS] * old
         fresh = await replay(await LineClient.connect(server.port), "t")
         assert [m["index"] for m in fresh] == list(range(old, 2 * old))
-        got = [(await late.receive())["index"] for _ in range(2 * old)]
-        assert got == list(range(2 * old))  # the whole old cache, then the live ones
+        first = [(await late.receive())["index"] for _ in range(old)]
+        assert first == list(range(old))
+        assert await late.receive() == SUCCESS
+        rest = [(await late.receive())["index"] for _ in range(2 * old)]
+        assert rest == list(range(old)) + list(range(old, 2 * old))  # then the live ones
 
 
 async def test_concurrent_disk_replays_share_one_messages(tmp_path: Path) -> None:
@@ -743,3 +749,24 @@ async def replay_rest(client: LineClient) -> list[dict[str, Any]]:
     while (item := await client.receive()) != SUCCESS:
         items.append(item)
     return items
+
+
+async def test_snapshot_released_when_subscriber_leaves_early(tmp_path: Path) -> None:
+    old = 3000
+    fill(tmp_path, old, cache_size=old, msg_size=4000).close()
+    async with running(tmp_path, cache_size=old, memory_window=100) as server:
+        late = await LineClient.connect(server.port)
+        assert await late.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        await late.send({"command": "subscribe", "topic": "t"})  # queued, not started
+        broker = server.broker
+        assert isinstance(broker, store_module.DurableBroker)
+        state = broker.durable.topics["t"]
+        while state.disk_replays < 2:
+            await trio.sleep(0.01)  # polling a condition, not waiting out a time
+        await late.aclose()
+        while server.connections:
+            await trio.sleep(0.01)
+        assert state.disk_replays == 0
+        # nothing was taken, nothing is lost
+        got = await replay(await LineClient.connect(server.port), "t")
+        assert [m["index"] for m in got] == list(range(old))
