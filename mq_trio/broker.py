@@ -142,6 +142,18 @@ class Broker:
         for topic in self._topics_of.pop(subscriber, ()):
             self._drop(subscriber, topic)
 
+    def evict(self, subscriber: Subscriber) -> None:
+        """Remove every subscription now, even from inside a fan-out to this subscriber
+        (a slow consumer cut off mid-publish): the topics' subscriber dicts are replaced,
+        not mutated, so a fan-out in progress finishes over the old one. O(subscribers),
+        which is fine for a rare event; ``disconnect`` stays O(1) per topic."""
+        for topic in self._topics_of.pop(subscriber, ()):
+            rest = {s: None for s in self._subscribers[topic] if s is not subscriber}
+            if rest:
+                self._subscribers[topic] = rest
+            else:
+                del self._subscribers[topic]
+
     def _drop(self, subscriber: Subscriber, topic: str) -> None:
         subs = self._subscribers[topic]
         del subs[subscriber]

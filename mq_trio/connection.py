@@ -167,6 +167,9 @@ class Connection:
             self.peer,
             self.limits.max_pending_bytes,
         )
+        # Unsubscribe at once: until this connection's own cleanup runs, "one" messages
+        # would otherwise still be given to an outbox that drops them.
+        self.broker.evict(self.outbox)
         if self._scope is not None:
             self._scope.cancel()
 

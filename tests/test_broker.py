@@ -426,3 +426,27 @@ def test_each_subscriber_sees_increasing_indexes() -> None:
         for t in "ab":
             idx = [o["index"] for o in s.objects if o["topic"] == t]
             assert idx == sorted(set(idx))
+
+
+def test_evict_during_fanout_is_safe_and_immediate() -> None:
+    """A subscriber cut off while a message is being fanned out (a slow consumer)."""
+    b = make_broker()
+
+    class Evicting(Fake):
+        def push(self, payload: bytes) -> None:
+            super().push(payload)
+            b.evict(self)
+
+    subs = [Fake("a"), Evicting("x"), Fake("b"), Fake("c")]
+    for s in subs:
+        b.subscribe(s, "t")
+        b.subscribe(s, "u")
+    b.publish(send())  # no "dictionary changed size during iteration"
+    assert [len(s.got) for s in subs] == [1, 1, 1, 1]
+    assert subs[1] not in b.subscribers("t") and b.subscribers("u") == [subs[0], *subs[2:]]
+    assert b.topics_of(subs[1]) == set()
+    for _ in range(50):
+        b.publish(send(delivery="one"))
+    assert len(subs[1].got) == 1
+    b.disconnect(subs[1])  # the connection's own cleanup afterwards is a no-op
+    assert len(b.subscribers("t")) == 3

@@ -151,10 +151,10 @@ async def test_slow_consumer_memory_streams(
     assert all(v <= budget for v in pending_watch.values()), pending_watch
 
 
-def _send(msg: str) -> Any:
+def _send(msg: str, delivery: str = "all") -> Any:
     from mq_trio.protocol import Send, parse_line
 
-    event = parse_line(json.dumps(snd(msg)).encode())
+    event = parse_line(json.dumps({**snd(msg), "delivery": delivery}).encode())
     assert isinstance(event, Send)
     return event
 
@@ -200,3 +200,37 @@ async def test_pipelining_client_is_slowed_not_cut_off(
     assert sent == len(chunks)
     assert all(v <= budget for v in pending_watch.values())
     assert server.connections == {conn}
+
+
+async def test_one_never_goes_to_a_consumer_being_cut_off(nursery: trio.Nursery) -> None:
+    """Once a subscriber overflowed, later "one" messages go to the live subscribers only.
+
+    The publisher's pipelined sends are handled without a checkpoint in between, so the
+    cut-off connection's own cleanup has not run yet when the next sends arrive.
+    """
+    budget = 8 << 10
+    server = memory_server(max_pending_bytes=budget, max_line_bytes=2 << 10)
+    slow_client, slow_server = trio.testing.lockstep_stream_pair()
+    nursery.start_soon(server.handle_transport, TCPTransport(slow_server))
+    await slow_client.send_all(enc({"command": "subscribe", "topic": "t"}))
+    await trio.testing.wait_all_tasks_blocked()
+    (slow_conn,) = server.connections
+
+    class Live:
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+
+        def push(self, payload: bytes) -> None:
+            self.got.append(payload)
+
+    live = Live()
+    server.broker.subscribe(live, "t")
+    big = _send("z" * 1000)
+    for _ in range(20):  # enough to overflow the slow one's 8 KiB budget
+        server.broker.publish(big)
+    assert slow_conn.outbox.overflowed
+    one = _send("one", delivery="one")
+    for _ in range(100):
+        server.broker.publish(one)
+    assert sum(1 for p in live.got if json.loads(p)["delivery"] == "one") == 100
+    assert server.broker.subscribers("t") == [live]
