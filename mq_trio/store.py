@@ -23,6 +23,7 @@ its outbox, and its writer streams those rows from the database in chunks.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -150,6 +151,8 @@ class Read:
     error: Exception | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     released: bool = False
+    #: The topic's highest evicted index in the snapshot (for the epoch extension).
+    evicted: int = -1
 
 
 Op = Record | NewTopic | Evict | Take | Bump | Read
@@ -186,6 +189,31 @@ class Pending(bytes):
         item.record = record
         item.failure = failure
         return item
+
+
+class EpochReply(bytes):
+    """A subscribe's epoch reply that waits for its replay's snapshot (empty bytes).
+
+    Whether messages after ``last_seen`` were evicted is exact only once the snapshot
+    is open: evictions of messages that live only on disk are counted by the store.
+    """
+
+    read: Read
+    last_seen: int
+    epoch: str
+    #: False when the answer is "not recovered" whatever the snapshot says.
+    possible: bool
+
+    @classmethod
+    def make(cls, read: Read, last_seen: int, epoch: str, possible: bool) -> EpochReply:
+        item = cls()
+        item.read, item.last_seen, item.epoch, item.possible = read, last_seen, epoch, possible
+        return item
+
+    def resolve(self) -> bytes:
+        read = self.read
+        recovered = self.possible and read.error is None and read.evicted <= self.last_seen
+        return json.dumps({"success": True, "epoch": self.epoch, "recovered": recovered}).encode()
 
 
 class DiskReplay(bytes):
@@ -634,6 +662,10 @@ class SqliteBackend:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("BEGIN")  # the snapshot is taken by the first SELECT
+                row = conn.execute(
+                    "SELECT evicted FROM topics WHERE tid = ?", (read.tid,)
+                ).fetchone()
+                read.evicted = -1 if row is None else int(row[0])
                 read.rows = read_chunk(conn, read.tid, read.after, read.upto, read.limit)
             except BaseException:
                 conn.close()
@@ -1070,6 +1102,8 @@ class DurableBroker(Broker):
     """The broker with deliveries and replies held until the store has the message."""
 
     durable: DurableHistory = attrs.field(kw_only=True)
+    #: The snapshot the last ``subscribe`` queued, for its ``subscribe_reply``.
+    _subscribe_read: Read | None = attrs.field(default=None, init=False)
 
     def publish(self, send: Send) -> int:
         topic = send.topic
@@ -1102,10 +1136,22 @@ class DurableBroker(Broker):
         self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
     ) -> list[bytes]:
         super().subscribe(subscriber, topic, last_seen, cache=False)
+        self._subscribe_read = None
         if not cache:
             return []
         owner = subscriber if isinstance(subscriber, DurableOutbox) else None
-        return self.durable.replay_items(topic, last_seen, owner)
+        items = self.durable.replay_items(topic, last_seen, owner)
+        if items and type(items[0]) is DiskReplay:
+            self._subscribe_read = items[0].read
+        return items
+
+    def subscribe_reply(self, topic: str, last_seen: int, epoch: str) -> bytes:
+        read = self._subscribe_read
+        if read is None:
+            # No replay from disk: every eviction that matters is known in memory.
+            return super().subscribe_reply(topic, last_seen, epoch)
+        possible = epoch == self.epoch and self.history.recovered(topic, last_seen)
+        return EpochReply.make(read, last_seen, self.epoch, possible)
 
 
 class DurableOutbox(Outbox):
@@ -1160,12 +1206,16 @@ class DurableOutbox(Outbox):
                         batch.append(item)
                     elif item.failure is not None:
                         batch.append(item.failure)
-                else:
+                elif cls is DiskReplay:
                     assert isinstance(item, DiskReplay)
                     if batch:
                         await transport.send_batch(batch)
                         batch = []
                     await self._replay(transport, item)
+                else:
+                    assert isinstance(item, EpochReply)
+                    await item.read.done.wait()
+                    batch.append(item.resolve())
                 if size >= WRITE_BATCH_BYTES:
                     break
                 try:

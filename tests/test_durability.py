@@ -770,3 +770,27 @@ async def test_snapshot_released_when_subscriber_leaves_early(tmp_path: Path) ->
         # nothing was taken, nothing is lost
         got = await replay(await LineClient.connect(server.port), "t")
         assert [m["index"] for m in got] == list(range(old))
+
+
+async def test_epoch_recovered_counts_evictions_on_disk(tmp_path: Path) -> None:
+    """`recovered` is exact when the evicted messages live only on disk and the
+    evictions are still on their way to the store (pipelined right before)."""
+    async with running(tmp_path, cache_size=50, memory_window=10) as server:
+        epoch = server.broker.epoch
+        pub = await LineClient.connect(server.port)
+        for i in range(60):
+            assert await pub.request(send("t", f"{i}")) == SUCCESS  # cached: 10..59
+        client = await LineClient.connect(server.port)
+        lines = [send("t", f"more{i}") for i in range(5)]  # evict 10..14, on disk only
+        lines.append({"command": "subscribe", "topic": "t", "last_seen": 11, "epoch": epoch})
+        await client.send_raw(b"".join(json.dumps(obj).encode() + b"\n" for obj in lines))
+        assert await client.receive_many(5) == [SUCCESS] * 5
+        assert await client.receive() == {"success": True, "epoch": epoch, "recovered": False}
+        got = [(await client.receive())["index"] for _ in range(50)]
+        assert got == list(range(15, 65))
+        other = await LineClient.connect(server.port)
+        reply = await other.request(
+            {"command": "subscribe", "topic": "t", "last_seen": 14, "epoch": epoch}
+        )
+        assert reply == {"success": True, "epoch": epoch, "recovered": True}
+        assert (await other.receive())["index"] == 15
