@@ -49,6 +49,7 @@ RECEIVE_BYTES = 64 << 10
 #: Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 #: Host names whose origins the default policy accepts (a browser resolves these locally).
@@ -311,6 +312,8 @@ class WebSocketTransport:
         self.max_message_bytes = max_message_bytes
         self._going_away = going_away
         self._close: tuple[int, str | None] | None = None
+        #: A send was cut short: the connection is dropped with output still queued.
+        self._interrupted = False
 
     async def receive_lines(self) -> list[bytes] | None:
         if self._close is not None:
@@ -335,12 +338,25 @@ class WebSocketTransport:
                 await ws.send_message(item.decode("utf-8"))
         except ConnectionClosed as exc:
             raise trio.BrokenResourceError("the WebSocket is closed") from exc
+        except trio.Cancelled:
+            # The connection cancels its writer when the client is cut off as a slow
+            # consumer (or its flush deadline passes): say so in the close frame.
+            self._interrupted = True
+            raise
+
+    def close_code(self) -> tuple[int, str | None]:
+        """Why the server closes: 1009 over-size, 1001 shutdown, 1008 slow consumer, 1000."""
+        if self._close is not None:
+            return self._close
+        if self._going_away():
+            return CLOSE_GOING_AWAY, "server shutdown"
+        if self._interrupted:
+            return CLOSE_POLICY_VIOLATION, "slow consumer"
+        return CLOSE_NORMAL, None
 
     async def aclose(self) -> None:
-        """Close with a reason the client can act on: 1000 (quit), 1001 (shutdown), 1009."""
-        code, reason = self._close or (
-            (CLOSE_GOING_AWAY, "server shutdown") if self._going_away() else (CLOSE_NORMAL, None)
-        )
+        """Close with a reason the client can act on (see ``close_code``)."""
+        code, reason = self.close_code()
         # trio-websocket closes the TCP stream when its closing handshake ends or is cut.
         with trio.move_on_after(CLOSE_TIMEOUT):
             await self.ws.aclose(code, reason)

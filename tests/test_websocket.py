@@ -660,3 +660,54 @@ async def test_cli_serves_the_page_and_websocket() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+class FakeWS:
+    """Just enough of a trio-websocket connection for the transport's close codes."""
+
+    def __init__(self) -> None:
+        self.closed_with: tuple[int, str | None] | None = None
+
+    async def send_message(self, message: str) -> None:
+        await trio.sleep_forever()  # a peer that does not read
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed_with = (code, reason)
+
+
+@pytest.mark.parametrize(
+    ("interrupted", "going_away", "expected"),
+    [
+        (False, False, (1000, None)),
+        (True, False, (1008, "slow consumer")),
+        (True, True, (1001, "server shutdown")),
+    ],
+)
+async def test_close_codes(
+    interrupted: bool, going_away: bool, expected: tuple[int, str | None]
+) -> None:
+    fake = FakeWS()
+    transport = WebSocketTransport(fake, "peer", 1024, lambda: going_away)  # type: ignore[arg-type]
+    if interrupted:  # the connection cancels a writer stuck in send_batch
+        with trio.move_on_after(0.01):
+            await transport.send_batch([b'{"success": true}'])
+    await transport.aclose()
+    assert fake.closed_with == expected
+
+
+async def test_slow_subscriber_is_told_why(nursery: trio.Nursery) -> None:
+    """A reader slower than the publisher: cut off, and the close frame says why."""
+    server = await ws_server(nursery, max_line_bytes=4 << 10, max_pending_bytes=64 << 10)
+    ws = await ws_connect(nursery, server)
+    assert await request(ws, {"command": "subscribe", "topic": "t"}) == SUCCESS
+    publisher = await LineClient.connect(server.port)
+    line = json.dumps({"command": "send", "topic": "t", "msg": "x" * 1000, "delivery": "all"})
+    # the client reads nothing while this is published; its socket buffers take some of it
+    (conn,) = [c for c in server.connections if isinstance(c.transport, WebSocketTransport)]
+    while not conn.outbox.overflowed:
+        await publisher.send_raw((line + "\n").encode() * 100)
+        await publisher.receive_many(100)
+    reason = await closed_reason(ws)
+    assert reason.code in (1008, 1006), reason  # 1006: the close frame did not get through
+    if reason.code == 1008:
+        assert reason.reason == "slow consumer"
