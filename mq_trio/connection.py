@@ -14,7 +14,7 @@ module holds everything else. The shape, from the design card:
 from __future__ import annotations
 
 import logging
-import math
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -73,11 +73,16 @@ class Outbox:
     is slowed by TCP backpressure instead of being cut off.
     """
 
-    __slots__ = ("_send", "_receive", "pending", "budget", "overflowed", "_on_overflow",
-                 "_drained", "__weakref__")
+    # A deque and a parking lot rather than a memory channel: a channel ``send_nowait``
+    # per reply and per delivery was a visible share of the publish/fanout profiles, and
+    # the writer only ever needs "wake me when something is queued".
+    __slots__ = ("_queue", "_closed", "_ready", "pending", "budget", "overflowed",
+                 "_on_overflow", "_drained", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
-        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
+        self._queue: deque[bytes] = deque()
+        self._closed = False
+        self._ready = trio.lowlevel.ParkingLot()
         self.pending = 0
         self.budget = budget
         self.overflowed = False
@@ -90,24 +95,32 @@ class Outbox:
         # Checked before counting, so ``pending`` itself never exceeds the budget.
         if self.pending + len(payload) > self.budget:
             self.overflowed = True
-            self._send.close()
+            self.close()
             if self._on_overflow is not None:
                 self._on_overflow()
             return
-        self.pending += len(payload)
-        try:
-            self._send.send_nowait(payload)
-        except trio.ClosedResourceError:
+        if self._closed:
             # closed for flushing: the client is leaving and gets nothing new
-            self.pending -= len(payload)
+            return
+        self.pending += len(payload)
+        self._queue.append(payload)
+        if self._ready:
+            self._ready.unpark()
 
     def close(self) -> None:
         """No more items; the writer flushes what is queued and stops."""
-        self._send.close()
+        self._closed = True
+        self._ready.unpark_all()
 
     @property
     def high_water(self) -> int:
         return self.budget // 2
+
+    @property
+    def _receive(self) -> _QueueReceiver:
+        """The queue seen as the receive end of a memory channel (for subclasses'
+        writers, such as the durable store's, written against the earlier channel)."""
+        return _QueueReceiver(self)
 
     async def wait_drained(self) -> None:
         """Wait until the writer brings ``pending`` back under the high-water mark."""
@@ -116,25 +129,54 @@ class Outbox:
 
     async def drain_into(self, transport: Transport) -> None:
         """The writer's loop: one transport write for everything queued."""
-        receive = self._receive
+        queue = self._queue
         while True:
-            try:
-                first = await receive.receive()
-            except trio.EndOfChannel:
-                return
-            batch = [first]
-            size = len(first)
-            while size < WRITE_BATCH_BYTES:
-                try:
-                    item = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                batch.append(item)
-                size += len(item)
+            if not queue:
+                if self._closed:
+                    return
+                await self._ready.park()
+                continue
+            if self.pending <= WRITE_BATCH_BYTES:
+                # ``pending`` is exactly what is queued here (nothing is in flight).
+                batch = list(queue)
+                queue.clear()
+                size = self.pending
+            else:
+                batch = []
+                size = 0
+                while queue and size < WRITE_BATCH_BYTES:
+                    item = queue.popleft()
+                    batch.append(item)
+                    size += len(item)
             await transport.send_batch(batch)
             self.pending -= size
             if self.pending <= self.high_water:
                 self._drained.unpark_all()
+
+
+class _QueueReceiver:
+    """``receive``/``receive_nowait`` with memory-channel semantics over an Outbox queue."""
+
+    __slots__ = ("_outbox",)
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    def receive_nowait(self) -> bytes:
+        outbox = self._outbox
+        if outbox._queue:
+            return outbox._queue.popleft()
+        if outbox._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> bytes:
+        outbox = self._outbox
+        while not outbox._queue:
+            if outbox._closed:
+                raise trio.EndOfChannel
+            await outbox._ready.park()
+        return outbox._queue.popleft()
 
 
 @attrs.define(eq=False)
