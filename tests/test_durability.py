@@ -794,3 +794,18 @@ async def test_epoch_recovered_counts_evictions_on_disk(tmp_path: Path) -> None:
         )
         assert reply == {"success": True, "epoch": epoch, "recovered": True}
         assert (await other.receive())["index"] == 15
+
+
+async def test_odd_topic_names_survive_a_restart(tmp_path: Path) -> None:
+    topics = ["", "\ud800 lone surrogate", "é" * 3000, 'quote " and \\ backslash']
+    async with running(tmp_path) as server:
+        pub = await LineClient.connect(server.port)
+        for topic in topics:
+            assert await pub.request(send(topic, f"in {topic[:5]!r}")) == SUCCESS
+    async with running(tmp_path) as server:
+        client = await LineClient.connect(server.port)
+        for topic in topics:
+            got = await replay(client, topic)
+            assert [(m["topic"], m["msg"], m["index"]) for m in got] == [
+                (topic, f"in {topic[:5]!r}", 0)
+            ]
