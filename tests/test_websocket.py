@@ -548,6 +548,8 @@ async def test_dead_peer_is_dropped(nursery: trio.Nursery) -> None:
         (("https://app.example",), "http://localhost:3000", False),
         (("https://app.example",), "OWN", True),
         (("*",), "http://evil.example", True),
+        ((), "OWN", True),  # --ws-allowed-origins '': the page's own origin only
+        ((), "http://localhost:3000", False),
     ],
 )
 async def test_origin_check(
@@ -581,6 +583,7 @@ def test_origin_normalisation() -> None:
         with pytest.raises(ValueError):
             normalise_origin(bad)
     assert parse_origins(" https://a.b , * ,") == ("https://a.b", "*")
+    assert parse_origins("") == ()
 
 
 def test_origin_policy_own_origin_compares_host_and_port() -> None:
