@@ -114,12 +114,18 @@ class Evict:
     count: int
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True, eq=False)
 class Take:
-    """A "one" message was replayed to a subscriber, so it leaves the cache."""
+    """A "one" message was replayed to a subscriber, so it leaves the cache.
 
+    Like a :class:`Record`, a ticket: the replayed message is written only once the
+    removal is decided, so a crash cannot hand it to a second subscriber later.
+    """
+
+    seq: int
     tid: int
     index: int
+    failed: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -179,15 +185,25 @@ class Pending(bytes):
     byte budget need no change: the in-memory path never sees one.
     """
 
-    record: Record
+    #: What the item waits for.
+    record: Record | Take
     #: Written instead when the record failed; None drops the item.
     failure: bytes | None
+    #: Another record that must not have failed (a replayed "one" message's own).
+    requires: Record | None
 
     @classmethod
-    def make(cls, payload: bytes, record: Record, failure: bytes | None) -> Pending:
+    def make(
+        cls,
+        payload: bytes,
+        record: Record | Take,
+        failure: bytes | None,
+        requires: Record | None = None,
+    ) -> Pending:
         item = cls(payload)
         item.record = record
         item.failure = failure
+        item.requires = requires
         return item
 
 
@@ -620,7 +636,7 @@ class SqliteBackend:
             result.error = exc
             result.failed.extend(ops)
             for op in ops:
-                if isinstance(op, Record):
+                if isinstance(op, Record | Take):
                     op.failed = True  # the trio side reads it only after the batch
         else:
             for tid, high in evicted.items():
@@ -776,6 +792,13 @@ class Store:
         self._wakeup.set()
         return record
 
+    def take(self, tid: int, index: int) -> Take:
+        self.last_seq = seq = self.last_seq + 1
+        take = Take(seq, tid, index)
+        self._queue.append(take)
+        self._wakeup.set()
+        return take
+
     async def wait(self, seq: int) -> None:
         while self.decided_seq < seq:
             await self._decided.park()
@@ -836,7 +859,7 @@ class Store:
 
     def _settle(self, ops: list[Op], result: BatchResult) -> None:
         """Back on the trio thread: mark records decided, fix state after a failure."""
-        records = [op for op in ops if isinstance(op, Record)]
+        decided = max((op.seq for op in ops if isinstance(op, Record | Take)), default=0)
         if result.error is not None:
             if self.available:
                 log.error(
@@ -850,8 +873,8 @@ class Store:
             self.available = True
         if self.on_result is not None:
             self._carry = self.on_result(ops, result)
-        if records:
-            self.decided_seq = records[-1].seq
+        if decided > self.decided_seq:  # (retried takes carry older numbers)
+            self.decided_seq = decided
             self._decided.unpark_all()
         for op in ops:
             if isinstance(op, Read):
@@ -944,22 +967,24 @@ class DurableHistory:
                 owner.snapshots.add(read)
             items.append(DiskReplay.make(read))
         decided = self.store.decided_seq
-        taken: list[int] = []
+        taken = 0
         for entry in window:
             if entry.index <= last_seen:
                 continue
             record = entry.record
-            if record is not None and record.seq > decided:
+            if entry.one:
+                # Written once its removal is decided (even if that failed: the removal
+                # is retried), never if the message itself failed.
+                take = self.store.take(state.tid, entry.index)
+                items.append(Pending.make(entry.payload, take, entry.payload, record))
+                taken += 1
+            elif record is not None and record.seq > decided:
                 items.append(Pending.make(entry.payload, record, None))
             else:
                 items.append(entry.payload)
-            if entry.one:
-                taken.append(entry.index)
         if taken:
             state.window = deque(e for e in window if not (e.one and e.index > last_seen))
-            state.count -= len(taken)
-            for index in taken:
-                self.store.submit(Take(state.tid, index))
+            state.count -= taken
         return items
 
     def on_result(self, ops: list[Op], result: BatchResult) -> list[Op]:
@@ -1020,7 +1045,10 @@ class DurableHistory:
             assert conn is not None
             rows = read.rows
             while True:
-                payloads = self._take_ones(state, rows)
+                payloads, last_take = self._take_ones(state, rows)
+                if last_take is not None:
+                    # "one" messages go out once their removal is decided (see Take)
+                    await self.store.wait(last_take.seq)
                 if payloads:
                     await send(payloads)
                 if len(rows) < READ_CHUNK_ROWS:
@@ -1046,17 +1074,18 @@ class DurableHistory:
             # the next snapshot opens (the queue is in order)
             state.disk_taken.clear()
 
-    def _take_ones(self, state: TopicState, rows: list[Row]) -> list[bytes]:
+    def _take_ones(self, state: TopicState, rows: list[Row]) -> tuple[list[bytes], Take | None]:
         payloads = []
+        take = None
         for index, one, payload in rows:
             if one:
                 if index in state.disk_taken:
                     continue  # another replay's snapshot gave it out already
                 state.disk_taken.add(index)
                 state.count -= 1
-                self.store.submit(Take(state.tid, index))
+                take = self.store.take(state.tid, index)
             payloads.append(payload)
-        return payloads
+        return payloads, take
 
     # -- TopicHistory ------------------------------------------------------------
 
@@ -1202,7 +1231,10 @@ class DurableOutbox(Outbox):
                             await transport.send_batch(batch)
                             batch = []
                         await store.wait(record.seq)
-                    if not record.failed:
+                    requires = item.requires
+                    if requires is not None and requires.failed:
+                        pass  # a replayed message whose own write failed
+                    elif not record.failed:
                         batch.append(item)
                     elif item.failure is not None:
                         batch.append(item.failure)

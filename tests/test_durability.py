@@ -809,3 +809,22 @@ async def test_odd_topic_names_survive_a_restart(tmp_path: Path) -> None:
             assert [(m["topic"], m["msg"], m["index"]) for m in got] == [
                 (topic, f"in {topic[:5]!r}", 0)
             ]
+
+
+async def test_one_messages_replayed_before_a_kill_stay_taken(tmp_path: Path) -> None:
+    """A "one" message a subscriber got from the cache is never replayed again, even
+    when the server is killed right after (window and disk parts both)."""
+    args = ("--cache-size", "1000", "--memory-window", "50")
+    async with server_process(tmp_path, *args) as (process, port, _):
+        pub = await LineClient.connect(port)
+        lines = [send("q", f"job{i}", "one") for i in range(200)]
+        await pub.send_raw(b"".join(json.dumps(obj).encode() + b"\n" for obj in lines))
+        assert await pub.receive_many(200) == [SUCCESS] * 200
+        worker = await LineClient.connect(port)
+        assert await worker.request({"command": "subscribe", "topic": "q"}) == SUCCESS
+        got = [(await worker.receive())["msg"] for _ in range(200)]
+        assert got == [f"job{i}" for i in range(200)]
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    async with server_process(tmp_path, *args) as (_, port, _):
+        assert await replay(await LineClient.connect(port), "q") == []
