@@ -198,6 +198,11 @@ def test_page_in_a_real_browser(chromium: Any, tmp_path: Path) -> None:
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         if docs_screenshot:
             page.screenshot(path=docs_screenshot)
+        # unsubscribe through the UI: the card goes, the server confirms, nothing more arrives
+        sensors = page.locator('.topic[data-topic="sensors/temperature"]')
+        sensors.get_by_role("button", name="Unsubscribe").click()
+        expect(sensors).to_have_count(0)
+        expect(page.get_by_test_id("log")).to_contain_text('ok: unsubscribe "sensors/temperature"')
         tcp.close()
         tcp = None
 
