@@ -30,7 +30,6 @@ import os
 import sqlite3
 import struct
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -40,7 +39,7 @@ from typing import Literal
 import attrs
 import trio
 
-from .broker import Broker, CachedMessage, Subscriber
+from .broker import Broker, CachedMessage, Subscriber, new_epoch
 from .connection import WRITE_BATCH_BYTES, Outbox, Transport
 from .protocol import SUCCESS, Send, encode_delivery, failure_bytes
 
@@ -464,13 +463,13 @@ class SqliteBackend:
         epoch = meta.get("epoch")
         boot = _boot_id()
         if epoch is None:
-            epoch = uuid.uuid4().hex
+            epoch = new_epoch()
             notes.append("new data directory")
         elif meta.get("clean") == "0":
             notes.append("previous run did not shut down cleanly")
             if meta.get("fsync") != "always" and meta.get("boot_id") not in ("", boot):
                 # The machine restarted under us: writes after the last fsync may be gone.
-                epoch = uuid.uuid4().hex
+                epoch = new_epoch()
                 notes.append("machine rebooted since the unclean stop: new epoch")
                 log.warning(
                     "unclean stop followed by a reboot with --fsync %s: recent history may "
