@@ -73,16 +73,16 @@ class Outbox:
     is slowed by TCP backpressure instead of being cut off.
     """
 
-    # A deque and a parking lot rather than a memory channel: a channel ``send_nowait``
+    # A deque and one waiting writer rather than a memory channel: a channel ``send_nowait``
     # per reply and per delivery was a visible share of the publish/fanout profiles, and
     # the writer only ever needs "wake me when something is queued".
-    __slots__ = ("_queue", "_closed", "_ready", "pending", "budget", "overflowed",
+    __slots__ = ("_queue", "_closed", "_waiter", "pending", "budget", "overflowed",
                  "_on_overflow", "_drained", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: deque[bytes] = deque()
         self._closed = False
-        self._ready = trio.lowlevel.ParkingLot()
+        self._waiter: trio.lowlevel.Task | None = None
         self.pending = 0
         self.budget = budget
         self.overflowed = False
@@ -90,27 +90,50 @@ class Outbox:
         self._drained = trio.lowlevel.ParkingLot()
 
     def push(self, payload: bytes) -> None:
+        # The hot path of every reply and delivery (fanout: once per subscriber), so the
+        # common case is one comparison, an append and a flag test.
+        pending = self.pending + len(payload)
+        if pending > self.budget or self._closed:
+            self._refuse(pending)
+            return
+        self.pending = pending
+        self._queue.append(payload)
+        if self._waiter is not None:
+            self._wake()
+
+    def _refuse(self, pending: int) -> None:
         if self.overflowed:
             return
         # Checked before counting, so ``pending`` itself never exceeds the budget.
-        if self.pending + len(payload) > self.budget:
+        if pending > self.budget:
             self.overflowed = True
             self.close()
             if self._on_overflow is not None:
                 self._on_overflow()
-            return
-        if self._closed:
-            # closed for flushing: the client is leaving and gets nothing new
-            return
-        self.pending += len(payload)
-        self._queue.append(payload)
-        if self._ready:
-            self._ready.unpark()
+        # else closed for flushing: the client is leaving and gets nothing new
 
     def close(self) -> None:
         """No more items; the writer flushes what is queued and stops."""
         self._closed = True
-        self._ready.unpark_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+
+    async def _wait(self) -> None:
+        """Sleep until the next push or close (only the writer waits here)."""
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already draining this outbox")
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     @property
     def high_water(self) -> int:
@@ -134,7 +157,7 @@ class Outbox:
             if not queue:
                 if self._closed:
                     return
-                await self._ready.park()
+                await self._wait()
                 continue
             if self.pending <= WRITE_BATCH_BYTES:
                 # ``pending`` is exactly what is queued here (nothing is in flight).
@@ -175,7 +198,7 @@ class _QueueReceiver:
         while not outbox._queue:
             if outbox._closed:
                 raise trio.EndOfChannel
-            await outbox._ready.park()
+            await outbox._wait()
         return outbox._queue.popleft()
 
 
