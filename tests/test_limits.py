@@ -234,3 +234,23 @@ async def test_one_never_goes_to_a_consumer_being_cut_off(nursery: trio.Nursery)
         server.broker.publish(one)
     assert sum(1 for p in live.got if json.loads(p)["delivery"] == "one") == 100
     assert server.broker.subscribers("t") == [live]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit: a subscribe whose cache replay alone exceeds --max-pending-bytes "
+    "cuts the subscriber off as a slow consumer before it could read anything",
+)
+async def test_replay_larger_than_the_budget(nursery: trio.Nursery) -> None:
+    server = await start_server(
+        nursery, max_pending_bytes=64 << 10, max_line_bytes=16 << 10, cache_size=100
+    )
+    pub = await LineClient.connect(server.port)
+    for i in range(100):
+        assert await pub.request(snd(f"{i} " + "r" * 1000)) == OK
+    late = await LineClient.connect(server.port)
+    await late.send({"command": "subscribe", "topic": "t"})
+    with trio.fail_after(10):
+        assert await late.receive() == OK
+        got = [(await late.receive())["index"] for _ in range(100)]
+    assert got == list(range(100))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import string
 from collections.abc import Awaitable, Callable
@@ -336,3 +337,26 @@ async def test_disconnect_by_reset_removes_subscriptions(connect: Connect, serve
     assert await b.request(snd(delivery="one")) == OK
     assert await b.request(sub(last_seen=-1)) == OK
     assert await b.receive() == delivered(snd(delivery="one"), 0)  # was cached, not lost
+
+
+async def test_reset_with_output_pending_is_quiet(
+    connect: Connect, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that vanishes (RST) mid-stream ends only its own connection, no errors."""
+    import socket
+    import struct
+
+    victim, pub, other = await connect(), await connect(), await connect()
+    assert await victim.request(sub()) == OK
+    assert await other.request(sub()) == OK
+    await pub.send_raw(b"".join(enc(snd(msg="x" * 1000)) for _ in range(2000)))
+    assert (await victim.receive())["index"] == 0
+    victim.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await victim.aclose()  # RST, with lots still queued for it
+    with trio.fail_after(30):
+        got = [await other.receive() for _ in range(2000)]
+        assert [r["index"] for r in got] == list(range(2000))
+        assert await pub.receive_many(2000) == [OK] * 2000
+        while len(server.broker.subscribers("t")) != 1:
+            await trio.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
