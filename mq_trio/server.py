@@ -243,5 +243,9 @@ async def _run(
                         log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
                                  host, port, host, port)
                 task_status.started(server)
+        # Stop accepting at the socket level too: a listening socket left open would
+        # still complete handshakes into its backlog, for clients nobody will serve.
+        for listener in (*listeners, *server.ws_listeners):
+            listener.socket.close()
         # Only a shutdown ends the accept scope; the connections nursery now waits
         # for the connections it was given a deadline for.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -60,10 +61,11 @@ def read_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
     return buf.decode()
 
 
-@pytest.fixture
-def serve() -> Iterator[Served]:
+@contextlib.contextmanager
+def launch(*extra: str) -> Iterator[Served]:
+    """``mq_trio serve --port 0 ...`` until its ``listening on`` line; killed at exit."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mq_trio", "serve", "--port", "0", "--shutdown-grace", "10"],
+        [sys.executable, "-m", "mq_trio", "serve", "--port", "0", *extra],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
@@ -84,6 +86,12 @@ def serve() -> Iterator[Served]:
             proc.wait(timeout=TIMEOUT)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Served]:
+    with launch("--shutdown-grace", "10") as served:
+        yield served
 
 
 def request(sock: socket.socket, obj: object) -> object:
@@ -215,3 +223,41 @@ def test_queued_output_is_flushed_on_shutdown(serve: Served) -> None:
     assert out.endswith(b"\r\n")
     assert len(replies) == 1 + 2 * n + 1
     assert [r["index"] for r in replies if "index" in r] == list(range(n))
+
+
+def test_console_script() -> None:
+    script = os.path.join(os.path.dirname(sys.executable), "mq-trio")
+    if not os.path.exists(script):
+        pytest.skip("the mq-trio console script is not installed next to this python")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"mq-trio {mq_trio.__version__}"
+
+
+def test_shutdown_stops_accepting_and_a_second_signal_stops_at_once() -> None:
+    with launch("--shutdown-grace", "600") as served:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(TIMEOUT)
+        stuck.connect(("127.0.0.1", served.port))
+        with stuck, socket.create_connection(("127.0.0.1", served.port), TIMEOUT) as pub:
+            assert request(stuck, {"command": "subscribe", "topic": "t"}) == {"success": True}
+            for _ in range(4):  # about 4 MB for a client that reads nothing
+                body = [{"command": "send", "topic": "t", "msg": "s" * 2000, "delivery": "all"}]
+                pub.sendall(b"".join(json.dumps(x).encode() + b"\n" for x in body * 500))
+                got = b""
+                while got.count(b"\r\n") < 500:
+                    chunk = pub.recv(65536)
+                    assert chunk
+                    got += chunk
+            served.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + TIMEOUT
+            while "shutting down" not in served.log[-1]:
+                served.log.append(read_line(served.proc, deadline))
+            # still flushing to the stuck client (600 s of grace), but no longer accepting
+            assert served.proc.poll() is None
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", served.port), TIMEOUT).close()
+            served.proc.send_signal(signal.SIGTERM)
+            assert served.proc.wait(timeout=TIMEOUT) == 0

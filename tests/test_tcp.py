@@ -360,3 +360,17 @@ async def test_reset_with_output_pending_is_quiet(
         while len(server.broker.subscribers("t")) != 1:
             await trio.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_shutdown_flushes_closes_and_stops_accepting(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery)
+    c = await LineClient.connect(server.port)
+    await c.send_raw(enc(sub()) + b"".join(enc(snd(msg=str(i))) for i in range(500)))
+    assert await c.receive() == OK
+    server.shutdown()
+    with trio.fail_after(10):
+        rest = await c.read_to_eof()
+        await server.stopped.wait()
+    assert rest.endswith(b"\r\n")
+    with pytest.raises(OSError):
+        await LineClient.connect(server.port)
