@@ -828,3 +828,28 @@ async def test_one_messages_replayed_before_a_kill_stay_taken(tmp_path: Path) ->
         await process.wait()
     async with server_process(tmp_path, *args) as (_, port, _):
         assert await replay(await LineClient.connect(port), "q") == []
+
+
+@pytest.mark.parametrize(("policy", "new_epoch"), [("never", True), ("always", False)])
+def test_reboot_after_an_unclean_stop_changes_the_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, new_epoch: bool
+) -> None:
+    """A crash followed by a machine restart may have lost unsynced writes: new epoch,
+    unless every write was fsynced (--fsync always). A crash alone keeps the epoch."""
+    monkeypatch.setattr(store_module, "_boot_id", lambda: "boot-1")
+    live = SqliteBackend(tmp_path / "live", policy, 100, 100)  # type: ignore[arg-type]
+    epoch = live.open().epoch
+    crash_copy(tmp_path / "live", tmp_path / "crash")
+    crash_copy(tmp_path / "live", tmp_path / "crash-and-reboot")
+    live.abandon()
+
+    same_boot = SqliteBackend(tmp_path / "crash", "everysec", 100, 100)
+    loaded = same_boot.open()
+    assert loaded.epoch == epoch
+    assert "previous run did not shut down cleanly" in loaded.notes
+    same_boot.close()
+
+    monkeypatch.setattr(store_module, "_boot_id", lambda: "boot-2")
+    rebooted = SqliteBackend(tmp_path / "crash-and-reboot", "everysec", 100, 100)
+    assert (rebooted.open().epoch != epoch) is new_epoch
+    rebooted.close()
