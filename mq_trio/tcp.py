@@ -39,6 +39,7 @@ class TCPTransport:
         self._lines = LineBuffer(max_line_bytes)
         self._eof = False
         self._sock: trio.socket.SocketType | None = None
+        self._maybe_more = True
         if _DIRECT_IO and isinstance(stream, trio.SocketStream):
             self._sock = stream.socket
 
@@ -65,26 +66,33 @@ class TCPTransport:
                 return await self.stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return b""
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = os.read(sock.fileno(), RECEIVE_BYTES)
-        except BlockingIOError:
-            pass
-        except OSError:  # reset, or closed
-            return b""
-        else:
-            # Data was already waiting: still yield once, so a client that keeps its
-            # socket full cannot starve the other connections.
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        if self._maybe_more:
+            # The last read filled the buffer, so more is probably waiting: read first.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = os.read(sock.fileno(), RECEIVE_BYTES)
+            except BlockingIOError:
+                pass
+            except OSError:  # reset, or closed
+                return b""
+            else:
+                self._maybe_more = len(data) == RECEIVE_BYTES
+                # Data was already waiting: still yield once, so a client that keeps its
+                # socket full cannot starve the other connections.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        # After a short read the socket is almost always empty: wait first rather than
+        # spend a read syscall on EAGAIN (one of the few syscalls of a round trip).
         while True:
             try:
                 await trio.lowlevel.wait_readable(sock)
-                return os.read(sock.fileno(), RECEIVE_BYTES)
+                data = os.read(sock.fileno(), RECEIVE_BYTES)
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError):
                 return b""
+            self._maybe_more = len(data) == RECEIVE_BYTES
+            return data
 
     async def send_batch(self, items: list[bytes]) -> None:
         items.append(b"")  # so the join also terminates the last object
