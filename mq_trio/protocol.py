@@ -298,28 +298,39 @@ class LineBuffer:
     """
 
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-    _partial: bytes = b""
+    # A bytearray, and only new data is searched for "\n": a long line arriving in many
+    # small segments costs O(its length), not O(length squared) in copies and scans.
+    _partial: bytearray = attrs.field(factory=bytearray)
     too_long: bool = False
 
     def feed(self, data: bytes | bytearray) -> list[bytes]:
-        if type(data) is not bytes:
-            data = bytes(data)  # trio streams may hand out a bytearray
-        if self._partial:
-            data = self._partial + data
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
         limit = self.max_line_bytes
-        if len(self._partial) > limit:
+        partial = self._partial
+        if b"\n" not in data:
+            partial += data
+            if len(partial) > limit:
+                self.too_long = True
+                partial.clear()
+            return []
+        if partial:
+            partial += data
+            data = bytes(partial)
+        elif type(data) is not bytes:
+            data = bytes(data)  # trio streams may hand out a bytearray
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if len(tail) > limit:
             self.too_long = True
-            self._partial = b""
+            tail = b""
+        self._partial = bytearray(tail)
         for i, line in enumerate(lines):
             if len(line) > limit:
                 self.too_long = True
-                self._partial = b""
+                self._partial = bytearray()
                 return lines[:i]
         return lines
 
     @property
     def pending(self) -> bytes:
         """The incomplete line kept until its newline (or EOF) arrives."""
-        return self._partial
+        return bytes(self._partial)

@@ -489,3 +489,26 @@ def test_encode_delivery_without_raw() -> None:
 
 def test_encode_delivery_large_index() -> None:
     assert roundtrip(SEND, 2**40)["index"] == 2**40
+
+
+def test_linebuffer_accepts_bytearray_and_returns_bytes() -> None:
+    buf = LineBuffer()
+    assert buf.feed(bytearray(b"ab")) == []
+    lines = buf.feed(bytearray(b"c\nd\n"))
+    assert lines == [b"abc", b"d"] and all(type(x) is bytes for x in lines)
+    lines = buf.feed(bytearray(b"e\n"))
+    assert lines == [b"e"] and type(lines[0]) is bytes
+    assert type(buf.pending) is bytes
+
+
+def test_linebuffer_long_line_in_small_pieces() -> None:
+    # 1 MiB in 64-byte pieces: must be linear (this took minutes when each piece copied
+    # and rescanned the whole partial line).
+    line = json.dumps({**SEND, "msg": "x" * ((1 << 20) - 100)}).encode()
+    assert len(line) <= 1 << 20
+    buf = LineBuffer()
+    for i in range(0, len(line), 64):
+        assert buf.feed(line[i : i + 64]) == []
+    assert buf.pending == line and not buf.too_long
+    assert buf.feed(b"\r\n") == [line + b"\r"]
+    assert buf.pending == b""
