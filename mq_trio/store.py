@@ -97,6 +97,8 @@ class Record:
     #: The delivery to cache, or None when the send is not cached (only its index counts).
     payload: bytes | None
     failed: bool = False
+    #: A "one" message replayed (taken from the cache) before its write was decided.
+    taken: bool = False
 
 
 @attrs.frozen(slots=True)
@@ -974,6 +976,8 @@ class DurableHistory:
             if entry.one:
                 # Written once its removal is decided (even if that failed: the removal
                 # is retried), never if the message itself failed.
+                if record is not None:
+                    record.taken = True
                 take = self.store.take(state.tid, entry.index)
                 items.append(Pending.make(entry.payload, take, entry.payload, record))
                 taken += 1
@@ -1006,7 +1010,7 @@ class DurableHistory:
             if cls is Record:
                 assert isinstance(op, Record)
                 bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
-                if op.payload is not None:
+                if op.payload is not None and not op.taken:
                     failed.setdefault(op.tid, set()).add(id(op))
             elif cls is Evict:
                 assert isinstance(op, Evict)

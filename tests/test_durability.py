@@ -853,3 +853,36 @@ def test_reboot_after_an_unclean_stop_changes_the_epoch(
     rebooted = SqliteBackend(tmp_path / "crash-and-reboot", "everysec", 100, 100)
     assert (rebooted.open().epoch != epoch) is new_epoch
     rebooted.close()
+
+
+async def test_failed_one_message_taken_before_its_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A "one" message replayed while its write is pending, and that write fails: the
+    subscriber never gets it, and memory and disk agree on the cache afterwards."""
+    failing = False
+    real_commit = SqliteBackend._commit
+
+    def commit(self: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit(self, conn, sync)
+
+    monkeypatch.setattr(SqliteBackend, "_commit", commit)
+    async with running(tmp_path, cache_size=2) as server:
+        pub = await LineClient.connect(server.port)
+        for msg in ("a", "b"):
+            assert await pub.request(send("t", msg)) == SUCCESS
+        failing = True
+        # one TCP write: x is cached (evicting a), then taken by the subscribe at once
+        lines = [send("t", "x", "one"), {"command": "subscribe", "topic": "t", "last_seen": 1}]
+        await pub.send_raw(b"".join(json.dumps(obj).encode() + b"\n" for obj in lines))
+        assert await pub.receive() == {"success": False, "reason": STORAGE_UNAVAILABLE}
+        assert await pub.receive() == SUCCESS  # the subscribe; x is not delivered
+        failing = False
+        assert await pub.request({"command": "unsubscribe", "topic": "t"}) == SUCCESS
+        cached = await replay(await LineClient.connect(server.port), "t")
+        assert [m["msg"] for m in cached] == ["b"]
+    async with running(tmp_path, cache_size=2) as server:
+        cached = await replay(await LineClient.connect(server.port), "t")
+        assert [m["msg"] for m in cached] == ["b"]
