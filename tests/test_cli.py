@@ -236,14 +236,15 @@ def test_console_script() -> None:
 
 
 def test_shutdown_stops_accepting_and_a_second_signal_stops_at_once() -> None:
-    with launch("--shutdown-grace", "600") as served:
+    with launch("--shutdown-grace", "600", "--max-pending-bytes", "64M") as served:
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.settimeout(TIMEOUT)
         stuck.connect(("127.0.0.1", served.port))
         with stuck, socket.create_connection(("127.0.0.1", served.port), TIMEOUT) as pub:
             assert request(stuck, {"command": "subscribe", "topic": "t"}) == {"success": True}
-            for _ in range(4):  # about 4 MB for a client that reads nothing
+            for _ in range(12):  # 12 MB for a client that reads nothing: more than the
+                # kernel buffers can take (tcp_wmem max is typically 4 MB), less than the budget
                 body = [{"command": "send", "topic": "t", "msg": "s" * 2000, "delivery": "all"}]
                 pub.sendall(b"".join(json.dumps(x).encode() + b"\n" for x in body * 500))
                 got = b""
@@ -257,7 +258,14 @@ def test_shutdown_stops_accepting_and_a_second_signal_stops_at_once() -> None:
                 served.log.append(read_line(served.proc, deadline))
             # still flushing to the stuck client (600 s of grace), but no longer accepting
             assert served.proc.poll() is None
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(("127.0.0.1", served.port), TIMEOUT).close()
+            # the listening socket closes right after the log line: poll for the refusal
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", served.port), TIMEOUT).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() < deadline, "still accepting connections"
+                time.sleep(0.05)
+            assert served.proc.poll() is None
             served.proc.send_signal(signal.SIGTERM)
             assert served.proc.wait(timeout=TIMEOUT) == 0
