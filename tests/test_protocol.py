@@ -105,8 +105,7 @@ def test_quit(raw: bytes) -> None:
 
 @pytest.mark.parametrize("raw", [b"QUIT", b"quit now", b'"quit"', b"quitt", b"qu it"])
 def test_not_quit(raw: bytes) -> None:
-    assert parse_line(raw) in (PARSE, MALFORMED)
-    assert parse_line(b'"quit"') == MALFORMED
+    assert parse_line(raw) == (MALFORMED if raw == b'"quit"' else PARSE)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +127,8 @@ def test_invalid_utf8(raw: bytes) -> None:
 def test_non_ascii_utf8_is_fine() -> None:
     raw = '{"command": "subscribe", "topic": "thé ☃ 🎉"}'.encode()
     assert parse_line(raw) == Subscribe("thé ☃ 🎉")
-    assert parse_line("\u00a0quit\u00a0".encode()) in (QUIT, PARSE)
+    # "surrounding whitespace" is Unicode whitespace once decoded (as str.strip has it)
+    assert parse_line("\u00a0quit\u2003".encode()) is QUIT
 
 
 # --- JSON well-formedness -----------------------------------------------------------
@@ -263,6 +263,8 @@ def test_cache_must_be_a_boolean(base: dict[str, Any], value: Any) -> None:
 
 @pytest.mark.parametrize("raw", [b"1.0", b"1e2", b"-0.0", b"1E0", b"NaN", b"Infinity"])
 def test_last_seen_float_spellings(raw: bytes) -> None:
+    # NaN/Infinity are not RFC 8259 JSON, but Python's json (and so the family's asyncio
+    # server) reads them as floats: either answer is defensible, a success is not.
     assert parse_line(b'{"command": "subscribe", "topic": "t", "last_seen": ' + raw + b"}") in (
         MALFORMED,
         PARSE,
