@@ -187,6 +187,24 @@ async def test_sub_reports_a_lost_connection(nursery: trio.Nursery) -> None:
     assert err == "mq-trio sub: connection closed by the server\n"
 
 
+async def test_sub_reconnect_resumes_across_a_restart(nursery: trio.Nursery) -> None:
+    from test_client import RestartableServer
+
+    rs = await RestartableServer.start_new(nursery)
+    async with open_client("127.0.0.1", rs.port) as client:
+        await client.send("t", "m0")
+    sub = await start(nursery, "sub", "t", "--reconnect", "--count", "3", "--port", str(rs.port))
+    assert await sub.readline() == "m0"
+    await rs.stop()
+    await rs.start()
+    async with open_client("127.0.0.1", rs.port) as client:
+        await client.send("t", "m1")  # cached (and live, if sub is back already)
+        await client.send("t", "m2")
+    assert [await sub.readline(), await sub.readline()] == ["m1", "m2"]  # m0 not again
+    status, err = await sub.finish()
+    assert (status, err) == (0, "")
+
+
 @pytest.mark.parametrize("command", [["pub", "t", "x"], ["sub", "t"]])
 async def test_unreachable_server_is_one_line_and_status_1(command: list[str]) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
