@@ -276,6 +276,8 @@ class Connection:
             for line in lines:
                 if self.handle_event(self._parse(line)):
                     return
+                if outbox.overflowed:
+                    return  # cut off as a slow consumer: the rest is not handled
                 if outbox.pending > outbox.high_water:
                     await outbox.wait_drained()
             if transport.line_too_long:

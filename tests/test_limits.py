@@ -254,3 +254,40 @@ async def test_replay_larger_than_the_budget(nursery: trio.Nursery) -> None:
         assert await late.receive() == OK
         got = [(await late.receive())["index"] for _ in range(100)]
     assert got == list(range(100))
+
+
+async def test_cut_off_client_gets_nothing_more_handled(nursery: trio.Nursery) -> None:
+    """Commands still in the batch of a client cut off as a slow consumer are not handled.
+
+    Here the cut-off comes from a subscribe whose replay alone is over the budget.
+    """
+    budget = 8 << 10
+    server = memory_server(max_pending_bytes=budget, max_line_bytes=2 << 10)
+    for _ in range(10):
+        server.broker.publish(_send("x" * 1000))
+    client, server_stream = trio.testing.lockstep_stream_pair()
+    done = trio.Event()
+
+    async def run() -> None:
+        await server.handle_transport(TCPTransport(server_stream))
+        done.set()
+
+    nursery.start_soon(run)
+    batch = enc({"command": "subscribe", "topic": "t"})
+    batch += b"".join(enc(snd("late", topic="after")) for _ in range(5))
+    async with trio.open_nursery() as writer:
+        writer.start_soon(client.send_all, batch)
+        with trio.fail_after(10):
+            await done.wait()
+        writer.cancel_scope.cancel()
+    late = parse_send(snd("late", topic="after"))
+    assert server.broker.publish(late) == 0  # none of the "late" sends was handled
+    assert server.broker.subscribers("t") == []
+
+
+def parse_send(obj: dict[str, Any]) -> Any:
+    from mq_trio.protocol import Send, parse_line
+
+    event = parse_line(json.dumps(obj).encode())
+    assert isinstance(event, Send)
+    return event
