@@ -14,7 +14,6 @@ module holds everything else. The shape, from the design card:
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -73,14 +72,16 @@ class Outbox:
     is slowed by TCP backpressure instead of being cut off.
     """
 
-    # A deque and one waiting writer rather than a memory channel: a channel ``send_nowait``
+    # A list and one waiting writer rather than a memory channel: a channel ``send_nowait``
     # per reply and per delivery was a visible share of the publish/fanout profiles, and
-    # the writer only ever needs "wake me when something is queued".
+    # the writer only ever needs "wake me when something is queued". A list, not a deque:
+    # the writer takes it whole, and an idle connection then holds an empty list (56
+    # bytes) instead of a deque's 64-slot block (about 1.2 KiB with the one clear() makes).
     __slots__ = ("_queue", "_closed", "_waiter", "pending", "budget", "overflowed",
                  "_on_overflow", "_drained", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
-        self._queue: deque[bytes] = deque()
+        self._queue: list[bytes] = []
         self._closed = False
         self._waiter: trio.lowlevel.Task | None = None
         self.pending = 0
@@ -128,12 +129,11 @@ class Outbox:
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already draining this outbox")
         self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._waiter = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     @property
     def high_water(self) -> int:
@@ -152,8 +152,8 @@ class Outbox:
 
     async def drain_into(self, transport: Transport) -> None:
         """The writer's loop: one transport write for everything queued."""
-        queue = self._queue
         while True:
+            queue = self._queue
             if not queue:
                 if self._closed:
                     return
@@ -161,16 +161,18 @@ class Outbox:
                 continue
             if self.pending <= WRITE_BATCH_BYTES:
                 # ``pending`` is exactly what is queued here (nothing is in flight).
-                batch = list(queue)
-                queue.clear()
+                batch = queue
+                self._queue = []
                 size = self.pending
             else:
-                batch = []
-                size = 0
-                while queue and size < WRITE_BATCH_BYTES:
-                    item = queue.popleft()
-                    batch.append(item)
+                size = count = 0
+                for item in queue:
                     size += len(item)
+                    count += 1
+                    if size >= WRITE_BATCH_BYTES:
+                        break
+                batch = queue[:count]
+                del queue[:count]
             await transport.send_batch(batch)
             self.pending -= size
             if self.pending <= self.high_water:
@@ -178,28 +180,42 @@ class Outbox:
 
 
 class _QueueReceiver:
-    """``receive``/``receive_nowait`` with memory-channel semantics over an Outbox queue."""
+    """``receive``/``receive_nowait`` with memory-channel semantics over an Outbox queue.
 
-    __slots__ = ("_outbox",)
+    It takes the queue whole and hands items out from its own copy, so that taking one
+    item at a time is not a ``list.pop(0)`` each.
+    """
+
+    __slots__ = ("_outbox", "_taken", "_next")
 
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
+        self._taken: list[bytes] = []
+        self._next = 0
 
     def receive_nowait(self) -> bytes:
+        if self._next < len(self._taken):
+            item = self._taken[self._next]
+            self._next += 1
+            return item
         outbox = self._outbox
         if outbox._queue:
-            return outbox._queue.popleft()
+            self._taken = outbox._queue
+            outbox._queue = []
+            self._next = 1
+            return self._taken[0]
+        self._taken = []
+        self._next = 0
         if outbox._closed:
             raise trio.EndOfChannel
         raise trio.WouldBlock
 
     async def receive(self) -> bytes:
-        outbox = self._outbox
-        while not outbox._queue:
-            if outbox._closed:
-                raise trio.EndOfChannel
-            await outbox._wait()
-        return outbox._queue.popleft()
+        while True:
+            try:
+                return self.receive_nowait()
+            except trio.WouldBlock:
+                await self._outbox._wait()
 
 
 @attrs.define(eq=False)
