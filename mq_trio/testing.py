@@ -26,6 +26,7 @@ it, and the factories are called from the test's task.
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -42,6 +43,7 @@ __all__ = [
     "mq_client_factory",
     "mq_server",
     "mq_server_factory",
+    "restart_server",
     "server_config",
     "start_client",
     "start_server",
@@ -72,6 +74,23 @@ async def start_server(nursery: trio.Nursery, **settings: Any) -> Server:
     """Start a server in ``nursery``; it runs until the nursery is cancelled."""
     server: Server = await nursery.start(serve, server_config(**settings))
     return server
+
+
+async def restart_server(nursery: trio.Nursery, server: Server) -> Server:
+    """Stop ``server`` gracefully and start a new one on the same port and broker.
+
+    The broker carries the topics' caches and indexes, as a durable server's store would:
+    clients with ``reconnect=True`` resume where they were. The old server must have
+    been started with a fixed port or port 0 (its bound port is reused; trio sets
+    SO_REUSEADDR).
+    """
+    config = attrs.evolve(server.config, port=server.port)  # before the sockets close
+    if server.ws_port is not None:
+        config = attrs.evolve(config, ws_port=server.ws_port)
+    server.shutdown()
+    await server.stopped.wait()
+    new: Server = await nursery.start(partial(serve, config, broker=server.broker))
+    return new
 
 
 async def start_client(

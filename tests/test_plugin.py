@@ -61,6 +61,26 @@ async def test_factories(mq_server, mq_server_factory, mq_client_factory):
     assert a.buffered == 0
 
 
+async def test_restart_keeps_the_cache_for_reconnecting_clients(
+    mq_server, mq_client_factory, nursery
+):
+    from mq_trio.testing import restart_server
+
+    sub = await mq_client_factory(reconnect=True)
+    await sub.subscribe("t")
+    pub = await mq_client_factory()
+    await pub.send("t", "before")
+    assert (await sub.receive()).msg == "before"
+    port = mq_server.port
+    new = await restart_server(nursery, mq_server)
+    assert new.port == port
+    pub = await mq_client_factory(new)
+    await pub.send("t", "after")
+    with trio.fail_after(5):
+        assert (await sub.receive()).msg == "after"
+    assert sub.reconnects == 1 and sub.buffered == 0
+
+
 PORTS = []
 
 
@@ -85,7 +105,7 @@ def test_plugin_in_a_user_project(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TESTS)
     # A fresh interpreter, as in the user's project: the plugin comes from the entry point.
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=6, failed=1)
+    result.assert_outcomes(passed=7, failed=1)
     result.stdout.fnmatch_lines(["*test_a_failing_user_test_fails_cleanly FAILED*",
                                  "*the user's own assertion*"])
 
