@@ -163,6 +163,8 @@ def test_port_in_use_is_one_line_and_exit_1() -> None:
         (["--max-line-bytes", "0"], "line"),
         (["--max-pending-bytes", "1k", "--max-line-bytes", "1k"], "pending"),
         (["--log-level", "loud"], "--log-level"),
+        (["--shutdown-grace", "soon"], "--shutdown-grace"),
+        (["--shutdown-grace", "-1"], "grace"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
