@@ -151,10 +151,11 @@ async def test_slow_consumer_memory_streams(
     assert all(v <= budget for v in pending_watch.values()), pending_watch
 
 
-def _send(msg: str, delivery: str = "all") -> Any:
+def _send(msg: str, delivery: str = "all", topic: str = "t") -> Any:
+    """A Send as parsed from the wire (so its delivery is the object as received)."""
     from mq_trio.protocol import Send, parse_line
 
-    event = parse_line(json.dumps({**snd(msg), "delivery": delivery}).encode())
+    event = parse_line(json.dumps({**snd(msg, topic), "delivery": delivery}).encode())
     assert isinstance(event, Send)
     return event
 
@@ -280,14 +281,7 @@ async def test_cut_off_client_gets_nothing_more_handled(nursery: trio.Nursery) -
         with trio.fail_after(10):
             await done.wait()
         writer.cancel_scope.cancel()
-    late = parse_send(snd("late", topic="after"))
+    late = _send("late", topic="after")
     assert server.broker.publish(late) == 0  # none of the "late" sends was handled
     assert server.broker.subscribers("t") == []
 
-
-def parse_send(obj: dict[str, Any]) -> Any:
-    from mq_trio.protocol import Send, parse_line
-
-    event = parse_line(json.dumps(obj).encode())
-    assert isinstance(event, Send)
-    return event
