@@ -92,6 +92,21 @@ class Message:
     delivery: Delivery = "all"
 
 
+@attrs.frozen(slots=True)
+class Gap:
+    """A resume that could not cover everything (``open_client(..., epoch=True)``).
+
+    ``"history lost"``: the server's epoch changed (e.g. an in-memory server restarted),
+    so messages after ``last_seen`` of the old history may be gone; the client resumed
+    from the start of the new history. ``"evicted"``: same history, but messages after
+    ``last_seen`` fell out of the cache before the client came back.
+    """
+
+    topic: str
+    last_seen: int
+    reason: Literal["history lost", "evicted"]
+
+
 @attrs.frozen
 class Backoff:
     """How ``open_client(..., reconnect=True)`` spaces its reconnection attempts.
@@ -283,7 +298,7 @@ class _Command:
     """A command waiting for its reply; the reader resolves them in order."""
 
     line: bytes
-    kind: Literal["subscribe", "unsubscribe", "send"]
+    kind: Literal["subscribe", "unsubscribe", "send", "probe"]
     topic: str
     last_seen: int = -1
     cache: bool = True
@@ -298,13 +313,20 @@ class _Command:
             self.done.set()
 
 
-def _subscribe_line(topic: str, last_seen: int, cache: bool) -> bytes:
+def _subscribe_line(topic: str, last_seen: int, cache: bool, epoch: str | None = None) -> bytes:
     obj: dict[str, object] = {"command": "subscribe", "topic": topic}
     if last_seen != -1:
         obj["last_seen"] = last_seen
     if not cache:
         obj["cache"] = False
+    if epoch is not None:
+        obj["epoch"] = epoch
     return json.dumps(obj).encode()
+
+
+#: Subscribed to (without replay) and unsubscribed from at once, to learn the server's
+#: epoch before resuming: see Client._probe_epoch.
+PROBE_TOPIC = "\x00mq_trio.client.epoch-probe"
 
 
 @attrs.define(slots=True)
@@ -316,12 +338,12 @@ class _Subscription:
     #: Whether ``last_seen`` is the index of a delivery (not just what was asked for).
     received: bool = False
 
-    def resume_command(self, topic: str) -> _Command:
+    def resume_command(self, topic: str, epoch: str | None = None) -> _Command:
         # Having received something, ask the cache for exactly the gap, even if the
         # original subscription skipped the cache (it was never replayed, so no duplicate).
         cache = self.cache or self.received
         return _Command(
-            _subscribe_line(topic, self.last_seen, cache),
+            _subscribe_line(topic, self.last_seen, cache, epoch),
             "subscribe",
             topic,
             self.last_seen,
@@ -345,6 +367,7 @@ class Client:
         reconnect: Backoff | None,
         max_buffered: int,
         connect_timeout: float,
+        epoch: bool = False,
     ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be >= 1")
@@ -360,12 +383,22 @@ class Client:
         #: Woken when the buffer has room, or when a command goes out (see _put).
         self._space = trio.lowlevel.ParkingLot()
         self._topics: dict[str, _Subscription] = {}
+        #: Topics whose subscribe/unsubscribe is re-sent after a drop (no resume for them).
+        self._retried: set[str] = set()
         self._closed: str | None = None
         #: Whether a connection is up right now.
         self.connected = False
         #: How many times the client has reconnected after losing its connection.
         self.reconnects = 0
         self._connected_event = trio.Event()
+        self._use_epoch = epoch
+        #: The server's history id (epoch extension), once a subscribe reply told it.
+        self.epoch: str | None = None
+        #: Resumes that could not cover everything (only with ``epoch=True``).
+        self.gaps: list[Gap] = []
+        #: Resume subscribes worked out from the epoch probe's reply, for the writer.
+        self._resumes: list[_Command] | None = None
+        self._resumes_ready = trio.Event()
 
     # --- commands ---
 
@@ -378,8 +411,9 @@ class Client:
         last index delivered.
         """
         seen = -1 if last_seen is None else last_seen
+        epoch = (self.epoch or "") if self._use_epoch else None
         await self._call(
-            _Command(_subscribe_line(topic, seen, cache), "subscribe", topic, seen, cache)
+            _Command(_subscribe_line(topic, seen, cache, epoch), "subscribe", topic, seen, cache)
         )
 
     async def unsubscribe(self, topic: str) -> None:
@@ -565,6 +599,13 @@ class Client:
     async def _write(self, wire: _Wire, preamble: list[_Command]) -> None:
         if preamble:
             await wire.send([c.line for c in preamble])
+        if any(c.kind == "probe" for c in preamble):
+            # Nothing else goes out before the resumes, which wait for the probe's reply.
+            await self._resumes_ready.wait()
+            resumes, self._resumes = self._resumes or [], None
+            if resumes:
+                self._in_flight.extend(resumes)
+                await wire.send([c.line for c in resumes])
         queue = self._queue_receive
         while True:
             batch = [await queue.receive()]
@@ -608,6 +649,8 @@ class Client:
             or (delivery != "all" and delivery != "one")
         ):
             raise _BadServer(f"malformed delivery: {obj!r}")
+        if topic == PROBE_TOPIC and topic not in self._topics:
+            return  # published while the probe was subscribed
         await self._put(Message(topic, msg, index, delivery))
         # Only once buffered: a delivery lost to a drop mid-way is replayed on resume.
         sub = self._topics.get(topic)
@@ -620,6 +663,14 @@ class Client:
             command = self._in_flight.popleft()
         except IndexError:
             raise _BadServer(f"a reply to no command: {obj!r}") from None
+        epoch = obj.get("epoch")
+        if command.kind == "probe":
+            self._probed(epoch if isinstance(epoch, str) else None)
+            return
+        if isinstance(epoch, str) and obj.get("success") is True:
+            if command.resume and obj.get("recovered") is False and epoch == self.epoch:
+                self._gap(Gap(command.topic, command.last_seen, "evicted"))
+            self.epoch = epoch
         if obj.get("success") is True:
             if command.kind == "subscribe" and not command.resume:
                 # Replayed messages follow this reply in the stream: track from here.
@@ -649,13 +700,49 @@ class Client:
             else:
                 retry.append(command)
         self._in_flight.clear()
-        touched = {c.topic for c in retry}
-        resume = [
-            sub.resume_command(topic)
+        self._retried = {c.topic for c in retry}
+        if self._use_epoch and self._topics:
+            # Which last_seen to resume from depends on the server's epoch: ask first.
+            self._resumes, self._resumes_ready = None, trio.Event()
+            probe = _subscribe_line(PROBE_TOPIC, -1, False, self.epoch or "")
+            unprobe = json.dumps({"command": "unsubscribe", "topic": PROBE_TOPIC}).encode()
+            return [
+                _Command(probe, "probe", PROBE_TOPIC, resume=True),
+                _Command(unprobe, "unsubscribe", PROBE_TOPIC, resume=True),
+                *retry,
+            ]
+        return self._resume_commands(None) + retry
+
+    def _resume_commands(self, epoch: str | None) -> list[_Command]:
+        return [
+            sub.resume_command(topic, epoch)
             for topic, sub in self._topics.items()
-            if topic not in touched
+            if topic not in self._retried
         ]
-        return resume + retry
+
+    def _probed(self, epoch: str | None) -> None:
+        """The epoch probe's reply: work out the resumes the writer is waiting for."""
+        if epoch is None:
+            log.warning("%s does not support the epoch extension; resuming without it",
+                        self.target)
+            self._use_epoch = False
+            self._resumes = self._resume_commands(None)
+        elif epoch == self.epoch:
+            self._resumes = self._resume_commands(epoch)
+        else:
+            # A new history (indexes restarted): our last_seen values mean nothing there,
+            # so take everything it has cached; what the old one had after them is lost.
+            for topic, sub in self._topics.items():
+                if topic not in self._retried:
+                    self._gap(Gap(topic, sub.last_seen, "history lost"))
+                    sub.last_seen, sub.cache, sub.received = -1, True, False
+            self.epoch = epoch
+            self._resumes = self._resume_commands(epoch)
+        self._resumes_ready.set()
+
+    def _gap(self, gap: Gap) -> None:
+        log.warning("resume of %r after index %d: %s", gap.topic, gap.last_seen, gap.reason)
+        self.gaps.append(gap)
 
     def _shut(self, reason: str) -> None:
         """No connection any more: fail everything waiting, wake every receiver."""
@@ -706,17 +793,24 @@ async def open_client(
     reconnect: bool | Backoff = False,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    epoch: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to an mq-trio server; the block's end closes the connection.
 
     ``open_client("127.0.0.1", 7000)``, ``open_client("ws://127.0.0.1:7001/")``.
     ``reconnect=True`` (or a :class:`Backoff`) reconnects after a drop and resumes every
-    subscription. Raises :class:`ConnectError` if the first connection fails.
+    subscription. ``epoch=True`` (mq-trio servers only: version-1 servers reject the key)
+    uses the epoch extension to notice lost history on resume: see ``Client.gaps``.
+    Raises :class:`ConnectError` if the first connection fails.
     """
     target = parse_target(host_or_url, port)
     backoff = Backoff() if reconnect is True else (reconnect or None)
     client = Client(
-        target, reconnect=backoff, max_buffered=max_buffered, connect_timeout=connect_timeout
+        target,
+        reconnect=backoff,
+        max_buffered=max_buffered,
+        connect_timeout=connect_timeout,
+        epoch=epoch,
     )
     try:
         async with trio.open_nursery() as nursery:

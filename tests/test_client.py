@@ -19,12 +19,14 @@ from mq_trio.client import (
     Client,
     ConnectError,
     ConnectionLost,
+    Gap,
     Message,
     MQError,
     Target,
     open_client,
     parse_target,
 )
+from mq_trio.protocol import Send
 from mq_trio.server import Config, Server, serve
 
 FAST = Backoff(initial=0.01, maximum=0.05)
@@ -451,6 +453,57 @@ async def test_subscribe_issued_while_disconnected_completes_after_reconnect(
             await rs.start()
         assert client.subscriptions == ["late"]
         await client.wait_connected()
+
+
+async def test_epoch_resume_after_an_in_memory_restart_takes_the_new_history(
+    nursery: trio.Nursery,
+) -> None:
+    rs = await RestartableServer.start_new(nursery)
+    async with open_client("127.0.0.1", rs.port, reconnect=FAST, epoch=True) as sub:
+        await sub.subscribe("t")
+        await sub.subscribe("u")
+        first_epoch = sub.epoch
+        assert first_epoch
+        async with open_client("127.0.0.1", rs.port) as pub:
+            for i in range(5):
+                await pub.send("t", f"m{i}")
+        assert [(await sub.receive()).index for _ in range(5)] == list(range(5))
+
+        await rs.stop()
+        # An in-memory restart: a new history (epoch), indexes from 0 again. What it got
+        # before the subscriber is back is only in its cache, at indexes <= 4: a plain
+        # resume from last_seen=4 would skip it.
+        rs.broker = Broker(MemoryHistory(100))
+        for i in range(3):
+            rs.broker.publish(Send("t", f"n{i}", "all"))
+        await rs.start()
+        await sub.subscribe("marker")  # goes out after the resumes
+        got = [await sub.receive("t") for _ in range(3)]
+        assert [(m.index, m.msg) for m in got] == [(0, "n0"), (1, "n1"), (2, "n2")]
+        assert sub.epoch == rs.broker.epoch != first_epoch
+        assert sub.gaps == [Gap("t", 4, "history lost"), Gap("u", -1, "history lost")]
+        assert sub.buffered == 0
+
+
+async def test_epoch_resume_reports_evicted_messages(nursery: trio.Nursery) -> None:
+    rs = await RestartableServer.start_new(nursery, cache_size=3)
+    async with open_client("127.0.0.1", rs.port, reconnect=FAST, epoch=True) as sub:
+        await sub.subscribe("t")
+        async with open_client("127.0.0.1", rs.port) as pub:
+            await pub.send("t", "m0")
+        assert (await sub.receive()).msg == "m0"
+        await rs.stop()
+        for i in range(1, 6):  # while the subscriber is away; m1, m2 fall out of the cache
+            rs.broker.publish(Send("t", f"m{i}", "all"))
+        await rs.start()
+        await sub.subscribe("marker")
+        assert [(await sub.receive()).msg for _ in range(3)] == ["m3", "m4", "m5"]
+        assert sub.gaps == [Gap("t", 0, "evicted")]
+        # Same history, nothing lost: no gap.
+        await rs.stop()
+        await rs.start()
+        await sub.subscribe("marker2")
+        assert sub.gaps == [Gap("t", 0, "evicted")] and sub.reconnects == 2
 
 
 # --- WebSocket ----------------------------------------------------------------------------
