@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 
 import attrs
@@ -23,6 +24,9 @@ from .tcp import TCPTransport
 from .websocket import DEFAULT_PING_INTERVAL, OriginPolicy, handle_stream
 
 log = logging.getLogger("mq_trio.server")
+
+#: Builds a connection's outbox from (byte budget, overflow callback).
+OutboxFactory = Callable[[int, Callable[[], None] | None], Outbox]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
@@ -110,7 +114,7 @@ class Server:
     #: Set when serve() has returned (after a shutdown, every connection is closed).
     stopped: trio.Event = attrs.field(factory=trio.Event)
     #: How connections build their outbox (durable mode: one that waits for the store).
-    outbox_factory: Callable[[int, Callable[[], None] | None], Outbox] = Outbox
+    outbox_factory: OutboxFactory = Outbox
 
     @property
     def port(self) -> int:
@@ -178,34 +182,36 @@ async def serve(
     config.check()
     if listeners is None:
         listeners = await open_listeners(config)
-    if broker is None:
-        broker = Broker(MemoryHistory(config.cache_size))
     if ws_listeners is None:
         ws_listeners = await open_ws_listeners(config)
-    if config.data_dir is None:
-        server = Server(config, broker, listeners, ws_listeners)
+    async with _open_broker(config, broker) as (broker, outbox_factory):
+        server = Server(config, broker, listeners, ws_listeners, outbox_factory=outbox_factory)
         try:
             await _run(server, listeners, task_status)
         finally:
             server.stopped.set()
+
+
+@asynccontextmanager
+async def _open_broker(
+    config: Config, broker: Broker | None
+) -> AsyncIterator[tuple[Broker, OutboxFactory]]:
+    """The broker and how outboxes are made: in memory, or over the durable store."""
+    if config.data_dir is None:
+        yield (broker or Broker(MemoryHistory(config.cache_size))), Outbox
         return
+    if broker is not None:
+        raise ValueError("a broker cannot be passed together with data_dir")
     from .store import open_durable  # only durable mode needs sqlite3
 
-    durable_server: Server | None = None
-    try:
-        async with open_durable(
-            config.data_dir,
-            cache_size=config.cache_size,
-            fsync=config.fsync,  # type: ignore[arg-type]  # checked by Config.check
-            memory_window=config.memory_window,
-        ) as durable:
-            durable_server = Server(config, durable.broker, listeners, ws_listeners)
-            durable_server.outbox_factory = durable.outbox_factory
-            await _run(durable_server, listeners, task_status)
-        # leaving the block wrote what was queued and closed the store
-    finally:
-        if durable_server is not None:
-            durable_server.stopped.set()
+    async with open_durable(
+        config.data_dir,
+        cache_size=config.cache_size,
+        fsync=config.fsync,  # type: ignore[arg-type]  # checked by Config.check
+        memory_window=config.memory_window,
+    ) as durable:
+        yield durable.broker, durable.outbox_factory
+    # leaving the block wrote what was queued and closed the store
 
 
 async def _run(

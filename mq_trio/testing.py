@@ -79,8 +79,8 @@ async def start_server(nursery: trio.Nursery, **settings: Any) -> Server:
 async def restart_server(nursery: trio.Nursery, server: Server) -> Server:
     """Stop ``server`` gracefully and start a new one on the same port and broker.
 
-    The broker carries the topics' caches and indexes, as a durable server's store would:
-    clients with ``reconnect=True`` resume where they were. The old server must have
+    The broker carries the topics' caches and indexes (a durable server reopens its data
+    directory instead): clients with ``reconnect=True`` resume where they were. The old server must have
     been started with a fixed port or port 0 (its bound port is reused; trio sets
     SO_REUSEADDR).
     """
@@ -89,7 +89,8 @@ async def restart_server(nursery: trio.Nursery, server: Server) -> Server:
         config = attrs.evolve(config, ws_port=server.ws_port)
     server.shutdown()
     await server.stopped.wait()
-    new: Server = await nursery.start(partial(serve, config, broker=server.broker))
+    broker = server.broker if config.data_dir is None else None
+    new: Server = await nursery.start(partial(serve, config, broker=broker))
     return new
 
 
