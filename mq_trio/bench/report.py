@@ -214,9 +214,9 @@ def plot(results: Sequence[Result], path: str | os.PathLike[str]) -> bool:
             ax.plot(xs, s, label=f"{r.target} ({params_text(r)})")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ticks = [1, 2, 10, 100, 1000, 10000]
+        ticks = [2, 10, 100, 1000, 10000]
         ax.set_xticks(ticks)
-        ax.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%"])
+        ax.set_xticklabels(["50%", "90%", "99%", "99.9%", "99.99%"])
         ax.set_xlabel("percentile")
         ax.set_ylabel("latency (µs)")
         ax.set_title(f"{scenario} latency")
