@@ -70,6 +70,12 @@ class Outbox:
     (NATS and Redis do the same with slow consumers). The client's own replies count too,
     but the reader pauses at half the budget, so a client that pipelines without reading
     is slowed by TCP backpressure instead of being cut off.
+
+    A subscribe's cache replay is the client's own request, so it does not count against
+    the budget while it drains (:meth:`push_replay`): a replay larger than the budget is
+    delivered, and a client cut off as a slow consumer can always resume from
+    ``last_seen``. Memory per client stays bounded by the budget plus one replay (at most
+    ``cache_size`` messages).
     """
 
     # A list and one waiting writer rather than a memory channel: a channel ``send_nowait``
@@ -77,8 +83,8 @@ class Outbox:
     # the writer only ever needs "wake me when something is queued". A list, not a deque:
     # the writer takes it whole, and an idle connection then holds an empty list (56
     # bytes) instead of a deque's 64-slot block (about 1.2 KiB with the one clear() makes).
-    __slots__ = ("_queue", "_closed", "_waiter", "pending", "budget", "overflowed",
-                 "_on_overflow", "_drained", "__weakref__")
+    __slots__ = ("_queue", "_closed", "_waiter", "pending", "budget", "_limit",
+                 "overflowed", "_on_overflow", "_drained", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: list[bytes] = []
@@ -86,6 +92,8 @@ class Outbox:
         self._waiter: trio.lowlevel.Task | None = None
         self.pending = 0
         self.budget = budget
+        #: The overflow threshold: the budget plus replay bytes still queued.
+        self._limit = budget
         self.overflowed = False
         self._on_overflow = on_overflow
         self._drained = trio.lowlevel.ParkingLot()
@@ -94,7 +102,7 @@ class Outbox:
         # The hot path of every reply and delivery (fanout: once per subscriber), so the
         # common case is one comparison, an append and a flag test.
         pending = self.pending + len(payload)
-        if pending > self.budget or self._closed:
+        if pending > self._limit or self._closed:
             self._refuse(pending)
             return
         self.pending = pending
@@ -105,13 +113,29 @@ class Outbox:
     def _refuse(self, pending: int) -> None:
         if self.overflowed:
             return
-        # Checked before counting, so ``pending`` itself never exceeds the budget.
-        if pending > self.budget:
+        # Checked before counting, so ``pending`` itself never exceeds the limit.
+        if pending > self._limit:
             self.overflowed = True
             self.close()
             if self._on_overflow is not None:
                 self._on_overflow()
         # else closed for flushing: the client is leaving and gets nothing new
+
+    def push_replay(self, payloads: list[bytes]) -> None:
+        """Queue a subscribe's cache replay, allowed on top of the budget."""
+        if payloads and not self._closed:
+            self._limit += sum(len(p) for p in payloads)
+            for payload in payloads:
+                self.push(payload)
+
+    def written(self, size: int) -> None:
+        """The writer handed ``size`` queued bytes to the transport."""
+        pending = self.pending = self.pending - size
+        if self._limit > self.budget:
+            # Replay credit only shrinks: at most what is still queued remains allowed.
+            self._limit = self.budget + min(self._limit - self.budget, pending)
+        if pending <= self.high_water:
+            self._drained.unpark_all()
 
     def close(self) -> None:
         """No more items; the writer flushes what is queued and stops."""
@@ -174,9 +198,7 @@ class Outbox:
                 batch = queue[:count]
                 del queue[:count]
             await transport.send_batch(batch)
-            self.pending -= size
-            if self.pending <= self.high_water:
-                self._drained.unpark_all()
+            self.written(size)
 
 
 class _QueueReceiver:
@@ -334,8 +356,7 @@ class Connection:
                     push(protocol.SUCCESS)
                 else:
                     push(self.broker.subscribe_reply(event.topic, event.last_seen, event.epoch))
-                for payload in replay:
-                    push(payload)
+                self.outbox.push_replay(replay)
             elif cls is Unsubscribe:
                 assert isinstance(event, Unsubscribe)
                 self.broker.unsubscribe(self.outbox, event.topic)

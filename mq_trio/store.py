@@ -1259,9 +1259,7 @@ class DurableOutbox(Outbox):
                     break
             if batch:
                 await transport.send_batch(batch)
-            self.pending -= size
-            if self.pending <= self.high_water:
-                self._drained.unpark_all()
+            self.written(size)
 
     async def _replay(self, transport: Transport, marker: DiskReplay) -> None:
         try:

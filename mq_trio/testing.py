@@ -80,9 +80,9 @@ async def restart_server(nursery: trio.Nursery, server: Server) -> Server:
     """Stop ``server`` gracefully and start a new one on the same port and broker.
 
     The broker carries the topics' caches and indexes (a durable server reopens its data
-    directory instead): clients with ``reconnect=True`` resume where they were. The old server must have
-    been started with a fixed port or port 0 (its bound port is reused; trio sets
-    SO_REUSEADDR).
+    directory instead): clients with ``reconnect=True`` resume where they were. The old
+    server must have been started with a fixed port or port 0 (its bound port is reused;
+    trio sets SO_REUSEADDR).
     """
     config = attrs.evolve(server.config, port=server.port)  # before the sockets close
     if server.ws_port is not None:

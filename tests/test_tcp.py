@@ -325,7 +325,9 @@ async def test_internal_exception_in_parsing(
     assert await a.receive_many(2) == [fail("Internal exception"), OK]
 
 
-async def test_disconnect_removes_subscriptions_keeps_cache(connect: Connect, server: Server) -> None:
+async def test_disconnect_removes_subscriptions_keeps_cache(
+    connect: Connect, server: Server
+) -> None:
     a, b = await connect(), await connect()
     assert await a.request(sub()) == OK
     assert await a.request(sub("u")) == OK
