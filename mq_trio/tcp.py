@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import trio
 
 from .protocol import DEFAULT_MAX_LINE_BYTES, LineBuffer
+
+#: How long a closing connection keeps reading (and discarding) to avoid a reset.
+LINGER_SECONDS = 0.5
 
 #: One receive_some; smaller costs syscalls and scheduler passes (trio checkpoints).
 RECEIVE_BYTES = 64 << 10
@@ -125,4 +129,16 @@ class TCPTransport:
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def aclose(self) -> None:
+        if not self._eof and self._sock is not None:
+            # Closing a socket with unread input makes the kernel send a reset, which can
+            # destroy the last replies (e.g. "Line too long") before the client reads
+            # them. Half-close instead, and discard input briefly until the client closes.
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                with trio.move_on_after(LINGER_SECONDS):
+                    while await self._receive():
+                        pass
         await trio.aclose_forcefully(self.stream)

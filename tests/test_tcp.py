@@ -276,6 +276,20 @@ async def test_line_over_the_limit(nursery: trio.Nursery) -> None:
     assert await other.receive_many(2) == [delivered(snd(msg="next"), 1), OK]
 
 
+async def test_close_with_unread_input_is_clean_not_a_reset(nursery: trio.Nursery) -> None:
+    """After "Line too long" the server half-closes and discards the rest of the input, so
+    the client reads the reply and a normal EOF instead of losing both to a TCP reset."""
+    server = await start_server(nursery, max_line_bytes=100)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(b"x" * 200 + b"\n" + b"y" * 300_000)  # more than one read
+    received = b""
+    with trio.fail_after(10):
+        while data := await stream.receive_some(65536):  # a reset would raise here
+            received += data
+    assert received == protocol.failure_bytes("Line too long") + b"\r\n"
+    await stream.aclose()
+
+
 async def test_line_over_the_limit_without_newline(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, max_line_bytes=100)
     c = await LineClient.connect(server.port)
