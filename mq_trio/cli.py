@@ -120,7 +120,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     )
     p.add_argument(
         "--ws-port",
-        type=int,
+        type=port_number,
         default=None,
         metavar="PORT",
         help="also serve WebSocket clients and the browser page (http://HOST:PORT/) on "
