@@ -517,7 +517,7 @@ async def test_history_beyond_memory_window(tmp_path: Path) -> None:
         assert [m["index"] for m in everything] == [i for i in range(10, 60) if i % 7 or i < 13]
 
 
-BIG_HISTORY = int(os.environ.get("MQ_TRIO_BIG_HISTORY", "200000"))
+BIG_HISTORY = int(os.environ.get("MQ_TRIO_BIG_HISTORY", "1000000"))
 
 
 async def test_big_history_replay_does_not_hold_up_others(tmp_path: Path) -> None:
