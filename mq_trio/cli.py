@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 
+import attrs
 import trio
 
 from . import __version__
@@ -181,21 +182,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
-        host=args.host,
-        port=args.port,
-        cache_size=args.cache_size,
-        max_pending_bytes=args.max_pending_bytes,
-        max_line_bytes=args.max_line_bytes,
-        shutdown_grace=args.shutdown_grace,
-        ws_port=args.ws_port,
-        ws_host=args.ws_host,
-        ws_allowed_origins=args.ws_allowed_origins,
-        ws_ping_interval=args.ws_ping_interval,
-        data_dir=args.data_dir,
-        fsync=args.fsync,
-        memory_window=args.memory_window,
-    )
+    """Every ``serve`` flag is named after the Config field it sets."""
+    return Config(**{f.name: getattr(args, f.name) for f in attrs.fields(Config)})
 
 
 def _origins(text: str) -> tuple[str, ...]:
