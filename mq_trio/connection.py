@@ -163,81 +163,41 @@ class Outbox:
     def high_water(self) -> int:
         return self.budget // 2
 
-    @property
-    def _receive(self) -> _QueueReceiver:
-        """The queue seen as the receive end of a memory channel (for subclasses'
-        writers, such as the durable store's, written against the earlier channel)."""
-        return _QueueReceiver(self)
-
     async def wait_drained(self) -> None:
         """Wait until the writer brings ``pending`` back under the high-water mark."""
         while self.pending > self.high_water and not self.overflowed:
             await self._drained.park()
 
+    async def take(self) -> list[bytes]:
+        """Wait for queued items and take them all; ``[]`` once closed and drained.
+
+        Only the writer calls this. Right after it returns, ``pending`` is exactly the
+        size of what it returned (everything earlier was reported by ``written``).
+        """
+        while not self._queue:
+            if self._closed:
+                return []
+            await self._wait()
+        items = self._queue
+        self._queue = []
+        return items
+
     async def drain_into(self, transport: Transport) -> None:
         """The writer's loop: one transport write for everything queued."""
-        while True:
-            queue = self._queue
-            if not queue:
-                if self._closed:
-                    return
-                await self._wait()
-                continue
+        while items := await self.take():
             if self.pending <= WRITE_BATCH_BYTES:
-                # ``pending`` is exactly what is queued here (nothing is in flight).
-                batch = queue
-                self._queue = []
                 size = self.pending
-            else:
-                size = count = 0
-                for item in queue:
-                    size += len(item)
-                    count += 1
-                    if size >= WRITE_BATCH_BYTES:
-                        break
-                batch = queue[:count]
-                del queue[:count]
-            await transport.send_batch(batch)
-            self.written(size)
-
-
-class _QueueReceiver:
-    """``receive``/``receive_nowait`` with memory-channel semantics over an Outbox queue.
-
-    It takes the queue whole and hands items out from its own copy, so that taking one
-    item at a time is not a ``list.pop(0)`` each.
-    """
-
-    __slots__ = ("_outbox", "_taken", "_next")
-
-    def __init__(self, outbox: Outbox) -> None:
-        self._outbox = outbox
-        self._taken: list[bytes] = []
-        self._next = 0
-
-    def receive_nowait(self) -> bytes:
-        if self._next < len(self._taken):
-            item = self._taken[self._next]
-            self._next += 1
-            return item
-        outbox = self._outbox
-        if outbox._queue:
-            self._taken = outbox._queue
-            outbox._queue = []
-            self._next = 1
-            return self._taken[0]
-        self._taken = []
-        self._next = 0
-        if outbox._closed:
-            raise trio.EndOfChannel
-        raise trio.WouldBlock
-
-    async def receive(self) -> bytes:
-        while True:
-            try:
-                return self.receive_nowait()
-            except trio.WouldBlock:
-                await self._outbox._wait()
+                await transport.send_batch(items)
+                self.written(size)
+                continue
+            start = size = 0
+            last = len(items) - 1
+            for i, item in enumerate(items):
+                size += len(item)
+                if size >= WRITE_BATCH_BYTES or i == last:
+                    await transport.send_batch(items[start : i + 1])
+                    self.written(size)
+                    start, size = i + 1, 0
 
 
 @attrs.define(eq=False)

@@ -1212,16 +1212,11 @@ class DurableOutbox(Outbox):
             self.snapshots.clear()
 
     async def _drain(self, transport: Transport) -> None:
-        receive = self._receive
         store = self.store
-        while True:
-            try:
-                item = await receive.receive()
-            except trio.EndOfChannel:
-                return
+        while items := await self.take():
             batch: list[bytes] = []
             size = 0
-            while True:
+            for item in items:
                 size += len(item)
                 cls = type(item)
                 if cls is bytes:
@@ -1252,11 +1247,11 @@ class DurableOutbox(Outbox):
                     await item.read.done.wait()
                     batch.append(item.resolve())
                 if size >= WRITE_BATCH_BYTES:
-                    break
-                try:
-                    item = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+                    if batch:
+                        await transport.send_batch(batch)
+                        batch = []
+                    self.written(size)
+                    size = 0
             if batch:
                 await transport.send_batch(batch)
             self.written(size)
