@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import attrs
+import msgspec
 
 # The exact failure texts of the contract (PROTOCOL.md section 2).
 DECODE_ERROR = "Could not decode input as UTF-8"
@@ -40,15 +41,18 @@ class Unsubscribe:
     topic: str
 
 
-@attrs.frozen(slots=True)
+# Not frozen: one is built per message, and a frozen attrs class sets each field through
+# object.__setattr__ (0.48 us for these five fields against 0.15 us for plain slots).
+@attrs.define(slots=True)
 class Send:
     topic: str
     msg: str
     delivery: Delivery
     cache: bool = True
-    # The command text as received: a delivery is this object plus "index", so it is
-    # cheaper and more faithful to splice the index into the text than to re-encode.
-    raw: str = attrs.field(default="", repr=False, eq=False)
+    # The command as received (stripped, UTF-8): a delivery is this object plus "index",
+    # so it is cheaper and more faithful to splice the index into the bytes than to
+    # re-encode. Empty for a Send built in code.
+    raw: bytes = attrs.field(default=b"", repr=False, eq=False)
 
 
 @attrs.frozen(slots=True)
@@ -81,6 +85,8 @@ _DECODE_ERROR = Failure(DECODE_ERROR)
 def validate(obj: object, raw: str = "") -> Command | Failure:
     """Turn a decoded JSON value into a command, or the ``Malformed json message`` failure.
 
+    ``raw`` is the command's stripped text; a Send keeps it, encoded (see ``Send.raw``).
+
     ``type(x) is ...`` rather than ``isinstance`` because JSON booleans are not integers
     (and the other way round) under this contract.
     """
@@ -102,7 +108,13 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
             or not _SEND_KEYS.issuperset(obj)
         ):
             return _MALFORMED
-        return Send(topic, msg, delivery, cache, raw)
+        try:
+            encoded = raw.encode()
+        except UnicodeEncodeError:
+            # Only a str handed to parse_text can hold a lone surrogate (no strict UTF-8
+            # decode makes one); without raw, encode_delivery writes escaped JSON.
+            encoded = b""
+        return Send(topic, msg, delivery, cache, encoded)
     if command == "subscribe":
         last_seen = obj.get("last_seen", -1)
         epoch = obj.get("epoch")
@@ -144,8 +156,11 @@ def _loads(text: str) -> object:
     return obj
 
 
-def parse_text(text: str) -> LineEvent:
-    """Parse one already-decoded command (used by message transports such as WebSocket)."""
+def parse_text_stdlib(text: str) -> LineEvent:
+    """Parse one decoded command with the stdlib json scanner: the reference behaviour.
+
+    Every input goes this way unless the msgspec fast path (``parse_text``) accepts it.
+    """
     text = text.strip()
     if not text:
         return None
@@ -171,13 +186,61 @@ def parse_text(text: str) -> LineEvent:
     return validate(obj, text)
 
 
-def parse_line(line: bytes) -> LineEvent:
-    """Parse one line without its ``\\n``: decode, strip, JSON, validate."""
+def parse_line_stdlib(line: bytes) -> LineEvent:
+    """``parse_line`` without the fast path: decode, strip, stdlib JSON, validate."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return _DECODE_ERROR
-    return parse_text(text)
+    return parse_text_stdlib(text)
+
+
+class _SendSchema(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A canonical ``send`` command, for the msgspec fast path.
+
+    ``command`` is an ordinary required field: a tagged struct would accept a missing
+    tag (malformed under the contract), and a tagged union measured slower (0.22 us
+    against 0.20 us for a 130-byte send).
+    """
+
+    command: Literal["send"]
+    topic: str
+    msg: str
+    delivery: Delivery
+    cache: bool = True
+
+
+_decode_send = msgspec.json.Decoder(_SendSchema).decode
+
+# What may surround an object msgspec accepted: JSON whitespace only (str.strip in the
+# stdlib path strips more, but msgspec rejects anything else, which then goes that way).
+_JSON_WS = b" \t\n\r"
+_JSON_WS_STR = " \t\n\r"
+
+
+def parse_line(line: bytes) -> LineEvent:
+    """Parse one line without its ``\\n``: decode, strip, JSON, validate.
+
+    A well-formed ``send`` is decoded and validated by msgspec in one C call (about 4x
+    faster than the stdlib path). msgspec only accepts what the stdlib path turns into
+    the identical Send (tests/test_protocol_fastpath.py checks this differentially);
+    anything it rejects, for whatever reason, takes the stdlib path for its exact answer.
+    """
+    try:
+        s = _decode_send(line)
+    except Exception:
+        return parse_line_stdlib(line)
+    return Send(s.topic, s.msg, s.delivery, s.cache, line.strip(_JSON_WS))
+
+
+def parse_text(text: str) -> LineEvent:
+    """Parse one already-decoded command (used by message transports such as WebSocket)."""
+    try:
+        s = _decode_send(text)
+    except Exception:
+        return parse_text_stdlib(text)
+    # Accepted text encodes: msgspec itself had to encode it to UTF-8.
+    return Send(s.topic, s.msg, s.delivery, s.cache, text.strip(_JSON_WS_STR).encode())
 
 
 # A non-recursive JSON well-formedness check, only for input too deep for json.loads.
@@ -271,7 +334,7 @@ def encode_delivery(send: Send, index: int) -> bytes:
     raw = send.raw
     if raw:
         # raw is a stripped JSON object with at least the send keys, so it ends in "}".
-        return f'{raw[:-1]}, "index": {index}}}'.encode()
+        return b'%b, "index": %d}' % (raw[:-1], index)
     obj: dict[str, object] = {
         "command": "send",
         "topic": send.topic,
