@@ -30,6 +30,8 @@ DEFAULT_MAX_PENDING_BYTES = 8 << 20
 DEFAULT_FLUSH_TIMEOUT = 5.0
 #: The writer stops collecting queued items for one write at about this many bytes.
 WRITE_BATCH_BYTES = 256 << 10
+#: The writer task's name: a constant, so trio does not build one per connection.
+WRITER = "mq_trio.connection.writer"
 
 
 class Transport(Protocol):
@@ -39,7 +41,9 @@ class Transport(Protocol):
     ``receive_lines`` and as ``trio.BrokenResourceError`` from ``send_batch``.
     """
 
-    peer: str
+    @property
+    def peer(self) -> str:
+        """The client's address, for logs."""
 
     @property
     def line_too_long(self) -> bool:
@@ -83,20 +87,24 @@ class Outbox:
     # the writer only ever needs "wake me when something is queued". A list, not a deque:
     # the writer takes it whole, and an idle connection then holds an empty list (56
     # bytes) instead of a deque's 64-slot block (about 1.2 KiB with the one clear() makes).
-    __slots__ = ("_queue", "_closed", "_waiter", "pending", "budget", "_limit",
-                 "overflowed", "_on_overflow", "_drained", "__weakref__")
+    # The reader's wait for the writer to catch up is a single task slot too, not a
+    # ParkingLot (an OrderedDict per connection, idle or not).
+    __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "_limit",
+                 "overflowed", "_on_overflow", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: list[bytes] = []
         self._closed = False
+        #: The writer, while it waits for something to send.
         self._waiter: trio.lowlevel.Task | None = None
+        #: The reader, while it waits for the writer to bring ``pending`` down.
+        self._reader: trio.lowlevel.Task | None = None
         self.pending = 0
         self.budget = budget
         #: The overflow threshold: the budget plus replay bytes still queued.
         self._limit = budget
         self.overflowed = False
         self._on_overflow = on_overflow
-        self._drained = trio.lowlevel.ParkingLot()
 
     def push(self, payload: bytes) -> None:
         # The hot path of every reply and delivery (fanout: once per subscriber), so the
@@ -134,13 +142,14 @@ class Outbox:
         if self._limit > self.budget:
             # Replay credit only shrinks: at most what is still queued remains allowed.
             self._limit = self.budget + min(self._limit - self.budget, pending)
-        if pending <= self.high_water:
-            self._drained.unpark_all()
+        if pending <= self.high_water and self._reader is not None:
+            self._wake_reader()
 
     def close(self) -> None:
         """No more items; the writer flushes what is queued and stops."""
         self._closed = True
         self._wake()
+        self._wake_reader()
 
     def _wake(self) -> None:
         task = self._waiter
@@ -148,25 +157,39 @@ class Outbox:
             self._waiter = None
             trio.lowlevel.reschedule(task)
 
+    def _wake_reader(self) -> None:
+        task = self._reader
+        if task is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(task)
+
     async def _wait(self) -> None:
         """Sleep until the next push or close (only the writer waits here)."""
         if self._waiter is not None:
             raise trio.BusyResourceError("another task is already draining this outbox")
         self._waiter = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
-
-    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
-        self._waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
+        try:
+            await trio.lowlevel.wait_task_rescheduled(_abort)
+        finally:
+            self._waiter = None  # already None unless cancelled
 
     @property
     def high_water(self) -> int:
         return self.budget // 2
 
+    @property
+    def backlogged(self) -> bool:
+        """Over the high-water mark: the reader should wait before handling more."""
+        return self.pending > self.budget // 2 and not self._closed
+
     async def wait_drained(self) -> None:
         """Wait until the writer brings ``pending`` back under the high-water mark."""
-        while self.pending > self.high_water and not self.overflowed:
-            await self._drained.park()
+        while self.backlogged:
+            self._reader = trio.lowlevel.current_task()
+            try:
+                await trio.lowlevel.wait_task_rescheduled(_abort)
+            finally:
+                self._reader = None
 
     async def take(self) -> list[bytes]:
         """Wait for queued items and take them all; ``[]`` once closed and drained.
@@ -182,22 +205,49 @@ class Outbox:
         self._queue = []
         return items
 
-    async def drain_into(self, transport: Transport) -> None:
-        """The writer's loop: one transport write for everything queued."""
-        while items := await self.take():
-            if self.pending <= WRITE_BATCH_BYTES:
-                size = self.pending
-                await transport.send_batch(items)
-                self.written(size)
-                continue
-            start = size = 0
-            last = len(items) - 1
-            for i, item in enumerate(items):
-                size += len(item)
-                if size >= WRITE_BATCH_BYTES or i == last:
-                    await transport.send_batch(items[start : i + 1])
+    async def drain_into(self, transport: Transport, peer_gone: Callable[[], None]) -> None:
+        """The writer task: one transport write for everything queued, until closed.
+
+        Calls ``peer_gone`` when the transport breaks. The waits are written out here
+        rather than ``await self.take()``: every await level is a coroutine frame that
+        each idle connection keeps, and idle connections are what memory is spent on.
+        """
+        try:
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return
+                    self._waiter = trio.lowlevel.current_task()
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(_abort)
+                    finally:
+                        self._waiter = None  # already None unless cancelled
+                items = self._queue
+                self._queue = []
+                if self.pending <= WRITE_BATCH_BYTES:
+                    size = self.pending
+                    await transport.send_batch(items)
                     self.written(size)
-                    start, size = i + 1, 0
+                else:
+                    await self._send_in_parts(transport, items)
+                del items  # not kept alive while idle
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            peer_gone()
+
+    async def _send_in_parts(self, transport: Transport, items: list[bytes]) -> None:
+        start = size = 0
+        last = len(items) - 1
+        for i, item in enumerate(items):
+            size += len(item)
+            if size >= WRITE_BATCH_BYTES or i == last:
+                await transport.send_batch(items[start : i + 1])
+                self.written(size)
+                start, size = i + 1, 0
+
+
+def _abort(_: object) -> trio.lowlevel.Abort:
+    # The waiter slots are cleared by the waits' own ``finally``.
+    return trio.lowlevel.Abort.SUCCEEDED
 
 
 @attrs.define(eq=False)
@@ -208,6 +258,8 @@ class Connection:
     #: Builds the outbox: (byte budget, overflow callback). Durable mode passes an
     #: outbox whose writer waits for the store (mq_trio.store.DurableOutbox).
     outbox_factory: Callable[[int, Callable[[], None] | None], Outbox] = Outbox
+    #: The server's set of live connections: this one is in it while it runs.
+    registry: set[Connection] | None = None
     outbox: Outbox = attrs.field(init=False)
     _reader_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
@@ -236,52 +288,86 @@ class Connection:
         if self._scope is not None:
             self._scope.cancel()
 
+    def _peer_gone(self) -> None:
+        # The writer cannot deliver any more: reading on is pointless.
+        if self._scope is not None:
+            self._scope.cancel()
+
     async def run(self) -> None:
-        """Serve the client until it leaves; always closes the transport."""
+        """Serve the client until it leaves; always closes the transport.
+
+        The reader is this coroutine itself (its loop is not a method it awaits) and the
+        writer is one child task: each await level is a coroutine frame that every idle
+        connection keeps. A failure stays inside this connection.
+        """
+        registry = self.registry
+        if registry is not None:
+            registry.add(self)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connected: %s", self.peer)
+        transport = self.transport
+        outbox = self.outbox
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._writer)
-                with self.broker.attached(self.outbox):
+                nursery.start_soon(outbox.drain_into, transport, self._peer_gone, name=WRITER)
+                try:
                     with self._reader_scope:
-                        await self._reader()
-                # Subscriptions are gone now, so nothing new arrives; flush what was
-                # queued (replies, deliveries) within a bounded time, then close.
-                self.outbox.close()
+                        while (lines := await transport.receive_lines()) is not None:
+                            done = 0
+                            while (done := self._handle_lines(lines, done)) >= 0:
+                                if not outbox.backlogged:
+                                    break
+                                await outbox.wait_drained()
+                            if done < 0 or outbox.overflowed:
+                                break
+                            if transport.line_too_long:
+                                outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
+                                log.info("closing %s: line over %d bytes", self.peer,
+                                         self.limits.max_line_bytes)
+                                break
+                            del lines  # not kept alive while waiting for more
+                finally:
+                    # Whatever ended the reading (EOF, quit, reset, cut-off, shutdown, a
+                    # bug) releases the subscriptions; a plain finally rather than a
+                    # context manager, which would be one more object per connection.
+                    self.broker.disconnect(outbox)
+                # Nothing new arrives now; flush what was queued (replies, deliveries)
+                # within a bounded time, then close.
+                outbox.close()
                 nursery.cancel_scope.deadline = min(
                     nursery.cancel_scope.deadline,
                     trio.current_time() + self.limits.flush_timeout,
                 )
+        except Exception:
+            log.exception("connection %s failed", self.peer)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.transport.aclose()
+                await transport.aclose()
+            if registry is not None:
+                registry.discard(self)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("disconnected: %s", self.peer)
 
-    async def _writer(self) -> None:
-        try:
-            await self.outbox.drain_into(self.transport)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The peer is gone: reading on is pointless.
-            assert self._scope is not None
-            self._scope.cancel()
+    def _handle_lines(self, lines: list[bytes], start: int) -> int:
+        """Apply ``lines[start:]``; return how many lines are done, or -1 to stop reading.
 
-    async def _reader(self) -> None:
-        transport = self.transport
+        Returns early (with the count so far) when the outbox is over its high-water
+        mark (``backlogged``), so the reader can wait for the writer before going on; -1
+        when the client quit or was cut off as a slow consumer (the rest is not handled).
+        """
         outbox = self.outbox
-        while True:
-            lines = await transport.receive_lines()
-            if lines is None:
-                return
-            for line in lines:
-                if self.handle_event(self._parse(line)):
-                    return
-                if outbox.overflowed:
-                    return  # cut off as a slow consumer: the rest is not handled
-                if outbox.pending > outbox.high_water:
-                    await outbox.wait_drained()
-            if transport.line_too_long:
-                outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
-                log.info("closing %s: line over %d bytes", self.peer, self.limits.max_line_bytes)
-                return
+        if outbox.overflowed:  # cut off while the reader waited for the writer
+            return -1
+        high_water = outbox.high_water
+        handle = self.handle_event
+        parse = self._parse
+        for i in range(start, len(lines)):
+            if handle(parse(lines[i])) or outbox.overflowed:
+                return -1
+            if outbox.pending > high_water:
+                return i + 1
+        return len(lines)
 
     def _parse(self, line: bytes) -> protocol.LineEvent:
         """Parse one line; a bug in parsing costs this line, like one in handling."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -10,6 +12,7 @@ from functools import partial
 import attrs
 import trio
 
+from . import tcp
 from .broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
 from .connection import (
     DEFAULT_FLUSH_TIMEOUT,
@@ -27,6 +30,15 @@ log = logging.getLogger("mq_trio.server")
 
 #: Builds a connection's outbox from (byte budget, overflow callback).
 OutboxFactory = Callable[[int, Callable[[], None] | None], Outbox]
+
+#: accept() errors that only mean this client is gone already.
+_ACCEPT_RETRY_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM))
+#: accept() errors from running out of descriptors or memory: wait and try again (as
+#: trio.serve_listeners does), rather than crash the server.
+_ACCEPT_CAPACITY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
+_ACCEPT_CAPACITY_SLEEP = 0.1
+#: A constant task name, so trio does not build one per connection.
+_CONNECTION_TASK = "mq_trio.connection"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
@@ -115,6 +127,10 @@ class Server:
     stopped: trio.Event = attrs.field(factory=trio.Event)
     #: How connections build their outbox (durable mode: one that waits for the store).
     outbox_factory: OutboxFactory = Outbox
+    _limits: Limits = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._limits = self.config.limits  # one shared object, not one per connection
 
     @property
     def port(self) -> int:
@@ -145,22 +161,50 @@ class Server:
                 trio.current_time() + self.config.shutdown_grace
             )
 
+    def connection(self, transport: Transport) -> Connection:
+        """A connection of this server over ``transport``; ``await conn.run()`` serves it."""
+        return Connection(
+            transport, self.broker, self._limits, self.outbox_factory, self.connections
+        )
+
     async def handle_transport(self, transport: Transport) -> None:
         """Serve one client on any transport; a failure stays inside this connection."""
-        conn = Connection(transport, self.broker, self.config.limits, self.outbox_factory)
-        self.connections.add(conn)
-        log.debug("connected: %s", conn.peer)
-        try:
-            await conn.run()
-        except Exception:
-            # serve_listeners would let this crash the server; contain it here.
-            log.exception("connection %s failed", conn.peer)
-        finally:
-            self.connections.discard(conn)
-            log.debug("disconnected: %s", conn.peer)
+        await self.connection(transport).run()
 
-    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
-        await self.handle_transport(TCPTransport(stream, self.config.max_line_bytes))
+    async def _accept_tcp(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept TCP clients; each one's task runs ``Connection.run`` itself.
+
+        trio.serve_listeners would wrap each client in a SocketStream and run it under a
+        handler task frame; neither is used by the TCP transport, and 10,000 idle
+        connections pay for every object kept per connection.
+        """
+        sock = listener.socket
+        max_line = self.config.max_line_bytes
+        async with listener:  # closed however accepting ends
+            await self._accept_loop(sock, max_line, nursery)
+
+    async def _accept_loop(
+        self, sock: trio.socket.SocketType, max_line: int, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                client, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    continue  # the client gave up before it was accepted
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed: %s; retrying in %.1f s", os.strerror(exc.errno),
+                          _ACCEPT_CAPACITY_SLEEP)
+                await trio.sleep(_ACCEPT_CAPACITY_SLEEP)
+                continue
+            if tcp.DIRECT_IO:
+                tcp.configure_socket(client)
+                stream: trio.socket.SocketType | trio.SocketStream = client
+            else:
+                stream = trio.SocketStream(client)
+            conn = self.connection(TCPTransport(stream, max_line))
+            nursery.start_soon(conn.run, name=_CONNECTION_TASK)
 
     async def _handle_ws(self, stream: trio.SocketStream) -> None:
         await handle_stream(self, stream)
@@ -223,15 +267,8 @@ async def _run(
         server._connections_scope = connections.cancel_scope
         with server._accept_scope:
             async with trio.open_nursery() as accept:
-                accept.start_soon(
-                    partial(
-                        trio.serve_listeners,
-                        server._handle_tcp,
-                        listeners,
-                        handler_nursery=connections,
-                    )
-                )
                 for listener in listeners:
+                    accept.start_soon(server._accept_tcp, listener, connections)
                     host, port = listener.socket.getsockname()[:2]
                     log.info("listening on %s:%d (tcp)", host, port)
                 if server.ws_listeners:

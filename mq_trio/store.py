@@ -1202,9 +1202,11 @@ class DurableOutbox(Outbox):
         #: Snapshots of replays from disk queued here; the writer releases them.
         self.snapshots: set[Read] = set()
 
-    async def drain_into(self, transport: Transport) -> None:
+    async def drain_into(self, transport: Transport, peer_gone: Callable[[], None]) -> None:
         try:
             await self._drain(transport)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            peer_gone()
         finally:
             # Whatever ends the writer ends the snapshots of replays it did not reach.
             for read in self.snapshots:

@@ -21,56 +21,98 @@ RECEIVE_BYTES = 64 << 10
 # connection pay one pass only when it really has to wait, which is most of a round
 # trip's cost in the rtt and e2e profiles. Plain os.read/os.write on a socket descriptor
 # is POSIX; elsewhere the stream's own methods are used.
-_DIRECT_IO = sys.platform != "win32"
+DIRECT_IO = sys.platform != "win32"
 
 
-def peer_name(stream: trio.abc.Stream) -> str:
+#: Unsent bytes the kernel may hold per socket (trio.SocketStream's choice too): without
+#: it loopback send buffers grow to megabytes, so a slow consumer's backlog would sit
+#: in the kernel, outside the byte budget, instead of being noticed.
+NOTSENT_LOWAT = 16 << 10
+
+
+def configure_socket(sock: trio.socket.SocketType) -> None:
+    """What trio.SocketStream would set on an accepted socket: no Nagle delay, a small
+    unsent-data mark."""
+    for option, value in (
+        (socket.TCP_NODELAY, 1),
+        (getattr(socket, "TCP_NOTSENT_LOWAT", None), NOTSENT_LOWAT),
+    ):
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:  # not a TCP socket, or not supported here
+                pass
+
+
+def peer_name(sock: object) -> str:
     try:
-        host, port, *_ = stream.socket.getpeername()  # type: ignore[attr-defined]
+        host, port, *_ = sock.getpeername()  # type: ignore[attr-defined]
     except (AttributeError, OSError, ValueError):
         return "?"
     return f"{host}:{port}"
 
 
 class TCPTransport:
-    """Adapts a byte stream to the line-oriented :class:`~mq_trio.connection.Transport`."""
+    """Adapts a TCP connection to the line-oriented :class:`~mq_trio.connection.Transport`.
+
+    Takes the accepted trio socket itself (what the server does: a ``SocketStream`` and
+    its conflict detector are two more objects per connection, unused here), or any trio
+    stream (tests use in-memory ones).
+    """
+
+    __slots__ = ("stream", "_sock", "_lines", "_eof", "_maybe_more", "_peer")
 
     def __init__(
-        self, stream: trio.abc.Stream, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+        self,
+        stream: trio.abc.Stream | trio.socket.SocketType,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
-        self.stream = stream
-        self.peer = peer_name(stream)
+        self.stream: trio.abc.Stream | None = None
+        self._sock: trio.socket.SocketType | None = None
+        if isinstance(stream, trio.socket.SocketType):
+            self._sock = stream
+        else:
+            self.stream = stream
+            if DIRECT_IO and isinstance(stream, trio.SocketStream):
+                self._sock = stream.socket
         self._lines = LineBuffer(max_line_bytes)
         self._eof = False
-        self._sock: trio.socket.SocketType | None = None
         self._maybe_more = True
-        if _DIRECT_IO and isinstance(stream, trio.SocketStream):
-            self._sock = stream.socket
+        self._peer: str | None = None
+
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The connection's socket (None over a non-socket stream)."""
+        return self._sock
+
+    @property
+    def peer(self) -> str:
+        """host:port of the client (looked up when first needed: logs only)."""
+        if self._peer is None:
+            self._peer = peer_name(self._sock if self._sock is not None else
+                                   getattr(self.stream, "socket", None))
+        return self._peer
 
     @property
     def line_too_long(self) -> bool:
         return self._lines.too_long
 
     async def receive_lines(self) -> list[bytes] | None:
+        """The next complete lines, or None at EOF, reset or close.
+
+        The socket read is written out here rather than in a helper coroutine: this is
+        where every idle connection waits, and each await level is a frame it keeps.
+        """
         if self._eof:
             return None
-        data = await self._receive()
-        if data:
-            return self._lines.feed(data)
-        # EOF: a last line without its newline still counts (as readline() has it).
-        self._eof = True
-        tail = self._lines.pending
-        return [tail] if tail else None
-
-    async def _receive(self) -> bytes | bytearray:
-        """Up to RECEIVE_BYTES, or b"" at EOF, reset or close."""
         sock = self._sock
+        data: bytes | bytearray | None = None
         if sock is None:
             try:
-                return await self.stream.receive_some(RECEIVE_BYTES)
+                data = await self.stream.receive_some(RECEIVE_BYTES)  # type: ignore[union-attr]
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
-        if self._maybe_more:
+                data = b""
+        elif self._maybe_more:
             # The last read filled the buffer, so more is probably waiting: read first.
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
@@ -78,32 +120,37 @@ class TCPTransport:
             except BlockingIOError:
                 pass
             except OSError:  # reset, or closed
-                return b""
+                data = b""
             else:
                 self._maybe_more = len(data) == RECEIVE_BYTES
                 # Data was already waiting: still yield once, so a client that keeps its
                 # socket full cannot starve the other connections.
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
         # After a short read the socket is almost always empty: wait first rather than
         # spend a read syscall on EAGAIN (one of the few syscalls of a round trip).
-        while True:
+        while data is None:
             try:
-                await trio.lowlevel.wait_readable(sock)
-                data = os.read(sock.fileno(), RECEIVE_BYTES)
+                await trio.lowlevel.wait_readable(sock)  # type: ignore[arg-type]
+                data = os.read(sock.fileno(), RECEIVE_BYTES)  # type: ignore[union-attr]
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError):
-                return b""
-            self._maybe_more = len(data) == RECEIVE_BYTES
-            return data
+                data = b""
+            else:
+                self._maybe_more = len(data) == RECEIVE_BYTES
+        if data:
+            return self._lines.feed(data)
+        # EOF: a last line without its newline still counts (as readline() has it).
+        self._eof = True
+        tail = self._lines.pending
+        return [tail] if tail else None
 
     async def send_batch(self, items: list[bytes]) -> None:
         items.append(b"")  # so the join also terminates the last object
         data = b"\r\n".join(items)
         sock = self._sock
         if sock is None:
-            await self.stream.send_all(data)
+            await self.stream.send_all(data)  # type: ignore[union-attr]
             return
         await trio.lowlevel.checkpoint_if_cancelled()
         # Usually the kernel takes it all and no pass through the scheduler is needed;
@@ -129,16 +176,21 @@ class TCPTransport:
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def aclose(self) -> None:
-        if not self._eof and self._sock is not None:
+        sock = self._sock
+        if not self._eof and sock is not None:
             # Closing a socket with unread input makes the kernel send a reset, which can
             # destroy the last replies (e.g. "Line too long") before the client reads
             # them. Half-close instead, and discard input briefly until the client closes.
             try:
-                self._sock.shutdown(socket.SHUT_WR)
+                sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
             else:
                 with trio.move_on_after(LINGER_SECONDS):
-                    while await self._receive():
+                    while await self.receive_lines() is not None:
                         pass
-        await trio.aclose_forcefully(self.stream)
+        if self.stream is not None:
+            await trio.aclose_forcefully(self.stream)
+        elif sock is not None:
+            sock.close()
+            await trio.lowlevel.checkpoint()

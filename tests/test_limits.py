@@ -69,7 +69,7 @@ async def test_slow_consumer_is_cut_off_others_unaffected(
     assert await fast.request({"command": "subscribe", "topic": "t"}) == OK
     # keep the kernel from absorbing megabytes on the server side of the slow socket
     slow_conn = server_side(server, slow)
-    slow_conn.transport.stream.socket.setsockopt(  # type: ignore[attr-defined]
+    slow_conn.transport.socket.setsockopt(  # type: ignore[attr-defined]
         socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
     )
     n = 1500
