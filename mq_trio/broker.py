@@ -18,7 +18,7 @@ from typing import Protocol
 
 import attrs
 
-from .protocol import SUCCESS, Send, encode_delivery
+from .protocol import SUCCESS, Send, encode_delivery, splice_index
 
 DEFAULT_CACHE_SIZE = 100
 
@@ -29,8 +29,10 @@ class Subscriber(Protocol):
     def push(self, payload: bytes) -> None: ...
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)
 class CachedMessage:
+    """A cached message as a history shows it for inspection (``cached``)."""
+
     index: int
     one: bool  # a "one" message goes to a single subscriber, so replay consumes it
     payload: bytes
@@ -39,14 +41,19 @@ class CachedMessage:
 class TopicHistory(Protocol):
     """Per-topic indexes and caches: what a durable or shared store must provide."""
 
-    def next_index(self, topic: str) -> int:
-        """Consume and return the topic's next index (never reused)."""
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
+        """Consume and return the topic's next index (never reused); if ``cached``, add
+        the message to the topic's cache (a "one" message if ``one``), evicting the
+        oldest beyond the cache size. Its delivery is ``encode_delivery(send, index)``.
 
-    def append(self, topic: str, message: CachedMessage) -> None:
-        """Add to the topic's cache, evicting the oldest beyond the cache size."""
+        One call per message, not "next index" then "append": the publish path is a
+        handful of calls in all, and a remote store can do both in one round trip. The
+        delivery is not passed in so that a history may build it only when replayed.
+        """
 
-    def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
-        """Cached messages with ``index > last_seen`` in order; "one" ones are removed."""
+    def replay(self, topic: str, last_seen: int) -> list[bytes]:
+        """Deliveries of the cached messages with ``index > last_seen``, in index order;
+        the "one" messages among them leave the cache."""
 
     def recovered(self, topic: str, last_seen: int) -> bool:
         """Whether nothing after ``last_seen`` was lost to the cache-size rule (epoch ext.)."""
@@ -57,50 +64,85 @@ def new_epoch() -> str:
     return uuid.uuid4().hex
 
 
+#: A cached message in memory: (index, one, data, encoded). ``data`` is the delivery when
+#: ``encoded``, else the command as received (``Send.raw``), not yet spliced: a message
+#: is encoded only when first replayed, so one that is evicted unread (the common case
+#: under load) never is. Splicing measured 0.17 of 0.46 us per cached publish. A tuple:
+#: an attrs instance per cached message cost another 0.13 us.
+Entry = tuple[int, bool, bytes, bool]
+
+
+@attrs.define(slots=True, eq=False)
+class TopicLog:
+    """One topic's history in memory: all of it in one object, so one dict lookup."""
+
+    cache: deque[Entry]
+    next_index: int = 0
+    #: The highest index the cache-size rule dropped (for the epoch extension); -1: none.
+    evicted: int = -1
+
+
 @attrs.define
 class MemoryHistory:
     """In-memory history: a bounded deque and a counter per topic."""
 
     cache_size: int = DEFAULT_CACHE_SIZE
-    _caches: dict[str, deque[CachedMessage]] = attrs.field(factory=dict)
-    _indexes: dict[str, int] = attrs.field(factory=dict)
-    #: Per topic, the highest index the cache-size rule dropped (for the epoch extension).
-    _evicted: dict[str, int] = attrs.field(factory=dict)
+    _topics: dict[str, TopicLog] = attrs.field(factory=dict)
 
-    def next_index(self, topic: str) -> int:
-        index = self._indexes.get(topic, 0)
-        self._indexes[topic] = index + 1
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
+        try:
+            log = self._topics[topic]  # a subscript measured cheaper than .get
+        except KeyError:
+            log = self._topics[topic] = TopicLog(deque(maxlen=self.cache_size))
+        index = log.next_index
+        log.next_index = index + 1
+        if cached:
+            cache = log.cache
+            if len(cache) == self.cache_size:
+                log.evicted = cache[0][0] if cache else index
+            raw = send.raw
+            if raw:
+                cache.append((index, one, raw, False))
+            else:  # built in code, not received: encode now (no raw to splice later)
+                cache.append((index, one, encode_delivery(send, index), True))
         return index
 
-    def append(self, topic: str, message: CachedMessage) -> None:
-        cache = self._caches.get(topic)
-        if cache is None:
-            cache = self._caches[topic] = deque(maxlen=self.cache_size)
-        if len(cache) == self.cache_size:
-            self._evicted[topic] = cache[0].index if cache else message.index
-        cache.append(message)
-
-    def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
-        cache = self._caches.get(topic)
-        if not cache:
+    def replay(self, topic: str, last_seen: int) -> list[bytes]:
+        log = self._topics.get(topic)
+        if log is None or not log.cache:
             return []
-        if last_seen < 0:
-            sent = list(cache)
-        else:
-            sent = [m for m in cache if m.index > last_seen]
-        if any(m.one for m in sent):
-            self._caches[topic] = deque(
-                (m for m in cache if not (m.one and m.index > last_seen)),
-                maxlen=self.cache_size,
-            )
+        sent: list[bytes] = []
+        # Rebuilt in one pass (as cheap as the copy that replay makes anyway): what is
+        # sent stays encoded, so later replays share the bytes; "one" messages leave.
+        kept: deque[Entry] = deque(maxlen=self.cache_size)
+        for entry in log.cache:
+            index, one, data, encoded = entry
+            if index > last_seen:
+                if not encoded:
+                    data = splice_index(data, index)
+                    entry = (index, one, data, True)
+                sent.append(data)
+                if one:
+                    continue
+            kept.append(entry)
+        log.cache = kept
         return sent
 
     def recovered(self, topic: str, last_seen: int) -> bool:
-        return self._evicted.get(topic, -1) <= max(last_seen, -1) < self._indexes.get(topic, 0)
+        log = self._topics.get(topic)
+        if log is None:
+            return last_seen <= -1
+        return log.evicted <= max(last_seen, -1) < log.next_index
 
     def cached(self, topic: str) -> list[CachedMessage]:
-        """A copy of the topic's cache, for inspection and tests."""
-        return list(self._caches.get(topic, ()))
+        """The topic's cache, for inspection and tests."""
+        log = self._topics.get(topic)
+        if log is None:
+            return []
+        return [
+            CachedMessage(index, one, data if encoded else splice_index(data, index))
+            for index, one, data, encoded in log.cache
+        ]
 
 
 @attrs.define(eq=False)
@@ -128,7 +170,7 @@ class Broker:
         self._topics_of.setdefault(subscriber, set()).add(topic)
         if not cache:
             return []
-        return [m.payload for m in self.history.replay(topic, last_seen)]
+        return self.history.replay(topic, last_seen)
 
     def unsubscribe(self, subscriber: Subscriber, topic: str) -> None:
         topics = self._topics_of.get(subscriber)
@@ -163,20 +205,19 @@ class Broker:
     def publish(self, send: Send) -> int:
         """Index, deliver and cache one message; return its index."""
         topic = send.topic
-        index = self.history.next_index(topic)
-        payload = encode_delivery(send, index)
         subs = self._subscribers.get(topic)
         if send.delivery == "all":
+            index = self.history.record(topic, send, False, send.cache)
             if subs:
+                payload = encode_delivery(send, index)  # once, the same bytes for all
                 # push never re-enters the broker, so iterating the live dict is safe
                 for subscriber in subs:
                     subscriber.push(payload)
-            if send.cache:
-                self.history.append(topic, CachedMessage(index, False, payload))
-        elif subs:
-            self._random.choice(list(subs)).push(payload)
-        elif send.cache:
-            self.history.append(topic, CachedMessage(index, True, payload))
+        else:
+            # "one": to a random subscriber, or cached for a later one if there is none
+            index = self.history.record(topic, send, True, send.cache and not subs)
+            if subs:
+                self._random.choice(list(subs)).push(encode_delivery(send, index))
         return index
 
     def subscribe_reply(self, topic: str, last_seen: int, epoch: str) -> bytes:

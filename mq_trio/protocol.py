@@ -329,12 +329,19 @@ def failure_bytes(reason: str) -> bytes:
     return encoded if encoded is not None else encode_failure(reason)
 
 
+def splice_index(raw: bytes, index: int) -> bytes:
+    """The delivery of a received send: its ``raw`` bytes with ``"index": index`` added.
+
+    raw is a stripped JSON object with at least the send keys, so it ends in "}".
+    """
+    return b'%b, "index": %d}' % (raw[:-1], index)
+
+
 def encode_delivery(send: Send, index: int) -> bytes:
     """The delivered object: the command exactly as received, plus ``"index"``."""
     raw = send.raw
     if raw:
-        # raw is a stripped JSON object with at least the send keys, so it ends in "}".
-        return b'%b, "index": %d}' % (raw[:-1], index)
+        return b'%b, "index": %d}' % (raw[:-1], index)  # splice_index, inlined (hot)
     obj: dict[str, object] = {
         "command": "send",
         "topic": send.topic,

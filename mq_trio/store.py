@@ -1092,26 +1092,23 @@ class DurableHistory:
 
     # -- TopicHistory ------------------------------------------------------------
 
-    def next_index(self, topic: str) -> int:
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         state = self.state(topic)
         index = state.next_index
         state.next_index = index + 1
-        self.store.submit(Bump(state.tid, index + 1))
+        # Uncached, the record (payload None) still makes the index durable.
+        payload = encode_delivery(send, index) if cached else None
+        written = self.store.write(state.tid, index, one, payload)
+        if payload is not None:
+            self.add(state, Entry(index, one, payload, written))
         return index
 
-    def append(self, topic: str, message: CachedMessage) -> None:
-        state = self.state(topic)
-        record = self.store.write(state.tid, message.index, message.one, message.payload)
-        self.add(state, Entry(message.index, message.one, message.payload, record))
-
-    def replay(self, topic: str, last_seen: int) -> list[CachedMessage]:
+    def replay(self, topic: str, last_seen: int) -> list[bytes]:
         """The in-memory part only; :class:`DurableBroker` streams older ones from disk."""
         state = self.topics.get(topic)
         if state is None:
             return []
-        sent = [
-            CachedMessage(e.index, e.one, e.payload) for e in state.window if e.index > last_seen
-        ]
+        sent = [e.payload for e in state.window if e.index > last_seen]
         self.replay_items(topic, max(last_seen, state.spilled_max))
         return sent
 

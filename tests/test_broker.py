@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mq_trio.broker import Broker, MemoryHistory
-from mq_trio.protocol import Send, parse_line
+from mq_trio.protocol import Send, encode_delivery, parse_line
 
 
 class Fake:
@@ -450,3 +450,110 @@ def test_evict_during_fanout_is_safe_and_immediate() -> None:
     assert len(subs[1].got) == 1
     b.disconnect(subs[1])  # the connection's own cleanup afterwards is a no-op
     assert len(b.subscribers("t")) == 3
+
+
+# --- against a reference: the straightforward eager implementation ----------------------
+
+
+class Reference:
+    """The broker's rules written plainly: encode at publish, cache the delivered bytes.
+
+    MemoryHistory encodes a cached message only when it is first replayed; nothing of that
+    may show: the same indexes, deliveries, replays, caches and ``recovered`` answers.
+    """
+
+    def __init__(self, cache_size: int, seed: int) -> None:
+        self.cache_size = cache_size
+        self.random = random.Random(seed)
+        self.subs: dict[str, dict[Any, None]] = {}
+        self.next: dict[str, int] = {}
+        self.cache: dict[str, list[tuple[int, bool, bytes]]] = {}
+        self.evicted: dict[str, int] = {}
+
+    def _cache(self, topic: str, index: int, one: bool, payload: bytes) -> None:
+        cache = self.cache.setdefault(topic, [])
+        cache.append((index, one, payload))
+        if len(cache) > self.cache_size:
+            self.evicted[topic] = cache.pop(0)[0]
+
+    def publish(self, s: Send) -> int:
+        index = self.next.get(s.topic, 0)
+        self.next[s.topic] = index + 1
+        payload = encode_delivery(s, index)
+        subs = list(self.subs.get(s.topic, ()))
+        if s.delivery == "all":
+            for sub in subs:
+                sub.push(payload)
+            if s.cache:
+                self._cache(s.topic, index, False, payload)
+        elif subs:
+            self.random.choice(subs).push(payload)
+        elif s.cache:
+            self._cache(s.topic, index, True, payload)
+        return index
+
+    def subscribe(self, sub: Any, topic: str, last_seen: int, cache: bool) -> list[bytes]:
+        self.subs.setdefault(topic, {})[sub] = None
+        if not cache:
+            return []
+        cached = self.cache.get(topic, [])
+        sent = [p for i, _, p in cached if i > last_seen]
+        self.cache[topic] = [(i, o, p) for i, o, p in cached if not (o and i > last_seen)]
+        return sent
+
+    def unsubscribe(self, sub: Any, topic: str) -> None:
+        self.subs.get(topic, {}).pop(sub, None)
+
+    def recovered(self, topic: str, last_seen: int) -> bool:
+        return self.evicted.get(topic, -1) <= max(last_seen, -1) < self.next.get(topic, 0)
+
+
+@pytest.mark.parametrize("cache_size", [0, 1, 3, 10])
+def test_matches_the_eager_reference(cache_size: int) -> None:
+    rng = random.Random(cache_size)
+    b = make_broker(cache_size, seed=7)
+    ref = Reference(cache_size, seed=7)
+    history = b.history
+    assert isinstance(history, MemoryHistory)
+    ours = [Fake(str(i)) for i in range(3)]
+    theirs = [Fake(str(i)) for i in range(3)]
+    topics = ["a", "b"]
+    for step in range(3000):
+        r = rng.random()
+        topic = rng.choice(topics)
+        if r < 0.6:
+            code_built = rng.random() < 0.1  # no raw: encoded at once, not lazily
+            delivery = rng.choice(["all", "one"])
+            cache = rng.choice([None, True, False])
+            s = (Send(topic, str(step), delivery, cache is not False) if code_built
+                 else send(topic, str(step), delivery, cache))
+            assert b.publish(s) == ref.publish(s)
+        elif r < 0.8:
+            i = rng.randrange(3)
+            last_seen = rng.randint(-2, step)
+            cache_flag = rng.random() < 0.9
+            got = b.subscribe(ours[i], topic, last_seen, cache_flag)
+            assert got == ref.subscribe(theirs[i], topic, last_seen, cache_flag)
+        elif r < 0.95:
+            i = rng.randrange(3)
+            b.unsubscribe(ours[i], topic)
+            ref.unsubscribe(theirs[i], topic)
+        else:
+            last_seen = rng.randint(-2, step)
+            assert history.recovered(topic, last_seen) == ref.recovered(topic, last_seen)
+        for topic in topics:
+            assert [(m.index, m.one, m.payload) for m in history.cached(topic)] == (
+                ref.cache.get(topic, [])
+            )
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.got == reference.got
+
+
+def test_replayed_messages_are_encoded_once_and_shared() -> None:
+    b = make_broker()
+    for i in range(3):
+        b.publish(send(msg=str(i)))
+    first = b.subscribe(Fake(), "t")
+    second = b.subscribe(Fake(), "t", last_seen=0)
+    assert replayed(first) == [0, 1, 2]
+    assert second[0] is first[1] and second[1] is first[2]
