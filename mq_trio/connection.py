@@ -55,6 +55,9 @@ class Transport(Protocol):
     async def send_batch(self, items: list[bytes]) -> None:
         """Send encoded JSON objects (no terminators), in order."""
 
+    def stop_receiving(self) -> None:
+        """Make a waiting or later ``receive_lines`` return None soon (graceful close)."""
+
     async def aclose(self) -> None: ...
 
 
@@ -143,13 +146,13 @@ class Outbox:
             # Replay credit only shrinks: at most what is still queued remains allowed.
             self._limit = self.budget + min(self._limit - self.budget, pending)
         if pending <= self.high_water and self._reader is not None:
-            self._wake_reader()
+            self.wake_reader()
 
     def close(self) -> None:
         """No more items; the writer flushes what is queued and stops."""
         self._closed = True
         self._wake()
-        self._wake_reader()
+        self.wake_reader()
 
     def _wake(self) -> None:
         task = self._waiter
@@ -157,7 +160,8 @@ class Outbox:
             self._waiter = None
             trio.lowlevel.reschedule(task)
 
-    def _wake_reader(self) -> None:
+    def wake_reader(self) -> None:
+        """End the reader's ``wait_drained`` now (it re-checks why it waited)."""
         task = self._reader
         if task is not None:
             self._reader = None
@@ -183,8 +187,9 @@ class Outbox:
         return self.pending > self.budget // 2 and not self._closed
 
     async def wait_drained(self) -> None:
-        """Wait until the writer brings ``pending`` back under the high-water mark."""
-        while self.backlogged:
+        """Wait until the writer brings ``pending`` under the high-water mark, the outbox
+        closes, or ``wake_reader`` is called."""
+        if self.backlogged:
             self._reader = trio.lowlevel.current_task()
             try:
                 await trio.lowlevel.wait_task_rescheduled(_abort)
@@ -261,7 +266,8 @@ class Connection:
     #: The server's set of live connections: this one is in it while it runs.
     registry: set[Connection] | None = None
     outbox: Outbox = attrs.field(init=False)
-    _reader_scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
+    #: Set by ``stop``: no more commands are handled.
+    _stopping: bool = attrs.field(init=False, default=False)
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -273,8 +279,14 @@ class Connection:
 
     def stop(self, reason: str = "server shutdown") -> None:
         """Stop reading new commands; what is queued is still flushed (graceful close)."""
-        log.debug("closing %s: %s", self.peer, reason)
-        self._reader_scope.cancel()
+        # Not a cancel scope around the reader: that is two sets and two objects for every
+        # connection, idle or not. The transport wakes a waiting read instead, and
+        # _handle_lines refuses further commands.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("closing %s: %s", self.peer, reason)
+        self._stopping = True
+        self.transport.stop_receiving()
+        self.outbox.wake_reader()
 
     def _slow_consumer(self) -> None:
         log.warning(
@@ -312,21 +324,20 @@ class Connection:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(outbox.drain_into, transport, self._peer_gone, name=WRITER)
                 try:
-                    with self._reader_scope:
-                        while (lines := await transport.receive_lines()) is not None:
-                            done = 0
-                            while (done := self._handle_lines(lines, done)) >= 0:
-                                if not outbox.backlogged:
-                                    break
-                                await outbox.wait_drained()
-                            if done < 0 or outbox.overflowed:
+                    while (lines := await transport.receive_lines()) is not None:
+                        done = 0
+                        while (done := self._handle_lines(lines, done)) >= 0:
+                            if not outbox.backlogged:
                                 break
-                            if transport.line_too_long:
-                                outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
-                                log.info("closing %s: line over %d bytes", self.peer,
-                                         self.limits.max_line_bytes)
-                                break
-                            del lines  # not kept alive while waiting for more
+                            await outbox.wait_drained()
+                        if done < 0:
+                            break
+                        if transport.line_too_long:
+                            outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
+                            log.info("closing %s: line over %d bytes", self.peer,
+                                     self.limits.max_line_bytes)
+                            break
+                        del lines  # not kept alive while waiting for more
                 finally:
                     # Whatever ended the reading (EOF, quit, reset, cut-off, shutdown, a
                     # bug) releases the subscriptions; a plain finally rather than a
@@ -357,7 +368,7 @@ class Connection:
         when the client quit or was cut off as a slow consumer (the rest is not handled).
         """
         outbox = self.outbox
-        if outbox.overflowed:  # cut off while the reader waited for the writer
+        if outbox.overflowed or self._stopping:  # while the reader waited
             return -1
         high_water = outbox.high_water
         handle = self.handle_event

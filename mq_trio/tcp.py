@@ -60,7 +60,8 @@ class TCPTransport:
     stream (tests use in-memory ones).
     """
 
-    __slots__ = ("stream", "_sock", "_lines", "_eof", "_maybe_more", "_peer")
+    __slots__ = ("stream", "_sock", "_lines", "_eof", "_maybe_more", "_peer", "_stopping",
+                 "_receiving")
 
     def __init__(
         self,
@@ -79,6 +80,9 @@ class TCPTransport:
         self._eof = False
         self._maybe_more = True
         self._peer: str | None = None
+        self._stopping = False
+        #: Over a non-socket stream: the scope of the receive in progress.
+        self._receiving: trio.CancelScope | None = None
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -103,15 +107,19 @@ class TCPTransport:
         The socket read is written out here rather than in a helper coroutine: this is
         where every idle connection waits, and each await level is a frame it keeps.
         """
-        if self._eof:
+        if self._eof or self._stopping:
             return None
         sock = self._sock
         data: bytes | bytearray | None = None
         if sock is None:
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)  # type: ignore[union-attr]
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            with trio.CancelScope() as self._receiving:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)  # type: ignore[union-attr]
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            self._receiving = None
+            if data is None:  # stopped
+                return None
         elif self._maybe_more:
             # The last read filled the buffer, so more is probably waiting: read first.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -144,6 +152,18 @@ class TCPTransport:
         self._eof = True
         tail = self._lines.pending
         return [tail] if tail else None
+
+    def stop_receiving(self) -> None:
+        self._stopping = True
+        if self._sock is not None:
+            # Wakes a reader waiting for input (the read then sees EOF, or input that
+            # was already there, which the connection no longer handles).
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        elif self._receiving is not None:
+            self._receiving.cancel()
 
     async def send_batch(self, items: list[bytes]) -> None:
         items.append(b"")  # so the join also terminates the last object
@@ -187,10 +207,22 @@ class TCPTransport:
                 pass
             else:
                 with trio.move_on_after(LINGER_SECONDS):
-                    while await self.receive_lines() is not None:
-                        pass
+                    await self._discard_input(sock)
         if self.stream is not None:
             await trio.aclose_forcefully(self.stream)
         elif sock is not None:
             sock.close()
             await trio.lowlevel.checkpoint()
+
+    @staticmethod
+    async def _discard_input(sock: trio.socket.SocketType) -> None:
+        """Read and drop input until the client closes (or the caller's timeout)."""
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                if not os.read(sock.fileno(), RECEIVE_BYTES):
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return

@@ -314,13 +314,21 @@ class WebSocketTransport:
         self._close: tuple[int, str | None] | None = None
         #: A send was cut short: the connection is dropped with output still queued.
         self._interrupted = False
+        self._stopping = False
+        #: The scope of the receive in progress (stop_receiving cancels it).
+        self._receiving: trio.CancelScope | None = None
 
     async def receive_lines(self) -> list[bytes] | None:
-        if self._close is not None:
+        if self._close is not None or self._stopping:
             return None
-        try:
-            message = await self.ws.get_message()
-        except ConnectionClosed:
+        message: str | bytes | None = None
+        with trio.CancelScope() as self._receiving:
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed:
+                pass
+        self._receiving = None
+        if message is None:  # closed, or stopped
             return None
         if isinstance(message, str):
             data = message.encode("utf-8")  # wsproto already rejected invalid UTF-8 (1007)
@@ -330,6 +338,11 @@ class WebSocketTransport:
                 return None
             return [data]
         return [bytes(message)]
+
+    def stop_receiving(self) -> None:
+        self._stopping = True
+        if self._receiving is not None:
+            self._receiving.cancel()
 
     async def send_batch(self, items: list[bytes]) -> None:
         ws = self.ws
