@@ -30,6 +30,8 @@ DEFAULT_MAX_PENDING_BYTES = 8 << 20
 DEFAULT_FLUSH_TIMEOUT = 5.0
 #: The writer stops collecting queued items for one write at about this many bytes.
 WRITE_BATCH_BYTES = 256 << 10
+#: The most a reader sends itself (``Outbox.send_now``); more is the writer's job.
+SEND_NOW_BYTES = 64 << 10
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
 
@@ -53,7 +55,11 @@ class Transport(Protocol):
         """The next complete lines (maybe none yet), or ``None`` at end of input."""
 
     async def send_batch(self, items: list[bytes]) -> None:
-        """Send encoded JSON objects (no terminators), in order."""
+        """Send encoded JSON objects (no terminators), in order, after anything a
+        ``send_nowait`` left over (``items`` may be empty to send only that)."""
+
+    def send_nowait(self, items: list[bytes]) -> bool:
+        """Send what can go without waiting; False if the rest waits for ``send_batch``."""
 
     def stop_receiving(self) -> None:
         """Make a waiting or later ``receive_lines`` return None soon (graceful close)."""
@@ -93,7 +99,7 @@ class Outbox:
     # The reader's wait for the writer to catch up is a single task slot too, not a
     # ParkingLot (an OrderedDict per connection, idle or not).
     __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "_limit",
-                 "overflowed", "_on_overflow", "__weakref__")
+                 "overflowed", "_on_overflow", "_sending", "_leftover", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: list[bytes] = []
@@ -108,6 +114,10 @@ class Outbox:
         self._limit = budget
         self.overflowed = False
         self._on_overflow = on_overflow
+        #: The writer is between taking items and handing them all to the transport.
+        self._sending = False
+        #: A ``send_now`` left part of its write with the transport: the writer sends it.
+        self._leftover = False
 
     def push(self, payload: bytes) -> None:
         # The hot path of every reply and delivery (fanout: once per subscriber), so the
@@ -120,6 +130,17 @@ class Outbox:
         self._queue.append(payload)
         if self._waiter is not None:
             self._wake()
+
+    def push_reply(self, payload: bytes) -> None:
+        """``push`` for the reader's own replies, without waking the writer: the reader
+        sends or wakes at the end of its batch (``send_now``, ``wait_drained``), and a
+        wake-up per reply would cost a scheduler pass per round trip."""
+        pending = self.pending + len(payload)
+        if pending > self._limit or self._closed:
+            self._refuse(pending)
+            return
+        self.pending = pending
+        self._queue.append(payload)
 
     def _refuse(self, pending: int) -> None:
         if self.overflowed:
@@ -189,6 +210,7 @@ class Outbox:
     async def wait_drained(self) -> None:
         """Wait until the writer brings ``pending`` under the high-water mark, the outbox
         closes, or ``wake_reader`` is called."""
+        self._wake()  # replies pushed without a wake-up are queued
         if self.backlogged:
             self._reader = trio.lowlevel.current_task()
             try:
@@ -210,6 +232,28 @@ class Outbox:
         self._queue = []
         return items
 
+    def send_now(self, transport: Transport) -> None:
+        """Hand what is queued to the transport from the reader's task, if nothing is
+        being sent and it is small (the reader's replies at the end of a batch).
+
+        The writer would send it only in trio's next scheduling batch: one more
+        epoll_wait and task switch between a request and its reply, most of the round
+        trip's gap to Redis. Only a non-blocking write happens here; what the kernel does
+        not take stays with the transport, and the writer sends it.
+        """
+        if not self._queue:
+            return
+        if self._sending or self._leftover or self.pending > SEND_NOW_BYTES:
+            self._wake()  # the writer's job (when it is busy, it comes back for these)
+            return
+        items = self._queue
+        self._queue = []
+        size = self.pending
+        if not transport.send_nowait(items):
+            self._leftover = True
+            self._wake()
+        self.written(size)
+
     async def drain_into(self, transport: Transport, peer_gone: Callable[[], None]) -> None:
         """The writer task: one transport write for everything queued, until closed.
 
@@ -219,7 +263,7 @@ class Outbox:
         """
         try:
             while True:
-                while not self._queue:
+                while not self._queue and not self._leftover:
                     if self._closed:
                         return
                     self._waiter = trio.lowlevel.current_task()
@@ -229,12 +273,15 @@ class Outbox:
                         self._waiter = None  # already None unless cancelled
                 items = self._queue
                 self._queue = []
+                self._leftover = False
+                self._sending = True
                 if self.pending <= WRITE_BATCH_BYTES:
                     size = self.pending
                     await transport.send_batch(items)
                     self.written(size)
                 else:
                     await self._send_in_parts(transport, items)
+                self._sending = False
                 del items  # not kept alive while idle
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             peer_gone()
@@ -332,6 +379,7 @@ class Connection:
                             await outbox.wait_drained()
                         if done < 0:
                             break
+                        outbox.send_now(transport)
                         if transport.line_too_long:
                             outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
                             log.info("closing %s: line over %d bytes", self.peer,
@@ -392,7 +440,7 @@ class Connection:
         """Apply one parsed line; return True when the client asked to quit."""
         if event is None:
             return False
-        push = self.outbox.push
+        push = self.outbox.push_reply  # the reader's loop calls send_now after the batch
         cls = type(event)
         if cls is Failure:
             push(protocol.failure_bytes(event.reason))  # type: ignore[union-attr]

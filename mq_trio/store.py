@@ -1199,6 +1199,10 @@ class DurableOutbox(Outbox):
         #: Snapshots of replays from disk queued here; the writer releases them.
         self.snapshots: set[Read] = set()
 
+    def send_now(self, transport: Transport) -> None:
+        """Never from the reader: queued items may have to wait for the store."""
+        self._wake()
+
     async def drain_into(self, transport: Transport, peer_gone: Callable[[], None]) -> None:
         try:
             await self._drain(transport)

@@ -61,7 +61,7 @@ class TCPTransport:
     """
 
     __slots__ = ("stream", "_sock", "_lines", "_eof", "_maybe_more", "_peer", "_stopping",
-                 "_receiving")
+                 "_receiving", "_unsent")
 
     def __init__(
         self,
@@ -83,6 +83,8 @@ class TCPTransport:
         self._stopping = False
         #: Over a non-socket stream: the scope of the receive in progress.
         self._receiving: trio.CancelScope | None = None
+        #: What a send_nowait could not write; the next send_batch sends it first.
+        self._unsent = b""
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -165,9 +167,28 @@ class TCPTransport:
         elif self._receiving is not None:
             self._receiving.cancel()
 
-    async def send_batch(self, items: list[bytes]) -> None:
+    def send_nowait(self, items: list[bytes]) -> bool:
+        sock = self._sock
         items.append(b"")  # so the join also terminates the last object
         data = b"\r\n".join(items)
+        if sock is not None and not self._unsent:
+            try:
+                sent = self._write(sock, data)
+            except trio.BrokenResourceError:
+                sent = 0  # the writer's send_batch will report it
+            if sent == len(data):
+                return True
+            data = data[sent:]
+        self._unsent += data
+        return False
+
+    async def send_batch(self, items: list[bytes]) -> None:
+        if items:
+            items.append(b"")  # so the join also terminates the last object
+            data = self._unsent + b"\r\n".join(items) if self._unsent else b"\r\n".join(items)
+        else:
+            data = self._unsent
+        self._unsent = b""
         sock = self._sock
         if sock is None:
             await self.stream.send_all(data)  # type: ignore[union-attr]

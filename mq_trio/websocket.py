@@ -315,6 +315,8 @@ class WebSocketTransport:
         #: A send was cut short: the connection is dropped with output still queued.
         self._interrupted = False
         self._stopping = False
+        #: What send_nowait was given; the next send_batch sends it first.
+        self._unsent: list[bytes] = []
         #: The scope of the receive in progress (stop_receiving cancels it).
         self._receiving: trio.CancelScope | None = None
 
@@ -344,8 +346,15 @@ class WebSocketTransport:
         if self._receiving is not None:
             self._receiving.cancel()
 
+    def send_nowait(self, items: list[bytes]) -> bool:
+        # trio-websocket has no non-blocking send: the writer sends them.
+        self._unsent.extend(items)
+        return False
+
     async def send_batch(self, items: list[bytes]) -> None:
         ws = self.ws
+        if self._unsent:
+            items, self._unsent = self._unsent + items, []
         try:
             for item in items:
                 await ws.send_message(item.decode("utf-8"))
