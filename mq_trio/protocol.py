@@ -195,22 +195,41 @@ def parse_line_stdlib(line: bytes) -> LineEvent:
     return parse_text_stdlib(text)
 
 
-class _SendSchema(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+class _SendSchema(
+    msgspec.Struct, tag_field="command", tag="send", forbid_unknown_fields=True, gc=False
+):
     """A canonical ``send`` command, for the msgspec fast path.
 
-    ``command`` is an ordinary required field: a tagged struct would accept a missing
-    tag (malformed under the contract), and a tagged union measured slower (0.22 us
-    against 0.20 us for a 130-byte send).
+    Tagged, in a union (a lone tagged struct would accept a missing tag, which the
+    contract calls malformed; in a union the tag is required).
     """
 
-    command: Literal["send"]
     topic: str
     msg: str
     delivery: Delivery
     cache: bool = True
 
 
-_decode_send = msgspec.json.Decoder(_SendSchema).decode
+class _OtherCommand(msgspec.Struct, tag_field="command", gc=False):
+    """Any other command: recognised (all else skipped) so that msgspec returns it
+    instead of raising, since the exception measured 0.6 to 1 us; it goes the stdlib way.
+    """
+
+
+class _Subscribe(_OtherCommand, tag="subscribe"):
+    pass
+
+
+class _Unsubscribe(_OtherCommand, tag="unsubscribe"):
+    pass
+
+
+# For a 130-byte send the union measured 0.02 us slower than a struct with a required
+# Literal "command"; it spares each subscribe the exception (0.9 us), so a subscribe costs
+# about 0.3 us more than with the stdlib path alone, not 1 us. ("command" may come
+# anywhere in the object: msgspec looks ahead for the tag.)
+_decode_command = msgspec.json.Decoder(_SendSchema | _Subscribe | _Unsubscribe).decode
+
 
 # What may surround an object msgspec accepted: JSON whitespace only (str.strip in the
 # stdlib path strips more, but msgspec rejects anything else, which then goes that way).
@@ -227,20 +246,24 @@ def parse_line(line: bytes) -> LineEvent:
     anything it rejects, for whatever reason, takes the stdlib path for its exact answer.
     """
     try:
-        s = _decode_send(line)
+        s = _decode_command(line)
     except Exception:
         return parse_line_stdlib(line)
-    return Send(s.topic, s.msg, s.delivery, s.cache, line.strip(_JSON_WS))
+    if type(s) is _SendSchema:
+        return Send(s.topic, s.msg, s.delivery, s.cache, line.strip(_JSON_WS))
+    return parse_line_stdlib(line)
 
 
 def parse_text(text: str) -> LineEvent:
     """Parse one already-decoded command (used by message transports such as WebSocket)."""
     try:
-        s = _decode_send(text)
+        s = _decode_command(text)
     except Exception:
         return parse_text_stdlib(text)
-    # Accepted text encodes: msgspec itself had to encode it to UTF-8.
-    return Send(s.topic, s.msg, s.delivery, s.cache, text.strip(_JSON_WS_STR).encode())
+    if type(s) is _SendSchema:
+        # Accepted text encodes: msgspec itself had to encode it to UTF-8.
+        return Send(s.topic, s.msg, s.delivery, s.cache, text.strip(_JSON_WS_STR).encode())
+    return parse_text_stdlib(text)
 
 
 # A non-recursive JSON well-formedness check, only for input too deep for json.loads.

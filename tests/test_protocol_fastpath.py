@@ -41,11 +41,12 @@ def describe(event: protocol.LineEvent) -> tuple[Any, ...]:
 
 
 def fast_accepts(data: bytes | str) -> bool:
+    """Whether msgspec decodes ``data`` as a send (so the stdlib path is not used)."""
     try:
-        protocol._decode_send(data)
+        decoded = protocol._decode_command(data)
     except Exception:
         return False
-    return True
+    return type(decoded) is protocol._SendSchema
 
 
 def check(line: bytes) -> bool:
@@ -351,6 +352,15 @@ KNOWN: list[bytes] = [
     b'{"command": "send", "topic": "t", "msg": "m", "delivery": "all", "index": 0}',
     b'{"command": "send", "topic": "t", "msg": "m", "delivery": "all", "cache": null}',
     b'{"command": "send", "topic": "t", "msg": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b', "command": "send", "topic": "t"}',
+    b'{"command": "subscribe", "topic": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    # other commands are recognised by msgspec too, and must still go the stdlib way
+    b'{"command": "unsubscribe", "topic": "t", "command": "send", "msg": "m", "delivery": "all"}',
+    b'{"command": "send", "topic": "t", "msg": "m", "delivery": "all", "command": "unsubscribe"}',
+    b'{"topic": "t", "msg": "m", "delivery": "all", "command": "send"}',
+    b'{"command": "subscribe", "topic": "t", "last_seen": 3, "epoch": null}',
+    b'{"command": "quit"}',
+    b'{"command": null, "topic": "t", "msg": "m", "delivery": "all"}',
     b'{"command": "send", "topic": "t", "msg": "m", "delivery": "all", "x": ' + b"9" * 5000 + b"}",
 ]
 
@@ -383,8 +393,10 @@ def test_the_comparison_would_notice_a_wrong_raw(breakage: Callable[[bytes], byt
     # produced a different raw must be caught on the generated lines.
     def broken(line: bytes) -> protocol.LineEvent:
         try:
-            s = protocol._decode_send(line)
+            s = protocol._decode_command(line)
         except Exception:
+            return parse_line_stdlib(line)
+        if type(s) is not protocol._SendSchema:
             return parse_line_stdlib(line)
         return Send(s.topic, s.msg, s.delivery, s.cache, breakage(line))
 
