@@ -99,8 +99,8 @@ class Outbox:
     # bytes) instead of a deque's 64-slot block (about 1.2 KiB with the one clear() makes).
     # The reader's wait for the writer to catch up is a single task slot too, not a
     # ParkingLot (an OrderedDict per connection, idle or not).
-    __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "_limit",
-                 "overflowed", "_on_overflow", "_sending", "_leftover", "__weakref__")
+    __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "high_water",
+                 "_limit", "overflowed", "_on_overflow", "_sending", "_leftover", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: list[bytes] = []
@@ -111,6 +111,8 @@ class Outbox:
         self._reader: trio.lowlevel.Task | None = None
         self.pending = 0
         self.budget = budget
+        #: Over this, the reader waits for the writer before handling more.
+        self.high_water = budget // 2
         #: The overflow threshold: the budget plus replay bytes still queued.
         self._limit = budget
         self.overflowed = False
@@ -200,13 +202,9 @@ class Outbox:
             self._waiter = None  # already None unless cancelled
 
     @property
-    def high_water(self) -> int:
-        return self.budget // 2
-
-    @property
     def backlogged(self) -> bool:
         """Over the high-water mark: the reader should wait before handling more."""
-        return self.pending > self.budget // 2 and not self._closed
+        return self.pending > self.high_water and not self._closed
 
     async def wait_drained(self) -> None:
         """Wait until the writer brings ``pending`` under the high-water mark, the outbox

@@ -393,37 +393,44 @@ class LineBuffer:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     # A bytearray, and only new data is searched for "\n": a long line arriving in many
     # small segments costs O(its length), not O(length squared) in copies and scans.
-    _partial: bytearray = attrs.field(factory=bytearray)
+    # None while there is no partial line: no object per idle connection.
+    _partial: bytearray | None = None
     too_long: bool = False
 
     def feed(self, data: bytes | bytearray) -> list[bytes]:
         limit = self.max_line_bytes
         partial = self._partial
         if b"\n" not in data:
-            partial += data
+            if partial is None:
+                partial = self._partial = bytearray(data)
+            else:
+                partial += data
             if len(partial) > limit:
                 self.too_long = True
-                partial.clear()
+                self._partial = None
             return []
-        if partial:
+        if partial is not None:
             partial += data
             data = bytes(partial)
+            self._partial = None
         elif type(data) is not bytes:
             data = bytes(data)  # trio streams may hand out a bytearray
         lines = data.split(b"\n")
         tail = lines.pop()
-        if len(tail) > limit:
-            self.too_long = True
-            tail = b""
-        self._partial = bytearray(tail)
-        for i, line in enumerate(lines):
-            if len(line) > limit:
+        if tail:
+            if len(tail) > limit:
                 self.too_long = True
-                self._partial = bytearray()
-                return lines[:i]
+            else:
+                self._partial = bytearray(tail)
+        if len(data) > limit:  # only then can a complete line be over the limit
+            for i, line in enumerate(lines):
+                if len(line) > limit:
+                    self.too_long = True
+                    self._partial = None
+                    return lines[:i]
         return lines
 
     @property
     def pending(self) -> bytes:
         """The incomplete line kept until its newline (or EOF) arrives."""
-        return bytes(self._partial)
+        return b"" if self._partial is None else bytes(self._partial)
