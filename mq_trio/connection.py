@@ -100,7 +100,8 @@ class Outbox:
     # The reader's wait for the writer to catch up is a single task slot too, not a
     # ParkingLot (an OrderedDict per connection, idle or not).
     __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "high_water",
-                 "_limit", "overflowed", "_on_overflow", "_sending", "_leftover", "__weakref__")
+                 "_limit", "overflowed", "_on_overflow", "_sending", "_leftover", "transport",
+                 "_ready", "_listed", "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: list[bytes] = []
@@ -121,6 +122,10 @@ class Outbox:
         self._sending = False
         #: A ``send_now`` left part of its write with the transport: the writer sends it.
         self._leftover = False
+        #: See ``attach``.
+        self.transport: Transport | None = None
+        self._ready: list[Outbox] | None = None
+        self._listed = False
 
     def push(self, payload: bytes) -> None:
         # The hot path of every reply and delivery (fanout: once per subscriber), so the
@@ -183,6 +188,22 @@ class Outbox:
         if task is not None:
             self._waiter = None
             trio.lowlevel.reschedule(task)
+            ready = self._ready
+            if ready is not None and not self._listed:
+                self._listed = True
+                ready.append(self)
+
+    def attach(self, transport: Transport, ready: list[Outbox] | None) -> None:
+        """Let the reader whose command woke this outbox's writer write it early.
+
+        When a push wakes the idle writer, the outbox also puts itself on ``ready`` (one
+        list per server); the reader that caused it calls :func:`send_ready` at the end of
+        its chunk, so a delivery leaves in the same scheduling pass as the command that
+        produced it instead of the next one. The woken writer then finds nothing left
+        and sleeps again; it still does everything that has to wait.
+        """
+        self.transport = transport
+        self._ready = ready
 
     def wake_reader(self) -> None:
         """End the reader's ``wait_drained`` now (it re-checks why it waited)."""
@@ -296,6 +317,15 @@ class Outbox:
                 start, size = i + 1, 0
 
 
+def send_ready(ready: list[Outbox]) -> None:
+    """Write the outboxes whose writers were woken since the last call (``attach``)."""
+    while ready:
+        outbox = ready.pop()
+        outbox._listed = False
+        if outbox.transport is not None:
+            outbox.send_now(outbox.transport)
+
+
 def _abort(_: object) -> trio.lowlevel.Abort:
     # The waiter slots are cleared by the waits' own ``finally``.
     return trio.lowlevel.Abort.SUCCEEDED
@@ -311,6 +341,8 @@ class Connection:
     outbox_factory: Callable[[int, Callable[[], None] | None], Outbox] = Outbox
     #: The server's set of live connections: this one is in it while it runs.
     registry: set[Connection] | None = None
+    #: The server's list of outboxes with freshly woken writers (``Outbox.attach``).
+    ready: list[Outbox] | None = None
     outbox: Outbox = attrs.field(init=False)
     #: Set by ``stop``: no more commands are handled.
     _stopping: bool = attrs.field(init=False, default=False)
@@ -318,6 +350,7 @@ class Connection:
 
     def __attrs_post_init__(self) -> None:
         self.outbox = self.outbox_factory(self.limits.max_pending_bytes, self._slow_consumer)
+        self.outbox.attach(self.transport, self.ready)
 
     @property
     def peer(self) -> str:
@@ -365,6 +398,7 @@ class Connection:
             log.debug("connected: %s", self.peer)
         transport = self.transport
         outbox = self.outbox
+        ready = self.ready
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -378,6 +412,8 @@ class Connection:
                             await outbox.wait_drained()
                         if done < 0:
                             break
+                        if ready:
+                            send_ready(ready)  # deliveries this chunk produced, first
                         outbox.send_now(transport)
                         if transport.line_too_long:
                             outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))

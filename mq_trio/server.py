@@ -128,6 +128,8 @@ class Server:
     #: How connections build their outbox (durable mode: one that waits for the store).
     outbox_factory: OutboxFactory = Outbox
     _limits: Limits = attrs.field(init=False)
+    #: Outboxes whose writers a command just woke; its reader writes them (Outbox.attach).
+    _ready: list[Outbox] = attrs.field(init=False, factory=list)
 
     def __attrs_post_init__(self) -> None:
         self._limits = self.config.limits  # one shared object, not one per connection
@@ -164,7 +166,8 @@ class Server:
     def connection(self, transport: Transport) -> Connection:
         """A connection of this server over ``transport``; ``await conn.run()`` serves it."""
         return Connection(
-            transport, self.broker, self._limits, self.outbox_factory, self.connections
+            transport, self.broker, self._limits, self.outbox_factory, self.connections,
+            self._ready,
         )
 
     async def handle_transport(self, transport: Transport) -> None:

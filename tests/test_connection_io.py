@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from support import LineClient, start_server
 
-from mq_trio.connection import SEND_NOW_BYTES, Outbox
+from mq_trio.connection import SEND_NOW_BYTES, Outbox, send_ready
 from mq_trio.server import Server
 from mq_trio.tcp import TCPTransport
 
@@ -248,3 +248,44 @@ async def test_accept_loop_raises_unexpected_errors(nursery: trio.Nursery) -> No
     with pytest.raises(OSError, match="injected"):
         await server._accept_loop(flaky, 1024, nursery)  # type: ignore[arg-type]
     listener.close()
+
+
+async def test_woken_outboxes_are_written_by_the_reader_that_woke_them() -> None:
+    """A delivery leaves in the same pass as the command that produced it: the woken
+    writer's outbox is on the ready list, and send_ready writes it without the writer."""
+    ready: list[Outbox] = []
+    subscriber = Outbox(1 << 20)
+    transport = RecordingTransport(room=1 << 20)
+    subscriber.attach(transport, ready)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(subscriber.drain_into, transport, lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        subscriber.push(b"d1")
+        subscriber.push(b"d2")  # the writer is already woken: listed once
+        assert ready == [subscriber]
+        send_ready(ready)
+        assert ready == []
+        assert transport.wire == b"d1\nd2\n"
+        assert (transport.nowait_calls, transport.batch_calls) == (1, 0)
+        await trio.testing.wait_all_tasks_blocked()  # the woken writer found nothing
+        assert transport.batch_calls == 0
+        subscriber.push(b"d3")  # idle again: listed again
+        assert ready == [subscriber]
+        subscriber.close()
+    assert transport.wire == b"d1\nd2\nd3\n"  # written by the writer when nobody else did
+
+
+async def test_deliveries_reach_subscribers_over_tcp_in_order(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery)
+    subs = [await LineClient.connect(server.port) for _ in range(3)]
+    for sub in subs:
+        assert await sub.request({"command": "subscribe", "topic": "t"}) == OK
+    pub = await LineClient.connect(server.port)
+    for i in range(20):
+        assert await pub.request(snd(str(i))) == OK
+    await pub.send_raw(b"".join(enc(snd(str(i))) for i in range(20, 1000)))
+    assert await pub.receive_many(980) == [OK] * 980
+    for sub in subs:
+        got = await sub.receive_many(1000)
+        assert [m["index"] for m in got] == list(range(1000))
+        assert [m["msg"] for m in got] == [str(i) for i in range(1000)]
