@@ -1,0 +1,95 @@
+"""Where an idle connection's memory goes: tracemalloc over N idle subscribed clients.
+
+    python bench/memory_per_connection.py [N] > bench/results/memory-per-connection-10000.txt
+
+Runs the server in this process with tracemalloc on, opens N connections from a child
+process (each subscribes to its own topic, as the ``conns`` benchmark does), and prints
+the growth in traced Python memory per connection, split into trio's, mq-trio's and the
+rest, then by allocation site. RSS is what the benchmark reports; this is the why.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import subprocess
+import sys
+import tracemalloc
+
+import trio
+
+from mq_trio.server import Config, serve
+
+CLIENT = r"""
+import socket, sys, time
+n, port = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b'{"command": "subscribe", "topic": "bench.c%d"}\n' % i)
+    socks.append(s)
+    if i % 200 == 199 or i == n - 1:
+        for t in socks[-(i % 200 + 1):]:
+            assert t.recv(100).startswith(b'{"success"')
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def owner(filename: str) -> str:
+    if "/trio/" in filename or "trio._core" in filename:
+        return "trio"
+    if "/mq_trio/" in filename:
+        return "mq_trio"
+    return "other"
+
+
+async def main(n: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * n + 256)), hard))
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve, Config(port=0))
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(n), str(server.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert client.stdout is not None and client.stdin is not None
+        line = await trio.to_thread.run_sync(client.stdout.readline)
+        assert line.strip() == "ready", line
+        while len(server.connections) < n:
+            await trio.sleep(0.1)
+        await trio.sleep(1)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        stats = after.compare_to(before, "lineno")
+        total = sum(s.size_diff for s in stats)
+        by_owner: dict[str, int] = {}
+        for s in stats:
+            key = owner(s.traceback[0].filename)
+            by_owner[key] = by_owner.get(key, 0) + s.size_diff
+        print(f"{n} idle subscribed connections, Python {sys.version.split()[0]}, "
+              f"trio {trio.__version__}")
+        print(f"total traced growth {total / 2**20:.1f} MiB = {total / n:.0f} B/conn")
+        print({k: round(v / n) for k, v in sorted(by_owner.items())})
+        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for s in stats:
+            if abs(s.size_diff) / n < 20:
+                continue
+            frame = s.traceback[0]
+            where = frame.filename.replace(home + "/", "")
+            where = where[where.find("site-packages/") + 14:] if "site-packages/" in where else where
+            print(f"{s.size_diff / n:7.0f} B/conn {s.count_diff / n:5.1f} obj/conn  "
+                  f"{where}:{frame.lineno}")
+        client.stdin.write("\n")
+        client.stdin.flush()
+        client.wait()
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
