@@ -82,7 +82,8 @@ async def main(n: int) -> None:
                 continue
             frame = s.traceback[0]
             where = frame.filename.replace(home + "/", "")
-            where = where[where.find("site-packages/") + 14:] if "site-packages/" in where else where
+            if "site-packages/" in where:
+                where = where[where.find("site-packages/") + len("site-packages/"):]
             print(f"{s.size_diff / n:7.0f} B/conn {s.count_diff / n:5.1f} obj/conn  "
                   f"{where}:{frame.lineno}")
         client.stdin.write("\n")
