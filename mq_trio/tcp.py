@@ -60,7 +60,7 @@ class TCPTransport:
     stream (tests use in-memory ones).
     """
 
-    __slots__ = ("stream", "_sock", "_lines", "_eof", "_maybe_more", "_peer", "_stopping",
+    __slots__ = ("stream", "_sock", "_fd", "_lines", "_eof", "_maybe_more", "_peer", "_stopping",
                  "_receiving", "_unsent")
 
     def __init__(
@@ -76,6 +76,9 @@ class TCPTransport:
             self.stream = stream
             if DIRECT_IO and isinstance(stream, trio.SocketStream):
                 self._sock = stream.socket
+        #: The socket's descriptor while it is open, else -1 (a write after the close,
+        #: e.g. another reader's send_ready, must fail, never reach a reused number).
+        self._fd = self._sock.fileno() if self._sock is not None else -1
         self._lines = LineBuffer(max_line_bytes)
         self._eof = False
         self._maybe_more = True
@@ -126,7 +129,7 @@ class TCPTransport:
             # The last read filled the buffer, so more is probably waiting: read first.
             await trio.lowlevel.checkpoint_if_cancelled()
             try:
-                data = os.read(sock.fileno(), RECEIVE_BYTES)
+                data = os.read(self._fd, RECEIVE_BYTES)
             except BlockingIOError:
                 pass
             except OSError:  # reset, or closed
@@ -141,7 +144,7 @@ class TCPTransport:
         while data is None:
             try:
                 await trio.lowlevel.wait_readable(sock)  # type: ignore[arg-type]
-                data = os.read(sock.fileno(), RECEIVE_BYTES)  # type: ignore[union-attr]
+                data = os.read(self._fd, RECEIVE_BYTES)
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError):
@@ -173,7 +176,7 @@ class TCPTransport:
         data = b"\r\n".join(items)
         if sock is not None and not self._unsent:
             try:
-                sent = self._write(sock, data)
+                sent = self._write(data)
             except trio.BrokenResourceError:
                 sent = 0  # the writer's send_batch will report it
             if sent == len(data):
@@ -196,7 +199,7 @@ class TCPTransport:
         await trio.lowlevel.checkpoint_if_cancelled()
         # Usually the kernel takes it all and no pass through the scheduler is needed;
         # the writer's own wait for its next item is the checkpoint.
-        sent = self._write(sock, data)
+        sent = self._write(data)
         if sent == len(data):
             return
         with memoryview(data) as view:
@@ -205,12 +208,11 @@ class TCPTransport:
                     await trio.lowlevel.wait_writable(sock)
                 except trio.ClosedResourceError as exc:
                     raise trio.BrokenResourceError("socket closed") from exc
-                sent += self._write(sock, view[sent:])
+                sent += self._write(view[sent:])
 
-    @staticmethod
-    def _write(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
+    def _write(self, data: bytes | memoryview) -> int:
         try:
-            return os.write(sock.fileno(), data)
+            return os.write(self._fd, data)
         except BlockingIOError:
             return 0
         except OSError as exc:  # reset, broken pipe, closed
@@ -229,6 +231,7 @@ class TCPTransport:
             else:
                 with trio.move_on_after(LINGER_SECONDS):
                     await self._discard_input(sock)
+        self._fd = -1
         if self.stream is not None:
             await trio.aclose_forcefully(self.stream)
         elif sock is not None:
