@@ -12,8 +12,6 @@ import json
 import random
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Protocol
 
 import attrs
@@ -224,14 +222,6 @@ class Broker:
         """The reply to a subscribe that carries ``epoch`` (the epoch extension)."""
         recovered = epoch == self.epoch and self.history.recovered(topic, last_seen)
         return json.dumps({"success": True, "epoch": self.epoch, "recovered": recovered}).encode()
-
-    @contextmanager
-    def attached(self, subscriber: Subscriber) -> Iterator[Subscriber]:
-        """Scope a connection's subscriptions: whatever ends the block releases them."""
-        try:
-            yield subscriber
-        finally:
-            self.disconnect(subscriber)
 
     # --- inspection (tests, metrics) ---
 

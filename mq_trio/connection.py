@@ -6,9 +6,11 @@ module holds everything else. The shape, from the design card:
 * the reader turns incoming lines into commands and applies them to the broker; replies
   and deliveries for this client go into its :class:`Outbox`, in order;
 * the writer drains the outbox and hands everything queued to the transport at once;
-* the connection's subscriptions live inside ``broker.attached(outbox)``, a ``with``
-  block bound to the connection's nursery, so whatever ends the connection (EOF, quit,
-  reset, slow-consumer cut-off, server shutdown, a bug) releases them.
+  what can go without waiting (replies, deliveries the reader's own commands produced)
+  the reader hands over itself at the end of each chunk (``Outbox.send_now``);
+* the connection's subscriptions end in the ``finally`` of the reading, inside the
+  connection's nursery, so whatever ends the connection (EOF, quit, reset, slow-consumer
+  cut-off, server shutdown, a bug) releases them.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ class Outbox:
     def push_reply(self, payload: bytes) -> None:
         """``push`` for the reader's own replies, without waking the writer: the reader
         sends or wakes at the end of its batch (``send_now``, ``wait_drained``), and a
-        wake-up per reply would cost a scheduler pass per round trip."""
+        wake-up per reply would cost a scheduler pass per round trip. (A copy of
+        ``push``'s first lines, not a call from it: ``push`` is the fan-out hot path.)"""
         pending = self.pending + len(payload)
         if pending > self._limit or self._closed:
             self._refuse(pending)
