@@ -410,7 +410,7 @@ class Connection:
                     while (lines := await transport.receive_lines()) is not None:
                         done = 0
                         while (done := self._handle_lines(lines, done)) >= 0:
-                            if outbox.pending <= outbox.high_water or not outbox.backlogged:
+                            if not outbox.backlogged:
                                 break
                             await outbox.wait_drained()
                         if done < 0:
