@@ -12,6 +12,8 @@ import json
 import random
 import uuid
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import attrs
@@ -222,6 +224,18 @@ class Broker:
         """The reply to a subscribe that carries ``epoch`` (the epoch extension)."""
         recovered = epoch == self.epoch and self.history.recovered(topic, last_seen)
         return json.dumps({"success": True, "epoch": self.epoch, "recovered": recovered}).encode()
+
+    @contextmanager
+    def attached(self, subscriber: Subscriber) -> Iterator[Subscriber]:
+        """Scope a subscriber's subscriptions: whatever ends the block releases them.
+
+        (For code that embeds the broker; a connection uses a plain ``finally``, one object
+        less per connection.)
+        """
+        try:
+            yield subscriber
+        finally:
+            self.disconnect(subscriber)
 
     # --- inspection (tests, metrics) ---
 
