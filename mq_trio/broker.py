@@ -59,6 +59,13 @@ class TopicHistory(Protocol):
         """Whether nothing after ``last_seen`` was lost to the cache-size rule (epoch ext.)."""
 
 
+def nothing_lost(evicted: int, next_index: int, last_seen: int) -> bool:
+    """The epoch extension's rule: nothing after ``last_seen`` was lost to the cache-size
+    rule (``evicted``: the highest index it dropped, -1 if none), and ``last_seen`` is not
+    ahead of the history."""
+    return evicted <= max(last_seen, -1) < next_index
+
+
 def new_epoch() -> str:
     """A random id for a history; a new one whenever history may have been lost."""
     return uuid.uuid4().hex
@@ -132,7 +139,7 @@ class MemoryHistory:
         log = self._topics.get(topic)
         if log is None:
             return last_seen <= -1
-        return log.evicted <= max(last_seen, -1) < log.next_index
+        return nothing_lost(log.evicted, log.next_index, last_seen)
 
     def cached(self, topic: str) -> list[CachedMessage]:
         """The topic's cache, for inspection and tests."""

@@ -39,7 +39,7 @@ from typing import Literal
 import attrs
 import trio
 
-from .broker import Broker, CachedMessage, Subscriber, new_epoch
+from .broker import Broker, CachedMessage, Subscriber, new_epoch, nothing_lost
 from .connection import WRITE_BATCH_BYTES, Outbox, Transport
 from .protocol import SUCCESS, Send, encode_delivery, failure_bytes
 
@@ -1116,7 +1116,7 @@ class DurableHistory:
         state = self.topics.get(topic)
         if state is None:
             return last_seen <= -1
-        return state.evicted <= max(last_seen, -1) < state.next_index
+        return nothing_lost(state.evicted, state.next_index, last_seen)
 
     def cached(self, topic: str) -> list[CachedMessage]:
         """The in-memory window, for inspection and tests."""
