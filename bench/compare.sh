@@ -23,7 +23,7 @@ if ! command -v redis-server >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y redis-server >/dev/null || { apt-get update >/dev/null && apt-get install -y redis-server >/dev/null; }
 fi
-if ! "$PYTHON" -c "import mq_trio.bench" 2>/dev/null; then
+if ! "$PYTHON" -c "import mq_trio.benchmark" 2>/dev/null; then
     echo "$PYTHON cannot import mq_trio: pip install -e '.[plot]' first (or set PYTHON)" >&2
     exit 2
 fi

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from mq_trio.bench import report
-from mq_trio.bench.cli import started_server
-from mq_trio.bench.dialects import MQ, REDIS, StampReader, TokenCounter, resp_command
-from mq_trio.bench.scenarios import (
+from mq_trio.benchmark import report
+from mq_trio.benchmark.cli import started_server
+from mq_trio.benchmark.dialects import MQ, REDIS, StampReader, TokenCounter, resp_command
+from mq_trio.benchmark.scenarios import (
     Result,
     Settings,
     Target,
@@ -132,7 +132,7 @@ def test_failed_scenario_is_reported_not_raised() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here
-    from mq_trio.bench.cli import ProgressBar, run_scenario
+    from mq_trio.benchmark.cli import ProgressBar, run_scenario
 
     r = run_scenario("rtt", Target("nobody", "127.0.0.1", port, MQ), QUICK,
                      ProgressBar(False), None)

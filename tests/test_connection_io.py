@@ -13,9 +13,9 @@ import trio
 import trio.testing
 from support import LineClient, start_server
 
-from mq_trio.connection import SEND_NOW_BYTES, Outbox, send_ready
 from mq_trio.server import Server
-from mq_trio.tcp import TCPTransport
+from mq_trio.server._connection import SEND_NOW_BYTES, Outbox, send_ready
+from mq_trio.transports._tcp import TCPTransport
 
 OK = {"success": True}
 

@@ -22,9 +22,9 @@ import trio
 import trio.testing
 from support import LineClient, make_config
 
-from mq_trio import store as store_module
 from mq_trio.server import Server, serve
-from mq_trio.store import (
+from mq_trio.store import _store as store_module
+from mq_trio.store._store import (
     DB_NAME,
     STORAGE_UNAVAILABLE,
     Record,

@@ -14,9 +14,9 @@ import trio.testing
 from support import LineClient, make_config, start_server
 
 from mq_trio.broker import Broker, MemoryHistory
-from mq_trio.connection import Connection, Outbox
 from mq_trio.server import Server
-from mq_trio.tcp import TCPTransport
+from mq_trio.server._connection import Connection, Outbox
+from mq_trio.transports._tcp import TCPTransport
 
 OK = {"success": True}
 

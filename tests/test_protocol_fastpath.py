@@ -19,6 +19,7 @@ import pytest
 from mq_trio import protocol
 from mq_trio.protocol import (
     Send,
+    _parse,
     parse_line,
     parse_line_stdlib,
     parse_text,
@@ -43,10 +44,10 @@ def describe(event: protocol.LineEvent) -> tuple[Any, ...]:
 def fast_accepts(data: bytes | str) -> bool:
     """Whether msgspec decodes ``data`` as a send (so the stdlib path is not used)."""
     try:
-        decoded = protocol._decode_command(data)
+        decoded = _parse._decode_command(data)
     except Exception:
         return False
-    return type(decoded) is protocol._SendSchema
+    return type(decoded) is _parse._SendSchema
 
 
 def check(line: bytes) -> bool:
@@ -393,10 +394,10 @@ def test_the_comparison_would_notice_a_wrong_raw(breakage: Callable[[bytes], byt
     # produced a different raw must be caught on the generated lines.
     def broken(line: bytes) -> protocol.LineEvent:
         try:
-            s = protocol._decode_command(line)
+            s = _parse._decode_command(line)
         except Exception:
             return parse_line_stdlib(line)
-        if type(s) is not protocol._SendSchema:
+        if type(s) is not _parse._SendSchema:
             return parse_line_stdlib(line)
         return Send(s.topic, s.msg, s.delivery, s.cache, breakage(line))
 

@@ -24,10 +24,11 @@ from support import LineClient, start_server
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
-from mq_trio import cli, websocket
+from mq_trio import cli
 from mq_trio.broker import Broker
 from mq_trio.server import Config, Server
-from mq_trio.websocket import (
+from mq_trio.transports import _websocket as websocket
+from mq_trio.transports._websocket import (
     OriginPolicy,
     WebSocketTransport,
     handshake_problem,

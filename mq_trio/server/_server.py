@@ -12,9 +12,12 @@ from functools import partial
 import attrs
 import trio
 
-from . import tcp
-from .broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
-from .connection import (
+from ..broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
+from ..protocol import DEFAULT_MAX_LINE_BYTES
+from ..transports import _tcp as tcp
+from ..transports._tcp import TCPTransport
+from ..transports._websocket import DEFAULT_PING_INTERVAL, OriginPolicy, handle_stream
+from ._connection import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING_BYTES,
     Connection,
@@ -22,9 +25,6 @@ from .connection import (
     Outbox,
     Transport,
 )
-from .protocol import DEFAULT_MAX_LINE_BYTES
-from .tcp import TCPTransport
-from .websocket import DEFAULT_PING_INTERVAL, OriginPolicy, handle_stream
 
 log = logging.getLogger("mq_trio.server")
 
@@ -249,7 +249,7 @@ async def _open_broker(
         return
     if broker is not None:
         raise ValueError("a broker cannot be passed together with data_dir")
-    from .store import open_durable  # only durable mode needs sqlite3
+    from ..store import open_durable  # only durable mode needs sqlite3
 
     async with open_durable(
         config.data_dir,

@@ -22,9 +22,9 @@ from typing import Protocol
 import attrs
 import trio
 
-from . import protocol
-from .broker import Broker
-from .protocol import QUIT, Failure, Send, Subscribe, Unsubscribe
+from .. import protocol
+from ..broker import Broker
+from ..protocol import QUIT, Failure, Send, Subscribe, Unsubscribe
 
 log = logging.getLogger("mq_trio.connection")
 

@@ -28,10 +28,10 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from .tcp import peer_name
+from ._tcp import peer_name
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server import Server
 
 log = logging.getLogger("mq_trio.websocket")
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import attrs
 
-from .protocol import SUCCESS, Send, encode_delivery, splice_index
+from ..protocol import SUCCESS, Send, encode_delivery, splice_index
 
 DEFAULT_CACHE_SIZE = 100
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -14,35 +13,12 @@ from functools import partial
 import attrs
 import trio
 
-from . import __version__
-from .server import Config, Server, open_listeners, open_ws_listeners, serve
-from .websocket import parse_origins
+from .. import __version__
+from ..server import Config, Server, open_listeners, open_ws_listeners, serve
+from ..transports._websocket import parse_origins
+from ._args import byte_size, port_number
 
 log = logging.getLogger("mq_trio")
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?)?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def port_number(text: str) -> int:
-    """A TCP port, 0-65535 (the OS would silently wrap a larger number)."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {text!r}")
-    return port
-
-
-def byte_size(text: str) -> int:
-    """Parse ``1048576``, ``64k``, ``8MiB``, ``1G`` (binary units) into bytes."""
-    m = _SIZE.match(text)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 65536, 64k, 8MiB)")
-    unit = (m.group(2) or "")[:1].lower()
-    return int(m.group(1)) * _UNITS[unit]
-
 
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_THRESHOLD = (100_000, 20, 10)
@@ -212,7 +188,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"mq-trio: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from .store import find_store_error  # only durable mode needs sqlite3
+        from ..store import find_store_error  # only durable mode needs sqlite3
 
         store_error = find_store_error(exc)
         if store_error is None:
@@ -256,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mq-trio {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_serve_parser(commands)
-    from .bench import add_bench_parser  # imported here: the server does not need it
+    from ..benchmark import add_bench_parser  # imported here: the server does not need it
 
     add_bench_parser(commands)
-    from .pubsub_cli import add_pubsub_parsers  # pub, sub: the client side
+    from ._pubsub import add_pubsub_parsers  # pub, sub: the client side
 
     add_pubsub_parsers(commands)
     return parser

@@ -39,9 +39,9 @@ from typing import Literal
 import attrs
 import trio
 
-from .broker import Broker, CachedMessage, Subscriber, new_epoch, nothing_lost
-from .connection import WRITE_BATCH_BYTES, Outbox, Transport
-from .protocol import SUCCESS, Send, encode_delivery, failure_bytes
+from ..broker import Broker, CachedMessage, Subscriber, new_epoch, nothing_lost
+from ..protocol import SUCCESS, Send, encode_delivery, failure_bytes
+from ..server._connection import WRITE_BATCH_BYTES, Outbox, Transport
 
 log = logging.getLogger("mq_trio.store")
 

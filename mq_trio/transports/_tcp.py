@@ -8,7 +8,7 @@ import sys
 
 import trio
 
-from .protocol import DEFAULT_MAX_LINE_BYTES, LineBuffer
+from ..protocol import DEFAULT_MAX_LINE_BYTES, LineBuffer
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
 LINGER_SECONDS = 0.5

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from .protocol import Delivery, LineBuffer
+from ..protocol import Delivery, LineBuffer
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]

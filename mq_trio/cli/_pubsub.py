@@ -24,8 +24,8 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from .cli import port_number
-from .client import Client, MQError, open_client, parse_target
+from ..client import Client, MQError, open_client, parse_target
+from ._args import port_number
 
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -1,0 +1,33 @@
+"""A trio client for mq-trio (and any protocol-v1 server), over TCP or WebSocket."""
+
+from ._client import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    PROBE_TOPIC,
+    Backoff,
+    Client,
+    ConnectError,
+    ConnectionLost,
+    Gap,
+    Message,
+    MQError,
+    Target,
+    open_client,
+    parse_target,
+)
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "PROBE_TOPIC",
+    "Backoff",
+    "Client",
+    "ConnectError",
+    "ConnectionLost",
+    "Gap",
+    "MQError",
+    "Message",
+    "Target",
+    "open_client",
+    "parse_target",
+]

@@ -1,0 +1,127 @@
+"""The commands of protocol v1 and their validation: plain data, no I/O.
+
+The contract is docs/protocol.md; the failure texts below are quoted from it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+# The exact failure texts of the contract (PROTOCOL.md section 2).
+DECODE_ERROR = "Could not decode input as UTF-8"
+PARSE_ERROR = "Could not parse json"
+MALFORMED = "Malformed json message"
+INTERNAL_ERROR = "Internal exception"
+LINE_TOO_LONG = "Line too long"
+
+DEFAULT_MAX_LINE_BYTES = 1 << 20
+
+Delivery = Literal["all", "one"]
+
+
+@attrs.frozen(slots=True)
+class Subscribe:
+    topic: str
+    last_seen: int = -1
+    cache: bool = True
+    #: The epoch extension (docs/protocol.md): None for a version-1 subscribe.
+    epoch: str | None = None
+
+
+@attrs.frozen(slots=True)
+class Unsubscribe:
+    topic: str
+
+
+# Not frozen: one is built per message, and a frozen attrs class sets each field through
+# object.__setattr__ (0.48 us for these five fields against 0.15 us for plain slots).
+@attrs.define(slots=True)
+class Send:
+    topic: str
+    msg: str
+    delivery: Delivery
+    cache: bool = True
+    # The command as received (stripped, UTF-8): a delivery is this object plus "index",
+    # so it is cheaper and more faithful to splice the index into the bytes than to
+    # re-encode. Empty for a Send built in code.
+    raw: bytes = attrs.field(default=b"", repr=False, eq=False)
+
+
+@attrs.frozen(slots=True)
+class Failure:
+    reason: str
+
+
+@attrs.frozen(slots=True)
+class Quit:
+    pass
+
+
+QUIT = Quit()
+
+Command = Subscribe | Unsubscribe | Send
+#: What one processed line turns into. ``None`` is a blank line (no reply).
+LineEvent = Subscribe | Unsubscribe | Send | Failure | Quit | None
+
+
+# --- validation -------------------------------------------------------------------
+
+_SEND_KEYS = frozenset(("command", "topic", "msg", "delivery", "cache"))
+_SUBSCRIBE_KEYS = frozenset(("command", "topic", "last_seen", "cache", "epoch"))
+_UNSUBSCRIBE_KEYS = frozenset(("command", "topic"))
+_MALFORMED = Failure(MALFORMED)
+_PARSE_ERROR = Failure(PARSE_ERROR)
+_DECODE_ERROR = Failure(DECODE_ERROR)
+
+
+def validate(obj: object, raw: str = "") -> Command | Failure:
+    """Turn a decoded JSON value into a command, or the ``Malformed json message`` failure.
+
+    ``raw`` is the command's stripped text; a Send keeps it, encoded (see ``Send.raw``).
+
+    ``type(x) is ...`` rather than ``isinstance`` because JSON booleans are not integers
+    (and the other way round) under this contract.
+    """
+    if type(obj) is not dict:
+        return _MALFORMED
+    command = obj.get("command")
+    topic = obj.get("topic")
+    if type(topic) is not str:
+        return _MALFORMED
+    cache = obj.get("cache", True)
+    if type(cache) is not bool:
+        return _MALFORMED
+    if command == "send":
+        msg = obj.get("msg")
+        delivery = obj.get("delivery")
+        if (
+            type(msg) is not str
+            or (delivery != "all" and delivery != "one")
+            or not _SEND_KEYS.issuperset(obj)
+        ):
+            return _MALFORMED
+        try:
+            encoded = raw.encode()
+        except UnicodeEncodeError:
+            # Only a str handed to parse_text can hold a lone surrogate (no strict UTF-8
+            # decode makes one); without raw, encode_delivery writes escaped JSON.
+            encoded = b""
+        return Send(topic, msg, delivery, cache, encoded)
+    if command == "subscribe":
+        last_seen = obj.get("last_seen", -1)
+        epoch = obj.get("epoch")
+        if (
+            type(last_seen) is not int
+            or not _SUBSCRIBE_KEYS.issuperset(obj)
+            or (type(epoch) is not str and "epoch" in obj)
+        ):
+            return _MALFORMED
+        return Subscribe(topic, last_seen, cache, epoch)
+    if command == "unsubscribe":
+        if not _UNSUBSCRIBE_KEYS.issuperset(obj):
+            return _MALFORMED
+        return Unsubscribe(topic)
+    return _MALFORMED
+
