@@ -9,10 +9,11 @@ counted across chunk boundaries tells deliveries from replies where they are mix
 
 from __future__ import annotations
 
-import json
 import re
 
 import attrs
+
+from ..protocol import encode_send, encode_subscribe, frame
 
 #: Timestamps travel as the first 20 characters of ``msg`` (zero-padded nanoseconds).
 STAMP_DIGITS = 20
@@ -51,18 +52,21 @@ class Dialect:
     #: sent first on a connection that must publish while subscribed (Redis: RESP3)
     hello_for_mixed: bytes = b""
 
+    # Both build one complete command, terminator included, through the protocol package
+    # (mq) so the generator sends exactly what the client library does. Callers encode
+    # once, outside their loops: these are not meant for a per-message hot path.
+
     def publish(self, topic: str, msg: str) -> bytes:
+        """One publish to ``topic``, ready to write (``cmd * n`` pipelines n of them)."""
         if self.name == "redis":
             return resp_command("PUBLISH", topic, msg)
-        return (
-            json.dumps({"command": "send", "topic": topic, "msg": msg, "delivery": "all"})
-            + "\n"
-        ).encode()
+        return frame([encode_send(topic, msg)])
 
     def subscribe(self, topic: str) -> bytes:
+        """One subscribe to ``topic`` (no replay options: the benchmark never resumes)."""
         if self.name == "redis":
             return resp_command("SUBSCRIBE", topic)
-        return (json.dumps({"command": "subscribe", "topic": topic}) + "\n").encode()
+        return frame([encode_subscribe(topic)])
 
 
 MQ = Dialect(

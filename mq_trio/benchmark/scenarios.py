@@ -10,190 +10,58 @@ taken while the generator was the bottleneck is marked as such.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import select
 import selectors
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-import attrs
-
+from .base import (
+    RECV,
+    SATURATED,
+    BenchError,
+    Progress,
+    Result,
+    Settings,
+    Target,
+    connect,
+    latency_summary,
+    mark_workers,
+    measuring,
+    no_progress,
+    read_lines,
+    recv,
+)
 from .dialects import Dialect, StampReader, TokenCounter
 from .procstat import CPUMeter, rss_bytes
 
-#: A generator process above this share of one CPU is considered saturated.
-SATURATED = 0.90
-RECV = 256 << 10
-
-Progress = Callable[[float], None]
-
-
-def _no_progress(fraction: float) -> None:
-    pass
-
-
-@attrs.define
-class Target:
-    """One server under test."""
-
-    name: str
-    host: str
-    port: int
-    dialect: Dialect
-    #: for CPU and RSS figures; None when unknown (then they are left out)
-    pid: int | None = None
-
-
-@attrs.frozen
-class Settings:
-    duration: float = 5.0
-    #: characters of ``msg`` (at least 20 for e2e: the timestamp)
-    size: int = 64
-    #: unacknowledged sends a publisher may have in flight
-    window: int = 1000
-    #: e2e publish rate, messages per second
-    rate: int = 5000
-    publishers: tuple[int, ...] = (1,)
-    subscribers: tuple[int, ...] = (1, 10, 100)
-    conns: int = 10_000
-    #: worker processes for subscriber groups in fanout
-    procs: int = 2
-    #: how far (messages) the fanout publisher may run ahead of the slowest subscriber
-    lag: int = 2000
-    #: give up on a scenario that makes no progress for this long
-    stall_timeout: float = 30.0
-
-
-@attrs.define
-class Result:
-    target: str
-    scenario: str
-    params: dict[str, Any]
-    metrics: dict[str, Any] = attrs.field(factory=dict)
-    gen_cpu_pct: float | None = None
-    server_cpu_pct: float | None = None
-    saturated: bool = False
-    errors: list[str] = attrs.field(factory=list)
-    #: latency samples in microseconds (for plots; not written to JSON)
-    samples_us: list[float] = attrs.field(factory=list, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "target": self.target,
-            "scenario": self.scenario,
-            "params": self.params,
-            "metrics": self.metrics,
-            "gen_cpu_pct": _round(self.gen_cpu_pct),
-            "server_cpu_pct": _round(self.server_cpu_pct),
-            "saturated": self.saturated,
-            "ok": self.ok,
-            "errors": self.errors,
-        }
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 1)
-
-
-class BenchError(Exception):
-    """The scenario could not complete (disconnect, stall, error replies)."""
-
-
-def latency_summary(samples_ns: list[int]) -> dict[str, float]:
-    """Nearest-rank percentiles in microseconds."""
-    if not samples_ns:
-        return {"n": 0}
-    s = sorted(samples_ns)
-    n = len(s)
-
-    def pct(q: float) -> float:
-        return round(s[max(0, math.ceil(q * n) - 1)] / 1000, 1)
-
-    return {
-        "n": n,
-        "p50_us": pct(0.50),
-        "p90_us": pct(0.90),
-        "p99_us": pct(0.99),
-        "p999_us": pct(0.999),
-        "max_us": round(s[-1] / 1000, 1),
-        "mean_us": round(sum(s) / n / 1000, 1),
-    }
-
-
-def connect(target: Target, blocking: bool = True) -> socket.socket:
-    sock = socket.create_connection((target.host, target.port), timeout=10)
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setblocking(blocking)
-    return sock
-
-
-def _recv(sock: socket.socket) -> bytes:
-    data = sock.recv(RECV)
-    if not data:
-        raise BenchError("server closed the connection")
-    return data
-
-
-def _read_lines(sock: socket.socket, lines: int) -> bytes:
-    """Blocking read until at least ``lines`` lines arrived (setup replies only)."""
-    buf = b""
-    while buf.count(b"\n") < lines:
-        buf += _recv(sock)
-    return buf
-
-
-@contextmanager
-def _measured(result: Result, target: Target, gen_pids_cpu: list[float] | None = None
-              ) -> Iterator[CPUMeter]:
-    """Server CPU via /proc, this process's CPU via process_time, around a block."""
-    server = CPUMeter(target.pid)
-    cpu0 = time.process_time()
-    server.start()
-    yield server
-    server.stop()
-    result.server_cpu_pct = server.percent
-    own = time.process_time() - cpu0
-    result.gen_cpu_pct = 100 * own / server.wall if server.wall > 0 else None
-    if result.gen_cpu_pct is not None and result.gen_cpu_pct >= 100 * SATURATED:
-        result.saturated = True
-
-
-def _generator_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _mark_workers(result: Result, wall: float, own_cpu: float, worker_cpu: list[float],
-                  worker_wall: list[float]) -> None:
-    """Generator CPU over all its processes; saturated if one process or all CPUs were."""
-    total = own_cpu + sum(worker_cpu)
-    result.gen_cpu_pct = 100 * total / wall if wall > 0 else None
-    per_process = [c / w for c, w in zip(worker_cpu, worker_wall, strict=True) if w > 0]
-    if wall > 0:
-        per_process.append(own_cpu / wall)
-    if any(p >= SATURATED for p in per_process) or (
-        wall > 0 and total / wall >= SATURATED * _generator_cpus()
-    ):
-        result.saturated = True
+__all__ = [
+    "RECV",
+    "SATURATED",
+    "BenchError",
+    "Progress",
+    "Result",
+    "Settings",
+    "Target",
+    "connect",
+    "latency_summary",
+    "raise_fd_limit",
+    "run_conns",
+    "run_e2e",
+    "run_fanout",
+    "run_publish",
+    "run_rtt",
+]
 
 
 # --- rtt ------------------------------------------------------------------------------
 
 
-def run_rtt(target: Target, st: Settings, progress: Progress = _no_progress) -> Result:
+def run_rtt(target: Target, st: Settings, progress: Progress = no_progress) -> Result:
     """One client, one publish at a time: the time from write to complete reply."""
     d = target.dialect
     result = Result(target.name, "rtt", {"size": st.size})
@@ -203,17 +71,17 @@ def run_rtt(target: Target, st: Settings, progress: Progress = _no_progress) -> 
     with connect(target) as sock:
         for _ in range(200):  # warm-up: connection, caches, branch predictors
             sock.sendall(cmd)
-            _read_lines(sock, d.ack_lines)
+            read_lines(sock, d.ack_lines)
         start = time.perf_counter_ns()
         end = start + int(st.duration * 1e9)
-        with _measured(result, target):
+        with measuring(result, target):
             now = start
             while now < end:
                 t0 = time.perf_counter_ns()
                 sock.sendall(cmd)
-                data = _recv(sock)
+                data = recv(sock)
                 while not data.endswith(b"\n"):
-                    data += _recv(sock)
+                    data += recv(sock)
                 now = time.perf_counter_ns()
                 samples.append(now - t0)
                 errors.feed(data)
@@ -230,7 +98,7 @@ def run_rtt(target: Target, st: Settings, progress: Progress = _no_progress) -> 
 # --- e2e ------------------------------------------------------------------------------
 
 
-def run_e2e(target: Target, st: Settings, progress: Progress = _no_progress) -> Result:
+def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> Result:
     """A paced publisher and one subscriber: publish-to-delivery latency.
 
     Both sockets live in this process, so one monotonic clock stamps the send (carried in
@@ -250,14 +118,14 @@ def run_e2e(target: Target, st: Settings, progress: Progress = _no_progress) -> 
     latencies: list[int] = []
     with connect(target) as sub, connect(target) as pub:
         sub.sendall(d.subscribe(topic))
-        _read_lines(sub, d.sub_confirm_lines)
+        read_lines(sub, d.sub_confirm_lines)
         sub.setblocking(False)
         pub.setblocking(False)
         interval = 1e9 / st.rate
         sent = ack_lines = received = 0
         start = time.perf_counter_ns()
         last_progress = start
-        with _measured(result, target):
+        with measuring(result, target):
             while received < total or ack_lines < total * d.ack_lines:
                 now = time.perf_counter_ns()
                 if sent < total:
@@ -273,7 +141,7 @@ def run_e2e(target: Target, st: Settings, progress: Progress = _no_progress) -> 
                     timeout = 0.1
                 readable, _, _ = select.select([sub, pub], [], [], timeout)
                 for sock in readable:
-                    data = _recv(sock)
+                    data = recv(sock)
                     if sock is sub:
                         arrived = time.perf_counter_ns()
                         stamps = reader.feed(data)
@@ -334,7 +202,7 @@ def _pipelined_publisher(
         if outstanding == 0:
             time.sleep(0.0002)  # held back by the slowest subscriber
             continue
-        data = _recv(sock)
+        data = recv(sock)
         lines += data.count(b"\n")
         errors.feed(data)
         outstanding = sent - lines // d.ack_lines
@@ -388,7 +256,7 @@ def _wait_workers(procs: list[Any], pipes: list[Connection], expected_s: float,
 
 
 def run_publish(target: Target, st: Settings, publishers: int = 1,
-                progress: Progress = _no_progress) -> Result:
+                progress: Progress = no_progress) -> Result:
     """P processes, each pipelining sends (``window`` unacknowledged) to one topic."""
     d = target.dialect
     result = Result(target.name, "publish",
@@ -421,7 +289,7 @@ def run_publish(target: Target, st: Settings, publishers: int = 1,
     wall = t1 - t0
     result.metrics = {"acked": acks, "per_s": round(acks / wall), "seconds": round(wall, 3)}
     result.server_cpu_pct = server.percent
-    _mark_workers(result, wall, own, [r[5] for r in replies], [r[4] - r[3] for r in replies])
+    mark_workers(result, wall, own, [r[5] for r in replies], [r[4] - r[3] for r in replies])
     if errs:
         result.errors.append(f"{errs} error replies")
     return result
@@ -439,7 +307,7 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
         for sock in socks:
             sock.sendall(d.subscribe(topic))
         for sock in socks:
-            extra = _read_lines(sock, d.sub_confirm_lines).count(b"\n") - d.sub_confirm_lines
+            extra = read_lines(sock, d.sub_confirm_lines).count(b"\n") - d.sub_confirm_lines
             if extra:
                 raise BenchError("delivery before the publisher started")
         with ready.get_lock():
@@ -490,7 +358,7 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
 
 
 def run_fanout(target: Target, st: Settings, subscribers: int,
-               progress: Progress = _no_progress) -> Result:
+               progress: Progress = no_progress) -> Result:
     """One publisher, S subscribers of one topic; every delivery is counted per subscriber."""
     d = target.dialect
     topic = f"bench.fanout.{subscribers}.{os.getpid()}.{time.monotonic_ns()}"
@@ -561,7 +429,7 @@ def run_fanout(target: Target, st: Settings, subscribers: int,
     if errs:
         result.errors.append(f"{errs} error replies")
     result.server_cpu_pct = server.percent
-    _mark_workers(result, wall, own, [r[1] for r in replies], [r[2] for r in replies])
+    mark_workers(result, wall, own, [r[1] for r in replies], [r[2] for r in replies])
     return result
 
 
@@ -581,7 +449,7 @@ def raise_fd_limit(needed: int) -> None:
             pass
 
 
-def run_conns(target: Target, st: Settings, progress: Progress = _no_progress,
+def run_conns(target: Target, st: Settings, progress: Progress = no_progress,
               settle: float = 1.0) -> Result:
     """C connections, each subscribed to its own topic, then each sends to the next one's.
 
@@ -629,7 +497,7 @@ def run_conns(target: Target, st: Settings, progress: Progress = _no_progress,
                     sock.send(hello + d.subscribe(f"bench.c{i}"))
                     sel.modify(sock, selectors.EVENT_READ, i)
                     continue
-                data = _recv(sock)
+                data = recv(sock)
                 if subs[i].feed(data) and subs[i].count == 1:
                     confirmed += 1
                     in_flight -= 1
@@ -652,11 +520,13 @@ def run_conns(target: Target, st: Settings, progress: Progress = _no_progress,
         delivered = TokenCounter(d.delivery_token)
         for i, sock in enumerate(socks):
             sel.register(sock, selectors.EVENT_READ, i)
+        # Encoded before the clock starts: delivery_s is the server's time, not ours.
+        msg = "x" * st.size
+        lines = [d.publish(f"bench.c{(i + 1) % n}", msg) for i in range(n)]
         server.start()
         cpu0 = time.process_time()
         t1 = time.perf_counter()
-        for i, sock in enumerate(socks):
-            line = d.publish(f"bench.c{(i + 1) % n}", "x" * st.size)
+        for sock, line in zip(socks, lines, strict=True):
             if sock.send(line) != len(line):  # pragma: no cover
                 raise BenchError("send buffer full on an idle connection")
         got = [0] * n
@@ -666,7 +536,7 @@ def run_conns(target: Target, st: Settings, progress: Progress = _no_progress,
             for key, _ in events:
                 i = key.data
                 before = delivered.count
-                delivered.feed(_recv(socks[i]))
+                delivered.feed(recv(socks[i]))
                 got[i] += delivered.count - before
             now = time.perf_counter()
             if events:
@@ -688,7 +558,7 @@ def run_conns(target: Target, st: Settings, progress: Progress = _no_progress,
     result.metrics = {"setup_s": round(setup, 3), "delivery_s": round(delivery, 3)}
     if target.pid and server.cpu is not None:
         result.server_cpu_pct = 100 * server_cpu / wall
-    _mark_workers(result, wall, own_cpu, [], [])
+    mark_workers(result, wall, own_cpu, [], [])
     if rss0 is not None and rss1 is not None:
         result.metrics.update(
             rss_before_mib=round(rss0 / 2**20, 1),

@@ -1,18 +1,16 @@
 """A trio client for mq-trio (and any protocol-v1 server), over TCP or WebSocket."""
 
-from ._client import (
+from ._client import PROBE_TOPIC, Client, open_client
+from ._values import (
     DEFAULT_HOST,
     DEFAULT_PORT,
-    PROBE_TOPIC,
     Backoff,
-    Client,
     ConnectError,
     ConnectionLost,
     Gap,
     Message,
     MQError,
     Target,
-    open_client,
     parse_target,
 )
 

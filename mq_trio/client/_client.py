@@ -26,268 +26,39 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Literal, Protocol
-from urllib.parse import urlsplit
+from typing import Literal
 
 import attrs
 import trio
 
-from ..protocol import Delivery, LineBuffer
+from ..protocol import Delivery, encode_send, encode_subscribe, encode_unsubscribe
+from ._values import (
+    DEFAULT_HOST,
+    Backoff,
+    ConnectError,
+    ConnectionLost,
+    Gap,
+    Message,
+    MQError,
+    Target,
+    parse_target,
+)
+from ._wire import BadServer, Wire, describe, open_wire
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 
 log = logging.getLogger("mq_trio.client")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7000
 #: Deliveries buffered for the application before the reader stops reading.
 DEFAULT_MAX_BUFFERED = 1000
-#: Longest line accepted from a server: a delivery is a command (up to the server's
-#: line limit, 1 MiB by default) plus its index, so leave plenty of room.
-MAX_INCOMING_BYTES = 64 << 20
-RECEIVE_BYTES = 64 << 10
 #: The writer sends at most this many queued commands in one write.
 WRITE_BATCH = 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
-
-
-# --- errors and values ---------------------------------------------------------------
-
-
-class MQError(Exception):
-    """A command failed; ``reason`` is the server's failure text (PROTOCOL.md section 2)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class ConnectError(MQError):
-    """The client could not connect to the server (raised by ``open_client``)."""
-
-
-class ConnectionLost(MQError):
-    """The connection ended (or the client closed) before the command got its reply.
-
-    A ``send`` that raises this may or may not have been published; the server cannot
-    say, so the client does not resend it.
-    """
-
-
-@attrs.frozen(slots=True)
-class Message:
-    """One delivery: a message published to a topic this client subscribed to."""
-
-    topic: str
-    msg: str
-    #: The topic's message index (increasing per topic, never reused by the server).
-    index: int
-    delivery: Delivery = "all"
-
-
-@attrs.frozen(slots=True)
-class Gap:
-    """A resume that could not cover everything (``open_client(..., epoch=True)``).
-
-    ``"history lost"``: the server's epoch changed (e.g. an in-memory server restarted),
-    so messages after ``last_seen`` of the old history may be gone; the client resumed
-    from the start of the new history. ``"evicted"``: same history, but messages after
-    ``last_seen`` fell out of the cache before the client came back.
-    """
-
-    topic: str
-    last_seen: int
-    reason: Literal["history lost", "evicted"]
-
-
-@attrs.frozen
-class Backoff:
-    """How ``open_client(..., reconnect=True)`` spaces its reconnection attempts.
-
-    The first attempt after a drop waits about ``initial``; each consecutive failure
-    (a failed attempt, or a connection that dropped within ``maximum`` seconds) multiplies
-    the delay up to ``maximum``, with jitter. After ``max_attempts`` consecutive failed
-    attempts to connect (``None``: never) the client gives up and every waiting call
-    raises :class:`ConnectionLost`.
-    """
-
-    initial: float = 0.05
-    maximum: float = 2.0
-    multiplier: float = 2.0
-    max_attempts: int | None = None
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait before the next attempt after ``failures`` failures in a row."""
-        if failures <= 0:
-            return 0.0
-        base = min(self.maximum, self.initial * self.multiplier ** (failures - 1))
-        return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not crypto
-
-
-@attrs.frozen
-class Target:
-    """Where to connect: ``host:port`` over TCP, or a ``ws://``/``wss://`` URL."""
-
-    host: str
-    port: int
-    url: str | None = None
-
-    def __str__(self) -> str:
-        return self.url if self.url is not None else f"{self.host}:{self.port}"
-
-
-def parse_target(host_or_url: str, port: int | None = None) -> Target:
-    """``("127.0.0.1", 7000)``, ``"ws://127.0.0.1:7001/"`` or ``"tcp://127.0.0.1:7000"``."""
-    if "://" not in host_or_url:
-        return Target(host_or_url or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
-    if port is not None:
-        raise ValueError("give either a URL or a host and a port, not both")
-    parts = urlsplit(host_or_url)
-    scheme = parts.scheme.lower()
-    try:
-        url_port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in {host_or_url!r}") from exc
-    host = parts.hostname or DEFAULT_HOST
-    if scheme in ("ws", "wss"):
-        default = 443 if scheme == "wss" else 80
-        return Target(host, url_port or default, url=host_or_url)
-    if scheme == "tcp":
-        return Target(host, url_port or DEFAULT_PORT)
-    raise ValueError(f"unsupported URL scheme {scheme!r} (use ws://, wss:// or tcp://)")
-
-
-# --- wires: the byte carriers ----------------------------------------------------------
-
-
-class _Wire(Protocol):
-    async def send(self, items: list[bytes]) -> None:
-        """Send encoded commands; raise ``trio.BrokenResourceError`` if the peer is gone."""
-
-    async def receive(self) -> list[bytes] | None:
-        """The next complete JSON texts (maybe none yet), or ``None`` once closed."""
-
-
-class _BadServer(Exception):
-    """The server sent something that is not protocol v1: drop the connection."""
-
-
-class _TCPWire:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-        self._lines = LineBuffer(MAX_INCOMING_BYTES)
-
-    async def send(self, items: list[bytes]) -> None:
-        items.append(b"")
-        await self._stream.send_all(b"\n".join(items))
-
-    async def receive(self) -> list[bytes] | None:
-        try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
-        if not data:
-            return None
-        lines = self._lines.feed(data)
-        if self._lines.too_long:
-            raise _BadServer(f"a line over {MAX_INCOMING_BYTES} bytes")
-        return lines
-
-
-class _WebSocketWire:
-    def __init__(self, ws: object) -> None:
-        from trio_websocket import WebSocketConnection
-
-        assert isinstance(ws, WebSocketConnection)
-        self._ws = ws
-        self.close_reason: str | None = None
-
-    async def send(self, items: list[bytes]) -> None:
-        from trio_websocket import ConnectionClosed
-
-        try:
-            for item in items:
-                await self._ws.send_message(item.decode())
-        except ConnectionClosed as exc:
-            raise trio.BrokenResourceError(self._closed_by(exc)) from exc
-
-    async def receive(self) -> list[bytes] | None:
-        from trio_websocket import ConnectionClosed
-
-        try:
-            message = await self._ws.get_message()
-        except ConnectionClosed as exc:
-            self._closed_by(exc)
-            return None
-        return [message.encode() if isinstance(message, str) else message]
-
-    def _closed_by(self, exc: Exception) -> str:
-        close = getattr(exc, "reason", None)
-        code = getattr(close, "code", "?")
-        text = getattr(close, "reason", None) or getattr(close, "name", "")
-        self.close_reason = f"WebSocket closed: {code} {text}".rstrip()
-        return self.close_reason
-
-
-def _describe(exc: BaseException) -> str:
-    """A short human reason: "Connection refused" rather than a chain of wrappers."""
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        # trio's "all attempts to connect failed" wraps one error per address tried.
-        reasons = dict.fromkeys(_describe(e) for e in cause.exceptions)
-        return "; ".join(reasons)
-    if cause is not None and not str(exc):
-        return _describe(cause)
-    return str(exc) or type(exc).__name__
-
-
-@asynccontextmanager
-async def _open_wire(target: Target, connect_timeout: float) -> AsyncIterator[_Wire]:
-    """Connect; raise :class:`ConnectError` (only) when that fails."""
-    if target.url is not None:
-        try:
-            import trio_websocket
-        except ImportError as exc:  # pragma: no cover - trio-websocket is a dependency
-            raise ConnectError("ws:// URLs need the trio-websocket package") from exc
-        try:
-            manager = trio_websocket.open_websocket_url(
-                target.url,
-                max_message_size=MAX_INCOMING_BYTES,
-                connect_timeout=connect_timeout,
-                disconnect_timeout=1.0,
-            )
-            ws = await manager.__aenter__()
-        except (OSError, trio_websocket.HandshakeError) as exc:
-            raise ConnectError(f"cannot connect to {target}: {_describe(exc)}") from exc
-        try:
-            yield _WebSocketWire(ws)
-        except BaseException as exc:
-            if not await manager.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-        else:
-            try:
-                await manager.__aexit__(None, None, None)
-            except trio_websocket.HandshakeError:
-                pass  # a slow close handshake: the connection is over anyway
-        return
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream(target.host, target.port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise ConnectError(f"cannot connect to {target}: {_describe(exc)}") from exc
-    try:
-        yield _TCPWire(stream)
-    finally:
-        await trio.aclose_forcefully(stream)
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -313,17 +84,6 @@ class _Command:
             self.done.set()
 
 
-def _subscribe_line(topic: str, last_seen: int, cache: bool, epoch: str | None = None) -> bytes:
-    obj: dict[str, object] = {"command": "subscribe", "topic": topic}
-    if last_seen != -1:
-        obj["last_seen"] = last_seen
-    if not cache:
-        obj["cache"] = False
-    if epoch is not None:
-        obj["epoch"] = epoch
-    return json.dumps(obj).encode()
-
-
 #: Subscribed to (without replay) and unsubscribed from at once, to learn the server's
 #: epoch before resuming: see Client._probe_epoch.
 PROBE_TOPIC = "\x00mq_trio.client.epoch-probe"
@@ -343,7 +103,7 @@ class _Subscription:
         # original subscription skipped the cache (it was never replayed, so no duplicate).
         cache = self.cache or self.received
         return _Command(
-            _subscribe_line(topic, self.last_seen, cache, epoch),
+            encode_subscribe(topic, self.last_seen, cache, epoch),
             "subscribe",
             topic,
             self.last_seen,
@@ -413,13 +173,12 @@ class Client:
         seen = -1 if last_seen is None else last_seen
         epoch = (self.epoch or "") if self._use_epoch else None
         await self._call(
-            _Command(_subscribe_line(topic, seen, cache, epoch), "subscribe", topic, seen, cache)
+            _Command(encode_subscribe(topic, seen, cache, epoch), "subscribe", topic, seen, cache)
         )
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop deliveries for ``topic`` (deliveries already buffered stay receivable)."""
-        line = json.dumps({"command": "unsubscribe", "topic": topic}).encode()
-        await self._call(_Command(line, "unsubscribe", topic))
+        await self._call(_Command(encode_unsubscribe(topic), "unsubscribe", topic))
 
     async def send(
         self, topic: str, msg: str, *, delivery: Delivery = "all", cache: bool = True
@@ -429,17 +188,8 @@ class Client:
         Returns once the server has accepted it. ``cache=False`` keeps it out of the
         topic's replay cache.
         """
-        if delivery != "all" and delivery != "one":
-            raise ValueError(f"delivery must be 'all' or 'one', not {delivery!r}")
-        obj: dict[str, object] = {
-            "command": "send",
-            "topic": topic,
-            "msg": msg,
-            "delivery": delivery,
-        }
-        if not cache:
-            obj["cache"] = False
-        await self._call(_Command(json.dumps(obj).encode(), "send", topic))
+        # Encoded here, before anything is queued: a bad ``delivery`` raises ValueError.
+        await self._call(_Command(encode_send(topic, msg, delivery, cache), "send", topic))
 
     async def _call(self, command: _Command) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -533,7 +283,7 @@ class Client:
         preamble: list[_Command] = []
         while True:
             try:
-                async with _open_wire(self.target, self._connect_timeout) as wire:
+                async with open_wire(self.target, self._connect_timeout) as wire:
                     if first:
                         task_status.started()
                         first = False
@@ -572,7 +322,7 @@ class Client:
             preamble = self._after_drop(reason)
             await trio.sleep(backoff.delay(streak))
 
-    async def _serve(self, wire: _Wire, preamble: list[_Command]) -> str:
+    async def _serve(self, wire: Wire, preamble: list[_Command]) -> str:
         """Run one connection's reader and writer; return why it ended."""
         reason = "connection closed by the server"
         # In flight before anything can fail, so a drop right away still retries them.
@@ -584,19 +334,19 @@ class Client:
                 try:
                     await self._write(wire, preamble)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    reason = f"connection broken ({_describe(exc)})"
+                    reason = f"connection broken ({describe(exc)})"
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(write)
             try:
                 await self._read(wire)
                 reason = getattr(wire, "close_reason", None) or reason
-            except _BadServer as exc:
+            except BadServer as exc:
                 reason = f"protocol error from the server: {exc}"
             nursery.cancel_scope.cancel()
         return reason
 
-    async def _write(self, wire: _Wire, preamble: list[_Command]) -> None:
+    async def _write(self, wire: Wire, preamble: list[_Command]) -> None:
         if preamble:
             await wire.send([c.line for c in preamble])
         if any(c.kind == "probe" for c in preamble):
@@ -620,7 +370,7 @@ class Client:
             self._space.unpark_all()
             await wire.send([c.line for c in batch])
 
-    async def _read(self, wire: _Wire) -> None:
+    async def _read(self, wire: Wire) -> None:
         while True:
             items = await wire.receive()
             if items is None:
@@ -631,9 +381,9 @@ class Client:
                 try:
                     obj = json.loads(raw)
                 except ValueError as exc:
-                    raise _BadServer(f"not JSON: {raw[:80]!r}") from exc
+                    raise BadServer(f"not JSON: {raw[:80]!r}") from exc
                 if type(obj) is not dict:
-                    raise _BadServer(f"not a JSON object: {raw[:80]!r}")
+                    raise BadServer(f"not a JSON object: {raw[:80]!r}")
                 if obj.get("command") == "send":
                     await self._deliver(obj)
                 else:
@@ -648,7 +398,7 @@ class Client:
             or type(index) is not int
             or (delivery != "all" and delivery != "one")
         ):
-            raise _BadServer(f"malformed delivery: {obj!r}")
+            raise BadServer(f"malformed delivery: {obj!r}")
         if topic == PROBE_TOPIC and topic not in self._topics:
             return  # published while the probe was subscribed
         await self._put(Message(topic, msg, index, delivery))
@@ -662,7 +412,7 @@ class Client:
         try:
             command = self._in_flight.popleft()
         except IndexError:
-            raise _BadServer(f"a reply to no command: {obj!r}") from None
+            raise BadServer(f"a reply to no command: {obj!r}") from None
         epoch = obj.get("epoch")
         if command.kind == "probe":
             self._probed(epoch if isinstance(epoch, str) else None)
@@ -704,8 +454,8 @@ class Client:
         if self._use_epoch and self._topics:
             # Which last_seen to resume from depends on the server's epoch: ask first.
             self._resumes, self._resumes_ready = None, trio.Event()
-            probe = _subscribe_line(PROBE_TOPIC, -1, False, self.epoch or "")
-            unprobe = json.dumps({"command": "unsubscribe", "topic": PROBE_TOPIC}).encode()
+            probe = encode_subscribe(PROBE_TOPIC, -1, False, self.epoch or "")
+            unprobe = encode_unsubscribe(PROBE_TOPIC)
             return [
                 _Command(probe, "probe", PROBE_TOPIC, resume=True),
                 _Command(unprobe, "unsubscribe", PROBE_TOPIC, resume=True),

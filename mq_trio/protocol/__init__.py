@@ -23,7 +23,17 @@ from ._commands import (
     Unsubscribe,
     validate,
 )
-from ._encode import SUCCESS, encode_delivery, encode_failure, failure_bytes, splice_index
+from ._encode import (
+    SUCCESS,
+    encode_delivery,
+    encode_failure,
+    encode_send,
+    encode_subscribe,
+    encode_unsubscribe,
+    failure_bytes,
+    frame,
+    splice_index,
+)
 from ._framing import LineBuffer
 from ._parse import is_valid_json, parse_line, parse_line_stdlib, parse_text, parse_text_stdlib
 
@@ -47,7 +57,11 @@ __all__ = [
     "Unsubscribe",
     "encode_delivery",
     "encode_failure",
+    "encode_send",
+    "encode_subscribe",
+    "encode_unsubscribe",
     "failure_bytes",
+    "frame",
     "is_valid_json",
     "parse_line",
     "parse_line_stdlib",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii
 
 from ._commands import (
     DECODE_ERROR,
@@ -10,6 +11,7 @@ from ._commands import (
     LINE_TOO_LONG,
     MALFORMED,
     PARSE_ERROR,
+    Delivery,
     Send,
 )
 
@@ -59,3 +61,66 @@ def encode_delivery(send: Send, index: int) -> bytes:
     obj["index"] = index
     return json.dumps(obj).encode()
 
+
+# --- commands (the client's side) ----------------------------------------------------
+# One encoding for every sender (the client library, the benchmark's load generator), so
+# the bytes on the wire are the same whoever sends. The output is byte for byte what
+# ``json.dumps`` writes for the command's dict (default separators, ASCII with \u
+# escapes, optional keys left out at their default): built from the C string escaper
+# json.dumps itself uses, without a dict and the generic encoder per message.
+
+
+def encode_send(topic: str, msg: str, delivery: Delivery = "all", cache: bool = True) -> bytes:
+    """A ``send`` command (one JSON object, no terminator); ``cache`` only when False.
+
+    Raises ValueError for a ``delivery`` other than ``"all"`` or ``"one"``: the server
+    would only answer ``Malformed json message``, and a caller is better told at once.
+    """
+    if delivery != "all" and delivery != "one":
+        raise ValueError(f"delivery must be 'all' or 'one', not {delivery!r}")
+    text = (
+        '{"command": "send", "topic": '
+        + encode_basestring_ascii(topic)
+        + ', "msg": '
+        + encode_basestring_ascii(msg)
+        + (', "delivery": "all"' if delivery == "all" else ', "delivery": "one"')
+        + ("}" if cache else ', "cache": false}')
+    )
+    return text.encode("ascii")
+
+
+def encode_subscribe(
+    topic: str, last_seen: int = -1, cache: bool = True, epoch: str | None = None
+) -> bytes:
+    """A ``subscribe`` command; ``last_seen``, ``cache`` and ``epoch`` only when not default.
+
+    Left out at their defaults so a plain subscribe is understood by any version-1
+    server; ``epoch`` (the extension, docs/protocol.md) goes out whenever it is a string,
+    even ``""`` (a client that wants to learn the server's epoch).
+    """
+    text = '{"command": "subscribe", "topic": ' + encode_basestring_ascii(topic)
+    if last_seen != -1:
+        text += f', "last_seen": {last_seen:d}'
+    if not cache:
+        text += ', "cache": false'
+    if epoch is not None:
+        text += ', "epoch": ' + encode_basestring_ascii(epoch)
+    return (text + "}").encode("ascii")
+
+
+def encode_unsubscribe(topic: str) -> bytes:
+    """An ``unsubscribe`` command."""
+    text = '{"command": "unsubscribe", "topic": ' + encode_basestring_ascii(topic) + "}"
+    return text.encode("ascii")
+
+
+def frame(items: list[bytes], terminator: bytes = b"\n") -> bytes:
+    """Encoded items as one write for a line transport: each followed by ``terminator``.
+
+    The server accepts ``\\n`` or ``\\r\\n`` (docs/protocol.md); clients send ``\\n``.
+    ``items`` is not modified. Joining once (the empty last item supplies the final
+    terminator) copies the bytes once, not twice as ``join(...) + terminator`` would.
+    """
+    if not items:
+        return b""
+    return terminator.join([*items, b""])

@@ -1,0 +1,188 @@
+"""What every scenario shares: its inputs (Target, Settings), its output (Result), and the
+socket and CPU-measuring helpers.
+
+Apart from the scenarios themselves so that ``scenarios`` stays a readable size; the
+names the rest of the package and the tests use are re-exported from ``scenarios``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+
+from .dialects import Dialect
+from .procstat import CPUMeter
+
+#: A generator process above this share of one CPU is considered saturated.
+SATURATED = 0.90
+RECV = 256 << 10
+
+Progress = Callable[[float], None]
+
+
+def no_progress(fraction: float) -> None:
+    """The default progress callback: scenarios run without a progress bar."""
+    pass
+
+
+@attrs.define
+class Target:
+    """One server under test."""
+
+    name: str
+    host: str
+    port: int
+    dialect: Dialect
+    #: for CPU and RSS figures; None when unknown (then they are left out)
+    pid: int | None = None
+
+
+@attrs.frozen
+class Settings:
+    duration: float = 5.0
+    #: characters of ``msg`` (at least 20 for e2e: the timestamp)
+    size: int = 64
+    #: unacknowledged sends a publisher may have in flight
+    window: int = 1000
+    #: e2e publish rate, messages per second
+    rate: int = 5000
+    publishers: tuple[int, ...] = (1,)
+    subscribers: tuple[int, ...] = (1, 10, 100)
+    conns: int = 10_000
+    #: worker processes for subscriber groups in fanout
+    procs: int = 2
+    #: how far (messages) the fanout publisher may run ahead of the slowest subscriber
+    lag: int = 2000
+    #: give up on a scenario that makes no progress for this long
+    stall_timeout: float = 30.0
+
+
+@attrs.define
+class Result:
+    target: str
+    scenario: str
+    params: dict[str, Any]
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+    gen_cpu_pct: float | None = None
+    server_cpu_pct: float | None = None
+    saturated: bool = False
+    errors: list[str] = attrs.field(factory=list)
+    #: latency samples in microseconds (for plots; not written to JSON)
+    samples_us: list[float] = attrs.field(factory=list, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "scenario": self.scenario,
+            "params": self.params,
+            "metrics": self.metrics,
+            "gen_cpu_pct": _round(self.gen_cpu_pct),
+            "server_cpu_pct": _round(self.server_cpu_pct),
+            "saturated": self.saturated,
+            "ok": self.ok,
+            "errors": self.errors,
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+class BenchError(Exception):
+    """The scenario could not complete (disconnect, stall, error replies)."""
+
+
+def latency_summary(samples_ns: list[int]) -> dict[str, float]:
+    """Nearest-rank percentiles in microseconds."""
+    if not samples_ns:
+        return {"n": 0}
+    s = sorted(samples_ns)
+    n = len(s)
+
+    def pct(q: float) -> float:
+        return round(s[max(0, math.ceil(q * n) - 1)] / 1000, 1)
+
+    return {
+        "n": n,
+        "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
+        "p99_us": pct(0.99),
+        "p999_us": pct(0.999),
+        "max_us": round(s[-1] / 1000, 1),
+        "mean_us": round(sum(s) / n / 1000, 1),
+    }
+
+
+def connect(target: Target, blocking: bool = True) -> socket.socket:
+    """A TCP connection with Nagle off: pipelined small commands must not wait for ACKs."""
+    sock = socket.create_connection((target.host, target.port), timeout=10)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(blocking)
+    return sock
+
+
+def recv(sock: socket.socket) -> bytes:
+    """Some bytes; a closed connection is a failed scenario, not an empty read."""
+    data = sock.recv(RECV)
+    if not data:
+        raise BenchError("server closed the connection")
+    return data
+
+
+def read_lines(sock: socket.socket, lines: int) -> bytes:
+    """Blocking read until at least ``lines`` lines arrived (setup replies only)."""
+    buf = b""
+    while buf.count(b"\n") < lines:
+        buf += recv(sock)
+    return buf
+
+
+@contextmanager
+def measuring(result: Result, target: Target, gen_pids_cpu: list[float] | None = None
+              ) -> Iterator[CPUMeter]:
+    """Server CPU via /proc, this process's CPU via process_time, around a block."""
+    server = CPUMeter(target.pid)
+    cpu0 = time.process_time()
+    server.start()
+    yield server
+    server.stop()
+    result.server_cpu_pct = server.percent
+    own = time.process_time() - cpu0
+    result.gen_cpu_pct = 100 * own / server.wall if server.wall > 0 else None
+    if result.gen_cpu_pct is not None and result.gen_cpu_pct >= 100 * SATURATED:
+        result.saturated = True
+
+
+def generator_cpus() -> int:
+    """CPUs this process may run on: what "all CPUs saturated" is measured against."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def mark_workers(result: Result, wall: float, own_cpu: float, worker_cpu: list[float],
+                  worker_wall: list[float]) -> None:
+    """Generator CPU over all its processes; saturated if one process or all CPUs were."""
+    total = own_cpu + sum(worker_cpu)
+    result.gen_cpu_pct = 100 * total / wall if wall > 0 else None
+    per_process = [c / w for c, w in zip(worker_cpu, worker_wall, strict=True) if w > 0]
+    if wall > 0:
+        per_process.append(own_cpu / wall)
+    if any(p >= SATURATED for p in per_process) or (
+        wall > 0 and total / wall >= SATURATED * generator_cpus()
+    ):
+        result.saturated = True
+

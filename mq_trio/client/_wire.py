@@ -1,0 +1,156 @@
+"""The byte carriers under a client: TCP (lines) and WebSocket (one message per command).
+
+A wire only moves encoded commands out and complete JSON texts in; what they mean is the
+client's business (``_client``). Framing comes from the sans-IO protocol package, so the
+bytes are the ones the server's own transports expect.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import trio
+
+from ..protocol import LineBuffer, frame
+from ._values import ConnectError, Target
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
+
+#: Longest line accepted from a server: a delivery is a command (up to the server's
+#: line limit, 1 MiB by default) plus its index, so leave plenty of room.
+MAX_INCOMING_BYTES = 64 << 20
+RECEIVE_BYTES = 64 << 10
+
+
+class Wire(Protocol):
+    """What the client needs of a connection, whichever transport carries it."""
+
+    async def send(self, items: list[bytes]) -> None:
+        """Send encoded commands; raise ``trio.BrokenResourceError`` if the peer is gone."""
+
+    async def receive(self) -> list[bytes] | None:
+        """The next complete JSON texts (maybe none yet), or ``None`` once closed."""
+
+
+class BadServer(Exception):
+    """The server sent something that is not protocol v1: drop the connection."""
+
+
+class _TCPWire:
+    """Commands out as ``\\n``-terminated lines in one write; replies in cut into lines."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._lines = LineBuffer(MAX_INCOMING_BYTES)
+
+    async def send(self, items: list[bytes]) -> None:
+        await self._stream.send_all(frame(items))
+
+    async def receive(self) -> list[bytes] | None:
+        try:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not data:
+            return None
+        lines = self._lines.feed(data)
+        if self._lines.too_long:
+            raise BadServer(f"a line over {MAX_INCOMING_BYTES} bytes")
+        return lines
+
+
+class _WebSocketWire:
+    """One text message per command and per reply: WebSocket frames are the framing."""
+
+    def __init__(self, ws: object) -> None:
+        from trio_websocket import WebSocketConnection
+
+        assert isinstance(ws, WebSocketConnection)
+        self._ws = ws
+        self.close_reason: str | None = None
+
+    async def send(self, items: list[bytes]) -> None:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            for item in items:
+                await self._ws.send_message(item.decode())
+        except ConnectionClosed as exc:
+            raise trio.BrokenResourceError(self._closed_by(exc)) from exc
+
+    async def receive(self) -> list[bytes] | None:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed as exc:
+            self._closed_by(exc)
+            return None
+        return [message.encode() if isinstance(message, str) else message]
+
+    def _closed_by(self, exc: Exception) -> str:
+        close = getattr(exc, "reason", None)
+        code = getattr(close, "code", "?")
+        text = getattr(close, "reason", None) or getattr(close, "name", "")
+        self.close_reason = f"WebSocket closed: {code} {text}".rstrip()
+        return self.close_reason
+
+
+def describe(exc: BaseException) -> str:
+    """A short human reason: "Connection refused" rather than a chain of wrappers."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        # trio's "all attempts to connect failed" wraps one error per address tried.
+        reasons = dict.fromkeys(describe(e) for e in cause.exceptions)
+        return "; ".join(reasons)
+    if cause is not None and not str(exc):
+        return describe(cause)
+    return str(exc) or type(exc).__name__
+
+
+@asynccontextmanager
+async def open_wire(target: Target, connect_timeout: float) -> AsyncIterator[Wire]:
+    """Connect; raise :class:`ConnectError` (only) when that fails."""
+    if target.url is not None:
+        try:
+            import trio_websocket
+        except ImportError as exc:  # pragma: no cover - trio-websocket is a dependency
+            raise ConnectError("ws:// URLs need the trio-websocket package") from exc
+        try:
+            manager = trio_websocket.open_websocket_url(
+                target.url,
+                max_message_size=MAX_INCOMING_BYTES,
+                connect_timeout=connect_timeout,
+                disconnect_timeout=1.0,
+            )
+            ws = await manager.__aenter__()
+        except (OSError, trio_websocket.HandshakeError) as exc:
+            raise ConnectError(f"cannot connect to {target}: {describe(exc)}") from exc
+        try:
+            yield _WebSocketWire(ws)
+        except BaseException as exc:
+            if not await manager.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            try:
+                await manager.__aexit__(None, None, None)
+            except trio_websocket.HandshakeError:
+                pass  # a slow close handshake: the connection is over anyway
+        return
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await trio.open_tcp_stream(target.host, target.port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise ConnectError(f"cannot connect to {target}: {describe(exc)}") from exc
+    try:
+        yield _TCPWire(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+
