@@ -392,19 +392,6 @@ def test_disconnect_removes_all_subscriptions_but_not_history() -> None:
     assert stay.indexes == [1]
 
 
-def test_attached_disconnects_on_exit_and_on_error() -> None:
-    b = make_broker()
-    s = Fake()
-    with b.attached(s):
-        b.subscribe(s, "t")
-        assert b.subscribers("t") == [s]
-    assert b.subscribers("t") == []
-    with pytest.raises(RuntimeError), b.attached(s):
-        b.subscribe(s, "t")
-        raise RuntimeError("boom")
-    assert b.subscribers("t") == [] and b.topics_of(s) == set()
-
-
 # --- ordering ----------------------------------------------------------------------------
 
 

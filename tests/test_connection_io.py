@@ -14,7 +14,7 @@ import trio.testing
 from support import LineClient, start_server
 
 from mq_trio.server import Server
-from mq_trio.server._connection import SEND_NOW_BYTES, Outbox, send_ready
+from mq_trio.server._outbox import SEND_NOW_BYTES, Outbox, send_ready
 from mq_trio.transports._tcp import TCPTransport
 
 OK = {"success": True}
@@ -67,10 +67,10 @@ class RecordingTransport:
 async def test_send_now_writes_replies_without_the_writer() -> None:
     outbox = Outbox(1 << 20)
     transport = RecordingTransport(room=1 << 20)
-    outbox.push_reply(b"a")
-    outbox.push_reply(b"b")
+    outbox.queue_reply(b"a")
+    outbox.queue_reply(b"b")
     assert outbox.pending == 2
-    outbox.send_now(transport)
+    outbox.write_inline(transport)
     assert transport.wire == b"a\nb\n"
     assert outbox.pending == 0
     assert transport.batch_calls == 0
@@ -82,9 +82,9 @@ async def test_partial_send_now_leaves_the_rest_to_the_writer_in_order() -> None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outbox.drain_into, transport, lambda: None)
         await trio.testing.wait_all_tasks_blocked()
-        outbox.push_reply(b"first")
-        outbox.push_reply(b"second")
-        outbox.send_now(transport)  # the kernel took 3 bytes
+        outbox.queue_reply(b"first")
+        outbox.queue_reply(b"second")
+        outbox.write_inline(transport)  # the kernel took 3 bytes
         outbox.push(b"third")  # a delivery queued behind the leftover
         await trio.testing.wait_all_tasks_blocked()
         assert transport.wire == b"first\nsecond\nthird\n"
@@ -95,8 +95,8 @@ async def test_partial_send_now_leaves_the_rest_to_the_writer_in_order() -> None
 async def test_send_now_leaves_big_or_busy_output_to_the_writer() -> None:
     outbox = Outbox(4 * SEND_NOW_BYTES)
     transport = RecordingTransport(room=1 << 30)
-    outbox.push_reply(b"x" * (SEND_NOW_BYTES + 1))
-    outbox.send_now(transport)
+    outbox.queue_reply(b"x" * (SEND_NOW_BYTES + 1))
+    outbox.write_inline(transport)
     assert transport.nowait_calls == 0  # over SEND_NOW_BYTES: the writer's job
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outbox.drain_into, transport, lambda: None)

@@ -23,14 +23,10 @@ import trio.testing
 from support import LineClient, make_config
 
 from mq_trio.server import Server, serve
-from mq_trio.store import _store as store_module
-from mq_trio.store._store import (
-    DB_NAME,
-    STORAGE_UNAVAILABLE,
-    Record,
-    SqliteBackend,
-    scan_wal,
-)
+from mq_trio.store import DB_NAME, STORAGE_UNAVAILABLE, DurableHistory, _flusher, _ops, _sqlite
+from mq_trio.store._ops import Record
+from mq_trio.store._sqlite import SqliteBackend
+from mq_trio.store._wal import scan_wal
 
 SUCCESS = {"success": True}
 TEST_GUARD_SECONDS = 120
@@ -127,7 +123,7 @@ async def test_data_dir_in_use_is_refused(tmp_path: Path) -> None:
         with pytest.raises(Exception) as info:  # noqa: B017 - wrapped in exception groups
             async with running(tmp_path):
                 pass  # pragma: no cover
-        error = store_module.find_store_error(info.value)
+        error = _ops.find_store_error(info.value)
         assert error is not None and "in use by another server" in str(error)
 
 
@@ -354,9 +350,9 @@ def fill(
     transaction per ``batch`` messages."""
     backend = SqliteBackend(directory, "never", cache_size, 1000)
     backend.open()
-    backend.apply([store_module.NewTopic(1, "t")], sync=False)
+    backend.apply([_ops.NewTopic(1, "t")], sync=False)
     for start in range(0, messages, batch):
-        records: list[store_module.Op] = []
+        records: list[_ops.Op] = []
         for i in range(start, min(messages, start + batch)):
             delivery = "one" if one(i) else "all"
             obj = {"command": "send", "topic": "t", "msg": str(i).ljust(msg_size),
@@ -563,20 +559,20 @@ class FakeBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[float, str, int, bool]] = []  # (time, kind, records, sync)
 
-    def apply(self, ops: list[store_module.Op], sync: bool) -> store_module.BatchResult:
+    def apply(self, ops: list[_ops.Op], sync: bool) -> _ops.BatchResult:
         records = sum(isinstance(op, Record) for op in ops)
         self.calls.append((trio.current_time(), "apply", records, sync))
-        return store_module.BatchResult()
+        return _ops.BatchResult()
 
-    def sync(self) -> store_module.BatchResult:
+    def sync(self) -> _ops.BatchResult:
         self.calls.append((trio.current_time(), "sync", 0, True))
-        return store_module.BatchResult()
+        return _ops.BatchResult()
 
 
 @asynccontextmanager
 async def fake_store(
     fsync: str, monkeypatch: pytest.MonkeyPatch, gate: trio.Event | None = None
-) -> AsyncIterator[tuple[store_module.Store, FakeBackend]]:
+) -> AsyncIterator[tuple[_flusher.Store, FakeBackend]]:
     """A Store whose "worker thread" runs on the trio thread (exact virtual time);
     ``gate``, while unset, holds every write open."""
 
@@ -587,7 +583,7 @@ async def fake_store(
 
     monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
     backend = FakeBackend()
-    store = store_module.Store(backend, fsync)  # type: ignore[arg-type]
+    store = _flusher.Store(backend, fsync)  # type: ignore[arg-type]
     with trio.fail_after(TEST_GUARD_SECONDS):  # virtual seconds under autojump_clock
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
@@ -759,8 +755,8 @@ async def test_snapshot_released_when_subscriber_leaves_early(tmp_path: Path) ->
         assert await late.request({"command": "subscribe", "topic": "t"}) == SUCCESS
         await late.send({"command": "subscribe", "topic": "t"})  # queued, not started
         broker = server.broker
-        assert isinstance(broker, store_module.DurableBroker)
-        state = broker.durable.topics["t"]
+        assert isinstance(broker.history, DurableHistory)
+        state = broker.history.topics["t"]
         while state.disk_replays < 2:
             await trio.sleep(0.01)  # polling a condition, not waiting out a time
         await late.aclose()
@@ -836,7 +832,7 @@ def test_reboot_after_an_unclean_stop_changes_the_epoch(
 ) -> None:
     """A crash followed by a machine restart may have lost unsynced writes: new epoch,
     unless every write was fsynced (--fsync always). A crash alone keeps the epoch."""
-    monkeypatch.setattr(store_module, "_boot_id", lambda: "boot-1")
+    monkeypatch.setattr(_sqlite, "_boot_id", lambda: "boot-1")
     live = SqliteBackend(tmp_path / "live", policy, 100, 100)  # type: ignore[arg-type]
     epoch = live.open().epoch
     crash_copy(tmp_path / "live", tmp_path / "crash")
@@ -849,7 +845,7 @@ def test_reboot_after_an_unclean_stop_changes_the_epoch(
     assert "previous run did not shut down cleanly" in loaded.notes
     same_boot.close()
 
-    monkeypatch.setattr(store_module, "_boot_id", lambda: "boot-2")
+    monkeypatch.setattr(_sqlite, "_boot_id", lambda: "boot-2")
     rebooted = SqliteBackend(tmp_path / "crash-and-reboot", "everysec", 100, 100)
     assert (rebooted.open().epoch != epoch) is new_epoch
     rebooted.close()

@@ -15,7 +15,8 @@ from support import LineClient, make_config, start_server
 
 from mq_trio.broker import Broker, MemoryHistory
 from mq_trio.server import Server
-from mq_trio.server._connection import Connection, Outbox
+from mq_trio.server._connection import Connection
+from mq_trio.server._outbox import Outbox
 from mq_trio.transports._tcp import TCPTransport
 
 OK = {"success": True}
@@ -255,7 +256,7 @@ async def test_replay_larger_than_the_budget(nursery: trio.Nursery) -> None:
 async def test_replay_allowance_ends_once_the_replay_is_written() -> None:
     """The replay may exceed the budget; once written, the plain budget applies again."""
     outbox = Outbox(1000)
-    outbox.push_replay([b"r" * 600, b"r" * 600])
+    outbox.queue_replay([b"r" * 600, b"r" * 600])
     assert not outbox.overflowed and outbox.pending == 1200
     outbox.push(b"l" * 300)  # live data on top of the replay still has its budget
     assert not outbox.overflowed and outbox.pending == 1500

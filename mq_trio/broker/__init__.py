@@ -1,28 +1,42 @@
 """The topic supervisor and the history seam behind it.
 
-:class:`Broker` is the one place the semantics of docs/protocol.md section 4 are written
-(index, cache, ``one``, replay, epoch); a history (memory, SQLite, ...) is one
-implementation of :class:`TopicHistory`.
+:class:`Broker` is the one place the semantics of docs/protocol.md are written (index,
+cache, ``one``, replay, epoch); a history (memory, SQLite, ...) is one implementation of
+:class:`TopicHistory` and nothing more.
 """
 
-from ._broker import (
-    DEFAULT_CACHE_SIZE,
-    Broker,
+from ._broker import Broker, Subscriber
+from ._history import (
+    Answer,
     CachedMessage,
-    MemoryHistory,
-    Subscriber,
+    Deferred,
+    EpochReply,
+    Held,
+    Item,
+    SendBatch,
+    Ticket,
     TopicHistory,
+    epoch_reply,
     new_epoch,
     nothing_lost,
 )
+from ._memory import DEFAULT_CACHE_SIZE, MemoryHistory
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",
+    "Answer",
     "Broker",
     "CachedMessage",
+    "Deferred",
+    "EpochReply",
+    "Held",
+    "Item",
     "MemoryHistory",
-    "Subscriber",
+    "SendBatch",
+    "Ticket",
     "TopicHistory",
+    "Subscriber",
+    "epoch_reply",
     "new_epoch",
     "nothing_lost",
 ]

@@ -15,6 +15,8 @@ PARSE_ERROR = "Could not parse json"
 MALFORMED = "Malformed json message"
 INTERNAL_ERROR = "Internal exception"
 LINE_TOO_LONG = "Line too long"
+#: A durable server could not write the message (docs/protocol.md, extensions).
+STORAGE_UNAVAILABLE = "Storage unavailable"
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 

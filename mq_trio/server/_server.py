@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -15,6 +15,7 @@ import trio
 from ..broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
 from ..protocol import DEFAULT_MAX_LINE_BYTES
 from ..transports import _tcp as tcp
+from ..transports._base import Transport
 from ..transports._tcp import TCPTransport
 from ..transports._websocket import DEFAULT_PING_INTERVAL, OriginPolicy, handle_stream
 from ._connection import (
@@ -22,14 +23,11 @@ from ._connection import (
     DEFAULT_MAX_PENDING_BYTES,
     Connection,
     Limits,
-    Outbox,
-    Transport,
 )
+from ._outbox import Outbox
 
 log = logging.getLogger("mq_trio.server")
 
-#: Builds a connection's outbox from (byte budget, overflow callback).
-OutboxFactory = Callable[[int, Callable[[], None] | None], Outbox]
 
 #: accept() errors that only mean this client is gone already.
 _ACCEPT_RETRY_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM))
@@ -125,8 +123,6 @@ class Server:
     stopping: bool = False
     #: Set when serve() has returned (after a shutdown, every connection is closed).
     stopped: trio.Event = attrs.field(factory=trio.Event)
-    #: How connections build their outbox (durable mode: one that waits for the store).
-    outbox_factory: OutboxFactory = Outbox
     _limits: Limits = attrs.field(init=False)
     #: Outboxes whose writers a command just woke; its reader writes them (Outbox.attach).
     _ready: list[Outbox] = attrs.field(init=False, factory=list)
@@ -166,7 +162,7 @@ class Server:
     def connection(self, transport: Transport) -> Connection:
         """A connection of this server over ``transport``; ``await conn.run()`` serves it."""
         return Connection(
-            transport, self.broker, self._limits, self.outbox_factory, self.connections,
+            transport, self.broker, self._limits, self.connections,
             self._ready,
         )
 
@@ -231,8 +227,8 @@ async def serve(
         listeners = await open_listeners(config)
     if ws_listeners is None:
         ws_listeners = await open_ws_listeners(config)
-    async with _open_broker(config, broker) as (broker, outbox_factory):
-        server = Server(config, broker, listeners, ws_listeners, outbox_factory=outbox_factory)
+    async with _open_broker(config, broker) as broker:
+        server = Server(config, broker, listeners, ws_listeners)
         try:
             await _run(server, listeners, task_status)
         finally:
@@ -242,10 +238,10 @@ async def serve(
 @asynccontextmanager
 async def _open_broker(
     config: Config, broker: Broker | None
-) -> AsyncIterator[tuple[Broker, OutboxFactory]]:
-    """The broker and how outboxes are made: in memory, or over the durable store."""
+) -> AsyncIterator[Broker]:
+    """The broker over its history: in memory, or the durable store."""
     if config.data_dir is None:
-        yield (broker or Broker(MemoryHistory(config.cache_size))), Outbox
+        yield broker or Broker(MemoryHistory(config.cache_size))
         return
     if broker is not None:
         raise ValueError("a broker cannot be passed together with data_dir")
@@ -257,7 +253,7 @@ async def _open_broker(
         fsync=config.fsync,  # type: ignore[arg-type]  # checked by Config.check
         memory_window=config.memory_window,
     ) as durable:
-        yield durable.broker, durable.outbox_factory
+        yield Broker(durable.history)
     # leaving the block wrote what was queued and closed the store
 
 

@@ -1,0 +1,186 @@
+"""The history seam: what a topic history (memory, SQLite, Redis, ...) provides.
+
+A history owns indexes and caches; :class:`~mq_trio.broker.Broker` owns their meaning.
+A history that must wait (for a disk, for a remote store) still answers at once, with
+"index now, durable later" handles: a :class:`Ticket` for a write, outbox items
+(:class:`Deferred`) for what can only be sent once it is decided. The outbox writer
+waits for those; the reader and the broker never wait.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import attrs
+
+from ..protocol import Send
+
+#: What a transport's send takes: encoded objects, no terminators.
+SendBatch = Callable[[list[bytes]], Awaitable[None]]
+
+
+class Ticket(Protocol):
+    """A history operation that is decided later (a durable write, a removal)."""
+
+    @property
+    def done(self) -> bool:
+        """Decided: written, or failed."""
+
+    @property
+    def failed(self) -> bool:
+        """Meaningful once ``done``: the operation did not take effect."""
+
+    async def wait(self) -> None:
+        """Return once ``done``."""
+
+
+class Answer(Ticket, Protocol):
+    """A yes/no a history can give only later (the epoch extension's ``recovered``)."""
+
+    def value(self) -> bool:
+        """The answer, once ``done``."""
+
+
+class Deferred(Protocol):
+    """An outbox item whose bytes are known only later.
+
+    ``ready`` is the cheap check the writer makes first; ``write`` is the slow path;
+    ``discard`` is called when the item is dropped unsent (its connection ended), so it
+    can release what it holds (a database snapshot).
+    """
+
+    def __len__(self) -> int:
+        """Bytes it counts against the connection's budget."""
+
+    def ready(self) -> list[bytes] | None:
+        """What to write now, if already decided (maybe nothing); None if not yet."""
+
+    async def write(self, send: SendBatch) -> None:
+        """Wait until decided, then send what the item stands for."""
+
+    def discard(self) -> None:
+        """The item will not be written."""
+
+
+Item = bytes | Deferred
+
+
+@attrs.define(slots=True, eq=False)
+class Held:
+    """Bytes that may leave only once ``ticket`` is decided.
+
+    A delivery of a message not yet durable is written once its write succeeded (and
+    dropped if it failed); the sender's reply says which (``failure``). ``requires``:
+    another ticket that must not have failed (a replayed "one" message waits for its
+    removal from the cache, and is dropped if the message itself was never written).
+    """
+
+    payload: bytes
+    ticket: Ticket
+    #: Written instead when the ticket failed; None: nothing is written.
+    failure: bytes | None = None
+    requires: Ticket | None = None
+
+    def __len__(self) -> int:
+        return len(self.payload)
+
+    def ready(self) -> list[bytes] | None:
+        if not self.ticket.done:
+            return None
+        return self._outcome()
+
+    def _outcome(self) -> list[bytes]:
+        requires = self.requires
+        if requires is not None and requires.failed:
+            return []
+        if not self.ticket.failed:
+            return [self.payload]
+        return [] if self.failure is None else [self.failure]
+
+    async def write(self, send: SendBatch) -> None:
+        await self.ticket.wait()
+        out = self._outcome()
+        if out:
+            await send(out)
+
+    def discard(self) -> None:
+        pass
+
+
+def epoch_reply(epoch: str, recovered: bool) -> bytes:
+    """The reply to a subscribe that carries an epoch (docs/protocol.md, epoch extension)."""
+    return json.dumps({"success": True, "epoch": epoch, "recovered": recovered}).encode()
+
+
+@attrs.define(slots=True, eq=False)
+class EpochReply:
+    """An epoch reply whose ``recovered`` the history can tell only later."""
+
+    epoch: str
+    answer: Answer
+
+    def __len__(self) -> int:
+        return 0
+
+    def ready(self) -> list[bytes] | None:
+        if not self.answer.done:
+            return None
+        return [epoch_reply(self.epoch, self.answer.value())]
+
+    async def write(self, send: SendBatch) -> None:
+        await self.answer.wait()
+        await send([epoch_reply(self.epoch, self.answer.value())])
+
+    def discard(self) -> None:
+        pass
+
+
+@attrs.define(slots=True)
+class CachedMessage:
+    """A cached message as a history shows it for inspection (``cached``)."""
+
+    index: int
+    one: bool  # a "one" message goes to a single subscriber, so replay consumes it
+    payload: bytes
+
+
+class TopicHistory(Protocol):
+    """Per-topic indexes and caches: the one extension point for a new backend."""
+
+    #: The history's id for the epoch extension; a new one whenever history may be lost.
+    epoch: str
+
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> tuple[int, Ticket | None]:
+        """Consume and return the topic's next index (never reused); if ``cached``, add
+        the message to the topic's cache (a "one" message if ``one``), evicting the
+        oldest beyond the cache size. Its delivery is ``encode_delivery(send, index)``.
+
+        The ticket is None when the message is as durable as it will be (memory), else
+        it is decided when the write is: deliveries and the sender's reply wait for it.
+        One call per message: a remote store can do everything in one round trip.
+        """
+
+    def replay(self, topic: str, last_seen: int) -> list[Item]:
+        """Outbox items for the cached messages with ``index > last_seen``, in index
+        order; the "one" messages among them leave the cache."""
+
+    def recovered(self, topic: str, last_seen: int) -> bool | Answer:
+        """Whether nothing after ``last_seen`` was lost to the cache-size rule."""
+
+    def cached(self, topic: str) -> list[CachedMessage]:
+        """The topic's cache (the part in memory), for inspection and tests."""
+
+
+def nothing_lost(evicted: int, next_index: int, last_seen: int) -> bool:
+    """The epoch extension's rule: nothing after ``last_seen`` was lost to the cache-size
+    rule (``evicted``: the highest index it dropped, -1 if none), and ``last_seen`` is not
+    ahead of the history."""
+    return evicted <= max(last_seen, -1) < next_index
+
+
+def new_epoch() -> str:
+    """A random id for a history; a new one whenever history may have been lost."""
+    return uuid.uuid4().hex

@@ -1,0 +1,353 @@
+"""A client's outbox: its queued replies and deliveries, and who may write them.
+
+The one rule of writing, in one place: the writer task drains the outbox into the
+transport, except that the reader may write what is queued itself at the end of a chunk
+(``write_inline``) when the writer is idle and nothing queued has to wait. Items a
+history decides later (:class:`~mq_trio.broker.Deferred`, durable mode) are always the
+writer's: it waits for them in order, so the reply order holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from ..broker import Deferred, Item
+from ..transports._base import Transport
+
+#: The writer stops collecting queued items for one write at about this many bytes.
+WRITE_BATCH_BYTES = 256 << 10
+#: The most a reader writes itself (``Outbox.write_inline``); more is the writer's job.
+SEND_NOW_BYTES = 64 << 10
+
+
+class Outbox:
+    """A client's queue of encoded objects, bounded in bytes, never blocking a producer.
+
+    ``push`` is what the broker calls. Going over the byte budget does not wait and does
+    not drop silently: the outbox closes and tells its owner, which disconnects the client
+    (NATS and Redis do the same with slow consumers). The client's own replies count too,
+    but the reader pauses at half the budget, so a client that pipelines without reading
+    is slowed by TCP backpressure instead of being cut off.
+
+    A subscribe's cache replay is the client's own request, so it does not count against
+    the budget while it drains (:meth:`push_replay`): a replay larger than the budget is
+    delivered, and a client cut off as a slow consumer can always resume from
+    ``last_seen``. Memory per client stays bounded by the budget plus one replay (at most
+    ``cache_size`` messages).
+    """
+
+    # A list and one waiting writer rather than a memory channel: a channel ``send_nowait``
+    # per reply and per delivery was a visible share of the publish/fanout profiles, and
+    # the writer only ever needs "wake me when something is queued". A list, not a deque:
+    # the writer takes it whole, and an idle connection then holds an empty list (56
+    # bytes) instead of a deque's 64-slot block (about 1.2 KiB with the one clear() makes).
+    # The reader's wait for the writer to catch up is a single task slot too, not a
+    # ParkingLot (an OrderedDict per connection, idle or not).
+    __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "high_water",
+                 "_limit", "overflowed", "_on_overflow", "_sending", "_leftover", "transport",
+                 "_ready", "_listed", "_deferred", "__weakref__")
+
+    def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
+        self._queue: list[Item] = []
+        self._closed = False
+        #: The writer, while it waits for something to send.
+        self._waiter: trio.lowlevel.Task | None = None
+        #: The reader, while it waits for the writer to bring ``pending`` down.
+        self._reader: trio.lowlevel.Task | None = None
+        self.pending = 0
+        self.budget = budget
+        #: Over this, the reader waits for the writer before handling more.
+        self.high_water = budget // 2
+        #: The overflow threshold: the budget plus replay bytes still queued.
+        self._limit = budget
+        self.overflowed = False
+        self._on_overflow = on_overflow
+        #: The writer is between taking items and handing them all to the transport.
+        self._sending = False
+        #: A ``send_now`` left part of its write with the transport: the writer sends it.
+        self._leftover = False
+        #: See ``attach``.
+        self.transport: Transport | None = None
+        self._ready: list[Outbox] | None = None
+        self._listed = False
+        #: The queue holds a :class:`Deferred` item: only the writer may write it.
+        self._deferred = False
+
+    def push(self, payload: bytes) -> None:
+        # The hot path of every reply and delivery (fanout: once per subscriber), so the
+        # common case is one comparison, an append and a flag test.
+        pending = self.pending + len(payload)
+        if pending > self._limit or self._closed:
+            self._refuse(pending)
+            return
+        self.pending = pending
+        self._queue.append(payload)
+        if self._waiter is not None:
+            self._wake()
+
+    def push_deferred(self, item: Deferred) -> None:
+        """Queue an item a history decides later; the writer waits for it in order."""
+        pending = self.pending + len(item)
+        if pending > self._limit or self._closed:
+            item.discard()
+            self._refuse(pending)
+            return
+        self.pending = pending
+        self._queue.append(item)
+        self._deferred = True
+        if self._waiter is not None:
+            self._wake()
+
+    def queue_reply(self, payload: Item) -> None:
+        """Queue one of the reader's own replies without waking the writer: the reader
+        writes or wakes at the end of its chunk (``write_inline``, ``wait_drained``), and
+        a wake-up per reply would cost a scheduler pass per round trip. (A copy of
+        ``push``'s first lines, not a call from it: ``push`` is the fan-out hot path.)"""
+        if type(payload) is not bytes:
+            self._deferred = True
+        pending = self.pending + len(payload)
+        if pending > self._limit or self._closed:
+            self._refuse(pending)
+            return
+        self.pending = pending
+        self._queue.append(payload)
+
+    def _refuse(self, pending: int) -> None:
+        if self.overflowed:
+            return
+        # Checked before counting, so ``pending`` itself never exceeds the limit.
+        if pending > self._limit:
+            self.overflowed = True
+            self.close()
+            if self._on_overflow is not None:
+                self._on_overflow()
+        # else closed for flushing: the client is leaving and gets nothing new
+
+    def queue_replay(self, items: list[Item]) -> None:
+        """Queue a subscribe's cache replay, allowed on top of the budget."""
+        if not items:
+            return
+        if self._closed:
+            discard(items)
+            return
+        self._limit += sum(len(p) for p in items)
+        for item in items:
+            if type(item) is bytes:
+                self.push(item)
+            else:
+                self.push_deferred(item)  # type: ignore[arg-type]
+
+    def written(self, size: int) -> None:
+        """The writer handed ``size`` queued bytes to the transport."""
+        pending = self.pending = self.pending - size
+        if self._limit > self.budget:
+            # Replay credit only shrinks: at most what is still queued remains allowed.
+            self._limit = self.budget + min(self._limit - self.budget, pending)
+        if pending <= self.high_water and self._reader is not None:
+            self.wake_reader()
+
+    def close(self) -> None:
+        """No more items; the writer flushes what is queued and stops."""
+        self._closed = True
+        self._wake()
+        self.wake_reader()
+
+    def _wake(self) -> None:
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+            ready = self._ready
+            if ready is not None and not self._listed:
+                self._listed = True
+                ready.append(self)
+
+    def attach(self, transport: Transport, ready: list[Outbox] | None) -> None:
+        """Let the reader whose command woke this outbox's writer write it early.
+
+        When a push wakes the idle writer, the outbox also puts itself on ``ready`` (one
+        list per server); the reader that caused it calls :func:`send_ready` at the end of
+        its chunk, so a delivery leaves in the same scheduling pass as the command that
+        produced it instead of the next one. The woken writer then finds nothing left
+        and sleeps again; it still does everything that has to wait.
+        """
+        self.transport = transport
+        self._ready = ready
+
+    def wake_reader(self) -> None:
+        """End the reader's ``wait_drained`` now (it re-checks why it waited)."""
+        task = self._reader
+        if task is not None:
+            self._reader = None
+            trio.lowlevel.reschedule(task)
+
+    async def _wait(self) -> None:
+        """Sleep until the next push or close (only the writer waits here)."""
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is already draining this outbox")
+        self._waiter = trio.lowlevel.current_task()
+        try:
+            await trio.lowlevel.wait_task_rescheduled(_abort)
+        finally:
+            self._waiter = None  # already None unless cancelled
+
+    @property
+    def backlogged(self) -> bool:
+        """Over the high-water mark: the reader should wait before handling more."""
+        return self.pending > self.high_water and not self._closed
+
+    async def wait_drained(self) -> None:
+        """Wait until the writer brings ``pending`` under the high-water mark, the outbox
+        closes, or ``wake_reader`` is called."""
+        self._wake()  # replies pushed without a wake-up are queued
+        if self.backlogged:
+            self._reader = trio.lowlevel.current_task()
+            try:
+                await trio.lowlevel.wait_task_rescheduled(_abort)
+            finally:
+                self._reader = None
+
+    async def take(self) -> list[Item]:
+        """Wait for queued items and take them all; ``[]`` once closed and drained.
+
+        Only the writer calls this. Right after it returns, ``pending`` is exactly the
+        size of what it returned (everything earlier was reported by ``written``).
+        """
+        while not self._queue:
+            if self._closed:
+                return []
+            await self._wait()
+        items = self._queue
+        self._queue = []
+        return items
+
+    def write_inline(self, transport: Transport) -> None:
+        """Hand what is queued to the transport from the reader's task, if nothing is
+        being sent, nothing queued has to wait, and it is small (the reader's replies at
+        the end of a chunk).
+
+        The writer would send it only in trio's next scheduling batch: one more
+        epoll_wait and task switch between a request and its reply, most of the round
+        trip's gap to Redis. Only a non-blocking write happens here; what the kernel does
+        not take stays with the transport, and the writer sends it.
+        """
+        if not self._queue:
+            return
+        if self._sending or self._leftover or self._deferred or self.pending > SEND_NOW_BYTES:
+            self._wake()  # the writer's job (when it is busy, it comes back for these)
+            return
+        items = self._queue
+        self._queue = []
+        size = self.pending
+        if not transport.send_nowait(items):  # type: ignore[arg-type]  # all bytes
+            self._leftover = True
+            self._wake()
+        self.written(size)
+
+    async def drain_into(self, transport: Transport, peer_gone: Callable[[], None]) -> None:
+        """The writer task: one transport write for everything queued, until closed.
+
+        Calls ``peer_gone`` when the transport breaks. The waits are written out here
+        rather than ``await self.take()``: every await level is a coroutine frame that
+        each idle connection keeps, and idle connections are what memory is spent on.
+        """
+        try:
+            while True:
+                while not self._queue and not self._leftover:
+                    if self._closed:
+                        return
+                    self._waiter = trio.lowlevel.current_task()
+                    try:
+                        await trio.lowlevel.wait_task_rescheduled(_abort)
+                    finally:
+                        self._waiter = None  # already None unless cancelled
+                items = self._queue
+                self._queue = []
+                self._leftover = False
+                self._sending = True
+                if self._deferred:
+                    self._deferred = False
+                    await self._send_deferred(transport, items)
+                elif self.pending <= WRITE_BATCH_BYTES:
+                    size = self.pending
+                    await transport.send_batch(items)  # type: ignore[arg-type]  # all bytes
+                    self.written(size)
+                else:
+                    await self._send_in_parts(transport, items)  # type: ignore[arg-type]
+                self._sending = False
+                del items  # not kept alive while idle
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            peer_gone()
+        finally:
+            if self._deferred:
+                # What the writer never reached releases what it holds (snapshots).
+                self._deferred = False
+                discard(self._queue)
+
+    async def _send_deferred(self, transport: Transport, items: list[Item]) -> None:
+        """Write items in order, waiting at each one that is not decided yet; bytes and
+        decided items between waits go out in one write."""
+        batch: list[bytes] = []
+        size = 0
+        done = 0
+        try:
+            for item in items:
+                size += len(item)
+                if type(item) is bytes:
+                    batch.append(item)
+                else:
+                    assert not isinstance(item, bytes)
+                    out = item.ready()
+                    if out is not None:
+                        batch.extend(out)
+                    else:
+                        if batch:
+                            await transport.send_batch(batch)
+                            batch = []
+                        await item.write(transport.send_batch)
+                done += 1
+                if size >= WRITE_BATCH_BYTES:
+                    if batch:
+                        await transport.send_batch(batch)
+                        batch = []
+                    self.written(size)
+                    size = 0
+            if batch:
+                await transport.send_batch(batch)
+            self.written(size)
+        finally:
+            if done < len(items):
+                discard(items[done:])
+
+    async def _send_in_parts(self, transport: Transport, items: list[bytes]) -> None:
+        start = size = 0
+        last = len(items) - 1
+        for i, item in enumerate(items):
+            size += len(item)
+            if size >= WRITE_BATCH_BYTES or i == last:
+                await transport.send_batch(items[start : i + 1])
+                self.written(size)
+                start, size = i + 1, 0
+
+
+def send_ready(ready: list[Outbox]) -> None:
+    """Write the outboxes whose writers were woken since the last call (``attach``)."""
+    while ready:
+        outbox = ready.pop()
+        outbox._listed = False
+        if outbox.transport is not None:
+            outbox.write_inline(outbox.transport)
+
+
+def discard(items: list[Item]) -> None:
+    """Release the deferred items among ``items`` (they will not be written)."""
+    for item in items:
+        if type(item) is not bytes:
+            item.discard()  # type: ignore[union-attr]
+
+
+def _abort(_: object) -> trio.lowlevel.Abort:
+    # The waiter slots are cleared by the waits' own ``finally``.
+    return trio.lowlevel.Abort.SUCCEEDED

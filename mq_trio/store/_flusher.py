@@ -1,0 +1,171 @@
+"""The flusher: the queue to the worker thread, and group commit."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from ..protocol import STORAGE_UNAVAILABLE
+from ._ops import (
+    DEFAULT_FSYNC,
+    RETRY_INTERVAL,
+    SYNC_INTERVAL,
+    BatchResult,
+    FsyncPolicy,
+    Mark,
+    Op,
+    Read,
+    Record,
+    Take,
+)
+from ._sqlite import SqliteBackend
+
+log = logging.getLogger("mq_trio.store")
+
+#: Operations that write nothing: a batch of only these commits nothing.
+_NOT_WRITES = (Read, Mark)
+
+
+@attrs.define(eq=False)
+class Store:
+    """The queue to the worker thread and the flusher task that drains it."""
+
+    backend: SqliteBackend
+    fsync: FsyncPolicy = DEFAULT_FSYNC
+    #: Every record with ``seq <=`` this is decided (written, or failed).
+    decided_seq: int = 0
+    last_seq: int = 0
+    available: bool = True
+    on_result: Callable[[list[Op], BatchResult], list[Op]] | None = None
+    _queue: list[Op] = attrs.field(factory=list)
+    _carry: list[Op] = attrs.field(factory=list)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _decided: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _closing: bool = False
+    _stopped: trio.Event = attrs.field(factory=trio.Event)
+
+    def submit(self, op: Op) -> None:
+        self._queue.append(op)
+        self._wakeup.set()
+
+    def write(self, tid: int, index: int, one: bool, payload: bytes | None) -> Record:
+        self.last_seq = seq = self.last_seq + 1
+        record = Record(seq, tid, index, one, payload, decider=self)
+        self._queue.append(record)
+        self._wakeup.set()
+        return record
+
+    def take(self, tid: int, index: int) -> Take:
+        self.last_seq = seq = self.last_seq + 1
+        take = Take(seq, tid, index, decider=self)
+        self._queue.append(take)
+        self._wakeup.set()
+        return take
+
+    def mark(self) -> Mark:
+        """A ticket decided once everything queued before it is (and failed with it)."""
+        self.last_seq = seq = self.last_seq + 1
+        mark = Mark(seq, decider=self)
+        self._queue.append(mark)
+        self._wakeup.set()
+        return mark
+
+    async def wait(self, seq: int) -> None:
+        while self.decided_seq < seq:
+            await self._decided.park()
+
+    async def read(self, tid: int, after: int, upto: int, limit: int) -> Read:
+        read = Read(tid, after, upto, limit)
+        self.submit(read)
+        await read.done.wait()
+        return read
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher: one worker-thread call per batch of whatever is queued."""
+        task_status.started()
+        try:
+            await self._run()
+        finally:
+            self._stopped.set()
+
+    async def _run(self) -> None:
+        last_sync = trio.current_time()
+        dirty = False
+        while True:
+            if not self._queue:
+                if self._closing:
+                    if self._carry:
+                        log.warning("closing with %d state change(s) unwritten", len(self._carry))
+                    return  # the backend's close fsyncs what was committed
+                timeout = math.inf
+                if self._carry:
+                    timeout = RETRY_INTERVAL
+                elif dirty and self.fsync == "everysec":
+                    timeout = max(0.0, last_sync + SYNC_INTERVAL - trio.current_time())
+                with trio.move_on_after(timeout):
+                    await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            ops = self._carry + self._queue if self._carry else self._queue
+            self._carry = []
+            self._queue = []
+            now = trio.current_time()
+            sync = self.fsync == "always" or (
+                self.fsync == "everysec" and now - last_sync >= SYNC_INTERVAL
+            )
+            # Only batches with writes commit (reads of old history do not count).
+            writes = any(type(op) not in _NOT_WRITES for op in ops)
+            if ops:
+                result = await trio.to_thread.run_sync(self.backend.apply, ops, sync and writes)
+            elif dirty and sync:
+                result = await trio.to_thread.run_sync(self.backend.sync)
+                writes = True
+            else:
+                continue
+            if result.error is None and writes:
+                if sync:
+                    last_sync, dirty = now, False
+                else:
+                    dirty = True
+            self._settle(ops, result)
+
+    def _settle(self, ops: list[Op], result: BatchResult) -> None:
+        """Back on the trio thread: mark records decided, fix state after a failure."""
+        decided = 0
+        for op in ops:
+            if isinstance(op, Record | Take | Mark):
+                op.done = True
+                decided = max(decided, op.seq)
+        if result.error is not None:
+            if self.available:
+                log.error(
+                    "storage unavailable (%s): sends fail with %r until it works again",
+                    result.error,
+                    STORAGE_UNAVAILABLE,
+                )
+                self.available = False
+        elif not self.available and any(type(op) not in _NOT_WRITES for op in ops):
+            log.warning("storage works again")
+            self.available = True
+        if self.on_result is not None:
+            self._carry = self.on_result(ops, result)
+        if decided > self.decided_seq:  # (retried takes carry older numbers)
+            self.decided_seq = decided
+            self._decided.unpark_all()
+        for op in ops:
+            if isinstance(op, Read):
+                if op.released and op.conn is not None:
+                    op.conn.close()  # its subscriber left before the snapshot opened
+                    op.conn = None
+                op.done.set()
+
+    async def aclose(self) -> None:
+        """Write what is queued, wait for the flusher, then close the database."""
+        self._closing = True
+        self._wakeup.set()
+        await self._stopped.wait()
+        await trio.to_thread.run_sync(self.backend.close)
+

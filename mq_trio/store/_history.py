@@ -1,0 +1,334 @@
+"""The durable history: a window of each topic in memory, everything in SQLite."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import deque
+
+import attrs
+import trio
+
+from ..broker import Answer, CachedMessage, Held, Item, SendBatch, nothing_lost
+from ..protocol import Send, encode_delivery
+from ._flusher import Store
+from ._ops import (
+    DEFAULT_MEMORY_WINDOW,
+    READ_CHUNK_ROWS,
+    BatchResult,
+    Bump,
+    Evict,
+    Mark,
+    NewTopic,
+    Op,
+    Read,
+    Record,
+    Row,
+    Take,
+)
+from ._sqlite import Loaded, read_chunk
+
+log = logging.getLogger("mq_trio.store")
+
+
+@attrs.define(slots=True, eq=False)
+class Entry:
+    """A cached message in the in-memory window."""
+
+    index: int
+    one: bool
+    payload: bytes
+    #: The record that writes it (None when loaded from disk: already durable).
+    record: Record | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class TopicState:
+    tid: int
+    name: str
+    next_index: int = 0
+    #: Cached messages, in memory and on disk together (at most the cache size).
+    count: int = 0
+    window: deque[Entry] = attrs.field(factory=deque)
+    #: The newest cached index that lives only on disk (older than the window); -1: none.
+    spilled_max: int = -1
+    #: The highest index the cache-size rule has dropped (-1: none).
+    evicted: int = -1
+    #: Replays from disk under way, and the "one" messages they have taken: a snapshot
+    #: older than the deletion still holds them, so the others must skip them.
+    disk_replays: int = 0
+    disk_taken: set[int] = attrs.field(factory=set)
+
+
+
+@attrs.define(eq=False)
+class DurableHistory:
+    """Indexes and caches, durable: a window in memory, everything in the database.
+
+    One implementation of the broker's :class:`~mq_trio.broker.TopicHistory`: a send
+    consumes its index and updates the window at once, and its :class:`Record` (the
+    ticket) is decided when the flusher has written it. Replays of history older than
+    the window stream from the database (:class:`DiskReplay`).
+    """
+
+    store: Store
+    cache_size: int
+    window_size: int = DEFAULT_MEMORY_WINDOW
+    epoch: str = ""
+    topics: dict[str, TopicState] = attrs.field(factory=dict)
+    _by_tid: dict[int, TopicState] = attrs.field(factory=dict)
+    _next_tid: int = 1
+
+    def load(self, loaded: Loaded) -> None:
+        self.epoch = loaded.epoch
+        for t in loaded.topics:
+            state = TopicState(t.tid, t.name, t.next_index, t.count, deque(
+                Entry(i, one, payload) for i, one, payload in t.window
+            ), t.spilled_max, t.evicted)
+            self.topics[t.name] = state
+            self._by_tid[t.tid] = state
+            self._next_tid = max(self._next_tid, t.tid + 1)
+
+    def state(self, topic: str) -> TopicState:
+        state = self.topics.get(topic)
+        if state is None:
+            tid = self._next_tid
+            self._next_tid += 1
+            state = self.topics[topic] = self._by_tid[tid] = TopicState(tid, topic)
+            self.store.submit(NewTopic(tid, topic))
+        return state
+
+    def add(self, state: TopicState, entry: Entry) -> None:
+        """Cache a message: the cache-size rule first, then spill the window's oldest."""
+        window = state.window
+        window.append(entry)
+        state.count += 1
+        while state.count > self.cache_size:
+            state.count -= 1
+            if state.count >= len(window):
+                pass  # the oldest lives only on disk; the store reports its index
+            else:
+                state.evicted = max(state.evicted, window.popleft().index)
+            self.store.submit(Evict(state.tid, 1))
+        decided = self.store.decided_seq
+        while len(window) > self.window_size:
+            oldest = window[0]
+            if oldest.record is not None and oldest.record.seq > decided:
+                break  # spill only what is on disk already
+            window.popleft()
+            state.spilled_max = oldest.index
+
+    def replay(self, topic: str, last_seen: int) -> list[Item]:
+        """Outbox items for a subscribe: a replay from disk if needed, then the window."""
+        state = self.topics.get(topic)
+        if state is None or state.count == 0:
+            return []
+        items: list[Item] = []
+        window = state.window
+        if last_seen < state.spilled_max and state.count > len(window):
+            read = Read(state.tid, last_seen, state.spilled_max, READ_CHUNK_ROWS)
+            self.store.submit(read)
+            state.disk_replays += 1
+            items.append(DiskReplay(self, read))
+        taken = 0
+        for entry in window:
+            if entry.index <= last_seen:
+                continue
+            record = entry.record
+            if entry.one:
+                # Written once its removal is decided (even if that failed: the removal
+                # is retried), never if the message itself failed.
+                if record is not None:
+                    record.taken = True
+                take = self.store.take(state.tid, entry.index)
+                items.append(Held(entry.payload, take, entry.payload, record))
+                taken += 1
+            elif record is not None and not record.done:
+                items.append(Held(entry.payload, record))
+            else:
+                items.append(entry.payload)
+        if taken:
+            state.window = deque(e for e in window if not (e.one and e.index > last_seen))
+            state.count -= taken
+        return items
+
+    def recovered(self, topic: str, last_seen: int) -> bool | Answer:
+        state = self.topics.get(topic)
+        if state is None:
+            return last_seen <= -1
+        if last_seen >= state.spilled_max or state.count <= len(state.window):
+            # Every eviction that can matter is of a message in memory: known exactly.
+            return nothing_lost(state.evicted, state.next_index, last_seen)
+        # Evictions of messages that live only on disk are reported by the store.
+        return Recovered(self.store.mark(), state, last_seen)
+
+    def on_result(self, ops: list[Op], result: BatchResult) -> list[Op]:
+        """Apply a batch's outcome to memory; return the state changes to retry."""
+        for tid, high in result.evicted.items():
+            state = self._by_tid.get(tid)
+            if state is not None and high > state.evicted:
+                state.evicted = high
+        if not result.failed:
+            return []
+        # A transaction rolled back. Failed messages leave the window; evictions,
+        # takes, new topics and index bumps are retried with the next batch. An eviction
+        # that memory made only because of a failed message is not retried.
+        carry: list[Op] = []
+        evicts: dict[int, int] = {}
+        bumps: dict[int, int] = {}
+        failed: dict[int, set[int]] = {}  # tid -> ids of failed records that were cached
+        for op in result.failed:
+            cls = type(op)
+            if cls is Record:
+                assert isinstance(op, Record)
+                bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
+                if op.payload is not None and not op.taken:
+                    failed.setdefault(op.tid, set()).add(id(op))
+            elif cls is Evict:
+                assert isinstance(op, Evict)
+                evicts[op.tid] = evicts.get(op.tid, 0) + op.count
+            elif cls is not Read and cls is not Mark:
+                carry.append(op)
+        carry.extend(Bump(tid, n) for tid, n in bumps.items())
+        for tid, ids in failed.items():
+            state = self._by_tid[tid]
+            kept = deque(e for e in state.window if id(e.record) not in ids)
+            removed = len(state.window) - len(kept)
+            state.window = kept
+            state.count -= removed
+            # the rest were evicted by memory already: that eviction is not redone on disk
+            evicts[tid] = evicts.get(tid, 0) - (len(ids) - removed)
+        carry.extend(Evict(tid, count) for tid, count in evicts.items() if count > 0)
+        return carry
+
+    async def replay_from_disk(self, read: Read, send: SendBatch) -> None:
+        """Stream older-than-memory history to one subscriber, chunk by chunk.
+
+        ``send`` (the transport) paces the reads. "one" messages met on the way are
+        taken: skipped if another replay took them first, else removed from the cache.
+        Raises ``sqlite3.Error``/``OSError`` when the history cannot be read.
+        """
+        state = self._by_tid[read.tid]
+        try:
+            await read.done.wait()
+            if read.error is not None:
+                raise read.error
+            conn = read.conn
+            assert conn is not None
+            rows = read.rows
+            while True:
+                payloads, last_take = self._take_ones(state, rows)
+                if last_take is not None:
+                    # "one" messages go out once their removal is decided (see Take)
+                    await last_take.wait()
+                if payloads:
+                    await send(payloads)
+                if len(rows) < READ_CHUNK_ROWS:
+                    return
+                rows = await trio.to_thread.run_sync(
+                    read_chunk, conn, read.tid, rows[-1][0], read.upto, READ_CHUNK_ROWS
+                )
+        finally:
+            self.release(read)
+
+    def release(self, read: Read) -> None:
+        """End a replay's snapshot (idempotent); the trio thread owns closing it."""
+        if read.released:
+            return
+        read.released = True
+        if read.conn is not None:
+            read.conn.close()  # ends the read transaction; no disk I/O
+            read.conn = None
+        state = self._by_tid[read.tid]
+        state.disk_replays -= 1
+        if not state.disk_replays:
+            # no snapshot is open, and every Take queued so far is committed before
+            # the next snapshot opens (the queue is in order)
+            state.disk_taken.clear()
+
+    def _take_ones(self, state: TopicState, rows: list[Row]) -> tuple[list[bytes], Take | None]:
+        payloads = []
+        take = None
+        for index, one, payload in rows:
+            if one:
+                if index in state.disk_taken:
+                    continue  # another replay's snapshot gave it out already
+                state.disk_taken.add(index)
+                state.count -= 1
+                take = self.store.take(state.tid, index)
+            payloads.append(payload)
+        return payloads, take
+
+    # -- TopicHistory ------------------------------------------------------------
+
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> tuple[int, Record]:
+        state = self.state(topic)
+        index = state.next_index
+        state.next_index = index + 1
+        # Uncached, the record (payload None) still makes the index durable.
+        payload = encode_delivery(send, index) if cached else None
+        written = self.store.write(state.tid, index, one, payload)
+        if payload is not None:
+            self.add(state, Entry(index, one, payload, written))
+        return index, written
+
+    def cached(self, topic: str) -> list[CachedMessage]:
+        """The in-memory window, for inspection and tests."""
+        state = self.topics.get(topic)
+        if state is None:
+            return []
+        return [CachedMessage(e.index, e.one, e.payload) for e in state.window]
+
+
+@attrs.define(slots=True, eq=False)
+class DiskReplay:
+    """The outbox item standing for a replay of older-than-memory history.
+
+    Its snapshot was queued at the subscribe, so it is the cache as it was then; the
+    writer streams it chunk by chunk as the client reads, and whatever ends the
+    connection first releases it (``discard``).
+    """
+
+    history: DurableHistory
+    read: Read
+
+    def __len__(self) -> int:
+        return 0
+
+    def ready(self) -> list[bytes] | None:
+        return None
+
+    async def write(self, send: SendBatch) -> None:
+        try:
+            await self.history.replay_from_disk(self.read, send)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("history unavailable for a replay: %s", exc)
+            raise trio.BrokenResourceError("history unavailable") from exc
+
+    def discard(self) -> None:
+        self.history.release(self.read)
+
+
+@attrs.define(slots=True, eq=False)
+class Recovered:
+    """The epoch extension's ``recovered``, known once the store has caught up."""
+
+    mark: Mark
+    state: TopicState
+    last_seen: int
+
+    @property
+    def done(self) -> bool:
+        return self.mark.done
+
+    @property
+    def failed(self) -> bool:
+        return self.mark.failed
+
+    async def wait(self) -> None:
+        await self.mark.wait()
+
+    def value(self) -> bool:
+        state = self.state
+        return not self.mark.failed and nothing_lost(state.evicted, state.next_index,
+                                                      self.last_seen)

@@ -1,0 +1,171 @@
+"""What the trio side hands the worker thread, and the settings both sides share.
+
+Records, takes and marks are also the history's tickets
+(:class:`~mq_trio.broker.Ticket`): decided once the flusher has written their batch.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Literal, Protocol
+
+import attrs
+import trio
+
+FsyncPolicy = Literal["always", "everysec", "never"]
+FSYNC_POLICIES: tuple[FsyncPolicy, ...] = ("always", "everysec", "never")
+DEFAULT_FSYNC: FsyncPolicy = "everysec"
+#: Cached messages per topic kept in RAM; older ones are read from disk when asked for.
+DEFAULT_MEMORY_WINDOW = 1000
+DB_NAME = "mq-trio.sqlite3"
+LOCK_NAME = "mq-trio.lock"
+#: Rows per read when streaming old history to a subscriber.
+READ_CHUNK_ROWS = 1000
+#: everysec: the longest a committed write waits for its fsync.
+SYNC_INTERVAL = 1.0
+#: While the store fails, how often queued state changes are retried with no new sends.
+RETRY_INTERVAL = 1.0
+
+class StoreError(Exception):
+    """The data directory cannot be used at all (locked by another server, not a dir)."""
+
+
+def find_store_error(exc: BaseException) -> StoreError | None:
+    """The StoreError inside (nested, single-member) exception groups from nurseries."""
+    while True:
+        if isinstance(exc, StoreError):
+            return exc
+        inner = getattr(exc, "exceptions", None)
+        if not inner or len(inner) != 1:
+            return None
+        exc = inner[0]
+
+
+
+class Decider(Protocol):
+    """What a ticket waits on (the flusher)."""
+
+    async def wait(self, seq: int) -> None: ...
+
+
+class _Ticket:
+    """Waiting for a decision: the flusher decides operations in ``seq`` order."""
+
+    __slots__ = ()
+    seq: int
+    done: bool
+    decider: Decider | None
+
+    async def wait(self) -> None:
+        if not self.done:
+            assert self.decider is not None
+            await self.decider.wait(self.seq)
+
+
+# --- what travels to the worker thread --------------------------------------------
+
+
+@attrs.define(slots=True, eq=False)
+class Record(_Ticket):
+    """One accepted send on its way to disk; outbox items wait for it to be decided."""
+
+    seq: int
+    tid: int
+    index: int
+    one: bool
+    #: The delivery to cache, or None when the send is not cached (only its index counts).
+    payload: bytes | None
+    failed: bool = False
+    #: A "one" message replayed (taken from the cache) before its write was decided.
+    taken: bool = False
+    #: Decided: written, or ``failed``.
+    done: bool = False
+    decider: Decider | None = None
+
+
+@attrs.frozen(slots=True)
+class NewTopic:
+    tid: int
+    name: str
+
+
+@attrs.frozen(slots=True)
+class Evict:
+    """Drop the topic's ``count`` oldest cached messages (the cache-size rule)."""
+
+    tid: int
+    count: int
+
+
+@attrs.define(slots=True, eq=False)
+class Take(_Ticket):
+    """A "one" message was replayed to a subscriber, so it leaves the cache.
+
+    Like a :class:`Record`, a ticket: the replayed message is written only once the
+    removal is decided, so a crash cannot hand it to a second subscriber later.
+    """
+
+    seq: int
+    tid: int
+    index: int
+    failed: bool = False
+    done: bool = False
+    decider: Decider | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class Mark(_Ticket):
+    """Writes nothing: decided once everything queued before it is (a barrier)."""
+
+    seq: int
+    failed: bool = False
+    done: bool = False
+    decider: Decider | None = None
+
+
+@attrs.frozen(slots=True)
+class Bump:
+    """Make sure the topic's next index is at least ``next_index`` (retries after faults)."""
+
+    tid: int
+    next_index: int
+
+
+@attrs.define(slots=True, eq=False)
+class Read:
+    """The start of a replay of old history: opens a snapshot, reads its first chunk.
+
+    It travels through the flusher's queue so that the snapshot includes every write
+    queued before the subscribe; later chunks come from the same snapshot, read
+    directly (:func:`read_chunk`), so evictions meanwhile do not cut the replay short
+    and the reads never wait behind writes.
+    """
+
+    tid: int
+    after: int
+    upto: int
+    limit: int
+    rows: list[Row] = attrs.field(factory=list)
+    #: A connection holding the snapshot (a read transaction), opened by the worker
+    #: thread, closed on the trio thread by :meth:`DurableHistory.release`.
+    conn: sqlite3.Connection | None = None
+    error: Exception | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    released: bool = False
+    #: The topic's highest evicted index in the snapshot (for the epoch extension).
+    evicted: int = -1
+
+
+Op = Record | NewTopic | Evict | Take | Bump | Read | Mark
+#: A cached message as read back: (index, one, payload).
+Row = tuple[int, bool, bytes]
+
+
+@attrs.define
+class BatchResult:
+    #: The last error; ``failed`` holds the ops of every transaction that failed.
+    error: Exception | None = None
+    failed: list[Op] = attrs.field(factory=list)
+    #: tid -> highest index the batch evicted.
+    evicted: dict[int, int] = attrs.field(factory=dict)
+

@@ -1,0 +1,36 @@
+"""What a connection needs from its byte carrier (TCP, WebSocket, an in-memory stream)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Transport(Protocol):
+    """What a connection needs from its byte carrier.
+
+    Transport errors (a reset, a closed WebSocket) surface as ``None`` from
+    ``receive_lines`` and as ``trio.BrokenResourceError`` from ``send_batch``.
+    """
+
+    @property
+    def peer(self) -> str:
+        """The client's address, for logs."""
+
+    @property
+    def line_too_long(self) -> bool:
+        """True once the client sent a line over the limit (after the lines before it)."""
+
+    async def receive_lines(self) -> list[bytes] | None:
+        """The next complete lines (maybe none yet), or ``None`` at end of input."""
+
+    async def send_batch(self, items: list[bytes]) -> None:
+        """Send encoded JSON objects (no terminators), in order, after anything a
+        ``send_nowait`` left over (``items`` may be empty to send only that)."""
+
+    def send_nowait(self, items: list[bytes]) -> bool:
+        """Send what can go without waiting; False if the rest waits for ``send_batch``."""
+
+    def stop_receiving(self) -> None:
+        """Make a waiting or later ``receive_lines`` return None soon (graceful close)."""
+
+    async def aclose(self) -> None: ...
