@@ -11,6 +11,7 @@ from ._commands import (
     LINE_TOO_LONG,
     MALFORMED,
     PARSE_ERROR,
+    STORAGE_UNAVAILABLE,
     Delivery,
     Send,
 )
@@ -28,7 +29,8 @@ def encode_failure(reason: str) -> bytes:
 
 _FAILURES = {
     r: encode_failure(r)
-    for r in (DECODE_ERROR, PARSE_ERROR, MALFORMED, INTERNAL_ERROR, LINE_TOO_LONG)
+    for r in (DECODE_ERROR, PARSE_ERROR, MALFORMED, INTERNAL_ERROR, LINE_TOO_LONG,
+              STORAGE_UNAVAILABLE)
 }
 
 
