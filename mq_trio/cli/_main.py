@@ -15,7 +15,7 @@ import trio
 
 from .. import __version__
 from ..server import Config, Server, open_listeners, open_ws_listeners, serve
-from ..transports._websocket import parse_origins
+from ..transports import parse_origins
 from ._args import byte_size, port_number
 
 log = logging.getLogger("mq_trio")

@@ -16,8 +16,9 @@ from ..broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
 from ..protocol import DEFAULT_MAX_LINE_BYTES
 from ..transports import _tcp as tcp
 from ..transports._base import Transport
+from ..transports._http import OriginPolicy
 from ..transports._tcp import TCPTransport
-from ..transports._websocket import DEFAULT_PING_INTERVAL, OriginPolicy, handle_stream
+from ..transports._websocket import DEFAULT_PING_INTERVAL
 from ._connection import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING_BYTES,
@@ -25,6 +26,7 @@ from ._connection import (
     Limits,
 )
 from ._outbox import Outbox
+from ._ws_listener import handle_stream
 
 log = logging.getLogger("mq_trio.server")
 

@@ -1,0 +1,133 @@
+"""The WebSocket port's per-connection handler: the page, or a WebSocket connection.
+
+trio-websocket's ``serve_websocket`` answers only upgrades, so the stream is accepted
+here, its request head read and judged (transports/_http.py), and then either answered
+or handed, with the head replayed in front of it, to ``trio_websocket.wrap_server_stream``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ..transports._http import (
+    PAGE_HEADERS,
+    OriginPolicy,
+    handshake_problem,
+    http_response,
+    page_bytes,
+    parse_head,
+)
+from ..transports._tcp import peer_name
+from ..transports._websocket import (
+    RECEIVE_BYTES,
+    HeadTooLarge,
+    ReplayStream,
+    WebSocketTransport,
+    keepalive,
+    read_head,
+)
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+log = logging.getLogger("mq_trio.websocket")
+
+#: Time a client has to send its request head and complete the WebSocket handshake.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+async def handle_stream(server: Server, stream: trio.SocketStream) -> None:
+    """Serve one TCP connection of the WebSocket listener: the page or a WebSocket."""
+    peer = peer_name(stream)
+    try:
+        await _dispatch(server, stream, peer)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the peer went away while we answered
+    except Exception:
+        # serve_listeners would let this crash the server; contain it here.
+        log.exception("WebSocket listener: connection %s failed", peer)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _dispatch(server: Server, stream: trio.SocketStream, peer: str) -> None:
+    head_timeout = trio.move_on_after(HANDSHAKE_TIMEOUT)
+    with head_timeout:
+        try:
+            received = await read_head(stream)
+        except HeadTooLarge:
+            await stream.send_all(http_response(431, b"Request head too large\n"))
+            return
+    if head_timeout.cancelled_caught:
+        await stream.send_all(http_response(408, b"Request head not received in time\n"))
+        return
+    if received is None:
+        return
+    buffer, end = received
+    head = parse_head(buffer[:end])
+    if head is None:
+        await stream.send_all(http_response(400, b"Bad request\n"))
+        return
+    if head.wants_websocket:
+        problem = handshake_problem(head)
+        if problem is not None:
+            status, text = problem
+            extra = [("Sec-WebSocket-Version", "13")] if status == 426 else []
+            await stream.send_all(http_response(status, text.encode() + b"\n", headers=extra))
+            return
+        policy = OriginPolicy.from_config(server.config.ws_allowed_origins)
+        origin = head.headers.get("origin")
+        if not policy.allows(origin, head.headers.get("host")):
+            log.info("rejecting WebSocket from %s: origin %r not allowed", peer, origin)
+            await stream.send_all(http_response(403, b"Origin not allowed\n"))
+            return
+        await _serve_websocket(server, ReplayStream(stream, buffer), peer)
+        return
+    if head.method not in ("GET", "HEAD"):
+        await stream.send_all(
+            http_response(405, b"Method not allowed\n", headers=[("Allow", "GET, HEAD")])
+        )
+        return
+    head_only = head.method == "HEAD"
+    if head.path in ("/", "/index.html"):
+        response = http_response(
+            200, page_bytes(), "text/html; charset=utf-8", PAGE_HEADERS, head_only=head_only
+        )
+    else:
+        response = http_response(404, b"Not found\n", head_only=head_only)
+    await stream.send_all(response)
+
+
+async def _serve_websocket(server: Server, stream: ReplayStream, peer: str) -> None:
+    """Finish the handshake, then run the client as an ordinary connection.
+
+    The nursery holds trio-websocket's reader task and the keepalive task; it lives
+    exactly as long as the connection.
+    """
+    config = server.config
+    async with trio.open_nursery() as nursery:
+        ws: WebSocketConnection | None = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            try:
+                request = await trio_websocket.wrap_server_stream(
+                    nursery,
+                    stream,
+                    max_message_size=config.max_line_bytes,
+                    receive_buffer_size=RECEIVE_BYTES,
+                )
+                ws = await request.accept()
+            except ConnectionClosed:
+                pass
+        if ws is not None:
+            if config.ws_ping_interval > 0:
+                nursery.start_soon(keepalive, ws, stream, config.ws_ping_interval, peer)
+            transport = WebSocketTransport(
+                ws, peer, config.max_line_bytes, lambda: server.stopping
+            )
+            await server.handle_transport(transport)
+        nursery.cancel_scope.cancel()
