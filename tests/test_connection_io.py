@@ -32,7 +32,6 @@ class RecordingTransport:
     """A transport whose non-blocking send takes at most ``room`` bytes."""
 
     peer = "test"
-    line_too_long = False
 
     def __init__(self, room: int) -> None:
         self.room = room
@@ -40,6 +39,9 @@ class RecordingTransport:
         self.unsent = b""
         self.nowait_calls = 0
         self.batch_calls = 0
+
+    def closing_reply(self) -> bytes | None:
+        return None
 
     def send_nowait(self, items: list[bytes]) -> bool:
         self.nowait_calls += 1

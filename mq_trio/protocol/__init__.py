@@ -24,6 +24,7 @@ from ._commands import (
     Unsubscribe,
     validate,
 )
+from ._core import TERMINATOR, LineConnection, MessageConnection
 from ._encode import (
     SUCCESS,
     encode_delivery,
@@ -48,11 +49,14 @@ __all__ = [
     "QUIT",
     "STORAGE_UNAVAILABLE",
     "SUCCESS",
+    "TERMINATOR",
     "Command",
     "Delivery",
     "Failure",
     "LineBuffer",
+    "LineConnection",
     "LineEvent",
+    "MessageConnection",
     "Quit",
     "Send",
     "Subscribe",

@@ -124,8 +124,9 @@ class Connection:
                         if ready:
                             send_ready(ready)  # deliveries this chunk produced, first
                         outbox.write_inline(transport)
-                        if transport.line_too_long:
-                            outbox.push(protocol.failure_bytes(protocol.LINE_TOO_LONG))
+                        closing = transport.closing_reply()
+                        if closing is not None:
+                            outbox.push(closing)
                             log.info("closing %s: line over %d bytes", self.peer,
                                      self.limits.max_line_bytes)
                             break

@@ -16,9 +16,9 @@ class Transport(Protocol):
     def peer(self) -> str:
         """The client's address, for logs."""
 
-    @property
-    def line_too_long(self) -> bool:
-        """True once the client sent a line over the limit (after the lines before it)."""
+    def closing_reply(self) -> bytes | None:
+        """The reply to send before closing because of the wire rules (``Line too long``
+        after the lines before it), or None."""
 
     async def receive_lines(self) -> list[bytes] | None:
         """The next complete lines (maybe none yet), or ``None`` at end of input."""

@@ -8,7 +8,7 @@ import sys
 
 import trio
 
-from ..protocol import DEFAULT_MAX_LINE_BYTES, LineBuffer
+from ..protocol import DEFAULT_MAX_LINE_BYTES, LineConnection
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
 LINGER_SECONDS = 0.5
@@ -53,14 +53,14 @@ def peer_name(sock: object) -> str:
 
 
 class TCPTransport:
-    """Adapts a TCP connection to the line-oriented :class:`~mq_trio.connection.Transport`.
+    """Adapts a TCP connection to the line-oriented :class:`~mq_trio.transports.Transport`.
 
     Takes the accepted trio socket itself (what the server does: a ``SocketStream`` and
     its conflict detector are two more objects per connection, unused here), or any trio
     stream (tests use in-memory ones).
     """
 
-    __slots__ = ("stream", "_sock", "_fd", "_lines", "_eof", "_maybe_more", "_peer", "_stopping",
+    __slots__ = ("stream", "_sock", "_fd", "wire", "_eof", "_maybe_more", "_peer", "_stopping",
                  "_receiving", "_unsent")
 
     def __init__(
@@ -79,7 +79,8 @@ class TCPTransport:
         #: The socket's descriptor while it is open, else -1 (a write after the close,
         #: e.g. another reader's send_ready, must fail, never reach a reused number).
         self._fd = self._sock.fileno() if self._sock is not None else -1
-        self._lines = LineBuffer(max_line_bytes)
+        #: The wire rules (framing, line limit), sans-IO.
+        self.wire = LineConnection(max_line_bytes)
         self._eof = False
         self._maybe_more = True
         self._peer: str | None = None
@@ -102,9 +103,8 @@ class TCPTransport:
                                    getattr(self.stream, "socket", None))
         return self._peer
 
-    @property
-    def line_too_long(self) -> bool:
-        return self._lines.too_long
+    def closing_reply(self) -> bytes | None:
+        return self.wire.closing_reply()
 
     async def receive_lines(self) -> list[bytes] | None:
         """The next complete lines, or None at EOF, reset or close.
@@ -152,11 +152,10 @@ class TCPTransport:
             else:
                 self._maybe_more = len(data) == RECEIVE_BYTES
         if data:
-            return self._lines.feed(data)
+            return self.wire.receive_data(data)
         # EOF: a last line without its newline still counts (as readline() has it).
         self._eof = True
-        tail = self._lines.pending
-        return [tail] if tail else None
+        return self.wire.receive_eof() or None
 
     def stop_receiving(self) -> None:
         self._stopping = True
@@ -172,8 +171,7 @@ class TCPTransport:
 
     def send_nowait(self, items: list[bytes]) -> bool:
         sock = self._sock
-        items.append(b"")  # so the join also terminates the last object
-        data = b"\r\n".join(items)
+        data = self.wire.frame(items)
         if sock is not None and not self._unsent:
             try:
                 sent = self._write(data)
@@ -187,8 +185,9 @@ class TCPTransport:
 
     async def send_batch(self, items: list[bytes]) -> None:
         if items:
-            items.append(b"")  # so the join also terminates the last object
-            data = self._unsent + b"\r\n".join(items) if self._unsent else b"\r\n".join(items)
+            data = self.wire.frame(items)
+            if self._unsent:
+                data = self._unsent + data
         else:
             data = self._unsent
         self._unsent = b""

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from ..protocol import MessageConnection
+
 log = logging.getLogger("mq_trio.websocket")
 
 MAX_HEAD_BYTES = 16 << 10
@@ -65,16 +67,15 @@ class ReplayStream(trio.abc.Stream):
 
 
 class WebSocketTransport:
-    """Adapts a trio-websocket connection to :class:`~mq_trio.connection.Transport`.
+    """Adapts a trio-websocket connection to :class:`~mq_trio.transports.Transport`.
 
-    One message is one "line". ``line_too_long`` stays False: an over-size message
+    One message is one "line" (the rules: :class:`~mq_trio.protocol.MessageConnection`).
+    There is no ``Line too long`` reply: an over-size message
     closes the WebSocket with 1009 (Message Too Big) instead of a ``Line too long``
     reply, because trio-websocket closes at once when a message passes its limit and
     nothing can follow a close frame; text within the limit in characters but over it
     in UTF-8 bytes is closed the same way here, so the rule is one.
     """
-
-    line_too_long = False
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class WebSocketTransport:
         self.ws = ws
         self.peer = peer
         self.max_message_bytes = max_message_bytes
+        self.wire = MessageConnection(max_message_bytes)
         self._going_away = going_away
         self._close: tuple[int, str | None] | None = None
         #: A send was cut short: the connection is dropped with output still queued.
@@ -108,14 +110,15 @@ class WebSocketTransport:
         self._receiving = None
         if message is None:  # closed, or stopped
             return None
-        if isinstance(message, str):
-            data = message.encode("utf-8")  # wsproto already rejected invalid UTF-8 (1007)
-            if len(data) > self.max_message_bytes:
-                log.info("closing %s: message over %d bytes", self.peer, self.max_message_bytes)
-                self._close = (CLOSE_MESSAGE_TOO_BIG, "Line too long")
-                return None
-            return [data]
-        return [bytes(message)]
+        lines = self.wire.receive_message(message)  # wsproto rejected invalid UTF-8 (1007)
+        if self.wire.too_big:
+            log.info("closing %s: message over %d bytes", self.peer, self.max_message_bytes)
+            self._close = (CLOSE_MESSAGE_TOO_BIG, "Line too long")
+            return None
+        return lines
+
+    def closing_reply(self) -> bytes | None:
+        return None  # an over-size message closes with 1009: nothing can follow a close
 
     def stop_receiving(self) -> None:
         self._stopping = True
@@ -132,8 +135,8 @@ class WebSocketTransport:
         if self._unsent:
             items, self._unsent = self._unsent + items, []
         try:
-            for item in items:
-                await ws.send_message(item.decode("utf-8"))
+            for text in self.wire.frame(items):
+                await ws.send_message(text)
         except ConnectionClosed as exc:
             raise trio.BrokenResourceError("the WebSocket is closed") from exc
         except trio.Cancelled:

@@ -1,0 +1,97 @@
+"""The server's side of one connection, sans-IO (in the manner of h11 and wsproto).
+
+Bytes (TCP) or messages (WebSocket) in, lines to parse out; encoded replies and
+deliveries in, framed bytes or texts out. The wire rules live here, not in the trio
+transports: lines end at ``\\n`` (a ``\\r`` before it is whitespace to the parser),
+replies end in ``\\r\\n``, a line over the limit ends the connection after a
+``Line too long`` reply (the lines before it still count), a last line without its
+newline counts at end of input, ``quit`` ends the connection (see :meth:`parse`), and
+the reply order is the order of the items given to :meth:`frame`.
+"""
+
+from __future__ import annotations
+
+from ._commands import DEFAULT_MAX_LINE_BYTES, LINE_TOO_LONG, QUIT, LineEvent
+from ._encode import failure_bytes
+from ._framing import LineBuffer
+from ._parse import parse_line
+
+#: What ends every reply and delivery on a line transport.
+TERMINATOR = b"\r\n"
+
+_LINE_TOO_LONG = failure_bytes(LINE_TOO_LONG)
+
+
+class LineConnection:
+    """One line-protocol connection's wire state (TCP, or any byte stream)."""
+
+    __slots__ = ("_lines", "quit")
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self._lines = LineBuffer(max_line_bytes)
+        #: The client sent ``quit``: nothing after it is handled.
+        self.quit = False
+
+    @property
+    def max_line_bytes(self) -> int:
+        return self._lines.max_line_bytes
+
+    def receive_data(self, data: bytes | bytearray) -> list[bytes]:
+        """The complete lines ``data`` finishes (maybe none). Once a line is over the
+        limit, only the lines before it come out, and :meth:`closing_reply` says why."""
+        return self._lines.feed(data)
+
+    def receive_eof(self) -> list[bytes]:
+        """End of input: a last line without its newline still counts."""
+        tail = self._lines.pending
+        return [tail] if tail else []
+
+    @property
+    def line_too_long(self) -> bool:
+        return self._lines.too_long
+
+    def closing_reply(self) -> bytes | None:
+        """The last reply before the server closes on its own (``Line too long``)."""
+        return _LINE_TOO_LONG if self._lines.too_long else None
+
+    def parse(self, line: bytes) -> LineEvent:
+        """One line's command; after ``quit`` the caller stops handling lines."""
+        event = parse_line(line)
+        if event is QUIT:
+            self.quit = True
+        return event
+
+    @staticmethod
+    def frame(items: list[bytes]) -> bytes:
+        """One write for encoded items, each terminated; takes ``items`` over (appends
+        to it: joining once copies the bytes once)."""
+        items.append(b"")
+        return TERMINATOR.join(items)
+
+
+class MessageConnection:
+    """One WebSocket connection's protocol state: one command per message."""
+
+    __slots__ = ("max_message_bytes", "too_big")
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+        #: A message was over the limit: the transport closes with 1009 (Message Too Big).
+        self.too_big = False
+
+    def receive_message(self, message: str | bytes | bytearray) -> list[bytes]:
+        """The command a message carries (text, or binary holding UTF-8), as a line.
+
+        Text within the limit in characters but over it in UTF-8 bytes is refused like
+        an over-size message (trio-websocket counts characters), so the rule is one.
+        """
+        data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        if len(data) > self.max_message_bytes:
+            self.too_big = True
+            return []
+        return [data]
+
+    @staticmethod
+    def frame(items: list[bytes]) -> list[str]:
+        """One text message per reply or delivery (they are UTF-8 JSON)."""
+        return [item.decode("utf-8") for item in items]
