@@ -2,7 +2,7 @@
 
 Plain synchronous Python. It hands deliveries to subscribers' outboxes and never waits
 for one, so a slow peer can never stall a topic. This is the only place the semantics of
-docs/protocol.md ("Topics, indexes and the cache") are written; histories behind the
+docs/protocol.md ("Semantics") are written; histories behind the
 :class:`~mq_trio.broker.TopicHistory` seam only store.
 """
 

@@ -22,7 +22,7 @@ DEFAULT_PORT = 7000
 
 
 class MQError(Exception):
-    """A command failed; ``reason`` is the server's failure text (PROTOCOL.md section 2)."""
+    """A command failed; ``reason`` is the server's failure text (docs/protocol.md, "Replies")."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

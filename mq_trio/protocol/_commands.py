@@ -9,7 +9,7 @@ from typing import Literal
 
 import attrs
 
-# The exact failure texts of the contract (PROTOCOL.md section 2).
+# The exact failure texts of the contract (docs/protocol.md, "Replies").
 DECODE_ERROR = "Could not decode input as UTF-8"
 PARSE_ERROR = "Could not parse json"
 MALFORMED = "Malformed json message"

@@ -183,16 +183,6 @@ class Outbox:
             self._reader = None
             trio.lowlevel.reschedule(task)
 
-    async def _wait(self) -> None:
-        """Sleep until the next push or close (only the writer waits here)."""
-        if self._waiter is not None:
-            raise trio.BusyResourceError("another task is already draining this outbox")
-        self._waiter = trio.lowlevel.current_task()
-        try:
-            await trio.lowlevel.wait_task_rescheduled(_abort)
-        finally:
-            self._waiter = None  # already None unless cancelled
-
     @property
     def backlogged(self) -> bool:
         """Over the high-water mark: the reader should wait before handling more."""
@@ -208,20 +198,6 @@ class Outbox:
                 await trio.lowlevel.wait_task_rescheduled(_abort)
             finally:
                 self._reader = None
-
-    async def take(self) -> list[Item]:
-        """Wait for queued items and take them all; ``[]`` once closed and drained.
-
-        Only the writer calls this. Right after it returns, ``pending`` is exactly the
-        size of what it returned (everything earlier was reported by ``written``).
-        """
-        while not self._queue:
-            if self._closed:
-                return []
-            await self._wait()
-        items = self._queue
-        self._queue = []
-        return items
 
     def write_inline(self, transport: Transport) -> None:
         """Hand what is queued to the transport from the reader's task, if nothing is
@@ -250,7 +226,7 @@ class Outbox:
         """The writer task: one transport write for everything queued, until closed.
 
         Calls ``peer_gone`` when the transport breaks. The waits are written out here
-        rather than ``await self.take()``: every await level is a coroutine frame that
+        rather than in a helper coroutine: every await level is a coroutine frame that
         each idle connection keeps, and idle connections are what memory is spent on.
         """
         try:

@@ -210,6 +210,38 @@ class Server:
     async def _handle_ws(self, stream: trio.SocketStream) -> None:
         await handle_stream(self, stream)
 
+    async def run(self, task_status: trio.TaskStatus[Server]) -> None:
+        """Accept on every listener until ``shutdown``, then wait for the connections."""
+        async with trio.open_nursery() as connections:
+            self._connections_scope = connections.cancel_scope
+            with self._accept_scope:
+                async with trio.open_nursery() as accept:
+                    for listener in self.listeners:
+                        accept.start_soon(self._accept_tcp, listener, connections)
+                        host, port = listener.socket.getsockname()[:2]
+                        log.info("listening on %s:%d (tcp)", host, port)
+                    if self.ws_listeners:
+                        # Same nurseries as TCP: shutdown stops both, connections share one.
+                        accept.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                self._handle_ws,
+                                self.ws_listeners,
+                                handler_nursery=connections,
+                            )
+                        )
+                        for listener in self.ws_listeners:
+                            host, port = listener.socket.getsockname()[:2]
+                            log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
+                                     host, port, host, port)
+                    task_status.started(self)
+            # Stop accepting at the socket level too: a listening socket left open would
+            # still complete handshakes into its backlog, for clients nobody will serve.
+            for listener in (*self.listeners, *self.ws_listeners):
+                listener.socket.close()
+            # Only a shutdown ends the accept scope; the connections nursery now waits
+            # for the connections it was given a deadline for.
+
 
 async def serve(
     config: Config,
@@ -232,7 +264,7 @@ async def serve(
     async with _open_broker(config, broker) as broker:
         server = Server(config, broker, listeners, ws_listeners)
         try:
-            await _run(server, listeners, task_status)
+            await server.run(task_status)
         finally:
             server.stopped.set()
 
@@ -257,39 +289,3 @@ async def _open_broker(
     ) as durable:
         yield Broker(durable.history)
     # leaving the block wrote what was queued and closed the store
-
-
-async def _run(
-    server: Server,
-    listeners: list[trio.SocketListener],
-    task_status: trio.TaskStatus[Server],
-) -> None:
-    async with trio.open_nursery() as connections:
-        server._connections_scope = connections.cancel_scope
-        with server._accept_scope:
-            async with trio.open_nursery() as accept:
-                for listener in listeners:
-                    accept.start_soon(server._accept_tcp, listener, connections)
-                    host, port = listener.socket.getsockname()[:2]
-                    log.info("listening on %s:%d (tcp)", host, port)
-                if server.ws_listeners:
-                    # Same nurseries as TCP: shutdown stops both, connections share one.
-                    accept.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            server._handle_ws,
-                            server.ws_listeners,
-                            handler_nursery=connections,
-                        )
-                    )
-                    for listener in server.ws_listeners:
-                        host, port = listener.socket.getsockname()[:2]
-                        log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
-                                 host, port, host, port)
-                task_status.started(server)
-        # Stop accepting at the socket level too: a listening socket left open would
-        # still complete handshakes into its backlog, for clients nobody will serve.
-        for listener in (*listeners, *server.ws_listeners):
-            listener.socket.close()
-        # Only a shutdown ends the accept scope; the connections nursery now waits
-        # for the connections it was given a deadline for.
