@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 from typing import Any
 
 import trio
 
 from mq_trio.server import Config, Server, serve
+
+SEED_VARIABLE = "MQ_TRIO_TEST_SEED"
+
+
+def _run_seed() -> int:
+    value = os.environ.get(SEED_VARIABLE)
+    return int(value) if value else random.randrange(2**32)
+
+
+# One random seed for the whole run: shown in pytest's header and printed by the ``seed``
+# and ``rng`` fixtures (tests/conftest.py), so a failure names it. Rerun with
+# MQ_TRIO_TEST_SEED=<seed> to make the same random choices again.
+SEED = _run_seed()
 
 
 def make_config(**overrides: Any) -> Config:

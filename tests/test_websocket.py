@@ -13,11 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import wsproto
 from support import LineClient, start_server
@@ -26,9 +26,8 @@ from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 from mq_trio import cli
 from mq_trio.broker import Broker
-from mq_trio.server import Config, Server
-from mq_trio.transports import _websocket as websocket
-from mq_trio.transports._websocket import (
+from mq_trio.server import Config, Server, _ws_listener
+from mq_trio.transports import (
     OriginPolicy,
     WebSocketTransport,
     handshake_problem,
@@ -37,6 +36,7 @@ from mq_trio.transports._websocket import (
     parse_head,
     parse_origins,
 )
+from mq_trio.transports import _websocket as websocket
 
 SUCCESS = {"success": True}
 
@@ -108,10 +108,10 @@ async def http(port: int, data: bytes, *, eof: bool = False) -> bytes:
         return await client.read_to_eof()
 
 
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(5):
-        while not predicate():
-            await trio.sleep(0.01)
+async def settled() -> None:
+    """Until every task has been blocked for longer than the (shortened) close timeout:
+    a closing handshake that gets no answer has timed out and its connection has ended."""
+    await trio.testing.wait_all_tasks_blocked(cushion=2 * websocket.CLOSE_TIMEOUT)
 
 
 def ws_connections(server: Server) -> int:
@@ -206,7 +206,7 @@ async def test_http_answers(nursery: trio.Nursery, data: bytes, status: bytes) -
 async def test_slow_request_head_times_out(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(websocket, "HANDSHAKE_TIMEOUT", 0.2)
+    monkeypatch.setattr(_ws_listener, "HANDSHAKE_TIMEOUT", 0.2)
     server = await ws_server(nursery)
     assert server.ws_port is not None
     response = await http(server.ws_port, b"GET / HTTP/1.1\r\n")  # never finished
@@ -332,7 +332,7 @@ async def test_internal_exception_is_reported(
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Broker, "publish", broken)
+    monkeypatch.setattr(Broker, "handle_send", broken)
     send = {"command": "send", "topic": "t", "msg": "x", "delivery": "all"}
     assert await request(ws, send) == failure("Internal exception")
     assert await request(ws, {"command": "subscribe", "topic": "t"}) == SUCCESS
@@ -346,7 +346,8 @@ async def test_quit_flushes_then_closes_normally(nursery: trio.Nursery) -> None:
     assert await receive(ws) == SUCCESS
     reason = await closed_reason(ws)
     assert reason.code == 1000
-    await wait_until(lambda: ws_connections(server) == 0)
+    await settled()
+    assert ws_connections(server) == 0
 
 
 async def test_shutdown_closes_websockets_with_going_away(nursery: trio.Nursery) -> None:
@@ -485,7 +486,8 @@ async def test_slow_ws_subscriber_is_cut_off_tcp_gets_everything(nursery: trio.N
     assert lazy_conn.outbox.overflowed, "the WebSocket subscriber was never cut off"
     assert received == list(range(sent))
     # its close frame cannot get through a full window: the stream is closed within 1 s
-    await wait_until(lambda: ws_connections(server) == 0)
+    await settled()
+    assert ws_connections(server) == 0
     # the lazy peer finds its connection closed once it reads
     with trio.fail_after(10):
         while (await lazy.event()) is not None:
@@ -521,7 +523,8 @@ async def test_dead_peer_is_dropped(nursery: trio.Nursery) -> None:
     while (event := await client.event()) is not None:  # never answers a ping
         events.append(event)
     assert any(isinstance(e, Ping) for e in events)
-    await wait_until(lambda: ws_connections(server) == 0)
+    await settled()
+    assert ws_connections(server) == 0
     # its subscription went with it: a "one" message waits in the cache for the next one
     tcp = await LineClient.connect(server.port)
     send = {"command": "send", "topic": "t", "msg": "kept", "delivery": "one"}
@@ -693,8 +696,10 @@ async def test_close_codes(
     fake = FakeWS()
     transport = WebSocketTransport(fake, "peer", 1024, lambda: going_away)  # type: ignore[arg-type]
     if interrupted:  # the connection cancels a writer stuck in send_batch
-        with trio.move_on_after(0.01):
-            await transport.send_batch([b'{"success": true}'])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.send_batch, [b'{"success": true}'])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
     await transport.aclose()
     assert fake.closed_with == expected
 
