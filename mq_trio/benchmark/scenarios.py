@@ -449,11 +449,15 @@ def raise_fd_limit(needed: int) -> None:
             pass
 
 
+#: Connections of the conns scenario opened but not yet confirmed, at most.
+CONNS_IN_FLIGHT = 256
+
+
 def run_conns(target: Target, st: Settings, progress: Progress = no_progress,
               settle: float = 1.0) -> Result:
     """C connections, each subscribed to its own topic, then each sends to the next one's.
 
-    Connections are opened with at most ``IN_FLIGHT`` not yet confirmed, so the server's
+    Connections are opened with at most ``CONNS_IN_FLIGHT`` not yet confirmed, so the server's
     accept queue never overflows (an overflow costs a 1 s SYN retry and measures the
     kernel, not the server).
     """
@@ -461,7 +465,7 @@ def run_conns(target: Target, st: Settings, progress: Progress = no_progress,
     n = st.conns
     result = Result(target.name, "conns", {"conns": n})
     raise_fd_limit(n + 256)
-    in_flight_max = 256
+    in_flight_max = CONNS_IN_FLIGHT
     rss0 = rss_bytes(target.pid) if target.pid else None
     sel = selectors.DefaultSelector()
     socks: list[socket.socket] = []
