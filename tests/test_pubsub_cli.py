@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import attrs
@@ -14,9 +15,8 @@ import trio
 from support import start_server
 
 from mq_trio import Message, open_client
-from mq_trio.server import Config, Server
+from mq_trio.server import Server
 
-HAS_WS = "ws_port" in attrs.fields_dict(Config)
 COMMAND = [sys.executable, "-m", "mq_trio"]
 
 
@@ -64,23 +64,59 @@ class Running:
 async def start(nursery: trio.Nursery, *args: str, stdin: int | None = None) -> Running:
     """Start ``mq-trio ARGS`` in the test's nursery (killed at test end if still running)."""
     process: trio.Process = await nursery.start(
-        lambda task_status: trio.run_process(
+        partial(
+            trio.run_process,
             [*COMMAND, *args],
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             check=False,
-            task_status=task_status,
         )
     )
     return Running(process)
 
 
-async def wait_subscribed(server: Server, topic: str) -> None:
-    """Until a subprocess' subscription reached the broker (it reports nothing itself)."""
-    with trio.fail_after(20):
-        while not server.broker.subscribers(topic):
-            await trio.sleep(0.01)
+@attrs.define
+class Relay:
+    """A TCP relay in front of the server for one client. ``mq-trio sub`` prints nothing
+    when it has subscribed; the server's first reply passing through the relay says so."""
+
+    port: int
+    replied: trio.Event
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, server_port: int) -> Relay:
+        (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self = cls(listener.socket.getsockname()[1], trio.Event())
+        nursery.start_soon(self._serve_one, listener, server_port)
+        return self
+
+    async def _serve_one(self, listener: trio.SocketListener, server_port: int) -> None:
+        async with listener:
+            client = await listener.accept()
+        async with client, await trio.open_tcp_stream("127.0.0.1", server_port) as upstream:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream, False)
+                nursery.start_soon(self._pump, upstream, client, True)
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream,
+                    replies: bool) -> None:
+        try:
+            async for data in source:
+                await sink.send_all(data)
+                if replies and b"\r\n" in data:
+                    self.replied.set()
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def subscribed(sub: Running, server: Server, topic: str) -> None:
+    """Until ``sub`` (subscribing to ``topic``, cache on) is subscribed: it prints the
+    cached message published here once it is."""
+    async with open_client("127.0.0.1", server.port) as client:
+        await client.send(topic, "subscribed")
+    assert await sub.readline() == "subscribed"
 
 
 async def test_pub_one_message(server: Server) -> None:
@@ -155,10 +191,12 @@ async def test_sub_several_topics_verbose(server: Server) -> None:
 async def test_sub_prints_live_messages_and_exits_130_on_ctrl_c(
     server: Server, nursery: trio.Nursery
 ) -> None:
-    sub = await start(nursery, "sub", "t", "--no-cache", "--port", str(server.port))
+    relay = await Relay.start(nursery, server.port)
     async with open_client("127.0.0.1", server.port) as client:
         await client.send("t", "before: not replayed with --no-cache")
-        await wait_subscribed(server, "t")
+        sub = await start(nursery, "sub", "t", "--no-cache", "--port", str(relay.port))
+        with trio.fail_after(20):
+            await relay.replied.wait()  # subscribed
         await client.send("t", "live 1")
         assert await sub.readline() == "live 1"
         await client.send("t", "live 2")
@@ -171,7 +209,7 @@ async def test_sub_prints_live_messages_and_exits_130_on_ctrl_c(
 
 async def test_sub_exits_143_on_sigterm(server: Server, nursery: trio.Nursery) -> None:
     sub = await start(nursery, "sub", "t", "--port", str(server.port))
-    await wait_subscribed(server, "t")
+    await subscribed(sub, server, "t")
     sub.process.send_signal(signal.SIGTERM)
     status, err = await sub.finish()
     assert (status, err) == (143, "")
@@ -180,7 +218,7 @@ async def test_sub_exits_143_on_sigterm(server: Server, nursery: trio.Nursery) -
 async def test_sub_reports_a_lost_connection(nursery: trio.Nursery) -> None:
     server = await start_server(nursery)
     sub = await start(nursery, "sub", "t", "--port", str(server.port))
-    await wait_subscribed(server, "t")
+    await subscribed(sub, server, "t")
     server.shutdown()
     status, err = await sub.finish()
     assert status == 1
@@ -239,10 +277,9 @@ async def test_bad_target_arguments(args: list[str], message: str) -> None:
     assert "Traceback" not in result.stderr.decode()
 
 
-@pytest.mark.skipif(not HAS_WS, reason="the server has no WebSocket endpoint yet")
 async def test_over_websocket(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, ws_port=0)
-    url = f"ws://127.0.0.1:{server.ws_port}/"  # type: ignore[attr-defined]
+    url = f"ws://127.0.0.1:{server.ws_port}/"
     result = await mq("pub", "t", "via ws", "--url", url)
     assert result.returncode == 0, result.stderr
     result = await mq("sub", "t", "--count", "1", "--url", url)
