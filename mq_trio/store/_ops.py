@@ -152,8 +152,6 @@ class Read:
     error: Exception | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
     released: bool = False
-    #: The topic's highest evicted index in the snapshot (for the epoch extension).
-    evicted: int = -1
 
 
 Op = Record | NewTopic | Evict | Take | Bump | Read | Mark

@@ -394,10 +394,6 @@ class SqliteBackend:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("BEGIN")  # the snapshot is taken by the first SELECT
-                row = conn.execute(
-                    "SELECT evicted FROM topics WHERE tid = ?", (read.tid,)
-                ).fetchone()
-                read.evicted = -1 if row is None else int(row[0])
                 read.rows = read_chunk(conn, read.tid, read.after, read.upto, read.limit)
             except BaseException:
                 conn.close()
