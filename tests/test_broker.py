@@ -1,14 +1,14 @@
-"""Unit tests of the topic supervisor: PROTOCOL.md section 4, with fake subscribers."""
+"""Unit tests of the topic supervisor: docs/protocol.md "Semantics", with fake subscribers."""
 
 from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
-from mq_trio.broker import Broker, MemoryHistory
+from mq_trio.broker import Broker, Deferred, Item, MemoryHistory
 from mq_trio.protocol import Send, encode_delivery, parse_line
 
 
@@ -21,6 +21,9 @@ class Fake:
 
     def push(self, payload: bytes) -> None:
         self.got.append(payload)
+
+    def push_deferred(self, item: Deferred) -> None:
+        raise AssertionError("a memory history never defers a delivery")
 
     @property
     def objects(self) -> list[Any]:
@@ -54,8 +57,17 @@ def send(
     return event
 
 
-def replayed(payloads: list[bytes]) -> list[int]:
-    return [json.loads(p)["index"] for p in payloads]
+def plain(items: list[Item]) -> list[bytes]:
+    """A memory history's replay: plain bytes, never a deferred item."""
+    out = []
+    for item in items:
+        assert isinstance(item, bytes), item
+        out.append(item)
+    return out
+
+
+def replayed(payloads: list[Item]) -> list[int]:
+    return [json.loads(p)["index"] for p in plain(payloads)]
 
 
 def cached_indexes(broker: Broker, topic: str = "t") -> list[int]:
@@ -135,7 +147,7 @@ def test_all_is_cached_unless_cache_false() -> None:
     b.publish(send(msg="c", cache=True))
     assert cached_indexes(b) == [0, 2]
     s = Fake()
-    assert [json.loads(p)["msg"] for p in b.subscribe(s, "t")] == ["a", "c"]
+    assert [json.loads(p)["msg"] for p in plain(b.subscribe(s, "t"))] == ["a", "c"]
 
 
 @pytest.mark.parametrize("size", [0, 1, 3, 100])
@@ -403,8 +415,8 @@ def test_each_subscriber_sees_increasing_indexes() -> None:
     for step in range(600):
         if step % 60 == 0:
             s = Fake(str(step))
-            s.got.extend(b.subscribe(s, "a", rng.randint(-1, step // 3)))
-            s.got.extend(b.subscribe(s, "b", rng.randint(-1, step // 3)))
+            s.got.extend(plain(b.subscribe(s, "a", rng.randint(-1, step // 3))))
+            s.got.extend(plain(b.subscribe(s, "b", rng.randint(-1, step // 3))))
             subs.append(s)
         b.publish(send(rng.choice("ab"), delivery=rng.choice(["all", "one"]),
                        cache=rng.choice([None, True, False])))
@@ -510,7 +522,7 @@ def test_matches_the_eager_reference(cache_size: int) -> None:
         topic = rng.choice(topics)
         if r < 0.6:
             code_built = rng.random() < 0.1  # no raw: encoded at once, not lazily
-            delivery = rng.choice(["all", "one"])
+            delivery: Literal["all", "one"] = rng.choice(["all", "one"])
             cache = rng.choice([None, True, False])
             s = (Send(topic, str(step), delivery, cache is not False) if code_built
                  else send(topic, str(step), delivery, cache))

@@ -193,7 +193,9 @@ async def test_idle_connection_is_two_tasks(nursery: trio.Nursery) -> None:
     clients = [await LineClient.connect(server.port) for _ in range(5)]
     for client in clients:
         assert await client.request({"command": "subscribe", "topic": "t"}) == OK
-    tasks = _tasks_under(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    tasks = _tasks_under(root)
     conn_tasks = [t for t in tasks if t.name == "mq_trio.connection"]
     writers = [t for t in tasks if t.name == "mq_trio.connection.writer"]
     assert len(conn_tasks) == 5
@@ -258,7 +260,7 @@ async def test_woken_outboxes_are_written_by_the_reader_that_woke_them() -> None
     ready: list[Outbox] = []
     subscriber = Outbox(1 << 20)
     transport = RecordingTransport(room=1 << 20)
-    subscriber.attach(transport, ready)  # type: ignore[arg-type]
+    subscriber.attach(transport, ready)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(subscriber.drain_into, transport, lambda: None)
         await trio.testing.wait_all_tasks_blocked()

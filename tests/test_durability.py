@@ -105,7 +105,7 @@ async def test_without_data_dir_nothing_is_kept(tmp_path: Path) -> None:
     async with running(None) as server:
         assert await replay(await LineClient.connect(server.port), "a") == []
         assert server.broker.epoch != first_epoch
-    assert list(tmp_path.iterdir()) == []
+    assert list(await trio.Path(tmp_path).iterdir()) == []
 
 
 async def test_cache_size_shrunk_between_runs(tmp_path: Path) -> None:
@@ -370,8 +370,9 @@ async def test_torn_log_tail_is_skipped_with_a_warning(
     backend.abandon()
     wal = tmp_path / "crashed" / f"{DB_NAME}-wal"
     assert not scan_wal(wal).torn
-    with open(wal, "ab") as f:
-        f.write(os.urandom(1000))  # half a frame: a write cut off by the crash
+    await trio.Path(wal).write_bytes(
+        await trio.Path(wal).read_bytes() + os.urandom(1000)  # half a frame: a cut write
+    )
     report = scan_wal(wal)
     assert report.torn and report.ignored_bytes == 1000
     caplog.set_level(logging.INFO, "mq_trio.store")
@@ -389,10 +390,9 @@ async def test_corrupt_frame_in_log_is_skipped(tmp_path: Path) -> None:
     crash_copy(tmp_path / "live", tmp_path / "crashed")
     backend.abandon()
     wal = tmp_path / "crashed" / f"{DB_NAME}-wal"
-    size = wal.stat().st_size
-    with open(wal, "r+b") as f:  # flip bytes inside the last frame's page
-        f.seek(size - 100)
-        f.write(b"\xff" * 8)
+    data = bytearray(await trio.Path(wal).read_bytes())
+    data[-100:-92] = b"\xff" * 8  # flip bytes inside the last frame's page
+    await trio.Path(wal).write_bytes(bytes(data))
     assert scan_wal(wal).torn
     async with running(tmp_path / "crashed") as server:
         client = await LineClient.connect(server.port)
@@ -412,7 +412,8 @@ async def test_corrupt_database_is_moved_aside(
         pub = await LineClient.connect(server.port)
         assert await pub.request(send("t", "x")) == SUCCESS
     assert "is corrupt" in caplog.text
-    assert any(p.name.startswith(f"{DB_NAME}.corrupt-") for p in tmp_path.iterdir())
+    assert any(p.name.startswith(f"{DB_NAME}.corrupt-")
+               for p in await trio.Path(tmp_path).iterdir())
 
 
 # --- an unwritable store ----------------------------------------------------------------
@@ -757,11 +758,13 @@ async def test_snapshot_released_when_subscriber_leaves_early(tmp_path: Path) ->
         broker = server.broker
         assert isinstance(broker.history, DurableHistory)
         state = broker.history.topics["t"]
-        while state.disk_replays < 2:
-            await trio.sleep(0.01)  # polling a condition, not waiting out a time
-        await late.aclose()
-        while server.connections:
-            await trio.sleep(0.01)
+        # server-side state with no event to wait on: polled, bounded by fail_after
+        with trio.fail_after(10):
+            while state.disk_replays < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await late.aclose()
+            while server.connections:  # noqa: ASYNC110
+                await trio.sleep(0.01)
         assert state.disk_replays == 0
         # nothing was taken, nothing is lost
         got = await replay(await LineClient.connect(server.port), "t")
