@@ -11,6 +11,7 @@ from mq_trio.protocol import (
     MessageConnection,
     Send,
     Subscribe,
+    parse_line,
 )
 
 SUB = b'{"command": "subscribe", "topic": "t"}'
@@ -23,8 +24,8 @@ def test_lines_split_anywhere_come_out_whole_and_in_order() -> None:
     lines: list[bytes] = []
     for i in range(0, len(stream), 7):  # 7-byte segments cut through both lines
         lines += core.receive_data(stream[i : i + 7])
-    assert [type(core.parse(line)) for line in lines] == [Subscribe, Send]
-    assert not core.quit and core.closing_reply() is None
+    assert [type(parse_line(line)) for line in lines] == [Subscribe, Send]
+    assert core.closing_reply() is None
 
 
 def test_a_last_line_without_newline_counts_at_eof() -> None:
@@ -34,10 +35,10 @@ def test_a_last_line_without_newline_counts_at_eof() -> None:
     assert LineConnection().receive_eof() == []
 
 
-def test_quit_is_seen_by_the_core() -> None:
+def test_quit_is_a_line_like_any_other() -> None:
     core = LineConnection()
-    lines = core.receive_data(b"quit\n" + SEND + b"\n")
-    assert core.parse(lines[0]) is QUIT and core.quit
+    lines = core.receive_data(b"quit\r\n" + SEND + b"\n")
+    assert [parse_line(line) is QUIT for line in lines] == [True, False]
 
 
 def test_over_the_limit_the_lines_before_count_then_line_too_long() -> None:
@@ -63,7 +64,7 @@ def test_frame_terminates_every_item_with_crlf_in_order() -> None:
 def test_a_bad_line_is_a_failure_event_not_an_error() -> None:
     core = LineConnection()
     (line,) = core.receive_data(b"\xff\n")
-    assert core.parse(line) == Failure("Could not decode input as UTF-8")
+    assert parse_line(line) == Failure("Could not decode input as UTF-8")
 
 
 def test_one_message_is_one_command() -> None:

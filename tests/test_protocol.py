@@ -19,7 +19,6 @@ from mq_trio.protocol import (
     failure_bytes,
     is_valid_json,
     parse_line,
-    parse_text,
 )
 
 DECODE = Failure("Could not decode input as UTF-8")
@@ -312,14 +311,6 @@ def test_key_order_and_spacing_are_free() -> None:
     assert parse_line(b'{"topic":"t","command":"subscribe","cache":false,"last_seen":3}') == (
         Subscribe("t", 3, False)
     )
-
-
-def test_parse_text_is_parse_line_without_decoding() -> None:
-    assert parse_text(json.dumps(SUB)) == Subscribe("t")
-    assert parse_text("  quit \r\n") is QUIT
-    assert parse_text(" \t ") is None
-    assert parse_text("{") == PARSE
-    assert parse_text("[]") == MALFORMED
 
 
 # --- deep nesting ---------------------------------------------------------------------

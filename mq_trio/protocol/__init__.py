@@ -37,7 +37,7 @@ from ._encode import (
     splice_index,
 )
 from ._framing import LineBuffer
-from ._parse import is_valid_json, parse_line, parse_line_stdlib, parse_text, parse_text_stdlib
+from ._parse import is_valid_json, parse_line, parse_line_stdlib, parse_text_stdlib
 
 __all__ = [
     "DECODE_ERROR",
@@ -71,7 +71,6 @@ __all__ = [
     "is_valid_json",
     "parse_line",
     "parse_line_stdlib",
-    "parse_text",
     "parse_text_stdlib",
     "splice_index",
     "validate",

@@ -107,7 +107,7 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
         try:
             encoded = raw.encode()
         except UnicodeEncodeError:
-            # Only a str handed to parse_text can hold a lone surrogate (no strict UTF-8
+            # Only a str handed to parse_text_stdlib can hold a lone surrogate (no strict UTF-8
             # decode makes one); without raw, encode_delivery writes escaped JSON.
             encoded = b""
         return Send(topic, msg, delivery, cache, encoded)

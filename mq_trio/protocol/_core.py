@@ -5,16 +5,16 @@ deliveries in, framed bytes or texts out. The wire rules live here, not in the t
 transports: lines end at ``\\n`` (a ``\\r`` before it is whitespace to the parser),
 replies end in ``\\r\\n``, a line over the limit ends the connection after a
 ``Line too long`` reply (the lines before it still count), a last line without its
-newline counts at end of input, ``quit`` ends the connection (see :meth:`parse`), and
-the reply order is the order of the items given to :meth:`frame`.
+newline counts at end of input, and the reply order is the order of the items given to
+:meth:`frame`. Parsing a line is :func:`~mq_trio.protocol.parse_line` (``quit`` is one
+of its events); the connection calls it directly, on the hot path of every message.
 """
 
 from __future__ import annotations
 
-from ._commands import DEFAULT_MAX_LINE_BYTES, LINE_TOO_LONG, QUIT, LineEvent
+from ._commands import DEFAULT_MAX_LINE_BYTES, LINE_TOO_LONG
 from ._encode import failure_bytes
 from ._framing import LineBuffer
-from ._parse import parse_line
 
 #: What ends every reply and delivery on a line transport.
 TERMINATOR = b"\r\n"
@@ -25,12 +25,10 @@ _LINE_TOO_LONG = failure_bytes(LINE_TOO_LONG)
 class LineConnection:
     """One line-protocol connection's wire state (TCP, or any byte stream)."""
 
-    __slots__ = ("_lines", "quit")
+    __slots__ = ("_lines",)
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._lines = LineBuffer(max_line_bytes)
-        #: The client sent ``quit``: nothing after it is handled.
-        self.quit = False
 
     @property
     def max_line_bytes(self) -> int:
@@ -46,20 +44,9 @@ class LineConnection:
         tail = self._lines.pending
         return [tail] if tail else []
 
-    @property
-    def line_too_long(self) -> bool:
-        return self._lines.too_long
-
     def closing_reply(self) -> bytes | None:
         """The last reply before the server closes on its own (``Line too long``)."""
         return _LINE_TOO_LONG if self._lines.too_long else None
-
-    def parse(self, line: bytes) -> LineEvent:
-        """One line's command; after ``quit`` the caller stops handling lines."""
-        event = parse_line(line)
-        if event is QUIT:
-            self.quit = True
-        return event
 
     @staticmethod
     def frame(items: list[bytes]) -> bytes:

@@ -51,7 +51,7 @@ def _loads(text: str) -> object:
 def parse_text_stdlib(text: str) -> LineEvent:
     """Parse one decoded command with the stdlib json scanner: the reference behaviour.
 
-    Every input goes this way unless the msgspec fast path (``parse_text``) accepts it.
+    Every input goes this way unless the msgspec fast path (``parse_line``) accepts it.
     """
     text = text.strip()
     if not text:
@@ -126,7 +126,6 @@ _decode_command = msgspec.json.Decoder(_SendSchema | _Subscribe | _Unsubscribe).
 # What may surround an object msgspec accepted: JSON whitespace only (str.strip in the
 # stdlib path strips more, but msgspec rejects anything else, which then goes that way).
 _JSON_WS = b" \t\n\r"
-_JSON_WS_STR = " \t\n\r"
 
 
 def parse_line(line: bytes) -> LineEvent:
@@ -144,18 +143,6 @@ def parse_line(line: bytes) -> LineEvent:
     if type(s) is _SendSchema:
         return Send(s.topic, s.msg, s.delivery, s.cache, line.strip(_JSON_WS))
     return parse_line_stdlib(line)
-
-
-def parse_text(text: str) -> LineEvent:
-    """Parse one already-decoded command (used by message transports such as WebSocket)."""
-    try:
-        s = _decode_command(text)
-    except Exception:
-        return parse_text_stdlib(text)
-    if type(s) is _SendSchema:
-        # Accepted text encodes: msgspec itself had to encode it to UTF-8.
-        return Send(s.topic, s.msg, s.delivery, s.cache, text.strip(_JSON_WS_STR).encode())
-    return parse_text_stdlib(text)
 
 
 # A non-recursive JSON well-formedness check, only for input too deep for json.loads.
