@@ -25,7 +25,16 @@ from collections import deque
 import attrs
 import trio
 
-from mq_trio.broker import Answer, CachedMessage, Held, Item, MemoryHistory, SendBatch, Ticket
+from mq_trio.broker import (
+    Answer,
+    CachedMessage,
+    Held,
+    Item,
+    MemoryHistory,
+    Recorded,
+    SendBatch,
+    Ticket,
+)
 from mq_trio.protocol import Send
 
 
@@ -59,6 +68,13 @@ class DelayedAnswer(DelayedTicket):
     def value(self) -> bool:
         assert self.done, "value() of an undecided answer"
         return self.answer
+
+
+@attrs.define(eq=False)
+class DelayedRecord(DelayedTicket):
+    """A :class:`~mq_trio.broker.Recorded`: an index now, decided later."""
+
+    index: int = -1
 
 
 @attrs.define(eq=False)
@@ -149,11 +165,13 @@ class DelayedHistory:
     def rng(self) -> random.Random:
         return self.decider.rng
 
-    def record(self, topic: str, send: Send, one: bool, cached: bool) -> tuple[int, Ticket | None]:
-        index, _ = self.inner.record(topic, send, one, cached)
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int | Recorded:
+        index = self.inner.record(topic, send, one, cached)
         if self.decider.idle and self.rng.random() < 0.2:
-            return index, None  # already as durable as it will be
-        return index, self.decider.ticket()
+            return index  # already as durable as it will be
+        recorded = DelayedRecord(index=index)
+        self.decider.ticket(recorded)
+        return recorded
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
         payloads = self.inner.replay(topic, last_seen)

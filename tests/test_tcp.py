@@ -15,7 +15,7 @@ import trio.testing
 from support import LineClient, start_server
 
 from mq_trio import protocol
-from mq_trio.broker import Broker, Item
+from mq_trio.broker import Broker, Recorded
 from mq_trio.protocol import QUIT, Failure, LineBuffer, parse_line
 from mq_trio.server import Server
 
@@ -305,14 +305,14 @@ async def test_line_over_the_limit_without_newline(nursery: trio.Nursery) -> Non
 async def test_internal_exception_keeps_connection_and_server(
     connect: Connect, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_handle_send = Broker.handle_send
+    real_publish = Broker.publish
 
-    def flaky_handle_send(self: Broker, send: protocol.Send) -> tuple[int, Item]:
+    def flaky_publish(self: Broker, send: protocol.Send) -> int | Recorded:
         if send.msg == "boom":
             raise RuntimeError("injected bug")
-        return real_handle_send(self, send)
+        return real_publish(self, send)
 
-    monkeypatch.setattr(Broker, "handle_send", flaky_handle_send)
+    monkeypatch.setattr(Broker, "publish", flaky_publish)
     a, b = await connect(), await connect()
     assert await b.request(sub()) == OK
     await a.send_raw(enc(snd(msg="boom")) + enc(snd(msg="fine")))

@@ -332,7 +332,7 @@ async def test_internal_exception_is_reported(
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Broker, "handle_send", broken)
+    monkeypatch.setattr(Broker, "publish", broken)
     send = {"command": "send", "topic": "t", "msg": "x", "delivery": "all"}
     assert await request(ws, send) == failure("Internal exception")
     assert await request(ws, {"command": "subscribe", "topic": "t"}) == SUCCESS

@@ -5,7 +5,7 @@ cache, ``one``, replay, epoch); a history (memory, SQLite, ...) is one implement
 :class:`TopicHistory` and nothing more.
 """
 
-from ._broker import Broker, Subscriber
+from ._broker import Broker, Subscriber, send_reply
 from ._history import (
     Answer,
     CachedMessage,
@@ -13,6 +13,7 @@ from ._history import (
     EpochReply,
     Held,
     Item,
+    Recorded,
     SendBatch,
     Ticket,
     TopicHistory,
@@ -32,6 +33,7 @@ __all__ = [
     "Held",
     "Item",
     "MemoryHistory",
+    "Recorded",
     "SendBatch",
     "Ticket",
     "TopicHistory",
@@ -39,4 +41,5 @@ __all__ = [
     "epoch_reply",
     "new_epoch",
     "nothing_lost",
+    "send_reply",
 ]

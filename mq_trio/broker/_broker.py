@@ -14,10 +14,18 @@ from typing import Protocol
 import attrs
 
 from ..protocol import STORAGE_UNAVAILABLE, SUCCESS, Send, encode_delivery, failure_bytes
-from ._history import Deferred, EpochReply, Held, Item, TopicHistory, epoch_reply
+from ._history import Deferred, EpochReply, Held, Item, Recorded, TopicHistory, epoch_reply
 from ._memory import MemoryHistory
 
 _STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
+
+
+def send_reply(recorded: int | Recorded) -> Item:
+    """The sender's reply to a send: success once the message is as durable as it will
+    be; ``Storage unavailable`` if its write failed."""
+    if type(recorded) is int:
+        return SUCCESS
+    return Held(SUCCESS, recorded, _STORAGE_UNAVAILABLE)  # type: ignore[arg-type]
 
 
 class Subscriber(Protocol):
@@ -87,42 +95,37 @@ class Broker:
         if not subs:
             del self._subscribers[topic]
 
-    def handle_send(self, send: Send) -> tuple[int, Item]:
-        """Index, deliver and cache one message: (its index, the sender's reply).
-
-        With a history that writes later, deliveries and the reply are :class:`Held`
-        for its ticket: nothing that depends on the message leaves before it is decided.
-        """
+    def publish(self, send: Send) -> int | Recorded:
+        """Index, deliver and cache one message: its index, or (a history that writes
+        later) a ticket carrying it, which deliveries wait for (:class:`Held`); the
+        sender's reply is :func:`send_reply` of it."""
         topic = send.topic
         subs = self._subscribers.get(topic)
         if send.delivery == "all":
-            index, ticket = self.history.record(topic, send, False, send.cache)
+            recorded = self.history.record(topic, send, False, send.cache)
             if subs:
-                payload = encode_delivery(send, index)  # once, the same bytes for all
-                # push never re-enters the broker, so iterating the live dict is safe
-                if ticket is None:
+                if type(recorded) is int:
+                    payload = encode_delivery(send, recorded)  # once, the same for all
+                    # push never re-enters the broker: iterating the live dict is safe
                     for subscriber in subs:
                         subscriber.push(payload)
                 else:
-                    held = Held(payload, ticket)
+                    # (mypy does not narrow on ``type() is``, the cheaper test)
+                    held = Held(encode_delivery(send, recorded.index), recorded)  # type: ignore[union-attr, arg-type]
                     for subscriber in subs:
                         subscriber.push_deferred(held)
         else:
             # "one": to a random subscriber, or cached for a later one if there is none
-            index, ticket = self.history.record(topic, send, True, send.cache and not subs)
+            recorded = self.history.record(topic, send, True, send.cache and not subs)
             if subs:
                 chosen = self._random.choice(list(subs))
-                if ticket is None:
-                    chosen.push(encode_delivery(send, index))
+                if type(recorded) is int:
+                    chosen.push(encode_delivery(send, recorded))
                 else:
-                    chosen.push_deferred(Held(encode_delivery(send, index), ticket))
-        if ticket is None:
-            return index, SUCCESS
-        return index, Held(SUCCESS, ticket, _STORAGE_UNAVAILABLE)
-
-    def publish(self, send: Send) -> int:
-        """``handle_send`` for code that embeds the broker: the message's index."""
-        return self.handle_send(send)[0]
+                    chosen.push_deferred(
+                        Held(encode_delivery(send, recorded.index), recorded)  # type: ignore[union-attr, arg-type]
+                    )
+        return recorded
 
     def subscribe_reply(self, topic: str, last_seen: int, epoch: str) -> Item:
         """The reply to a subscribe that carries ``epoch`` (the epoch extension)."""

@@ -37,6 +37,14 @@ class Ticket(Protocol):
         """Return once ``done``."""
 
 
+class Recorded(Ticket, Protocol):
+    """A message's index, handed out now, with its write decided later."""
+
+    @property
+    def index(self) -> int:
+        """The message's index (consumed: never handed out again)."""
+
+
 class Answer(Ticket, Protocol):
     """A yes/no a history can give only later (the epoch extension's ``recovered``)."""
 
@@ -153,14 +161,15 @@ class TopicHistory(Protocol):
     #: The history's id for the epoch extension; a new one whenever history may be lost.
     epoch: str
 
-    def record(self, topic: str, send: Send, one: bool, cached: bool) -> tuple[int, Ticket | None]:
-        """Consume and return the topic's next index (never reused); if ``cached``, add
-        the message to the topic's cache (a "one" message if ``one``), evicting the
-        oldest beyond the cache size. Its delivery is ``encode_delivery(send, index)``.
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int | Recorded:
+        """Consume the topic's next index (never reused); if ``cached``, add the message
+        to the topic's cache (a "one" message if ``one``), evicting the oldest beyond the
+        cache size. Its delivery is ``encode_delivery(send, index)``.
 
-        The ticket is None when the message is as durable as it will be (memory), else
-        it is decided when the write is: deliveries and the sender's reply wait for it.
-        One call per message: a remote store can do everything in one round trip.
+        Returns the index when the message is as durable as it will be (memory), else a
+        ticket carrying it, decided when the write is: deliveries and the sender's reply
+        wait for it. One call per message: a remote store can do it in one round trip;
+        a plain int for memory, because a tuple per message was a visible cost.
         """
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:

@@ -39,7 +39,7 @@ class MemoryHistory:
     #: A new one per process: memory does not outlive it.
     epoch: str = attrs.field(factory=new_epoch, kw_only=True)
 
-    def record(self, topic: str, send: Send, one: bool, cached: bool) -> tuple[int, None]:
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         try:
             log = self._topics[topic]  # a subscript measured cheaper than .get
         except KeyError:
@@ -55,7 +55,7 @@ class MemoryHistory:
                 cache.append((index, one, raw, False))
             else:  # built in code, not received: encode now (no raw to splice later)
                 cache.append((index, one, encode_delivery(send, index), True))
-        return index, None
+        return index
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
         log = self._topics.get(topic)

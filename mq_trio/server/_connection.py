@@ -21,8 +21,8 @@ import attrs
 import trio
 
 from .. import protocol
-from ..broker import Broker
-from ..protocol import QUIT, Failure, Send, Subscribe, Unsubscribe
+from ..broker import Broker, Item, send_reply
+from ..protocol import QUIT, SUCCESS, Failure, Send, Subscribe, Unsubscribe
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
 
@@ -166,7 +166,7 @@ class Connection:
         high_water = outbox.high_water
         parse_line = protocol.parse_line
         broker = self.broker
-        handle_send = broker.handle_send
+        publish = broker.publish
         reply = outbox.queue_reply
         for i in range(start, len(lines)):
             try:
@@ -178,7 +178,11 @@ class Connection:
             # dispatch (two calls a message in the publish profile).
             if type(event) is Send:
                 try:
-                    reply(handle_send(event)[1])
+                    recorded = publish(event)
+                    if type(recorded) is int:
+                        reply(SUCCESS)
+                    else:
+                        outbox.push_deferred(send_reply(recorded))  # type: ignore[arg-type]
                 except Exception:
                     self._internal_error()
             elif self.handle_event(event):
@@ -188,6 +192,12 @@ class Connection:
             if outbox.pending > high_water:
                 return i + 1
         return len(lines)
+
+    def _reply(self, item: Item) -> None:
+        if type(item) is bytes:
+            self.outbox.queue_reply(item)
+        else:
+            self.outbox.push_deferred(item)  # type: ignore[arg-type]  # a Deferred
 
     def _internal_error(self) -> None:
         # A bug must cost this one command, not the connection or the server.
@@ -207,7 +217,7 @@ class Connection:
             return True
         try:
             if cls is Send:
-                push(self.broker.handle_send(event)[1])  # type: ignore[arg-type]
+                self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
             elif cls is Subscribe:
                 assert isinstance(event, Subscribe)
                 replay = self.broker.subscribe(
@@ -216,7 +226,9 @@ class Connection:
                 if event.epoch is None:
                     push(protocol.SUCCESS)
                 else:
-                    push(self.broker.subscribe_reply(event.topic, event.last_seen, event.epoch))
+                    self._reply(
+                        self.broker.subscribe_reply(event.topic, event.last_seen, event.epoch)
+                    )
                 self.outbox.queue_replay(replay)
             elif cls is Unsubscribe:
                 assert isinstance(event, Unsubscribe)

@@ -100,13 +100,12 @@ class Outbox:
         if self._waiter is not None:
             self._wake()
 
-    def queue_reply(self, payload: Item) -> None:
+    def queue_reply(self, payload: bytes) -> None:
         """Queue one of the reader's own replies without waking the writer: the reader
         writes or wakes at the end of its chunk (``write_inline``, ``wait_drained``), and
         a wake-up per reply would cost a scheduler pass per round trip. (A copy of
-        ``push``'s first lines, not a call from it: ``push`` is the fan-out hot path.)"""
-        if type(payload) is not bytes:
-            self._deferred = True
+        ``push``'s first lines, not a call from it: ``push`` is the fan-out hot path.)
+        A reply a history decides later goes through ``push_deferred``."""
         pending = self.pending + len(payload)
         if pending > self._limit or self._closed:
             self._refuse(pending)

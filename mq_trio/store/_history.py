@@ -261,7 +261,7 @@ class DurableHistory:
 
     # -- TopicHistory ------------------------------------------------------------
 
-    def record(self, topic: str, send: Send, one: bool, cached: bool) -> tuple[int, Record]:
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> Record:
         state = self.state(topic)
         index = state.next_index
         state.next_index = index + 1
@@ -270,7 +270,7 @@ class DurableHistory:
         written = self.store.write(state.tid, index, one, payload)
         if payload is not None:
             self.add(state, Entry(index, one, payload, written))
-        return index, written
+        return written
 
     def cached(self, topic: str) -> list[CachedMessage]:
         """The in-memory window, for inspection and tests."""
