@@ -37,6 +37,8 @@ _ACCEPT_RETRY_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EPERM)
 #: trio.serve_listeners does), rather than crash the server.
 _ACCEPT_CAPACITY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS))
 _ACCEPT_CAPACITY_SLEEP = 0.1
+#: While accept() keeps failing so, at most one log line per this many seconds.
+_ACCEPT_LOG_INTERVAL = 10.0
 #: A constant task name, so trio does not build one per connection.
 _CONNECTION_TASK = "mq_trio.connection"
 
@@ -187,6 +189,11 @@ class Server:
     async def _accept_loop(
         self, sock: trio.socket.SocketType, max_line: int, nursery: trio.Nursery
     ) -> None:
+        # Out of descriptors, accept() fails every retry: log the first failure, then
+        # at most one line per _ACCEPT_LOG_INTERVAL counting the failures in between.
+        failing = False
+        unlogged = 0  # failures since the last line
+        next_log = 0.0
         while True:
             try:
                 client, _ = await sock.accept()
@@ -195,10 +202,25 @@ class Server:
                     continue  # the client gave up before it was accepted
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error("accept failed: %s; retrying in %.1f s", os.strerror(exc.errno),
-                          _ACCEPT_CAPACITY_SLEEP)
+                now = trio.current_time()
+                if not failing:
+                    failing = True
+                    log.error("accept failed: %s; retrying every %.1f s",
+                              os.strerror(exc.errno), _ACCEPT_CAPACITY_SLEEP)
+                    next_log = now + _ACCEPT_LOG_INTERVAL
+                elif now >= next_log:
+                    log.error("accept failed: %s; %d more failures since the last report",
+                              os.strerror(exc.errno), unlogged + 1)
+                    unlogged = 0
+                    next_log = now + _ACCEPT_LOG_INTERVAL
+                else:
+                    unlogged += 1
                 await trio.sleep(_ACCEPT_CAPACITY_SLEEP)
                 continue
+            if failing:
+                log.warning("accepting again (%d failures since the last report)", unlogged)
+                failing = False
+                unlogged = 0
             if tcp.DIRECT_IO:
                 tcp.configure_socket(client)
                 stream: trio.socket.SocketType | trio.SocketStream = client

@@ -2,7 +2,8 @@
 
 trio-websocket's ``serve_websocket`` answers only upgrades, so the stream is accepted
 here, its request head read and judged (transports/_http.py), and then either answered
-or handed, with the head replayed in front of it, to ``trio_websocket.wrap_server_stream``.
+or handed, with the head replayed in front of it, to trio-websocket (``wrap_server_stream``
+in transports/_websocket.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import trio
-import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ..transports._http import (
@@ -30,6 +30,7 @@ from ..transports._websocket import (
     WebSocketTransport,
     keepalive,
     read_head,
+    wrap_server_stream,
 )
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ HANDSHAKE_TIMEOUT = 10.0
 
 async def handle_stream(server: Server, stream: trio.SocketStream) -> None:
     """Serve one TCP connection of the WebSocket listener: the page or a WebSocket."""
-    peer = peer_name(stream)
+    # peer_name asks a socket for its peer: the stream's, not the stream (which has none).
+    peer = peer_name(getattr(stream, "socket", stream))
     try:
         await _dispatch(server, stream, peer)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -114,11 +116,12 @@ async def _serve_websocket(server: Server, stream: ReplayStream, peer: str) -> N
         ws: WebSocketConnection | None = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
-                request = await trio_websocket.wrap_server_stream(
+                request = await wrap_server_stream(
                     nursery,
                     stream,
                     max_message_size=config.max_line_bytes,
                     receive_buffer_size=RECEIVE_BYTES,
+                    peer=peer,
                 )
                 ws = await request.accept()
             except ConnectionClosed:

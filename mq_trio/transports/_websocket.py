@@ -13,7 +13,10 @@ import logging
 from collections.abc import Callable
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from ..protocol import MessageConnection
 
@@ -32,6 +35,54 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
+
+
+# --- the server side of trio-websocket ---------------------------------------------------
+
+
+class ServerWebSocket(WebSocketConnection):
+    """trio-websocket's connection, but a frame wsproto rejects gets its close frame.
+
+    wsproto reports a frame it cannot accept (invalid UTF-8 in a text message: 1007;
+    a protocol error: 1002) as a ``CloseConnection`` event while the connection is still
+    open. trio-websocket handles that like the peer's close frame, but sends none
+    (there is no peer close to answer) and closes TCP. Here the close frame with
+    wsproto's code is sent first, as RFC 6455 section 7.1.7 asks.
+    """
+
+    #: For the log line (host:port); set by :func:`wrap_server_stream`.
+    peer = "?"
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        # A peer's close frame moves wsproto to REMOTE_CLOSING (or CLOSED, answering
+        # ours): still OPEN means wsproto made this event from a frame it rejected.
+        if self._wsproto.state is ConnectionState.OPEN:
+            log.info("closing %s: %s (%d)", self.peer, event.reason, event.code)
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                try:
+                    await self._send(CloseConnection(code=event.code, reason=event.reason))
+                except ConnectionClosed:
+                    pass
+        await super()._handle_close_connection_event(event)
+
+
+async def wrap_server_stream(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    max_message_size: int,
+    receive_buffer_size: int = RECEIVE_BYTES,
+    peer: str = "?",
+) -> WebSocketRequest:
+    """``trio_websocket.wrap_server_stream``, with a :class:`ServerWebSocket`."""
+    connection = ServerWebSocket(
+        stream,
+        WSConnection(ConnectionType.SERVER),
+        max_message_size=max_message_size,
+        receive_buffer_size=receive_buffer_size,
+    )
+    connection.peer = peer
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request()
 
 
 # --- streams and the transport ---------------------------------------------------------
@@ -110,7 +161,8 @@ class WebSocketTransport:
         self._receiving = None
         if message is None:  # closed, or stopped
             return None
-        lines = self.wire.receive_message(message)  # wsproto rejected invalid UTF-8 (1007)
+        # Text is valid UTF-8: wsproto rejects it otherwise (1007, see ServerWebSocket).
+        lines = self.wire.receive_message(message)
         if self.wire.too_big:
             log.info("closing %s: message over %d bytes", self.peer, self.max_message_bytes)
             self._close = (CLOSE_MESSAGE_TOO_BIG, "Line too long")
