@@ -14,7 +14,8 @@ class LineBuffer:
     ``feed`` returns the complete lines of everything received so far; a partial line
     waits for more data. ``too_long`` turns true once the pending partial line (or a
     complete one) exceeds ``max_line_bytes``: the caller replies ``Line too long`` and
-    closes.
+    closes. A ``\r`` before the ``\n`` is part of the terminator and not counted (the
+    line is returned with it; the parser strips it as whitespace).
     """
 
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
@@ -32,7 +33,8 @@ class LineBuffer:
                 partial = self._partial = bytearray(data)
             else:
                 partial += data
-            if len(partial) > limit:
+            # A "\r" one past the limit may still be the start of the "\r\n" ending.
+            if len(partial) > limit and _over(partial, limit):
                 self.too_long = True
                 self._partial = None
             return []
@@ -45,13 +47,13 @@ class LineBuffer:
         lines = data.split(b"\n")
         tail = lines.pop()
         if tail:
-            if len(tail) > limit:
+            if len(tail) > limit and _over(tail, limit):
                 self.too_long = True
             else:
                 self._partial = bytearray(tail)
-        if len(data) > limit:  # only then can a complete line be over the limit
+        if len(data) > limit + 1:  # only then can a complete line be over the limit
             for i, line in enumerate(lines):
-                if len(line) > limit:
+                if len(line) > limit and _over(line, limit):
                     self.too_long = True
                     self._partial = None
                     return lines[:i]
@@ -61,3 +63,9 @@ class LineBuffer:
     def pending(self) -> bytes:
         """The incomplete line kept until its newline (or EOF) arrives."""
         return b"" if self._partial is None else bytes(self._partial)
+
+
+def _over(line: bytes | bytearray, limit: int) -> bool:
+    """Whether a line (or its start) longer than ``limit`` is over it: a ``\r`` right
+    after the limit belongs to the ``\r\n`` terminator, it is not counted."""
+    return len(line) > limit + 1 or line[-1] != 0x0D

@@ -118,13 +118,21 @@ class Store:
             )
             # Only batches with writes commit (reads of old history do not count).
             writes = any(type(op) not in _NOT_WRITES for op in ops)
-            if ops:
-                result = await trio.to_thread.run_sync(self.backend.apply, ops, sync and writes)
-            elif dirty and sync:
-                result = await trio.to_thread.run_sync(self.backend.sync)
-                writes = True
-            else:
-                continue
+            try:
+                if ops:
+                    result = await trio.to_thread.run_sync(
+                        self.backend.apply, ops, sync and writes
+                    )
+                elif dirty and sync:
+                    result = await trio.to_thread.run_sync(self.backend.sync)
+                    writes = True
+                else:
+                    continue
+            except Exception as exc:
+                # Never let the worker take the server down: the batch fails like a
+                # storage error (its sends get STORAGE_UNAVAILABLE, state changes retry).
+                log.exception("unexpected error in the store's worker; the batch fails")
+                result = _failed_batch(ops, exc)
             if result.error is None and writes:
                 if sync:
                     last_sync, dirty = now, False
@@ -169,3 +177,12 @@ class Store:
         await self._stopped.wait()
         await trio.to_thread.run_sync(self.backend.close)
 
+
+def _failed_batch(ops: list[Op], exc: Exception) -> BatchResult:
+    """The result of a batch the worker did not finish: every op in it failed."""
+    for op in ops:
+        if isinstance(op, Record | Take | Mark):
+            op.failed = True
+        elif isinstance(op, Read) and op.conn is None and op.error is None:
+            op.error = exc
+    return BatchResult(error=exc, failed=list(ops))

@@ -30,6 +30,9 @@ from ._sqlite import Loaded, read_chunk
 
 log = logging.getLogger("mq_trio.store")
 
+#: The largest index SQLite can hold (a 64-bit signed integer).
+MAX_INDEX = 2**63 - 1
+
 
 @attrs.define(slots=True, eq=False)
 class Entry:
@@ -123,6 +126,12 @@ class DurableHistory:
         state = self.topics.get(topic)
         if state is None or state.count == 0:
             return []
+        # Any JSON integer may arrive: below -1 means everything, and no SQL
+        # parameter may leave 64 bits (an OverflowError in the worker thread).
+        if last_seen < -1:
+            last_seen = -1
+        elif last_seen > MAX_INDEX:
+            last_seen = MAX_INDEX
         items: list[Item] = []
         window = state.window
         if last_seen < state.spilled_max and state.count > len(window):
@@ -301,7 +310,11 @@ class DiskReplay:
     async def write(self, send: SendBatch) -> None:
         try:
             await self.history.replay_from_disk(self.read, send)
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:
+            # Storage errors, and whatever else the worker met opening the snapshot
+            # (logged there): this replay ends, the server stays up.
+            if not isinstance(exc, sqlite3.Error | OSError) and exc is not self.read.error:
+                raise
             log.warning("history unavailable for a replay: %s", exc)
             raise trio.BrokenResourceError("history unavailable") from exc
 

@@ -347,7 +347,11 @@ class SqliteBackend:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, sqlite3.Error | OSError):
+                # A bug or an unforeseen value: the batch fails like a storage error
+                # (rolled back above) instead of taking the server down.
+                log.exception("unexpected error writing a batch; its sends fail")
             self._broken = True
             result.error = exc
             result.failed.extend(ops)
@@ -399,7 +403,9 @@ class SqliteBackend:
                 conn.close()
                 raise
             read.conn = conn
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, sqlite3.Error | OSError):
+                log.exception("unexpected error opening a replay from disk")
             read.error = exc
 
     # -- closing ---------------------------------------------------------------
