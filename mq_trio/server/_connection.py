@@ -152,6 +152,20 @@ class Connection:
                 registry.discard(self)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("disconnected: %s", self.peer)
+            self._release()
+
+    def _release(self) -> None:
+        """Break the reference cycles of a connection that has ended.
+
+        The server raises the collector's threshold, so an object kept only by a cycle can
+        stay for a long time, and with it the transport's buffers (an unfinished line, up
+        to the line limit). Once ``run`` is over, reference counting alone must free the
+        connection: the outbox's overflow callback is this connection's bound method, it
+        holds the transport and the server's ready list, and the nursery's cancel scope
+        leads to the tasks. Done once per connection, off the per-message paths.
+        """
+        self._scope = None
+        self.outbox.detach()
 
     def _handle_lines(self, lines: list[bytes], start: int) -> int:
         """Apply ``lines[start:]``; return how many lines are done, or -1 to stop reading.

@@ -175,6 +175,27 @@ class Outbox:
         self.transport = transport
         self._ready = ready
 
+    def detach(self) -> None:
+        """The connection has ended: drop what refers back to it (its overflow callback,
+        its transport, the server's ready list, and this outbox's place on it), so that
+        no reference cycle keeps it, or this outbox, alive until a garbage-collection
+        pass. Anything pushed later is refused, and what is still queued is released."""
+        self._closed = True
+        self._on_overflow = None
+        self.transport = None
+        if self._listed:
+            # Woken at close: no reader may call send_ready for a while, and the list
+            # would keep this outbox until then.
+            self._listed = False
+            if self._ready is not None and self in self._ready:
+                self._ready.remove(self)
+        self._ready = None
+        if self._queue:
+            if self._deferred:
+                self._deferred = False
+                discard(self._queue)
+            self._queue = []
+
     def wake_reader(self) -> None:
         """End the reader's ``wait_drained`` now (it re-checks why it waited)."""
         task = self._reader

@@ -218,6 +218,12 @@ class TCPTransport:
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def aclose(self) -> None:
+        # Release the input and output buffers now (an unfinished line, up to the line
+        # limit; unsent bytes), not when the transport object goes: whatever still holds
+        # it (a log record, a late send_ready) holds no megabytes. A fresh wire still
+        # frames a late send, which then fails on the closed descriptor.
+        self.wire = LineConnection(self.wire.max_line_bytes)
+        self._unsent = b""
         sock = self._sock
         if not self._eof and sock is not None:
             # Closing a socket with unread input makes the kernel send a reset, which can
