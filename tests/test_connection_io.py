@@ -293,3 +293,29 @@ async def test_deliveries_reach_subscribers_over_tcp_in_order(nursery: trio.Nurs
         got = await sub.receive_many(1000)
         assert [m["index"] for m in got] == list(range(1000))
         assert [m["msg"] for m in got] == [str(i) for i in range(1000)]
+
+
+async def test_close_right_after_the_idle_writer_is_cancelled() -> None:
+    # The cancelled writer is already scheduled when close() (another task, the same
+    # scheduler pass) wakes it: it must not be rescheduled twice (trio asserts).
+    outbox = Outbox(1 << 20)
+    transport = RecordingTransport(room=1 << 20)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.drain_into, transport, lambda: None)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            outbox.close()
+    assert scope.cancelled_caught
+
+
+async def test_push_right_after_the_backlogged_reader_is_cancelled() -> None:
+    outbox = Outbox(100)
+    outbox.queue_reply(b"x" * 80)  # over the high-water mark, nobody drains it
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.wait_drained)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            outbox.wake_reader()
+    assert scope.cancelled_caught

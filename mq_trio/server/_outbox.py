@@ -163,6 +163,18 @@ class Outbox:
                 self._listed = True
                 ready.append(self)
 
+    # A cancelled wait clears its slot at once, not in the woken task's ``finally``: in
+    # between, a close or push (another task, the same scheduler pass) would otherwise
+    # reschedule a task that is already scheduled, which trio refuses (an AssertionError
+    # that took the server down at shutdown). A bound method per wait, not per message.
+    def _abort_writer(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _abort_reader(self, _: object) -> trio.lowlevel.Abort:
+        self._reader = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     def attach(self, transport: Transport, ready: list[Outbox] | None) -> None:
         """Let the reader whose command woke this outbox's writer write it early.
 
@@ -215,7 +227,7 @@ class Outbox:
         if self.backlogged:
             self._reader = trio.lowlevel.current_task()
             try:
-                await trio.lowlevel.wait_task_rescheduled(_abort)
+                await trio.lowlevel.wait_task_rescheduled(self._abort_reader)
             finally:
                 self._reader = None
 
@@ -256,7 +268,7 @@ class Outbox:
                         return
                     self._waiter = trio.lowlevel.current_task()
                     try:
-                        await trio.lowlevel.wait_task_rescheduled(_abort)
+                        await trio.lowlevel.wait_task_rescheduled(self._abort_writer)
                     finally:
                         self._waiter = None  # already None unless cancelled
                 items = self._queue
@@ -342,8 +354,3 @@ def discard(items: list[Item]) -> None:
     for item in items:
         if type(item) is not bytes:
             item.discard()  # type: ignore[union-attr]
-
-
-def _abort(_: object) -> trio.lowlevel.Abort:
-    # The waiter slots are cleared by the waits' own ``finally``.
-    return trio.lowlevel.Abort.SUCCEEDED

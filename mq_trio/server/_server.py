@@ -226,8 +226,10 @@ class Server:
                 stream: trio.socket.SocketType | trio.SocketStream = client
             else:
                 stream = trio.SocketStream(client)
-            conn = self.connection(TCPTransport(stream, max_line))
-            nursery.start_soon(conn.run, name=_CONNECTION_TASK)
+            # no local: it would keep the last connection alive until the next accept
+            nursery.start_soon(
+                self.connection(TCPTransport(stream, max_line)).run, name=_CONNECTION_TASK
+            )
 
     async def _handle_ws(self, stream: trio.SocketStream) -> None:
         await handle_stream(self, stream)
