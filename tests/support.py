@@ -90,3 +90,16 @@ class LineClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def replay(client: LineClient, topic: str, last_seen: int = -1) -> list[dict[str, Any]]:
+    """Subscribe and collect the whole replay (a later request's reply marks its end)."""
+    await client.send({"command": "subscribe", "topic": topic, "last_seen": last_seen})
+    await client.send({"command": "unsubscribe", "topic": "\x00end-of-replay"})
+    assert await client.receive() == {"success": True}
+    items: list[dict[str, Any]] = []
+    while True:
+        item = await client.receive()
+        if item == {"success": True}:
+            return items
+        items.append(item)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from support import LineClient, make_config
+from support import LineClient, make_config, replay
 
 from mq_trio.server import Server, serve
 from mq_trio.store import DB_NAME, STORAGE_UNAVAILABLE, DurableHistory, _flusher, _ops, _sqlite
@@ -50,19 +50,6 @@ async def running(data_dir: Path | None, **overrides: Any) -> AsyncIterator[Serv
             finally:
                 server.shutdown()
                 await server.stopped.wait()
-
-
-async def replay(client: LineClient, topic: str, last_seen: int = -1) -> list[dict[str, Any]]:
-    """Subscribe and collect the whole replay (a later request's reply marks its end)."""
-    await client.send({"command": "subscribe", "topic": topic, "last_seen": last_seen})
-    await client.send({"command": "unsubscribe", "topic": "\x00end-of-replay"})
-    assert await client.receive() == SUCCESS
-    items: list[dict[str, Any]] = []
-    while True:
-        item = await client.receive()
-        if item == SUCCESS:
-            return items
-        items.append(item)
 
 
 # --- restarts -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from support import LineClient, make_config, start_server
+from support import LineClient, make_config, replay, start_server
 
 from mq_trio import protocol
 from mq_trio.protocol import LineBuffer, LineConnection
@@ -44,19 +44,6 @@ async def running(data_dir: Path, **overrides: Any) -> AsyncIterator[Server]:
             finally:
                 server.shutdown()
                 await server.stopped.wait()
-
-
-async def replay(client: LineClient, topic: str, last_seen: int) -> list[dict[str, Any]]:
-    """Subscribe and collect the whole replay (a later request's reply marks its end)."""
-    await client.send({"command": "subscribe", "topic": topic, "last_seen": last_seen})
-    await client.send({"command": "unsubscribe", "topic": "\x00end-of-replay"})
-    assert await client.receive() == SUCCESS
-    items: list[dict[str, Any]] = []
-    while True:
-        item = await client.receive()
-        if item == SUCCESS:
-            return items
-        items.append(item)
 
 
 # --- last_seen out of SQLite's range ---------------------------------------------------
