@@ -9,6 +9,7 @@ docs/protocol.md ("Semantics") are written; histories behind the
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Protocol
 
 import attrs
@@ -76,6 +77,21 @@ class Broker:
         """Remove every subscription of a departing connection."""
         for topic in self._topics_of.pop(subscriber, ()):
             self._drop(subscriber, topic)
+
+    def disconnect_steps(self, subscriber: Subscriber, step: int = 1000) -> Iterator[None]:
+        """``disconnect`` in steps of ``step`` topics: the caller yields to other tasks at
+        each ``next`` (a client with a million subscriptions must not stall the rest).
+        The subscriber leaves every topic at once in ``_topics_of``; its remaining
+        entries in the topics' dicts may still get deliveries until their step."""
+        topics = self._topics_of.pop(subscriber, ())
+        drop = self._drop
+        for n, topic in enumerate(topics, 1):
+            drop(subscriber, topic)
+            if n % step == 0:
+                yield
+
+    def subscription_count(self, subscriber: Subscriber) -> int:
+        return len(self._topics_of.get(subscriber, ()))
 
     def evict(self, subscriber: Subscriber) -> None:
         """Remove every subscription now, even from inside a fan-out to this subscriber

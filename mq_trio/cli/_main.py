@@ -148,6 +148,56 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         help="with --data-dir: cached messages per topic kept in RAM; older ones (up to "
         "--cache-size) are streamed from disk to subscribers that ask for them",
     )
+    limits = p.add_argument_group(
+        "limits", "bounds a hostile or careless client cannot pass (docs/operations.md, "
+        "'Limits and abuse')"
+    )
+    limits.add_argument(
+        "--line-timeout",
+        type=float,
+        default=d.line_timeout,
+        metavar="SECONDS",
+        help="a line still unfinished this long after its first byte gets 'Line timeout' "
+        "and the connection is closed; idle clients are never affected (0: off)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        metavar="N",
+        help="clients served at once (TCP and WebSocket); one more gets "
+        "'Too many connections' and is closed",
+    )
+    limits.add_argument(
+        "--max-input-bytes",
+        type=byte_size,
+        default=d.max_input_bytes,
+        metavar="SIZE",
+        help="unfinished input held across all connections; the client that would pass "
+        "it gets 'Too much unfinished input' and is closed",
+    )
+    limits.add_argument(
+        "--max-topics",
+        type=int,
+        default=d.max_topics,
+        metavar="N",
+        help="topics the server keeps; a command that would create one more gets "
+        "'Too many topics'",
+    )
+    limits.add_argument(
+        "--max-cache-bytes",
+        type=byte_size,
+        default=d.max_cache_bytes,
+        metavar="SIZE",
+        help="bytes of cached messages across all topics; beyond it the oldest are "
+        "evicted",
+    )
+    p.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="with --data-dir: start although committed data is missing or corrupt, in "
+        "a new epoch (resuming clients learn of the gap); without it such a start fails",
+    )
     p.add_argument(
         "--log-level",
         default="info",

@@ -17,6 +17,16 @@ INTERNAL_ERROR = "Internal exception"
 LINE_TOO_LONG = "Line too long"
 #: A durable server could not write the message (docs/protocol.md, extensions).
 STORAGE_UNAVAILABLE = "Storage unavailable"
+# Limits (docs/protocol.md, extensions; docs/operations.md, "Limits and abuse").
+#: A line was not completed within --line-timeout of its first byte; the connection closes.
+LINE_TIMEOUT = "Line timeout"
+#: The server holds --max-connections clients; the new one is closed after this reply.
+TOO_MANY_CONNECTIONS = "Too many connections"
+#: The command would create a topic beyond --max-topics; the connection stays.
+TOO_MANY_TOPICS = "Too many topics"
+#: Unfinished lines of all clients together passed --max-input-bytes; this client's
+#: connection (the one growing its unfinished line) closes.
+INPUT_LIMIT = "Too much unfinished input"
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 

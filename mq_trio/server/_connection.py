@@ -31,6 +31,8 @@ log = logging.getLogger("mq_trio.connection")
 DEFAULT_MAX_PENDING_BYTES = 8 << 20
 DEFAULT_FLUSH_TIMEOUT = 5.0
 _INTERNAL_ERROR = Failure(protocol.INTERNAL_ERROR)
+#: Subscriptions released per scheduler pass when a connection with many ends.
+_RELEASE_STEP = 2000
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
 
@@ -41,6 +43,8 @@ class Limits:
     max_line_bytes: int = protocol.DEFAULT_MAX_LINE_BYTES
     #: How long a closing connection may take to flush what was queued for it.
     flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
+    #: Seconds a line may stay unfinished after its first byte; 0: no limit.
+    line_timeout: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -135,7 +139,10 @@ class Connection:
                     # Whatever ended the reading (EOF, quit, reset, cut-off, shutdown, a
                     # bug) releases the subscriptions; a plain finally rather than a
                     # context manager, which would be one more object per connection.
-                    self.broker.disconnect(outbox)
+                    if self.broker.subscription_count(outbox) <= _RELEASE_STEP:
+                        self.broker.disconnect(outbox)
+                    else:
+                        await self._release_subscriptions()
                 # Nothing new arrives now; flush what was queued (replies, deliveries)
                 # within a bounded time, then close.
                 outbox.close()
@@ -153,6 +160,14 @@ class Connection:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("disconnected: %s", self.peer)
             self._release()
+
+    async def _release_subscriptions(self) -> None:
+        """Leave many topics in steps, letting other clients run between them (a
+        cleanup of a million subscriptions is over a second of work). Shielded: the
+        connection's scope may already be cancelled, and the cleanup must finish."""
+        with trio.CancelScope(shield=True):
+            for _ in self.broker.disconnect_steps(self.outbox, _RELEASE_STEP):
+                await trio.lowlevel.checkpoint()
 
     def _release(self) -> None:
         """Break the reference cycles of a connection that has ended.

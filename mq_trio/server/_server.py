@@ -44,6 +44,12 @@ _CONNECTION_TASK = "mq_trio.connection"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
+#: Limits and abuse (docs/operations.md): see the Config fields below.
+DEFAULT_LINE_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 20_000
+DEFAULT_MAX_INPUT_BYTES = 256 << 20
+DEFAULT_MAX_TOPICS = 1_000_000
+DEFAULT_MAX_CACHE_BYTES = 1 << 30
 
 
 @attrs.frozen
@@ -69,6 +75,24 @@ class Config:
     fsync: str = "everysec"
     #: With data_dir: cached messages per topic kept in RAM (older ones stay on disk).
     memory_window: int = 1000
+    #: Seconds a line may stay unfinished after its first byte ("Line timeout"); 0: off.
+    #: Idle connections with no partial line are never affected.
+    line_timeout: float = DEFAULT_LINE_TIMEOUT
+    #: Clients served at once (TCP and WebSocket together); one more gets
+    #: "Too many connections" and is closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Bytes of unfinished lines held across all connections; the connection that would
+    #: pass it gets "Too much unfinished input" and is closed.
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    #: Topics the server keeps state for; a command that would create one more gets
+    #: "Too many topics".
+    max_topics: int = DEFAULT_MAX_TOPICS
+    #: Bytes of cached messages across all topics (in memory); beyond it the oldest
+    #: cached messages are evicted (and counted as evictions for the epoch extension).
+    max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES
+    #: With data_dir: start even though committed data is found missing or corrupt
+    #: (starts a new epoch, so resuming clients learn of the gap).
+    accept_data_loss: bool = False
 
     @property
     def limits(self) -> Limits:
@@ -76,6 +100,7 @@ class Config:
             max_pending_bytes=self.max_pending_bytes,
             max_line_bytes=self.max_line_bytes,
             flush_timeout=self.shutdown_grace,
+            line_timeout=self.line_timeout,
         )
 
     def check(self) -> None:
@@ -96,6 +121,16 @@ class Config:
             raise ValueError("fsync must be always, everysec or never")
         if self.memory_window < 1:
             raise ValueError("memory window must be >= 1")
+        if self.line_timeout < 0:
+            raise ValueError("line timeout must be >= 0 (0: off)")
+        if self.max_connections < 1:
+            raise ValueError("max connections must be >= 1")
+        if self.max_input_bytes < self.max_line_bytes:
+            raise ValueError("max input bytes must be at least max line bytes")
+        if self.max_topics < 1:
+            raise ValueError("max topics must be >= 1")
+        if self.max_cache_bytes < 0:
+            raise ValueError("max cache bytes must be >= 0")
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
