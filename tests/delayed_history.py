@@ -206,3 +206,9 @@ class DelayedHistory:
 
     def cached(self, topic: str) -> list[CachedMessage]:
         return self.inner.cached(topic)
+
+    def has(self, topic: str) -> bool:
+        return self.inner.has(topic)
+
+    def topic_count(self) -> int:
+        return self.inner.topic_count()

@@ -19,6 +19,7 @@ from ._history import Deferred, EpochReply, Held, Item, Recorded, TopicHistory, 
 from ._memory import MemoryHistory
 
 _STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
+DEFAULT_MAX_TOPICS = 1_000_000
 
 
 def send_reply(recorded: int | Recorded) -> Item:
@@ -47,6 +48,8 @@ class Broker:
     _subscribers: dict[str, dict[Subscriber, None]] = attrs.field(factory=dict)
     _topics_of: dict[Subscriber, set[str]] = attrs.field(factory=dict)
     _random: random.Random = attrs.field(factory=random.Random)
+    #: Topics with state (history or subscribers); one more is ``TooManyTopics``.
+    max_topics: int = attrs.field(default=DEFAULT_MAX_TOPICS, kw_only=True)
 
     @property
     def epoch(self) -> str:

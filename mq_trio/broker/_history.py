@@ -182,6 +182,17 @@ class TopicHistory(Protocol):
     def cached(self, topic: str) -> list[CachedMessage]:
         """The topic's cache (the part in memory), for inspection and tests."""
 
+    def has(self, topic: str) -> bool:
+        """Whether the history keeps state for ``topic`` (it counts toward --max-topics)."""
+
+    def topic_count(self) -> int:
+        """Topics the history keeps state for."""
+
+
+class TooManyTopics(Exception):
+    """A command would create a topic beyond the broker's ``max_topics``; the client
+    gets ``Too many topics`` and nothing changed."""
+
 
 def nothing_lost(evicted: int, next_index: int, last_seen: int) -> bool:
     """The epoch extension's rule: nothing after ``last_seen`` was lost to the cache-size

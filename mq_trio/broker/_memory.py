@@ -10,6 +10,7 @@ from ..protocol import Send, encode_delivery, splice_index
 from ._history import CachedMessage, Item, new_epoch, nothing_lost
 
 DEFAULT_CACHE_SIZE = 100
+DEFAULT_MAX_CACHE_BYTES = 1 << 30
 
 
 #: A cached message in memory: (index, one, data, encoded). ``data`` is the delivery when
@@ -38,6 +39,8 @@ class MemoryHistory:
     _topics: dict[str, TopicLog] = attrs.field(factory=dict)
     #: A new one per process: memory does not outlive it.
     epoch: str = attrs.field(factory=new_epoch, kw_only=True)
+    #: Bytes of cached messages across all topics; beyond it the oldest are evicted.
+    max_cache_bytes: int = attrs.field(default=DEFAULT_MAX_CACHE_BYTES, kw_only=True)
 
     def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         try:
@@ -93,3 +96,9 @@ class MemoryHistory:
             CachedMessage(index, one, data if encoded else splice_index(data, index))
             for index, one, data, encoded in log.cache
         ]
+
+    def has(self, topic: str) -> bool:
+        return topic in self._topics
+
+    def topic_count(self) -> int:
+        return len(self._topics)

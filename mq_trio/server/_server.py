@@ -334,7 +334,10 @@ async def _open_broker(
 ) -> AsyncIterator[Broker]:
     """The broker over its history: in memory, or the durable store."""
     if config.data_dir is None:
-        yield broker or Broker(MemoryHistory(config.cache_size))
+        yield broker or Broker(
+            MemoryHistory(config.cache_size, max_cache_bytes=config.max_cache_bytes),
+            max_topics=config.max_topics,
+        )
         return
     if broker is not None:
         raise ValueError("a broker cannot be passed together with data_dir")
@@ -345,6 +348,8 @@ async def _open_broker(
         cache_size=config.cache_size,
         fsync=config.fsync,  # type: ignore[arg-type]  # checked by Config.check
         memory_window=config.memory_window,
+        max_cache_bytes=config.max_cache_bytes,
+        accept_data_loss=config.accept_data_loss,
     ) as durable:
-        yield Broker(durable.history)
+        yield Broker(durable.history, max_topics=config.max_topics)
     # leaving the block wrote what was queued and closed the store

@@ -81,6 +81,9 @@ class DurableHistory:
     topics: dict[str, TopicState] = attrs.field(factory=dict)
     _by_tid: dict[int, TopicState] = attrs.field(factory=dict)
     _next_tid: int = 1
+    #: Bytes of the windows (cached messages in RAM) across all topics; beyond it the
+    #: oldest leave RAM (they stay on disk, so this is not an eviction).
+    max_cache_bytes: int = attrs.field(default=1 << 30, kw_only=True)
 
     def load(self, loaded: Loaded) -> None:
         self.epoch = loaded.epoch
@@ -91,6 +94,12 @@ class DurableHistory:
             self.topics[t.name] = state
             self._by_tid[t.tid] = state
             self._next_tid = max(self._next_tid, t.tid + 1)
+
+    def has(self, topic: str) -> bool:
+        return topic in self.topics
+
+    def topic_count(self) -> int:
+        return len(self.topics)
 
     def state(self, topic: str) -> TopicState:
         state = self.topics.get(topic)

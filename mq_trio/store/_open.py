@@ -35,6 +35,8 @@ async def open_durable(
     cache_size: int,
     fsync: FsyncPolicy = DEFAULT_FSYNC,
     memory_window: int = DEFAULT_MEMORY_WINDOW,
+    max_cache_bytes: int = 1 << 30,
+    accept_data_loss: bool = False,
 ) -> AsyncIterator[Durable]:
     """Open (or create) the data directory, recover, run the flusher, close cleanly."""
     directory = Path(data_dir)
@@ -47,7 +49,8 @@ async def open_durable(
         raise
     took = time.perf_counter() - started
     store = Store(backend, fsync)
-    history = DurableHistory(store, cache_size, memory_window)
+    history = DurableHistory(store, cache_size, memory_window,
+                             max_cache_bytes=max_cache_bytes)
     history.load(loaded)
     store.on_result = history.on_result
     log.info(
