@@ -165,9 +165,15 @@ def build_info(python: str, src: str | None) -> dict[str, str]:
     info = {"python": python, "mq_trio": path}
     if path:
         try:
+            where = os.path.dirname(path)
             info["commit"] = subprocess.run(
-                ["git", "-C", os.path.dirname(path), "log", "--oneline", "-1"],
+                ["git", "-C", where, "log", "--oneline", "-1"],
                 capture_output=True, text=True, timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=10).stdout.split("\n")
+            dirty = [d[3:] for d in dirty if d.strip()]
+            if info["commit"] and dirty:
+                info["commit"] += f" + uncommitted changes to {', '.join(dirty)}"
         except (OSError, subprocess.SubprocessError):
             pass
     return info
@@ -175,7 +181,7 @@ def build_info(python: str, src: str | None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- probe
 
-def _probe_main(port: int, topic: str, stop: Any, ready: Any, out: Any) -> None:
+def _probe_main(port: int, topic: str, stop: Any, soft: Any, ready: Any, out: Any) -> None:
     sub = json.dumps({"command": "subscribe", "topic": topic, "cache": False}).encode() + b"\n"
     send = json.dumps({"command": "send", "topic": topic, "msg": "probe", "delivery": "all",
                        "cache": False}).encode() + b"\n"
@@ -216,7 +222,7 @@ def _probe_main(port: int, topic: str, stop: Any, ready: Any, out: Any) -> None:
 
     pending: float | None = None  # start of the round trip not yet answered
     try:
-        while not stop.is_set():
+        while not stop.is_set() and not soft.is_set():
             if pending is None:
                 pending = now()
             try:
@@ -248,17 +254,21 @@ class Probe:
     def __init__(self, port: int, topic: str = "abuse.probe") -> None:
         ctx = mp.get_context("fork")
         self._stop = ctx.Event()
+        self._soft = ctx.Event()
         ready = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_probe_main, args=(port, topic, self._stop, ready, send),
+        self.proc = ctx.Process(target=_probe_main, args=(port, topic, self._stop, self._soft, ready, send),
                                 daemon=True)
         self.proc.start()
         send.close()
         if not ready.wait(10):
             raise RuntimeError("probe did not connect")
 
-    def finish(self) -> ProbeRecord:
-        self._stop.set()
+    def finish(self, grace: float = 0) -> ProbeRecord:
+        """Stop after the round trip in flight completes (waiting up to ``grace`` s)."""
+        self._soft.set()
+        if not self._recv.poll(grace):
+            self._stop.set()
         if not self._recv.poll(15):
             self.proc.kill()
             raise RuntimeError("probe did not report")
@@ -843,10 +853,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.settle)
         t2 = now()
         after = server.rss()
+        rec = probe.finish(args.probe_grace)
+        probe = None
         alive = server.alive()
         fresh = fresh_client(server.port) if alive else "server exited"
-        rec = probe.finish()
-        probe = None
         window = ctx.window or (t0, t2)
         result.update(out)
         result.update({
@@ -883,7 +893,8 @@ def table(results: list[dict[str, Any]]) -> str:
             rows.append(f"| {r['scenario']} | | | | | | | | failed: {r.get('error', '?')} |")
             continue
         st, b, m = r["stall"], r["baseline"], r["rss_mib"]
-        gap = f"{st['max_gap_ms']:g}" + (" (unfinished)" if st["unfinished_at_end"] else "")
+        gap = (f"≥{st['max_gap_ms']:g} (unfinished)" if st["unfinished_at_end"]
+               else f"{st['max_gap_ms']:g}")
         alive = "alive" if r["alive"] else f"DEAD (exit {r.get('exit_code')})"
         outcome = f"{r['reply']}; server {alive}, fresh client after: {r['fresh_client_after']}"
         if r["probe_error_count"]:
@@ -908,6 +919,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                    help="extra flag for every server (repeat; e.g. --server-flag=--line-timeout=5)")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--probe-grace", type=float, default=60,
+                   help="at the end, wait up to this long for the probe's round trip in flight "
+                        "(a stall still going on then is reported as unfinished; default 60)")
     p.add_argument("--small", action="store_true", help="scaled-down sizes for a quick check")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': stdout)")
     g = p.add_argument_group("sizes (defaults: the issue's; --small: scaled down)")
