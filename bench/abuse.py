@@ -40,7 +40,6 @@ import selectors
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -85,7 +84,8 @@ class Server:
         self.workdir = tempfile.mkdtemp(prefix="mq-abuse-")
         env = dict(os.environ)
         if src:
-            env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            old = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = src + (os.pathsep + old if old else "")
         self.cmd = [python, "-m", "mq_trio", "serve", "--host", HOST, "--port", str(self.port),
                     "--log-level", log_level, *flags]
         self.log = open(os.path.join(self.workdir, "server.log"), "w+b")
@@ -214,7 +214,7 @@ def _probe_main(port: int, topic: str, stop: Any, soft: Any, ready: Any, out: An
                 return False
             try:
                 data = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not data:
                 raise ConnectionError("closed by server")
@@ -257,8 +257,8 @@ class Probe:
         self._soft = ctx.Event()
         ready = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_probe_main, args=(port, topic, self._stop, self._soft, ready, send),
-                                daemon=True)
+        self.proc = ctx.Process(target=_probe_main, daemon=True,
+                                args=(port, topic, self._stop, self._soft, ready, send))
         self.proc.start()
         send.close()
         if not ready.wait(10):
@@ -276,7 +276,8 @@ class Probe:
         self.proc.join(5)
         t = array("d")
         t.frombytes(raw)
-        return ProbeRecord(list(zip(t[0::2], t[1::2])), pending, stopped, errors, n_errors)
+        trips = list(zip(t[0::2], t[1::2], strict=True))
+        return ProbeRecord(trips, pending, stopped, errors, n_errors)
 
 
 @dataclass
@@ -367,7 +368,7 @@ _FAIL = re.compile(rb'^.*"success": ?false.*$', re.M)
 @dataclass
 class Replies:
     ok: int = 0
-    failures: collections.Counter = field(default_factory=collections.Counter)
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
     closed: bool = False
     write_error: str | None = None
     timed_out: bool = False
@@ -413,7 +414,7 @@ def pipelined(sock: socket.socket, chunks: Iterable[bytes], expect: int,
     while r.total < expect:
         try:
             data = sock.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             r.timed_out = True
             break
         except OSError:
@@ -465,7 +466,7 @@ def read_reply(sock: socket.socket, timeout: float) -> str:
             if not data:
                 return f"closed{': ' + short(buf) if buf else ''}"
             buf += data
-    except socket.timeout:
+    except TimeoutError:
         return "timeout"
     except OSError as exc:
         return type(exc).__name__
@@ -501,7 +502,7 @@ def hold_partial(port: int, n: int, size: int, fill_timeout: float
     """
     payload = memoryview(partial_payload(size))
     socks: list[socket.socket] = []
-    connect_errors: collections.Counter = collections.Counter()
+    connect_errors: collections.Counter[str] = collections.Counter()
     for _ in range(n):
         try:
             s = connect(port, timeout=5)
@@ -512,7 +513,7 @@ def hold_partial(port: int, n: int, size: int, fill_timeout: float
         socks.append(s)
     sel = selectors.DefaultSelector()
     offsets = [0] * len(socks)
-    write_errors: collections.Counter = collections.Counter()
+    write_errors: collections.Counter[str] = collections.Counter()
     for i, s in enumerate(socks):
         sel.register(s, selectors.EVENT_WRITE, i)
     deadline = now() + fill_timeout
@@ -520,7 +521,8 @@ def hold_partial(port: int, n: int, size: int, fill_timeout: float
         for key, _ in sel.select(0.2):
             i = key.data
             try:
-                offsets[i] += key.fileobj.send(payload[offsets[i]:offsets[i] + (1 << 18)])
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                offsets[i] += sock.send(payload[offsets[i]:offsets[i] + (1 << 18)])
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -537,9 +539,9 @@ def hold_partial(port: int, n: int, size: int, fill_timeout: float
                    "connect_errors": dict(connect_errors), "write_errors": dict(write_errors)}
 
 
-def states(socks: list[socket.socket]) -> collections.Counter:
+def states(socks: list[socket.socket]) -> collections.Counter[str]:
     """What each connection looks like without consuming its data ('open' or the reply)."""
-    c: collections.Counter = collections.Counter()
+    c: collections.Counter[str] = collections.Counter()
     for s in socks:
         try:
             data = s.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -557,7 +559,7 @@ def states(socks: list[socket.socket]) -> collections.Counter:
     return c
 
 
-def fmt_counter(c: collections.Counter | dict) -> str:
+def fmt_counter(c: collections.Counter[str] | dict[str, int]) -> str:
     return ", ".join(f"{n}× {k}" for k, n in collections.Counter(c).most_common(4))
 
 
@@ -613,7 +615,8 @@ def sc_bigint(ctx: Ctx) -> dict[str, Any]:
             if replies[-1] in ("timeout",) or replies[-1].startswith("closed"):
                 break
         took = now() - t0
-    return {"size": f"{digits} digits ×{a.repeat}", "reply": fmt_counter(collections.Counter(replies)),
+    return {"size": f"{digits} digits ×{a.repeat}",
+            "reply": fmt_counter(collections.Counter(replies)),
             "reply_s": round(took, 3)}
 
 
@@ -652,7 +655,8 @@ def sc_slowloris(ctx: Ctx) -> dict[str, Any]:
     return {"size": f"{a.conns} conns × {a.line_bytes} B unfinished, hold {a.hold:g} s",
             "fill": fill, "states_after_fill": dict(after_fill),
             "states_after_hold": dict(after_hold), "new_client": new_during,
-            "reply": f"after fill: {fmt_counter(after_fill)}; after hold: {fmt_counter(after_hold)}; "
+            "reply": f"after fill: {fmt_counter(after_fill)}; "
+                     f"after hold: {fmt_counter(after_hold)}; "
                      f"written {fill['fully_written']}/{fill['connections']}; "
                      f"new client: {' / '.join(new_during)}"}
 
@@ -717,7 +721,7 @@ def sc_cutoff(ctx: Ctx) -> dict[str, Any]:
     topic = "abuse.crowd"
     subs: list[socket.socket] = []
     sub_line = line({"command": "subscribe", "topic": topic})
-    replies: collections.Counter = collections.Counter()
+    replies: collections.Counter[str] = collections.Counter()
     for i in range(0, a.cutoff_subs, 500):
         batch = []
         for _ in range(min(500, a.cutoff_subs - i)):
@@ -816,14 +820,14 @@ SCENARIOS: dict[str, Scenario] = {
 
 SMALL = dict(digits=20_000, depth=20_000, conns=50, line_bytes=256 * 1024, closed_conns=20,
              topics=20_000, cache_topics=2, cache_msgs=10, cache_msg_bytes=100_000,
-             subs_topics=20_000, cutoff_subs=200, cutoff_burst=40, cutoff_msg_bytes=16_384, cutoff_pending=65_536,
-             replay_subs=2, cutoff_timeout=10.0,
+             subs_topics=20_000, cutoff_subs=200, cutoff_burst=40, cutoff_msg_bytes=16_384,
+             cutoff_pending=65_536, replay_subs=2, cutoff_timeout=10.0,
              replay_msgs=200, replay_msg_bytes=20_000, hold=1.0, settle=1.0, baseline=0.5,
              fill_timeout=10.0)
 FULL = dict(digits=0, depth=0, conns=1000, line_bytes=LINE_LIMIT - 2, closed_conns=200,
             topics=1_000_000, cache_topics=8, cache_msgs=100, cache_msg_bytes=0,
-            subs_topics=1_000_000, cutoff_subs=6000, cutoff_burst=64, cutoff_msg_bytes=65_536, cutoff_pending=262_144,
-            replay_subs=2, cutoff_timeout=30.0,
+            subs_topics=1_000_000, cutoff_subs=6000, cutoff_burst=64, cutoff_msg_bytes=65_536,
+            cutoff_pending=262_144, replay_subs=2, cutoff_timeout=30.0,
             replay_msgs=2000, replay_msg_bytes=100 * 1024, hold=5.0, settle=3.0, baseline=1.0,
             fill_timeout=30.0)
 
@@ -886,13 +890,14 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| scenario | size | attack s | stall window | probe max gap ms | probe p99 ms "
-            "| idle max/p99 ms | RSS before → peak → after MiB | outcome |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| whole attack max gap ms | idle max/p99 ms | RSS before → peak → after MiB "
+            "| outcome |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "stall" not in r:
-            rows.append(f"| {r['scenario']} | | | | | | | | failed: {r.get('error', '?')} |")
+            rows.append(f"| {r['scenario']} | | | | | | | | | failed: {r.get('error', '?')} |")
             continue
-        st, b, m = r["stall"], r["baseline"], r["rss_mib"]
+        st, b, m, w = r["stall"], r["baseline"], r["rss_mib"], r["stall_whole_attack"]
         gap = (f"≥{st['max_gap_ms']:g} (unfinished)" if st["unfinished_at_end"]
                else f"{st['max_gap_ms']:g}")
         alive = "alive" if r["alive"] else f"DEAD (exit {r.get('exit_code')})"
@@ -900,7 +905,7 @@ def table(results: list[dict[str, Any]]) -> str:
         if r["probe_error_count"]:
             outcome += f"; probe errors: {r['probe_error_count']}"
         rows.append(f"| {r['scenario']} | {r['size']} | {r['attack_s']} | {r['stall_window']} "
-                    f"({st['window_s']} s) | {gap} | {st['p99_ms']} | "
+                    f"({st['window_s']} s) | {gap} | {st['p99_ms']} | {w['max_gap_ms']:g} | "
                     f"{b['max_gap_ms']:g}/{b['p99_ms']} | "
                     f"{m['before']} → {m['peak']} → {m['after']} | {outcome.replace('|', '/')} |")
     return "\n".join(rows)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "abuse.py"
 
 
-def load():
+def load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_abuse", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -41,4 +42,4 @@ def test_tiny_nested_scenario_reports_stall_rss_and_outcome() -> None:
     assert rss["after"] > 0
     assert result["probe_error_count"] == 0
     table = abuse.table([result])
-    assert table.count("\n") == 2 and "| nested |" in table
+    assert table.count("\n") == 2 and "| nested |" in table and table.count("|") == 3 * 11
