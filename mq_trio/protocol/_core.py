@@ -25,10 +25,24 @@ _LINE_TOO_LONG = failure_bytes(LINE_TOO_LONG)
 class LineConnection:
     """One line-protocol connection's wire state (TCP, or any byte stream)."""
 
-    __slots__ = ("_lines",)
+    __slots__ = ("_lines", "_closing")
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._lines = LineBuffer(max_line_bytes)
+        #: Set by :meth:`abort`: the reply before closing, instead of any further input.
+        self._closing: bytes | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """The size of the unfinished line held (0: none)."""
+        return self._lines.pending_bytes
+
+    def abort(self, reason: str) -> None:
+        """Drop the unfinished line and end the input with a ``reason`` failure reply
+        (``Line timeout``, ``Too much unfinished input``): :meth:`closing_reply` gives it,
+        and no more lines come out."""
+        self._lines = LineBuffer(self._lines.max_line_bytes)
+        self._closing = failure_bytes(reason)
 
     @property
     def max_line_bytes(self) -> int:
@@ -37,15 +51,22 @@ class LineConnection:
     def receive_data(self, data: bytes | bytearray) -> list[bytes]:
         """The complete lines ``data`` finishes (maybe none). Once a line is over the
         limit, only the lines before it come out, and :meth:`closing_reply` says why."""
+        if self._closing is not None:
+            return []
         return self._lines.feed(data)
 
     def receive_eof(self) -> list[bytes]:
         """End of input: a last line without its newline still counts."""
+        if self._closing is not None:
+            return []
         tail = self._lines.pending
         return [tail] if tail else []
 
     def closing_reply(self) -> bytes | None:
-        """The last reply before the server closes on its own (``Line too long``)."""
+        """The last reply before the server closes on its own (``Line too long``, or
+        what :meth:`abort` was given)."""
+        if self._closing is not None:
+            return self._closing
         return _LINE_TOO_LONG if self._lines.too_long else None
 
     @staticmethod

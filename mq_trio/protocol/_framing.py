@@ -60,6 +60,12 @@ class LineBuffer:
         return lines
 
     @property
+    def pending_bytes(self) -> int:
+        """The size of the incomplete line (0: none)."""
+        partial = self._partial
+        return 0 if partial is None else len(partial)
+
+    @property
     def pending(self) -> bytes:
         """The incomplete line kept until its newline (or EOF) arrives."""
         return b"" if self._partial is None else bytes(self._partial)

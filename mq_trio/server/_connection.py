@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from .. import protocol
-from ..broker import Broker, Item, send_reply
+from ..broker import Broker, Item, TooManyTopics, send_reply
 from ..protocol import QUIT, SUCCESS, Failure, Send, Subscribe, Unsubscribe
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
@@ -31,6 +31,7 @@ log = logging.getLogger("mq_trio.connection")
 DEFAULT_MAX_PENDING_BYTES = 8 << 20
 DEFAULT_FLUSH_TIMEOUT = 5.0
 _INTERNAL_ERROR = Failure(protocol.INTERNAL_ERROR)
+_TOO_MANY_TOPICS = protocol.failure_bytes(protocol.TOO_MANY_TOPICS)
 #: Subscriptions released per scheduler pass when a connection with many ends.
 _RELEASE_STEP = 2000
 #: The writer task's name: a constant, so trio does not build one per connection.
@@ -131,8 +132,7 @@ class Connection:
                         closing = transport.closing_reply()
                         if closing is not None:
                             outbox.push(closing)
-                            log.info("closing %s: line over %d bytes", self.peer,
-                                     self.limits.max_line_bytes)
+                            log.info("closing %s: %s", self.peer, closing.decode())
                             break
                         del lines  # not kept alive while waiting for more
                 finally:
@@ -212,6 +212,8 @@ class Connection:
                         reply(SUCCESS)
                     else:
                         outbox.push_deferred(send_reply(recorded))  # type: ignore[arg-type]
+                except TooManyTopics:
+                    reply(_TOO_MANY_TOPICS)
                 except Exception:
                     self._internal_error()
             elif self.handle_event(event):
@@ -263,6 +265,8 @@ class Connection:
                 assert isinstance(event, Unsubscribe)
                 self.broker.unsubscribe(self.outbox, event.topic)
                 push(protocol.SUCCESS)
+        except TooManyTopics:
+            push(_TOO_MANY_TOPICS)
         except Exception:
             self._internal_error()
         return False

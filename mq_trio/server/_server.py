@@ -5,18 +5,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 
 import attrs
 import trio
 
 from ..broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
-from ..protocol import DEFAULT_MAX_LINE_BYTES
+from ..protocol import DEFAULT_MAX_LINE_BYTES, TOO_MANY_CONNECTIONS, failure_bytes
 from ..transports import _tcp as tcp
 from ..transports._base import Transport
 from ..transports._http import OriginPolicy
+from ..transports._input import InputGuard
 from ..transports._tcp import TCPTransport
 from ..transports._websocket import DEFAULT_PING_INTERVAL
 from ._connection import (
@@ -41,6 +41,11 @@ _ACCEPT_CAPACITY_SLEEP = 0.1
 _ACCEPT_LOG_INTERVAL = 10.0
 #: A constant task name, so trio does not build one per connection.
 _CONNECTION_TASK = "mq_trio.connection"
+_REFUSED_TASK = "mq_trio.refused"
+_WS_TASK = "mq_trio.websocket"
+_TOO_MANY_CONNECTIONS = failure_bytes(TOO_MANY_CONNECTIONS)
+#: Time a refused TCP client is given to read its reply before the socket closes.
+_REFUSE_TIMEOUT = 1.0
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
@@ -165,9 +170,35 @@ class Server:
     _limits: Limits = attrs.field(init=False)
     #: Outboxes whose writers a command just woke; its reader writes them (Outbox.attach).
     _ready: list[Outbox] = attrs.field(init=False, factory=list)
+    #: Unfinished input of all TCP connections: --line-timeout and --max-input-bytes.
+    input_guard: InputGuard = attrs.field(init=False)
+    #: Streams of the WebSocket port accepted and not (yet, or any more) a connection
+    #: in ``connections``: they count toward --max-connections too.
+    ws_handshakes: int = attrs.field(init=False, default=0)
+    #: Clients refused as too many (logged at a bounded rate).
+    refused: int = attrs.field(init=False, default=0)
+    _next_refused_log: float = attrs.field(init=False, default=0.0)
 
     def __attrs_post_init__(self) -> None:
         self._limits = self.config.limits  # one shared object, not one per connection
+        self.input_guard = InputGuard(self.config.max_input_bytes, self.config.line_timeout)
+
+    @property
+    def open_connections(self) -> int:
+        """Clients counted against --max-connections (TCP and WebSocket together)."""
+        return len(self.connections) + self.ws_handshakes
+
+    def _admit(self) -> bool:
+        """Whether one more client may be served; logs refusals at a bounded rate."""
+        if self.open_connections < self.config.max_connections:
+            return True
+        self.refused += 1
+        now = trio.current_time()
+        if now >= self._next_refused_log:
+            log.warning("refusing clients: %d connections open (--max-connections); "
+                        "%d refused so far", self.open_connections, self.refused)
+            self._next_refused_log = now + _ACCEPT_LOG_INTERVAL
+        return False
 
     @property
     def port(self) -> int:
@@ -221,9 +252,46 @@ class Server:
         async with listener:  # closed however accepting ends
             await self._accept_loop(sock, max_line, nursery)
 
+    async def _accept_ws(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept clients of the WebSocket port (the same loop as TCP: its handling of
+        descriptor exhaustion, its bounded logging)."""
+        async with listener:
+            await self._accept_loop(listener.socket, 0, nursery, self._start_ws)
+
+    def _start_ws(self, client: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        admitted = self._admit()
+        if admitted:
+            self.ws_handshakes += 1  # handle_stream gives it back
+        nursery.start_soon(
+            handle_stream, self, trio.SocketStream(client), not admitted, name=_WS_TASK
+        )
+
+    def _start_tcp(self, client: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        if tcp.DIRECT_IO:
+            tcp.configure_socket(client)
+            stream: trio.socket.SocketType | trio.SocketStream = client
+        else:
+            stream = trio.SocketStream(client)
+        if not self._admit():
+            nursery.start_soon(_refuse_tcp, TCPTransport(stream), name=_REFUSED_TASK)
+            return
+        conn = self.connection(
+            TCPTransport(stream, self.config.max_line_bytes, self.input_guard)
+        )
+        # Counted from now (Connection.run adds it too): a burst of accepts in one pass
+        # cannot pass --max-connections.
+        self.connections.add(conn)
+        nursery.start_soon(conn.run, name=_CONNECTION_TASK)
+
     async def _accept_loop(
-        self, sock: trio.socket.SocketType, max_line: int, nursery: trio.Nursery
+        self,
+        sock: trio.socket.SocketType,
+        max_line: int,
+        nursery: trio.Nursery,
+        start: Callable[[trio.socket.SocketType, trio.Nursery], None] | None = None,
     ) -> None:
+        if start is None:
+            start = self._start_tcp
         # Out of descriptors, accept() fails every retry: log the first failure, then
         # at most one line per _ACCEPT_LOG_INTERVAL counting the failures in between.
         failing = False
@@ -256,18 +324,9 @@ class Server:
                 log.warning("accepting again (%d failures since the last report)", unlogged)
                 failing = False
                 unlogged = 0
-            if tcp.DIRECT_IO:
-                tcp.configure_socket(client)
-                stream: trio.socket.SocketType | trio.SocketStream = client
-            else:
-                stream = trio.SocketStream(client)
+            start(client, nursery)
             # no local: it would keep the last connection alive until the next accept
-            nursery.start_soon(
-                self.connection(TCPTransport(stream, max_line)).run, name=_CONNECTION_TASK
-            )
-
-    async def _handle_ws(self, stream: trio.SocketStream) -> None:
-        await handle_stream(self, stream)
+            del client
 
     async def run(self, task_status: trio.TaskStatus[Server]) -> None:
         """Accept on every listener until ``shutdown``, then wait for the connections."""
@@ -279,20 +338,14 @@ class Server:
                         accept.start_soon(self._accept_tcp, listener, connections)
                         host, port = listener.socket.getsockname()[:2]
                         log.info("listening on %s:%d (tcp)", host, port)
-                    if self.ws_listeners:
-                        # Same nurseries as TCP: shutdown stops both, connections share one.
-                        accept.start_soon(
-                            partial(
-                                trio.serve_listeners,
-                                self._handle_ws,
-                                self.ws_listeners,
-                                handler_nursery=connections,
-                            )
-                        )
-                        for listener in self.ws_listeners:
-                            host, port = listener.socket.getsockname()[:2]
-                            log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
-                                     host, port, host, port)
+                    # Same nurseries as TCP: shutdown stops both, connections share one.
+                    for listener in self.ws_listeners:
+                        accept.start_soon(self._accept_ws, listener, connections)
+                        host, port = listener.socket.getsockname()[:2]
+                        log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
+                                 host, port, host, port)
+                    if self.config.line_timeout > 0:
+                        accept.start_soon(self.input_guard.sweep)
                     task_status.started(self)
             # Stop accepting at the socket level too: a listening socket left open would
             # still complete handshakes into its backlog, for clients nobody will serve.
@@ -300,6 +353,18 @@ class Server:
                 listener.socket.close()
             # Only a shutdown ends the accept scope; the connections nursery now waits
             # for the connections it was given a deadline for.
+
+
+async def _refuse_tcp(transport: TCPTransport) -> None:
+    """One ``Too many connections`` line, then close (giving the client a moment to read
+    it: closing with its input unread would reset the connection)."""
+    with trio.move_on_after(_REFUSE_TIMEOUT):
+        try:
+            await transport.send_batch([_TOO_MANY_CONNECTIONS])
+        except trio.BrokenResourceError:
+            pass
+    with trio.CancelScope(shield=True), trio.move_on_after(_REFUSE_TIMEOUT):
+        await transport.aclose()
 
 
 async def serve(

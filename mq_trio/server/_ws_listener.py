@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from ..protocol import TOO_MANY_CONNECTIONS, failure_bytes
 from ..transports._http import (
     PAGE_HEADERS,
     OriginPolicy,
@@ -24,6 +25,8 @@ from ..transports._http import (
 )
 from ..transports._tcp import peer_name
 from ..transports._websocket import (
+    CLOSE_TIMEOUT,
+    CLOSE_TRY_AGAIN_LATER,
     RECEIVE_BYTES,
     HeadTooLarge,
     ReplayStream,
@@ -42,22 +45,34 @@ log = logging.getLogger("mq_trio.websocket")
 HANDSHAKE_TIMEOUT = 10.0
 
 
-async def handle_stream(server: Server, stream: trio.SocketStream) -> None:
-    """Serve one TCP connection of the WebSocket listener: the page or a WebSocket."""
+async def handle_stream(
+    server: Server, stream: trio.SocketStream, refused: bool = False
+) -> None:
+    """Serve one TCP connection of the WebSocket listener: the page or a WebSocket.
+
+    ``refused`` (over --max-connections): a WebSocket is accepted, given one
+    ``Too many connections`` text and closed with 1013 (Try Again Later); a plain
+    HTTP request gets 503. Otherwise the stream was counted in ``server.ws_handshakes``
+    by the accept loop, and is given back here.
+    """
     # peer_name asks a socket for its peer: the stream's, not the stream (which has none).
     peer = peer_name(getattr(stream, "socket", stream))
     try:
-        await _dispatch(server, stream, peer)
+        await _dispatch(server, stream, peer, refused)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away while we answered
     except Exception:
         # serve_listeners would let this crash the server; contain it here.
         log.exception("WebSocket listener: connection %s failed", peer)
     finally:
+        if not refused:
+            server.ws_handshakes -= 1
         await trio.aclose_forcefully(stream)
 
 
-async def _dispatch(server: Server, stream: trio.SocketStream, peer: str) -> None:
+async def _dispatch(
+    server: Server, stream: trio.SocketStream, peer: str, refused: bool = False
+) -> None:
     head_timeout = trio.move_on_after(HANDSHAKE_TIMEOUT)
     with head_timeout:
         try:
@@ -88,7 +103,10 @@ async def _dispatch(server: Server, stream: trio.SocketStream, peer: str) -> Non
             log.info("rejecting WebSocket from %s: origin %r not allowed", peer, origin)
             await stream.send_all(http_response(403, b"Origin not allowed\n"))
             return
-        await _serve_websocket(server, ReplayStream(stream, buffer), peer)
+        await _serve_websocket(server, ReplayStream(stream, buffer), peer, refused)
+        return
+    if refused:
+        await stream.send_all(http_response(503, TOO_MANY_CONNECTIONS.encode() + b"\n"))
         return
     if head.method not in ("GET", "HEAD"):
         await stream.send_all(
@@ -105,7 +123,9 @@ async def _dispatch(server: Server, stream: trio.SocketStream, peer: str) -> Non
     await stream.send_all(response)
 
 
-async def _serve_websocket(server: Server, stream: ReplayStream, peer: str) -> None:
+async def _serve_websocket(
+    server: Server, stream: ReplayStream, peer: str, refused: bool = False
+) -> None:
     """Finish the handshake, then run the client as an ordinary connection.
 
     The nursery holds trio-websocket's reader task and the keepalive task; it lives
@@ -126,11 +146,25 @@ async def _serve_websocket(server: Server, stream: ReplayStream, peer: str) -> N
                 ws = await request.accept()
             except ConnectionClosed:
                 pass
-        if ws is not None:
+        if ws is not None and refused:
+            # The handshake is accepted so that the client gets the same reply as over
+            # TCP, and a close code it can act on (browsers show nothing of a 503).
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                try:
+                    await ws.send_message(failure_bytes(TOO_MANY_CONNECTIONS).decode())
+                    await ws.aclose(CLOSE_TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
+                except ConnectionClosed:
+                    pass
+        elif ws is not None:
             if config.ws_ping_interval > 0:
                 nursery.start_soon(keepalive, ws, stream, config.ws_ping_interval, peer)
             transport = WebSocketTransport(
                 ws, peer, config.max_line_bytes, lambda: server.stopping
             )
-            await server.handle_transport(transport)
+            # From here it counts as one of server.connections, not as a handshake.
+            server.ws_handshakes -= 1
+            try:
+                await server.handle_transport(transport)
+            finally:
+                server.ws_handshakes += 1
         nursery.cancel_scope.cancel()

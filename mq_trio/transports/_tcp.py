@@ -8,7 +8,8 @@ import sys
 
 import trio
 
-from ..protocol import DEFAULT_MAX_LINE_BYTES, LineConnection
+from ..protocol import DEFAULT_MAX_LINE_BYTES, INPUT_LIMIT, LineConnection
+from ._input import InputGuard
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
 LINGER_SECONDS = 0.5
@@ -61,12 +62,13 @@ class TCPTransport:
     """
 
     __slots__ = ("stream", "_sock", "_fd", "wire", "_eof", "_maybe_more", "_peer", "_stopping",
-                 "_receiving", "_unsent")
+                 "_receiving", "_unsent", "_guard", "held")
 
     def __init__(
         self,
         stream: trio.abc.Stream | trio.socket.SocketType,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        guard: InputGuard | None = None,
     ) -> None:
         self.stream: trio.abc.Stream | None = None
         self._sock: trio.socket.SocketType | None = None
@@ -89,6 +91,10 @@ class TCPTransport:
         self._receiving: trio.CancelScope | None = None
         #: What a send_nowait could not write; the next send_batch sends it first.
         self._unsent = b""
+        #: The server's bound on unfinished input (line timeout, input budget), if any.
+        self._guard = guard
+        #: Bytes of unfinished line counted in the guard (it keeps this up to date).
+        self.held = 0
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -123,8 +129,8 @@ class TCPTransport:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
             self._receiving = None
-            if data is None:  # stopped
-                return None
+            if data is None:  # stopped, or the input aborted (closing_reply says why)
+                return [] if self.wire.closing_reply() is not None else None
         elif self._maybe_more:
             # The last read filled the buffer, so more is probably waiting: read first.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -152,10 +158,35 @@ class TCPTransport:
             else:
                 self._maybe_more = len(data) == RECEIVE_BYTES
         if data:
-            return self.wire.receive_data(data)
+            wire = self.wire
+            lines = wire.receive_data(data)
+            guard = self._guard
+            # Only a chunk that leaves (or ends) a partial line reaches the guard.
+            if guard is not None and (self.held or data[-1] != 0x0A):
+                size = wire.pending_bytes
+                if (size or self.held) and not guard.update(self, size, bool(lines)):
+                    wire.abort(INPUT_LIMIT)  # the lines before it still count
+            return lines
+        if self.wire.closing_reply() is not None:  # aborted: the read saw SHUT_RD
+            return []
         # EOF: a last line without its newline still counts (as readline() has it).
         self._eof = True
+        if self.held:
+            self._guard.release(self)  # type: ignore[union-attr]
         return self.wire.receive_eof() or None
+
+    def abort_input(self, reason: str) -> None:
+        """End the input with a ``reason`` reply (from the server's :class:`InputGuard`:
+        ``Line timeout``): the unfinished line is dropped at once, a waiting read wakes
+        and returns no lines, and ``closing_reply`` gives the reply."""
+        self.wire.abort(reason)
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        elif self._receiving is not None:
+            self._receiving.cancel()
 
     def stop_receiving(self) -> None:
         self._stopping = True
@@ -224,6 +255,8 @@ class TCPTransport:
         # frames a late send, which then fails on the closed descriptor.
         self.wire = LineConnection(self.wire.max_line_bytes)
         self._unsent = b""
+        if self._guard is not None:
+            self._guard.release(self)
         sock = self._sock
         if not self._eof and sock is not None:
             # Closing a socket with unread input makes the kernel send a reset, which can
