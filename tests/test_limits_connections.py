@@ -17,6 +17,8 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
+import wsproto
+import wsproto.events
 from support import LineClient, make_config, start_server
 
 from mq_trio.broker import Broker, MemoryHistory, Subscriber, TooManyTopics
@@ -436,3 +438,71 @@ async def test_websocket_accept_failures_are_logged_at_a_bounded_rate(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert 1 <= len(errors) <= 4, errors
     assert "Too many open files" in errors[0]
+
+
+# --- WebSocket: a message received in part is unfinished input too ---------------------
+
+
+async def raw_ws_partial(port: int, fragment: str) -> tuple[list[str], int | None]:
+    """Open a WebSocket, send the first fragment of a text message (no FIN), and
+    collect what the server sends until it closes: (texts, close code)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(ws.send(wsproto.events.Request(host=f"127.0.0.1:{port}", target="/")))
+    texts: list[str] = []
+    code = None
+    while True:
+        for event in ws.events():
+            if isinstance(event, wsproto.events.AcceptConnection):
+                message = wsproto.events.Message(data=fragment, message_finished=False)
+                await stream.send_all(ws.send(message))
+            elif isinstance(event, wsproto.events.TextMessage):
+                texts.append(event.data)
+            elif isinstance(event, wsproto.events.CloseConnection):
+                code = event.code
+                await stream.send_all(ws.send(event.response()))
+        if code is not None:
+            await stream.aclose()
+            return texts, code
+        data = await stream.receive_some(65536)
+        if not data:
+            return texts, code
+        ws.receive_data(data)
+
+
+async def test_websocket_partial_message_times_out(
+    nursery: trio.Nursery, short_close_timeout: None
+) -> None:
+    server = await start_server(nursery, ws_port=0, line_timeout=0.05)
+    idle = await trio_websocket.connect_websocket_url(
+        nursery, f"ws://127.0.0.1:{server.ws_port}/")
+    await idle.send_message(json.dumps({"command": "subscribe", "topic": "t"}))
+    with trio.fail_after(10):
+        assert json.loads(await idle.get_message()) == OK
+        texts, code = await raw_ws_partial(server.ws_port or 0, '{"command": "subscr')
+    assert [json.loads(t) for t in texts] == [failure("Line timeout")]
+    assert code == 1008
+    with trio.fail_after(10):
+        await idle.send_message(json.dumps({"command": "subscribe", "topic": "u"}))
+        assert json.loads(await idle.get_message()) == OK
+    assert guard_is_empty(server)
+    await idle.aclose()
+
+
+async def test_websocket_partial_messages_count_toward_the_input_budget(
+    nursery: trio.Nursery, short_close_timeout: None
+) -> None:
+    server = await start_server(nursery, ws_port=0, line_timeout=0, max_line_bytes=1000,
+                                max_input_bytes=1000, max_pending_bytes=4000)
+    with trio.fail_after(10):
+        # one TCP partial line of 600 bytes; the WebSocket's 600 would pass 1000
+        tcp = await LineClient.connect(server.port)
+        await tcp.send_raw(SUBSCRIBE + b"x" * 600)
+        assert await tcp.receive() == OK
+        texts, code = await raw_ws_partial(server.ws_port or 0, "y" * 600)
+    assert [json.loads(t) for t in texts] == [failure("Too much unfinished input")]
+    assert code == 1008
+    assert server.input_guard.total == 600
+    await tcp.aclose()
+    await wait_open(server, 0)
+    assert guard_is_empty(server)

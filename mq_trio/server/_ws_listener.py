@@ -159,7 +159,7 @@ async def _serve_websocket(
             if config.ws_ping_interval > 0:
                 nursery.start_soon(keepalive, ws, stream, config.ws_ping_interval, peer)
             transport = WebSocketTransport(
-                ws, peer, config.max_line_bytes, lambda: server.stopping
+                ws, peer, config.max_line_bytes, lambda: server.stopping, server.input_guard
             )
             # From here it counts as one of server.connections, not as a handshake.
             server.ws_handshakes -= 1

@@ -160,11 +160,13 @@ class TCPTransport:
         if data:
             wire = self.wire
             lines = wire.receive_data(data)
-            guard = self._guard
             # Only a chunk that leaves (or ends) a partial line reaches the guard.
-            if guard is not None and (self.held or data[-1] != 0x0A):
+            if data[-1] != 0x0A or self.held:
+                guard = self._guard
                 size = wire.pending_bytes
-                if (size or self.held) and not guard.update(self, size, bool(lines)):
+                if guard is not None and (size or self.held) and not guard.update(
+                    self, size, bool(lines)
+                ):
                     wire.abort(INPUT_LIMIT)  # the lines before it still count
             return lines
         if self.wire.closing_reply() is not None:  # aborted: the read saw SHUT_RD

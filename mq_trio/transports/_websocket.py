@@ -16,9 +16,10 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
-from ..protocol import MessageConnection
+from ..protocol import INPUT_LIMIT, MessageConnection, failure_bytes
+from ._input import InputGuard
 
 log = logging.getLogger("mq_trio.websocket")
 
@@ -53,6 +54,21 @@ class ServerWebSocket(WebSocketConnection):
 
     #: For the log line (host:port); set by :func:`wrap_server_stream`.
     peer = "?"
+    #: Its transport, once it is a connection of the server with an input guard: a
+    #: message received in part (fragments, or a frame still arriving) is unfinished
+    #: input like a TCP partial line (--line-timeout, --max-input-bytes).
+    holder: WebSocketTransport | None = None
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        await super()._handle_message_event(event)
+        holder = self.holder
+        # A whole message in one event (the usual case) never reaches the guard.
+        if holder is not None and (not event.message_finished or holder.held):
+            holder.unfinished(self._message_size)
+
+    def drop_partial_message(self) -> None:
+        self._message_parts = []
+        self._message_size = 0
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         # A peer's close frame moves wsproto to REMOTE_CLOSING (or CLOSED, answering
@@ -135,6 +151,7 @@ class WebSocketTransport:
         peer: str,
         max_message_bytes: int,
         going_away: Callable[[], bool] = lambda: False,
+        guard: InputGuard | None = None,
     ) -> None:
         self.ws = ws
         self.peer = peer
@@ -149,8 +166,39 @@ class WebSocketTransport:
         self._unsent: list[bytes] = []
         #: The scope of the receive in progress (stop_receiving cancels it).
         self._receiving: trio.CancelScope | None = None
+        #: Unfinished input (a message received in part), counted in ``guard``.
+        self.held = 0
+        self._guard = guard
+        #: Set by abort_input: the failure reply, then a close with 1008.
+        self._closing: bytes | None = None
+        if guard is not None and isinstance(ws, ServerWebSocket):
+            ws.holder = self
+
+    def unfinished(self, size: int) -> None:
+        """trio-websocket now holds ``size`` bytes of a message not complete yet."""
+        if self._closing is not None:  # aborted: what still arrives is dropped
+            if isinstance(self.ws, ServerWebSocket):
+                self.ws.drop_partial_message()
+            return
+        guard = self._guard
+        if guard is not None and not guard.update(self, size, False):
+            self.abort_input(INPUT_LIMIT)
+
+    def abort_input(self, reason: str) -> None:
+        """Drop the partial message, reply ``reason`` and close (1008) after it."""
+        ws = self.ws
+        if isinstance(ws, ServerWebSocket):
+            ws.drop_partial_message()
+        if self._guard is not None:
+            self._guard.release(self)
+        self._closing = failure_bytes(reason)
+        self._close = (CLOSE_POLICY_VIOLATION, reason)
+        if self._receiving is not None:
+            self._receiving.cancel()
 
     async def receive_lines(self) -> list[bytes] | None:
+        if self._closing is not None:
+            return []  # closing_reply gives the failure; the connection stops reading
         if self._close is not None or self._stopping:
             return None
         message: str | bytes | None = None
@@ -160,6 +208,8 @@ class WebSocketTransport:
             except ConnectionClosed:
                 pass
         self._receiving = None
+        if self._closing is not None:
+            return []
         if message is None:  # closed, or stopped
             return None
         # Text is valid UTF-8: wsproto rejects it otherwise (1007, see ServerWebSocket).
@@ -171,7 +221,9 @@ class WebSocketTransport:
         return lines
 
     def closing_reply(self) -> bytes | None:
-        return None  # an over-size message closes with 1009: nothing can follow a close
+        # An over-size message closes with 1009: nothing can follow a close. A partial
+        # message cut off (abort_input) gets its failure as text, then a close (1008).
+        return self._closing
 
     def stop_receiving(self) -> None:
         self._stopping = True
@@ -210,6 +262,8 @@ class WebSocketTransport:
 
     async def aclose(self) -> None:
         """Close with a reason the client can act on (see ``close_code``)."""
+        if self._guard is not None:
+            self._guard.release(self)
         code, reason = self.close_code()
         # trio-websocket closes the TCP stream when its closing handshake ends or is cut.
         with trio.move_on_after(CLOSE_TIMEOUT):
