@@ -15,7 +15,16 @@ from typing import Protocol
 import attrs
 
 from ..protocol import STORAGE_UNAVAILABLE, SUCCESS, Send, encode_delivery, failure_bytes
-from ._history import Deferred, EpochReply, Held, Item, Recorded, TopicHistory, epoch_reply
+from ._history import (
+    Deferred,
+    EpochReply,
+    Held,
+    Item,
+    Recorded,
+    TooManyTopics,
+    TopicHistory,
+    epoch_reply,
+)
 from ._memory import MemoryHistory
 
 _STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
@@ -40,14 +49,33 @@ class Subscriber(Protocol):
         """Queue a delivery that may leave only once decided (see :class:`Deferred`)."""
 
 
+#: The subscribers of a topic that has history and no subscribers: shared, never mutated
+#: (``subscribe`` puts a new dict in its place, ``_drop`` puts it back).
+_NO_SUBS: dict[Subscriber, None] = {}
+
+
 @attrs.define(eq=False)
 class Broker:
-    """Subscriptions plus history; every method runs to completion without awaiting."""
+    """Subscriptions plus history; every method runs to completion without awaiting.
+
+    Topics, for ``max_topics``: those with state in the history (which never forgets a
+    topic: an index must never be reused within an epoch) plus those with subscribers
+    and no history yet. Unsubscribing the last subscriber of a topic without history
+    frees its slot. The broker knows which is which without asking the history on the
+    publish path: ``_subscribers`` holds every topic it has seen with history (with
+    ``_NO_SUBS`` when none is subscribed), ``_unrecorded`` the subscribed topics without
+    history; only a topic in neither costs a ``history.has`` and the count.
+    """
 
     history: TopicHistory = attrs.field(factory=MemoryHistory)
     _subscribers: dict[str, dict[Subscriber, None]] = attrs.field(factory=dict)
+    #: Topics with subscribers and no history (yet): each takes a slot of ``max_topics``.
+    _unrecorded: dict[str, dict[Subscriber, None]] = attrs.field(factory=dict)
     _topics_of: dict[Subscriber, set[str]] = attrs.field(factory=dict)
     _random: random.Random = attrs.field(factory=random.Random)
+    #: The subscriber dict the last fan-out iterated (maybe still does: a push can evict
+    #: its own subscriber). ``_drop`` copies it once instead of mutating it.
+    _fanout: dict[Subscriber, None] | None = None
     #: Topics with state (history or subscribers); one more is ``TooManyTopics``.
     max_topics: int = attrs.field(default=DEFAULT_MAX_TOPICS, kw_only=True)
 
@@ -56,12 +84,30 @@ class Broker:
         """The history's id for the epoch extension (docs/protocol.md)."""
         return self.history.epoch
 
+    def topic_count(self) -> int:
+        """Topics counted against ``max_topics``."""
+        return self.history.topic_count() + len(self._unrecorded)
+
+    def _room(self) -> None:
+        """Raise ``TooManyTopics`` unless one more topic fits (before any change)."""
+        if self.history.topic_count() + len(self._unrecorded) >= self.max_topics:
+            raise TooManyTopics
+
     def subscribe(
         self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
     ) -> list[Item]:
-        """Add the subscription; return the cached deliveries to send after the reply."""
+        """Add the subscription; return the cached deliveries to send after the reply.
+        ``TooManyTopics`` (nothing changed) if the topic is new and there is no room."""
         subs = self._subscribers.get(topic)
         if subs is None:
+            subs = self._unrecorded.get(topic)
+            if subs is None:
+                if self.history.has(topic):
+                    subs = self._subscribers[topic] = {}
+                else:
+                    self._room()
+                    subs = self._unrecorded[topic] = {}
+        elif subs is _NO_SUBS:
             subs = self._subscribers[topic] = {}
         subs[subscriber] = None
         self._topics_of.setdefault(subscriber, set()).add(topic)
@@ -98,34 +144,59 @@ class Broker:
 
     def evict(self, subscriber: Subscriber) -> None:
         """Remove every subscription now, even from inside a fan-out to this subscriber
-        (a slow consumer cut off mid-publish): the topics' subscriber dicts are replaced,
-        not mutated, so a fan-out in progress finishes over the old one. O(subscribers),
-        which is fine for a rare event; ``disconnect`` stays O(1) per topic."""
+        (a slow consumer cut off mid-publish): the fan-out in progress finishes over its
+        dict, which ``_drop`` replaces by a copy once rather than mutating it. O(1) per
+        subscription, so cutting off N subscribers of one fan-out is O(N) in all (it was
+        a copy per eviction, O(N^2)). The fan-out in progress still pushes to the evicted
+        subscribers after it in its dict (an outbox that cut off drops those); nothing
+        later reaches them, and no "one" message is given to them."""
         for topic in self._topics_of.pop(subscriber, ()):
-            rest = {s: None for s in self._subscribers[topic] if s is not subscriber}
-            if rest:
-                self._subscribers[topic] = rest
-            else:
-                del self._subscribers[topic]
+            self._drop(subscriber, topic)
 
     def _drop(self, subscriber: Subscriber, topic: str) -> None:
-        subs = self._subscribers[topic]
-        del subs[subscriber]
-        if not subs:
-            del self._subscribers[topic]
+        subs = self._subscribers.get(topic)
+        if subs is not None:
+            if subs is self._fanout:  # maybe being iterated: leave it to the fan-out
+                self._fanout = None
+                subs = self._subscribers[topic] = dict(subs)
+            del subs[subscriber]
+            if not subs:  # the topic has history: keep it known, for publish
+                self._subscribers[topic] = _NO_SUBS
+        else:
+            subs = self._unrecorded[topic]
+            if subs is self._fanout:  # (a topic's first publish is delivered from here)
+                self._fanout = None
+                subs = self._unrecorded[topic] = dict(subs)
+            del subs[subscriber]
+            if not subs:  # no history, no subscribers: the topic is gone
+                del self._unrecorded[topic]
+
+    def _new_topic(self, topic: str) -> dict[Subscriber, None]:
+        """publish to a topic not in ``_subscribers``: it is about to have history."""
+        subs = self._unrecorded.pop(topic, None)
+        if subs is None:
+            if not self.history.has(topic):
+                self._room()
+            subs = _NO_SUBS
+        self._subscribers[topic] = subs
+        return subs
 
     def publish(self, send: Send) -> int | Recorded:
         """Index, deliver and cache one message: its index, or (a history that writes
         later) a ticket carrying it, which deliveries wait for (:class:`Held`); the
-        sender's reply is :func:`send_reply` of it."""
+        sender's reply is :func:`send_reply` of it. ``TooManyTopics`` (nothing changed)
+        if the topic is new and there is no room."""
         topic = send.topic
         subs = self._subscribers.get(topic)
+        if subs is None:  # only a topic's first publish (or the first since a restart)
+            subs = self._new_topic(topic)
         if send.delivery == "all":
             recorded = self.history.record(topic, send, False, send.cache)
             if subs:
+                # a push may evict (a slow consumer): _drop then copies, not mutates
+                self._fanout = subs
                 if type(recorded) is int:
                     payload = encode_delivery(send, recorded)  # once, the same for all
-                    # push never re-enters the broker: iterating the live dict is safe
                     for subscriber in subs:
                         subscriber.push(payload)
                 else:
@@ -159,7 +230,10 @@ class Broker:
     # --- inspection (tests, metrics) ---
 
     def subscribers(self, topic: str) -> list[Subscriber]:
-        return list(self._subscribers.get(topic, ()))
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._unrecorded.get(topic, {})
+        return list(subs)
 
     def topics_of(self, subscriber: Subscriber) -> set[str]:
         return set(self._topics_of.get(subscriber, ()))

@@ -33,7 +33,18 @@ class TopicLog:
 
 @attrs.define
 class MemoryHistory:
-    """In-memory history: a bounded deque and a counter per topic."""
+    """In-memory history: a bounded deque and a counter per topic, and a bound on the
+    bytes cached across all topics (``max_cache_bytes``): beyond it the oldest cached
+    messages, whichever their topics, are evicted (and count as evicted for the epoch
+    extension's ``recovered``, like the cache-size rule's).
+
+    The bytes counted are those of each entry's data (``len``): the command as received
+    until first replayed, the delivery after (``replay`` adds the difference, and evicts
+    too if that goes beyond the bound; the oldest may be what it just sent). The global
+    order is two deques, (topic log, index) per cached message in the order recorded; an
+    element whose message already left (cache-size rule, a replayed "one") is skipped
+    when met, and the deques are compacted when more than half of them is such.
+    """
 
     cache_size: int = DEFAULT_CACHE_SIZE
     _topics: dict[str, TopicLog] = attrs.field(factory=dict)
@@ -41,6 +52,12 @@ class MemoryHistory:
     epoch: str = attrs.field(factory=new_epoch, kw_only=True)
     #: Bytes of cached messages across all topics; beyond it the oldest are evicted.
     max_cache_bytes: int = attrs.field(default=DEFAULT_MAX_CACHE_BYTES, kw_only=True)
+    #: Bytes and number of the cached messages now (all topics).
+    cached_bytes: int = attrs.field(default=0, init=False)
+    cached_count: int = attrs.field(default=0, init=False)
+    #: The order the cached messages were recorded in: their logs and indexes.
+    _order_logs: deque[TopicLog] = attrs.field(factory=deque, init=False)
+    _order_indexes: deque[int] = attrs.field(factory=deque, init=False)
 
     def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         try:
@@ -52,13 +69,60 @@ class MemoryHistory:
         if cached:
             cache = log.cache
             if len(cache) == self.cache_size:
-                log.evicted = cache[0][0] if cache else index
+                if not cache:  # cache size 0: nothing is kept
+                    log.evicted = index
+                    return index
+                oldest = cache[0]  # the deque drops it on append
+                log.evicted = oldest[0]
+                self.cached_bytes -= len(oldest[2])
+                self.cached_count -= 1
+                if len(self._order_logs) > 2 * self.cached_count + 1024:
+                    self._compact()
             raw = send.raw
             if raw:
                 cache.append((index, one, raw, False))
             else:  # built in code, not received: encode now (no raw to splice later)
-                cache.append((index, one, encode_delivery(send, index), True))
+                raw = encode_delivery(send, index)
+                cache.append((index, one, raw, True))
+            self._order_logs.append(log)
+            self._order_indexes.append(index)
+            self.cached_count += 1
+            size = self.cached_bytes = self.cached_bytes + len(raw)
+            if size > self.max_cache_bytes:
+                self._evict_oldest()
         return index
+
+    def _evict_oldest(self) -> None:
+        """Evict the oldest cached messages (all topics) until within ``max_cache_bytes``."""
+        logs = self._order_logs
+        indexes = self._order_indexes
+        limit = self.max_cache_bytes
+        while self.cached_bytes > limit:
+            log = logs.popleft()
+            index = indexes.popleft()
+            cache = log.cache
+            # Every message of the log older than ``index`` has left already (its own
+            # element came first), so this one is at the head, or gone.
+            if cache and cache[0][0] == index:
+                entry = cache.popleft()
+                log.evicted = index
+                self.cached_bytes -= len(entry[2])
+                self.cached_count -= 1
+
+    def _compact(self) -> None:
+        """Drop the order's elements whose messages have left (O(elements), amortized)."""
+        live: dict[int, set[int]] = {}
+        logs: deque[TopicLog] = deque()
+        indexes: deque[int] = deque()
+        for log, index in zip(self._order_logs, self._order_indexes, strict=True):
+            kept = live.get(id(log))
+            if kept is None:
+                kept = live[id(log)] = {entry[0] for entry in log.cache}
+            if index in kept:
+                logs.append(log)
+                indexes.append(index)
+        self._order_logs = logs
+        self._order_indexes = indexes
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
         log = self._topics.get(topic)
@@ -68,17 +132,30 @@ class MemoryHistory:
         # Rebuilt in one pass (as cheap as the copy that replay makes anyway): what is
         # sent stays encoded, so later replays share the bytes; "one" messages leave.
         kept: deque[Entry] = deque(maxlen=self.cache_size)
+        grown = 0  # bytes added by encoding, less those of the "one" messages that left
+        removed = 0
         for entry in log.cache:
             index, one, data, encoded = entry
             if index > last_seen:
                 if not encoded:
-                    data = splice_index(data, index)
+                    spliced = splice_index(data, index)
+                    grown += len(spliced) - len(data)
+                    data = spliced
                     entry = (index, one, data, True)
                 sent.append(data)
                 if one:
+                    grown -= len(data)
+                    removed += 1
                     continue
             kept.append(entry)
         log.cache = kept
+        self.cached_bytes += grown
+        if removed:
+            self.cached_count -= removed
+            if len(self._order_logs) > 2 * self.cached_count + 1024:
+                self._compact()
+        if self.cached_bytes > self.max_cache_bytes:  # encoding grew them: evict as usual
+            self._evict_oldest()
         return sent
 
     def recovered(self, topic: str, last_seen: int) -> bool:
