@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import sqlite3
 from collections import deque
@@ -14,7 +15,6 @@ from ..protocol import Send, encode_delivery
 from ._flusher import Store
 from ._ops import (
     DEFAULT_MEMORY_WINDOW,
-    READ_CHUNK_ROWS,
     BatchResult,
     Bump,
     Evict,
@@ -26,12 +26,16 @@ from ._ops import (
     Row,
     Take,
 )
-from ._sqlite import Loaded, read_chunk
+from ._replay import FIRST_READ_ROWS, read_rows
+from ._sqlite import Loaded
 
 log = logging.getLogger("mq_trio.store")
 
 #: The largest index SQLite can hold (a 64-bit signed integer).
 MAX_INDEX = 2**63 - 1
+#: What a cached message in a memory window costs besides its payload, counted against
+#: ``max_cache_bytes``: its :class:`Entry`, its :class:`Record` and the deque slot.
+ENTRY_OVERHEAD = 200
 
 
 @attrs.define(slots=True, eq=False)
@@ -84,6 +88,13 @@ class DurableHistory:
     #: Bytes of the windows (cached messages in RAM) across all topics; beyond it the
     #: oldest leave RAM (they stay on disk, so this is not an eviction).
     max_cache_bytes: int = attrs.field(default=1 << 30, kw_only=True)
+    #: What the windows hold now: payloads plus ``ENTRY_OVERHEAD`` per message.
+    window_bytes: int = attrs.field(default=0, init=False)
+    #: A heap of (age of the window's oldest entry, tid), to find the oldest across
+    #: topics; entries may be stale and are checked when popped (see ``_head_age``).
+    _heads: list[tuple[int, int]] = attrs.field(factory=list, init=False)
+    #: Topics whose window is over the window size, waiting for writes to be decided.
+    _untrimmed: set[TopicState] = attrs.field(factory=set, init=False)
 
     def load(self, loaded: Loaded) -> None:
         self.epoch = loaded.epoch
@@ -94,6 +105,9 @@ class DurableHistory:
             self.topics[t.name] = state
             self._by_tid[t.tid] = state
             self._next_tid = max(self._next_tid, t.tid + 1)
+            self.window_bytes += sum(len(e.payload) + ENTRY_OVERHEAD for e in state.window)
+        self._rebuild_heads()
+        self._spill_bytes()
 
     def has(self, topic: str) -> bool:
         return topic in self.topics
@@ -114,21 +128,89 @@ class DurableHistory:
         """Cache a message: the cache-size rule first, then spill the window's oldest."""
         window = state.window
         window.append(entry)
+        if len(window) == 1:
+            heapq.heappush(self._heads, (self._head_age(state), state.tid))
+        self.window_bytes += len(entry.payload) + ENTRY_OVERHEAD
         state.count += 1
         while state.count > self.cache_size:
             state.count -= 1
             if state.count >= len(window):
                 pass  # the oldest lives only on disk; the store reports its index
             else:
-                state.evicted = max(state.evicted, window.popleft().index)
+                gone = window.popleft()
+                self.window_bytes -= len(gone.payload) + ENTRY_OVERHEAD
+                state.evicted = max(state.evicted, gone.index)
             self.store.submit(Evict(state.tid, 1))
-        decided = self.store.decided_seq
+        if len(window) > self.window_size and not self._trim(state):
+            self._untrimmed.add(state)  # trimmed again when its writes are decided
+        if self.window_bytes > self.max_cache_bytes:
+            self._spill_bytes()
+
+    def _trim(self, state: TopicState) -> bool:
+        """Spill the window's oldest beyond the window size; False if some must wait
+        (spill only what is on disk already)."""
+        window = state.window
         while len(window) > self.window_size:
             oldest = window[0]
-            if oldest.record is not None and oldest.record.seq > decided:
-                break  # spill only what is on disk already
+            if oldest.record is not None and not oldest.record.done:
+                return False
             window.popleft()
+            self.window_bytes -= len(oldest.payload) + ENTRY_OVERHEAD
             state.spilled_max = oldest.index
+        return True
+
+    def _trim_decided(self) -> None:
+        """After a batch: the windows that grew past the window size while their
+        entries were not written yet (a burst) shrink now, not at their next send."""
+        untrimmed = self._untrimmed
+        for state in list(untrimmed):
+            if self._trim(state):
+                untrimmed.discard(state)
+
+    # -- the byte budget of the windows (max_cache_bytes) ---------------------------
+
+    @staticmethod
+    def _head_age(state: TopicState) -> int:
+        """How old the window's oldest entry is, comparable across topics: its record's
+        sequence number (the order of the sends), or, for entries loaded at startup
+        (older than any send since), minus the window's length, so that the longest
+        loaded windows are trimmed first."""
+        record = state.window[0].record
+        return record.seq if record is not None else -len(state.window)
+
+    def _rebuild_heads(self) -> None:
+        self._heads = [(self._head_age(s), s.tid) for s in self.topics.values() if s.window]
+        heapq.heapify(self._heads)
+
+    def _spill_bytes(self) -> None:
+        """Move the oldest window entries across all topics out of RAM until the windows
+        fit ``max_cache_bytes``. Only entries already written may go (they stay in the
+        cache, on disk, and replay from there): if the oldest is not written yet, the
+        windows stay over until its batch is decided (``on_result`` calls this again)."""
+        heads = self._heads
+        if len(heads) > 2 * len(self.topics) + 64:
+            self._rebuild_heads()  # stale entries of windows that emptied and refilled
+            heads = self._heads
+        while self.window_bytes > self.max_cache_bytes and heads:
+            age, tid = heapq.heappop(heads)
+            state = self._by_tid[tid]
+            window = state.window
+            if not window:
+                continue  # pushed again when the window refills
+            actual = self._head_age(state)
+            if actual != age:
+                heapq.heappush(heads, (actual, tid))  # stale: the head has changed
+                continue
+            oldest = window[0]
+            if oldest.record is not None and not oldest.record.done:
+                # Decided in sequence order: nothing younger is written either.
+                heapq.heappush(heads, (age, tid))
+                return
+            window.popleft()
+            self.window_bytes -= len(oldest.payload) + ENTRY_OVERHEAD
+            state.spilled_max = oldest.index
+            if window:
+                heapq.heappush(heads, (self._head_age(state), tid))
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
         """Outbox items for a subscribe: a replay from disk if needed, then the window."""
@@ -144,7 +226,7 @@ class DurableHistory:
         items: list[Item] = []
         window = state.window
         if last_seen < state.spilled_max and state.count > len(window):
-            read = Read(state.tid, last_seen, state.spilled_max, READ_CHUNK_ROWS)
+            read = Read(state.tid, last_seen, state.spilled_max, FIRST_READ_ROWS)
             self.store.submit(read)
             state.disk_replays += 1
             items.append(DiskReplay(self, read))
@@ -166,7 +248,10 @@ class DurableHistory:
             else:
                 items.append(entry.payload)
         if taken:
-            state.window = deque(e for e in window if not (e.one and e.index > last_seen))
+            kept = deque(e for e in window if not (e.one and e.index > last_seen))
+            self.window_bytes -= sum(len(e.payload) + ENTRY_OVERHEAD for e in window
+                                     if e.one and e.index > last_seen)
+            state.window = kept
             state.count -= taken
         return items
 
@@ -187,6 +272,11 @@ class DurableHistory:
             if state is not None and high > state.evicted:
                 state.evicted = high
         if not result.failed:
+            # entries written by this batch may leave RAM now
+            if self._untrimmed:
+                self._trim_decided()
+            if self.window_bytes > self.max_cache_bytes:
+                self._spill_bytes()
             return []
         # A transaction rolled back. Failed messages leave the window; evictions,
         # takes, new topics and index bumps are retried with the next batch. An eviction
@@ -212,41 +302,60 @@ class DurableHistory:
             state = self._by_tid[tid]
             kept = deque(e for e in state.window if id(e.record) not in ids)
             removed = len(state.window) - len(kept)
+            self.window_bytes -= sum(len(e.payload) + ENTRY_OVERHEAD for e in state.window
+                                     if id(e.record) in ids)
             state.window = kept
             state.count -= removed
             # the rest were evicted by memory already: that eviction is not redone on disk
             evicts[tid] = evicts.get(tid, 0) - (len(ids) - removed)
         carry.extend(Evict(tid, count) for tid, count in evicts.items() if count > 0)
+        if self._untrimmed:
+            self._trim_decided()
+        if self.window_bytes > self.max_cache_bytes:
+            self._spill_bytes()
         return carry
 
     async def replay_from_disk(self, read: Read, send: SendBatch) -> None:
         """Stream older-than-memory history to one subscriber, chunk by chunk.
 
-        ``send`` (the transport) paces the reads. "one" messages met on the way are
-        taken: skipped if another replay took them first, else removed from the cache.
-        Raises ``sqlite3.Error``/``OSError`` when the history cannot be read.
+        ``send`` (the transport) paces the reads: one chunk (bounded in bytes, see
+        ``_replay``) is read, written, and dropped before the next is read, so a
+        subscriber that does not read holds one chunk, whatever the history's size.
+        "one" messages met on the way are taken: skipped if another replay took them
+        first, else removed from the cache. Raises ``sqlite3.Error``/``OSError`` when
+        the history cannot be read.
         """
         state = self._by_tid[read.tid]
+        rows: list[Row] = []
+        out: list[bytes] = []
         try:
             await read.done.wait()
             if read.error is not None:
                 raise read.error
             conn = read.conn
             assert conn is not None
-            rows = read.rows
-            while True:
-                payloads, last_take = self._take_ones(state, rows)
+            rows, read.rows = read.rows, []  # the Read outlives the replay: keep nothing
+            more = bool(rows)  # the first read is FIRST_READ_ROWS rows
+            while rows:
+                last_take = self._take_ones(state, rows, out)
                 if last_take is not None:
                     # "one" messages go out once their removal is decided (see Take)
                     await last_take.wait()
-                if payloads:
-                    await send(payloads)
-                if len(rows) < READ_CHUNK_ROWS:
+                if out:
+                    await send(out)
+                    out.clear()
+                if not more:
                     return
-                rows = await trio.to_thread.run_sync(
-                    read_chunk, conn, read.tid, rows[-1][0], read.upto, READ_CHUNK_ROWS
+                after = rows[-1][0]
+                rows = []  # not held while the next chunk is read
+                rows, more = await trio.to_thread.run_sync(
+                    read_rows, conn, read.tid, after, read.upto
                 )
         finally:
+            # A write that failed leaves these in the traceback's frames (this one's, and
+            # the transport's through ``out``): hold no payloads there.
+            rows = []
+            out.clear()
             self.release(read)
 
     def release(self, read: Read) -> None:
@@ -264,8 +373,8 @@ class DurableHistory:
             # the next snapshot opens (the queue is in order)
             state.disk_taken.clear()
 
-    def _take_ones(self, state: TopicState, rows: list[Row]) -> tuple[list[bytes], Take | None]:
-        payloads = []
+    def _take_ones(self, state: TopicState, rows: list[Row], out: list[bytes]) -> Take | None:
+        """Append the chunk's payloads to ``out``; return the last "one" removal."""
         take = None
         for index, one, payload in rows:
             if one:
@@ -274,8 +383,8 @@ class DurableHistory:
                 state.disk_taken.add(index)
                 state.count -= 1
                 take = self.store.take(state.tid, index)
-            payloads.append(payload)
-        return payloads, take
+            out.append(payload)
+        return take
 
     # -- TopicHistory ------------------------------------------------------------
 
