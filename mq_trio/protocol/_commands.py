@@ -29,6 +29,11 @@ TOO_MANY_TOPICS = "Too many topics"
 INPUT_LIMIT = "Too much unfinished input"
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
+#: The integers a command may hold (``last_seen``): 64-bit signed. Any integer outside is
+#: refused as malformed, a literal of more than 19 digits before it is converted (Python's
+#: int-from-str is quadratic: a 1 MiB line of digits took 42 s). docs/protocol.md, extensions.
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 63) - 1
 
 Delivery = Literal["all", "one"]
 
@@ -126,6 +131,7 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
         epoch = obj.get("epoch")
         if (
             type(last_seen) is not int
+            or not INT_MIN <= last_seen <= INT_MAX
             or not _SUBSCRIBE_KEYS.issuperset(obj)
             or (type(epoch) is not str and "epoch" in obj)
         ):

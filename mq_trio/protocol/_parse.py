@@ -5,7 +5,6 @@ Every rule of the wire contract is tested by feeding bytes (the h11/wsproto appr
 
 from __future__ import annotations
 
-import decimal
 import json
 import re
 from collections.abc import Callable
@@ -23,21 +22,50 @@ from ._commands import (
     validate,
 )
 
+# --- the reference path, bounded ------------------------------------------------------
+#
+# Only a flat object (no nested array or object) of the command keys can be a command, and
+# a command holds no integer outside 64 bits and no duplicate key. The stdlib scanner,
+# which builds Python objects (20 to 90 ms for a 1 MiB line of many small values) and
+# converts integers in quadratic time (42 s for 1 MiB of digits), only ever sees such an
+# object with at most 28 members, checked first in C by msgspec (which neither converts a
+# long integer nor builds anything beyond the seven keys). Anything else is not a command:
+# it is only checked for being JSON, by msgspec without building anything, and answered
+# ``Malformed json message`` (valid) or ``Could not parse json`` (not). Every line costs a
+# few linear passes in C (bench/parse_worst.py).
 
-def _big_int(digits: str) -> int:
-    return int(decimal.Decimal(digits))
+_Scalar = str | int | bool | None
 
+
+class _Flat(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A flat object of the command keys with scalar values: what may be a command.
+
+    msgspec refuses an integer outside [-2**63, 2**64 - 1] without converting it.
+    """
+
+    command: _Scalar = None
+    topic: _Scalar = None
+    msg: _Scalar = None
+    delivery: _Scalar = None
+    cache: _Scalar = None
+    last_seen: _Scalar = None
+    epoch: _Scalar = None
+
+
+_decode_flat = msgspec.json.Decoder(_Flat).decode
+_validate_json = msgspec.json.Decoder(msgspec.Raw).decode
 
 _scan_once: Callable[[str, int], tuple[object, int]]
-_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_scan_once = json.JSONDecoder(  # type: ignore[attr-defined]
+    object_pairs_hook=lambda pairs: pairs
+).scan_once
 
 
-def _loads(text: str) -> object:
-    """``json.loads`` for text already stripped of whitespace, without its layers.
+def _loads_pairs(text: str) -> object:
+    """The stdlib C scanner on ``text`` (already stripped), objects as lists of pairs.
 
     json.loads -> decode -> raw_decode plus two whitespace regex matches were a visible
-    share of the publish profile; the C scanner they end in is called directly here and
-    raises the same errors (JSONDecodeError, ValueError, RecursionError).
+    share of the profile; the C scanner they end in is called directly here.
     """
     try:
         obj, end = _scan_once(text, 0)
@@ -46,6 +74,53 @@ def _loads(text: str) -> object:
     if end != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     return obj
+
+
+def _unsurrogate(data: bytes) -> bytes:
+    """``data`` with every escaped surrogate made another escape of the same validity.
+
+    Python's json reads escaped lone surrogates, msgspec does not; for msgspec's checks
+    only, ``\\uD800`` becomes ``\\u0800`` (an escaped backslash before "uD800" stays that).
+    """
+    return data.replace(b"\\ud", b"\\u0").replace(b"\\uD", b"\\u0")
+
+
+def _is_json(data: bytes) -> bool:
+    """Whether ``data`` is one JSON value as Python's json reads it, checked by msgspec.
+
+    What only Python's json reads (NaN, Infinity, -Infinity, escaped lone surrogates) is
+    replaced by what msgspec reads and is valid exactly where they are: " 0 " for a literal
+    (inside a string it stays a string; next to a number or name it stays invalid), another
+    escape for a surrogate. Nesting deeper than msgspec follows (Python's recursion limit,
+    about 1000 levels less the caller's stack) counts as invalid.
+    """
+    try:
+        _validate_json(data)
+    except RecursionError:
+        return False
+    except msgspec.DecodeError:
+        if b"NaN" in data:
+            data = data.replace(b"NaN", b" 0 ")
+        if b"Infinity" in data:
+            data = data.replace(b"-Infinity", b" 0 ").replace(b"Infinity", b" 0 ")
+        if b"\\u" in data:
+            data = _unsurrogate(data)
+        try:
+            _validate_json(data)
+        except (msgspec.DecodeError, RecursionError):
+            return False
+    return True
+
+
+def _is_flat(data: bytes) -> bool:
+    """Whether ``data`` is an object of the command keys with scalar values (msgspec)."""
+    if data[:1] != b"{":
+        return False
+    try:
+        _decode_flat(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
 
 
 def parse_text_stdlib(text: str) -> LineEvent:
@@ -58,23 +133,29 @@ def parse_text_stdlib(text: str) -> LineEvent:
         return None
     if text == "quit":
         return QUIT
+    # "replace": only a str given to parse_text_stdlib can hold lone surrogate characters,
+    # which no UTF-8 encodes; "?" instead is as valid as they are, in a string or not.
+    data = text.encode("utf-8", "replace")
+    if not _is_flat(data) and not (
+        b"\\u" in data and _is_flat(_unsurrogate(data))
+    ):
+        return _MALFORMED if _is_json(data) else _PARSE_ERROR
+    # Every member's key opens with a quote that no backslash precedes, and so does at most
+    # every member's string value: more than 28 such quotes, more than 7 members of at most
+    # 7 names: a duplicate key, refused without building the pairs.
+    quotes = data.count(b'"')
+    if quotes > 28 and quotes - data.count(b'\\"') > 28:
+        return _MALFORMED
     try:
-        obj = _loads(text)
-    except json.JSONDecodeError:
+        pairs = _loads_pairs(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return _PARSE_ERROR
-    except ValueError:
-        # An integer of thousands of digits is valid JSON, but int() refuses to convert
-        # it (Python's int_max_str_digits); Decimal has no such limit.
-        try:
-            obj = json.loads(text, parse_int=_big_int)
-        except RecursionError:
-            return _MALFORMED if is_valid_json(text) else _PARSE_ERROR
-        except ValueError:
-            return _PARSE_ERROR
-    except RecursionError:
-        # The C decoder gives up on very deep nesting; the text may still be valid JSON
-        # (then it is not a command) or not (then it is a parse error).
-        return _MALFORMED if is_valid_json(text) else _PARSE_ERROR
+    assert type(pairs) is list
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # Duplicate keys: the command would route by the last, and a client reading the
+        # delivered bytes may take the first; refused (docs/protocol.md, extensions).
+        return _MALFORMED
     return validate(obj, text)
 
 
@@ -126,6 +207,23 @@ _decode_command = msgspec.json.Decoder(_SendSchema | _Subscribe | _Unsubscribe).
 # What may surround an object msgspec accepted: JSON whitespace only (str.strip in the
 # stdlib path strips more, but msgspec rejects anything else, which then goes that way).
 _JSON_WS = b" \t\n\r"
+# The shortest send (four members, empty topic and msg) plus the shortest member:
+# ',"msg":""'. Every character of a decoded string takes at least a byte of the line.
+_ROOM_FOR_A_MEMBER = len(b'{"command":"send","topic":"","msg":"","delivery":"all"}') + len(
+    b',"msg":""'
+)
+
+
+def _duplicate(line: bytes) -> bool:
+    """Whether a line msgspec decoded as a ``_SendSchema`` has a duplicate key.
+
+    Its members are send keys, with string values but for "cache": 4 quotes each, 2 for
+    "cache". So at most 18 quotes that are not escaped (escaped: \\", counted exactly when
+    no \\\\ precedes a quote) means no duplicate: 16 or 18. When unsure, True: the
+    stdlib path decides.
+    """
+    quotes = line.count(b'"')
+    return quotes > 18 and (b"\\\\" in line or quotes - line.count(b'\\"') > 18)
 
 
 def parse_line(line: bytes) -> LineEvent:
@@ -141,7 +239,15 @@ def parse_line(line: bytes) -> LineEvent:
     except Exception:
         return parse_line_stdlib(line)
     if type(s) is _SendSchema:
-        return Send(s.topic, s.msg, s.delivery, s.cache, line.strip(_JSON_WS))
+        # msgspec keeps the last of duplicate keys while the delivered bytes (raw) keep
+        # them all: a duplicate is refused (the stdlib path tells). A line too short to
+        # hold one member more than the four required has none (json.dumps' own spacing
+        # fits: 7 bytes); this costs 0.05 us where counting quotes costs 0.15 us.
+        topic = s.topic
+        msg = s.msg
+        if len(line) - len(topic) - len(msg) >= _ROOM_FOR_A_MEMBER and _duplicate(line):
+            return parse_line_stdlib(line)
+        return Send(topic, msg, s.delivery, s.cache, line.strip(_JSON_WS))
     return parse_line_stdlib(line)
 
 
