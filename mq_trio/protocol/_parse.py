@@ -232,7 +232,8 @@ def parse_line(line: bytes) -> LineEvent:
     A well-formed ``send`` is decoded and validated by msgspec in one C call (about 4x
     faster than the stdlib path). msgspec only accepts what the stdlib path turns into
     the identical Send (tests/test_protocol_fastpath.py checks this differentially);
-    anything it rejects, for whatever reason, takes the stdlib path for its exact answer.
+    anything it rejects, for whatever reason, takes the stdlib path for its exact answer,
+    and so does a send that may hold a duplicate key (refused there).
     """
     try:
         s = _decode_command(line)
@@ -251,7 +252,8 @@ def parse_line(line: bytes) -> LineEvent:
     return parse_line_stdlib(line)
 
 
-# A non-recursive JSON well-formedness check, only for input too deep for json.loads.
+# A non-recursive JSON well-formedness check (public; the parser no longer uses it: it reads
+# a token per Python loop, 0.6 s for a deep 1 MiB line, where msgspec takes about 1 ms).
 _TOKEN = re.compile(
     r"""[ \t\n\r]*(?:
         (?P<open>[\[{]) | (?P<close>[\]}]) | (?P<comma>,) | (?P<colon>:) |
