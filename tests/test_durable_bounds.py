@@ -235,3 +235,16 @@ def test_a_burst_over_the_window_size_shrinks_once_written(tmp_path: Path) -> No
         h.on_result(list[Op](batch), BatchResult())
         assert [m.index for m in h.cached("t")] == window
     assert h.topics["t"].spilled_max == 6 and h.topics["t"].count == 10
+
+
+def test_windows_that_empty_and_refill_do_not_grow_the_heap(tmp_path: Path) -> None:
+    """A topic whose window empties (its "one" messages taken) and refills, far under the
+    budget, keeps no growing list of stale entries."""
+    store = Store(SqliteBackend(tmp_path, "never", 100, 100))
+    h = DurableHistory(store, 100, 100)
+    for _ in range(1000):
+        h.record("t", Send("t", "x", "one"), True, True)
+        h.replay("t", -1)  # takes it: the window is empty again
+        assert h.cached("t") == []
+    assert len(h._heads) <= 2 * len(h.topics) + 64
+    assert h.window_bytes == 0

@@ -129,7 +129,10 @@ class DurableHistory:
         window = state.window
         window.append(entry)
         if len(window) == 1:
-            heapq.heappush(self._heads, (self._head_age(state), state.tid))
+            heads = self._heads
+            heapq.heappush(heads, (self._head_age(state), state.tid))
+            if len(heads) > 2 * len(self.topics) + 64:
+                self._rebuild_heads()  # stale entries of windows that emptied and refilled
         self.window_bytes += len(entry.payload) + ENTRY_OVERHEAD
         state.count += 1
         while state.count > self.cache_size:
@@ -188,9 +191,6 @@ class DurableHistory:
         cache, on disk, and replay from there): if the oldest is not written yet, the
         windows stay over until its batch is decided (``on_result`` calls this again)."""
         heads = self._heads
-        if len(heads) > 2 * len(self.topics) + 64:
-            self._rebuild_heads()  # stale entries of windows that emptied and refilled
-            heads = self._heads
         while self.window_bytes > self.max_cache_bytes and heads:
             age, tid = heapq.heappop(heads)
             state = self._by_tid[tid]

@@ -46,14 +46,19 @@ def read_rows(
         "ORDER BY idx LIMIT ?",
         (tid, after, upto, max_rows),
     )
-    rows: list[Row] = []
+    fetched: list[tuple[int, int, bytes]] = []
+    append = fetched.append
     size = 0
+    more = False
     try:
-        for idx, one, payload in cursor:
-            rows.append((idx, bool(one), bytes(payload)))
-            size += len(payload)
+        for row in cursor:  # one row at a time: nothing past the budget is read
+            append(row)
+            size += len(row[2])
             if size >= max_bytes:
-                return rows, True
+                more = True
+                break
+        else:
+            more = len(fetched) == max_rows
     finally:
         cursor.close()
-    return rows, len(rows) == max_rows
+    return [(idx, bool(one), payload) for idx, one, payload in fetched], more
