@@ -157,7 +157,7 @@ def clean_send_pairs(rng: random.Random) -> list[tuple[str, Any]]:
         pairs.append(("cache", rng.choice([True, False])))
     rng.shuffle(pairs)
     if rng.random() < 0.2:
-        # an earlier occurrence of a key with another valid value (the last one wins)
+        # an earlier occurrence of a key with another valid value (refused: duplicate key)
         key, _ = rng.choice(pairs)
         other = {"command": "send", "topic": rand_string(rng), "msg": rand_string(rng),
                  "delivery": rng.choice(["all", "one"]), "cache": rng.choice([True, False])}
@@ -316,7 +316,7 @@ def test_the_canonical_send_takes_the_fast_path() -> None:
 KNOWN: list[bytes] = [
     # a missing "command" is malformed: the fast path must not default it
     b'{"topic": "t", "msg": "m", "delivery": "all"}',
-    # duplicate keys: the last one wins, in both paths
+    # duplicate keys: refused as malformed, in both paths (docs/protocol.md, extensions)
     b'{"command": "send", "topic": "a", "topic": "b", "msg": "m", "delivery": "all"}',
     b'{"command": "send", "topic": "t", "msg": "m", "delivery": "all", "command": "subscribe"}',
     b'{"command": "subscribe", "topic": "t", "msg": "m", "delivery": "all", "command": "send"}',
