@@ -25,7 +25,7 @@ from mq_trio.broker import Broker, MemoryHistory, Subscriber, TooManyTopics
 from mq_trio.broker._history import Recorded
 from mq_trio.protocol import LineConnection, Send, Subscribe, parse_line
 from mq_trio.server import Config, Server, serve
-from mq_trio.server._connection import Connection
+from mq_trio.server._connection import Connection, LogThrottle
 from mq_trio.transports import _websocket as websocket
 from mq_trio.transports._input import InputGuard
 from mq_trio.transports._tcp import TCPTransport
@@ -506,3 +506,35 @@ async def test_websocket_partial_messages_count_toward_the_input_budget(
     await tcp.aclose()
     await wait_open(server, 0)
     assert guard_is_empty(server)
+
+
+def test_log_throttle_lets_one_line_through_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("mq_trio.server._connection.time.monotonic", lambda: now[0])
+    throttle = LogThrottle(interval=10.0)
+    assert throttle.allow() == 0
+    assert throttle.allow() is None
+    assert throttle.allow() is None
+    now[0] += 10.0
+    assert throttle.allow() == 2  # the two left out are counted on the next line
+    assert throttle.allow() is None
+
+
+async def test_a_flood_of_refused_lines_logs_one_line(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(nursery, max_line_bytes=100, max_pending_bytes=1000)
+    caplog.set_level(logging.INFO, logger="mq_trio.connection")
+    for _ in range(5):
+        client = await LineClient.connect(server.port)
+        await client.send_raw(b"x" * 200)
+        with trio.fail_after(10):
+            assert await client.read_to_eof() == (
+                b'{"success": false, "reason": "Line too long"}\r\n'
+            )
+        await client.aclose()
+    closing = [r for r in caplog.records if r.getMessage().startswith("closing ")]
+    assert len(closing) == 1
+    assert "Line too long" in closing[0].getMessage()

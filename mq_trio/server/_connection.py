@@ -16,6 +16,7 @@ module holds everything else. The shape, from the design card:
 from __future__ import annotations
 
 import logging
+import time
 
 import attrs
 import trio
@@ -38,6 +39,26 @@ _RELEASE_STEP = 2000
 WRITER = "mq_trio.connection.writer"
 
 
+@attrs.define(eq=False)
+class LogThrottle:
+    """At most one log line per ``interval`` for an event a flood of clients can cause
+    (connections closed for their input), with a count of the lines left out."""
+
+    interval: float = 10.0
+    _next: float = float("-inf")
+    _unlogged: int = 0
+
+    def allow(self) -> int | None:
+        """None: do not log now; else how many were left out since the last line."""
+        now = time.monotonic()
+        if now < self._next:
+            self._unlogged += 1
+            return None
+        more, self._unlogged = self._unlogged, 0
+        self._next = now + self.interval
+        return more
+
+
 @attrs.frozen
 class Limits:
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
@@ -46,6 +67,8 @@ class Limits:
     flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
     #: Seconds a line may stay unfinished after its first byte; 0: no limit.
     line_timeout: float = 0.0
+    #: Shared by the server's connections (one Limits per server).
+    closing_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
 
 
 @attrs.define(eq=False)
@@ -132,7 +155,11 @@ class Connection:
                         closing = transport.closing_reply()
                         if closing is not None:
                             outbox.push(closing)
-                            log.info("closing %s: %s", self.peer, closing.decode())
+                            more = self.limits.closing_log.allow()
+                            if more is not None:
+                                log.info("closing %s: %s%s", self.peer, closing.decode(),
+                                         f" ({more} more since the last such line)"
+                                         if more else "")
                             break
                         del lines  # not kept alive while waiting for more
                 finally:
