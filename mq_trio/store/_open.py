@@ -38,9 +38,15 @@ async def open_durable(
     max_cache_bytes: int = 1 << 30,
     accept_data_loss: bool = False,
 ) -> AsyncIterator[Durable]:
-    """Open (or create) the data directory, recover, run the flusher, close cleanly."""
+    """Open (or create) the data directory, recover, run the flusher, close cleanly.
+
+    Raises :class:`StoreError` when the directory cannot be used, and its subclass
+    :class:`DataLossError` when committed data is gone (a database file missing,
+    replaced or corrupt, a write-ahead log damaged in the middle) unless
+    ``accept_data_loss``: then it starts with what is left, in a new epoch.
+    """
     directory = Path(data_dir)
-    backend = SqliteBackend(directory, fsync, cache_size, memory_window)
+    backend = SqliteBackend(directory, fsync, cache_size, memory_window, accept_data_loss)
     started = time.perf_counter()
     try:
         loaded = await trio.to_thread.run_sync(backend.open)
@@ -49,6 +55,9 @@ async def open_durable(
         raise
     took = time.perf_counter() - started
     store = Store(backend, fsync)
+    if loaded.write_error is not None:
+        # Started on a full (or failing) disk: sends fail until a batch commits.
+        store.available = False
     history = DurableHistory(store, cache_size, memory_window,
                              max_cache_bytes=max_cache_bytes)
     history.load(loaded)

@@ -19,6 +19,12 @@ DEFAULT_FSYNC: FsyncPolicy = "everysec"
 DEFAULT_MEMORY_WINDOW = 1000
 DB_NAME = "mq-trio.sqlite3"
 LOCK_NAME = "mq-trio.lock"
+#: The data directory's identity, written (and fsynced) when its database is created;
+#: the same id is in the database's ``meta`` table. A marker without its database (or
+#: with another one) means committed data is gone.
+ID_NAME = "mq-trio.id"
+#: The flag that lets a server start after committed data was lost (in a new epoch).
+ACCEPT_FLAG = "--accept-data-loss"
 #: Rows per read when streaming old history to a subscriber.
 READ_CHUNK_ROWS = 1000
 #: everysec: the longest a committed write waits for its fsync.
@@ -27,7 +33,13 @@ SYNC_INTERVAL = 1.0
 RETRY_INTERVAL = 1.0
 
 class StoreError(Exception):
-    """The data directory cannot be used at all (locked by another server, not a dir)."""
+    """The data directory cannot be used at all (locked by another server, not a dir),
+    or committed data is gone and the loss was not accepted (:class:`DataLossError`)."""
+
+
+class DataLossError(StoreError):
+    """Committed (acknowledged) data is gone; the server starts only with
+    ``--accept-data-loss`` (``open_durable(..., accept_data_loss=True)``)."""
 
 
 def find_store_error(exc: BaseException) -> StoreError | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -13,10 +14,13 @@ import attrs
 
 from ..broker import new_epoch
 from ._ops import (
+    ACCEPT_FLAG,
     DB_NAME,
+    ID_NAME,
     LOCK_NAME,
     BatchResult,
     Bump,
+    DataLossError,
     Evict,
     FsyncPolicy,
     Mark,
@@ -71,6 +75,9 @@ class Loaded:
     topics: list[LoadedTopic]
     messages: int
     notes: list[str]
+    #: The startup write failed (disk full, I/O error): the store starts unavailable
+    #: and its first successful batch writes what startup could not.
+    write_error: Exception | None = None
 
 
 def _topic_name(blob: bytes) -> str:
@@ -101,15 +108,29 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
 class SqliteBackend:
     """All SQL. Every method runs in a worker thread, never two at once."""
 
-    def __init__(self, directory: Path, fsync: FsyncPolicy, cache_size: int, window: int):
+    def __init__(
+        self,
+        directory: Path,
+        fsync: FsyncPolicy,
+        cache_size: int,
+        window: int,
+        accept_data_loss: bool = False,
+    ):
         self.directory = directory
         self.path = directory / DB_NAME
         self.fsync = fsync
         self.cache_size = cache_size
         self.window = window
+        self.accept_data_loss = accept_data_loss
         self._conn: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
         self._broken = False
+        #: Committed data found missing (and accepted): start a new epoch.
+        self._lost: list[str] = []
+        #: The identity the directory's marker file holds (None: no marker).
+        self._marker: str | None = None
+        #: meta rows startup could not write (full disk): go with the first batch.
+        self._pending_meta: list[tuple[str, str]] = []
 
     # -- opening ---------------------------------------------------------------
 
@@ -123,8 +144,20 @@ class SqliteBackend:
 
     def _open(self) -> Loaded:
         notes: list[str] = []
-        wal = scan_wal(Path(f"{self.path}-wal"))
-        if wal.torn:
+        self._marker = self._read_marker()
+        wal_path = Path(f"{self.path}-wal")
+        wal = scan_wal(wal_path)
+        if self._marker is not None and not self.path.exists():
+            self._data_lost(f"its database file {DB_NAME} is missing")
+            self._move_aside("missing")  # a stale log must not be replayed into a new file
+        if wal.lost_commits:
+            self._data_lost(
+                f"the write-ahead log {wal_path.name} is damaged in the middle: at least "
+                f"{wal.lost_commits} committed transaction(s) after the damage cannot be "
+                "recovered"
+            )
+            self._keep_damaged_log(wal_path)
+        elif wal.torn:
             log.warning(
                 "torn or corrupt tail in the write-ahead log: %d bytes after the last "
                 "complete transaction are skipped",
@@ -137,7 +170,10 @@ class SqliteBackend:
             if not _is_corruption(exc):
                 raise
             self.close_quietly()
-            aside = self._move_aside()
+            if self._marker is not None:
+                # This directory held our data: a corrupt database is lost data.
+                self._data_lost(f"its database file {DB_NAME} is corrupt ({exc})")
+            aside = self._move_aside("corrupt")
             log.error(
                 "the database in %s is corrupt (%s); moved it to %s and started with an "
                 "empty history (new epoch)", self.directory, exc, aside
@@ -145,20 +181,78 @@ class SqliteBackend:
             notes.append(f"corrupt database moved to {aside.name}")
             return self._load(notes)
 
-    def _lock(self) -> None:
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"data directory {self.directory} is in use by another server"
-            ) from None
-        self._lock_fd = fd
+    def _data_lost(self, what: str) -> None:
+        """Committed data is gone: refuse to start, unless the loss is accepted."""
+        if not self.accept_data_loss:
+            raise DataLossError(
+                f"data directory {self.directory} has lost committed data: {what}; "
+                f"refusing to start (start with {ACCEPT_FLAG} to continue without it, "
+                "in a new epoch)"
+            )
+        log.error("data directory %s has lost committed data: %s; continuing in a new "
+                  "epoch (%s)", self.directory, what, ACCEPT_FLAG)
+        self._lost.append(what)
 
-    def _move_aside(self) -> Path:
+    def _keep_damaged_log(self, wal: Path) -> None:
+        """A copy of a damaged log for whoever wants to salvage it (best effort: the
+        disk may be full)."""
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}")
+        copy = wal.with_name(f"{wal.name}.damaged-{stamp}")
+        try:
+            shutil.copyfile(wal, copy)
+        except OSError as exc:
+            log.error("could not keep a copy of the damaged log: %s", exc)
+            copy.unlink(missing_ok=True)
+        else:
+            log.warning("kept a copy of the damaged log as %s", copy)
+
+    def _read_marker(self) -> str | None:
+        try:
+            text = (self.directory / ID_NAME).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def _write_marker(self, identity: str) -> None:
+        """Write the identity file atomically and durably (file and directory fsynced)."""
+        tmp = self.directory / f"{ID_NAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, f"{identity}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.directory / ID_NAME)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._marker = identity
+
+    def _lock(self) -> None:
+        """Lock the directory itself (its own inode: deleting a file cannot undo that),
+        and ``mq-trio.lock`` as well, which older versions lock."""
+        for path, flags in ((self.directory, os.O_RDONLY | os.O_DIRECTORY),
+                            (self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT)):
+            fd = os.open(path, flags, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._unlock()
+                raise StoreError(
+                    f"data directory {self.directory} is in use by another server"
+                ) from None
+            self._lock_fds.append(fd)
+
+    def _unlock(self) -> None:
+        while self._lock_fds:
+            os.close(self._lock_fds.pop())
+
+    def _move_aside(self, why: str) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{DB_NAME}.{why}-{stamp}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(f"{self.path}{suffix}")
             if src.exists():
@@ -173,11 +267,24 @@ class SqliteBackend:
 
     def _load(self, notes: list[str]) -> Loaded:
         conn = self._conn = self._connect()
+        meta: dict[str, str] = {}
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        identity = meta.get("identity")
+        if self._marker is not None and identity != self._marker and not self._lost:
+            # Checked before anything is written to a database that is not ours.
+            self._data_lost(
+                f"its database file {DB_NAME} was replaced (it is not the database "
+                f"{ID_NAME} names)"
+            )
         conn.executescript(_SCHEMA)
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         epoch = meta.get("epoch")
         boot = _boot_id()
-        if epoch is None:
+        if self._lost:
+            epoch = new_epoch()
+            identity = None
+            notes.append("committed data lost (accepted): new epoch")
+        elif epoch is None:
             epoch = new_epoch()
             notes.append("new data directory")
         elif meta.get("clean") == "0":
@@ -192,6 +299,7 @@ class SqliteBackend:
                 )
         topics: list[LoadedTopic] = []
         total = 0
+        evicted_at_start = False
         conn.execute("BEGIN IMMEDIATE")
         rows = conn.execute("SELECT tid, name, next_index, evicted FROM topics").fetchall()
         for tid, name, next_index, evicted in rows:
@@ -201,6 +309,7 @@ class SqliteBackend:
             if count > self.cache_size:
                 # --cache-size shrank since the last run: apply the cache rule now.
                 high = self._evict(tid, count - self.cache_size)
+                evicted_at_start = True
                 evicted = max(evicted, high)
                 count = self.cache_size
             window = conn.execute(
@@ -228,13 +337,40 @@ class SqliteBackend:
                 )
             )
             total += count
-        conn.executemany(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            [("epoch", epoch), ("clean", "0"), ("boot_id", boot), ("fsync", self.fsync)],
-        )
-        conn.execute("COMMIT")
-        self._sync_commit()
-        return Loaded(epoch, topics, total, notes)
+        fresh = identity is None
+        if identity is None:
+            identity = new_epoch()
+        rows = [("epoch", epoch), ("clean", "0"), ("boot_id", boot), ("fsync", self.fsync),
+                ("identity", identity)]
+        write_error: Exception | None = None
+        try:
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", rows)
+            conn.execute("COMMIT")
+            self._sync_commit()
+        except (sqlite3.Error, OSError) as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if fresh or evicted_at_start or epoch != meta.get("epoch"):
+                raise  # a new identity or epoch, or evictions memory relies on: needed
+            # A full disk (or a failing one): serve what is there, sends fail until the
+            # store can write again; the first batch that commits writes these rows.
+            # Nothing of this run is on disk before then, so the clean flag left by
+            # the previous run is still true.
+            write_error = exc
+            self._broken = True
+            self._pending_meta = rows
+            log.error("cannot write to the store at startup (%s): starting anyway, "
+                      "sends fail until it can", exc)
+            notes.append(f"store not writable at startup ({exc})")
+        if self._lost:
+            # Copy the log into the database and empty it: frames left behind the
+            # damage must not be mistaken for another loss at the next start.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._marker != identity:
+            # After the database's identity is durable: a crash in between leaves a
+            # database without marker, which is only treated as an older directory.
+            self._write_marker(identity)
+        return Loaded(epoch, topics, total, notes, write_error)
 
     # -- writing ---------------------------------------------------------------
 
@@ -342,7 +478,13 @@ class SqliteBackend:
                         "UPDATE topics SET next_index = max(next_index, ?) WHERE tid = ?",
                         [(n, tid) for tid, n in bumps.items()],
                     )
+                if self._pending_meta:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        self._pending_meta,
+                    )
                 self._commit(conn, sync)
+                self._pending_meta = []
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -434,9 +576,7 @@ class SqliteBackend:
     def abandon(self) -> None:
         """Close without marking a clean stop (startup failed); release the directory."""
         self.close_quietly()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._unlock()
 
 
 def read_chunk(conn: sqlite3.Connection, tid: int, after: int, upto: int, limit: int) -> list[Row]:
