@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import attrs
 
@@ -41,9 +42,10 @@ class MemoryHistory:
     The bytes counted are those of each entry's data (``len``): the command as received
     until first replayed, the delivery after (``replay`` adds the difference, and evicts
     too if that goes beyond the bound; the oldest may be what it just sent). The global
-    order is two deques, (topic log, index) per cached message in the order recorded; an
+    order is a deque, (topic log, index) per cached message in the order recorded; an
     element whose message already left (cache-size rule, a replayed "one") is skipped
-    when met, and the deques are compacted when more than half of them is such.
+    when met, and the deques are compacted when they are twice as long as after the last compaction
+    (an element dropped by the cache-size rule is usually the first: dropped at once).
     """
 
     cache_size: int = DEFAULT_CACHE_SIZE
@@ -52,12 +54,13 @@ class MemoryHistory:
     epoch: str = attrs.field(factory=new_epoch, kw_only=True)
     #: Bytes of cached messages across all topics; beyond it the oldest are evicted.
     max_cache_bytes: int = attrs.field(default=DEFAULT_MAX_CACHE_BYTES, kw_only=True)
-    #: Bytes and number of the cached messages now (all topics).
+    #: Bytes of the cached messages now (all topics).
     cached_bytes: int = attrs.field(default=0, init=False)
-    cached_count: int = attrs.field(default=0, init=False)
-    #: The order the cached messages were recorded in: their logs and indexes.
-    _order_logs: deque[TopicLog] = attrs.field(factory=deque, init=False)
-    _order_indexes: deque[int] = attrs.field(factory=deque, init=False)
+    #: The order the cached messages were recorded in: each one's log, then its index
+    #: (one deque, two appends: cheaper than a tuple, or two deques).
+    _order: deque[Any] = attrs.field(factory=deque, init=False)
+    #: Compact the order when it is longer (doubles with what compaction keeps).
+    _compact_at: int = attrs.field(default=2048, init=False)
 
     def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         try:
@@ -68,38 +71,49 @@ class MemoryHistory:
         log.next_index = index + 1
         if cached:
             cache = log.cache
+            size = self.cached_bytes
+            order = self._order
             if len(cache) == self.cache_size:
                 if not cache:  # cache size 0: nothing is kept
                     log.evicted = index
                     return index
                 oldest = cache[0]  # the deque drops it on append
-                log.evicted = oldest[0]
-                self.cached_bytes -= len(oldest[2])
-                self.cached_count -= 1
-                if len(self._order_logs) > 2 * self.cached_count + 1024:
+                dropped = log.evicted = oldest[0]
+                size -= len(oldest[2])
+                # Its element in the order is now stale; usually the first (one busy
+                # topic): dropped at once, else by compaction.
+                if order[0] is log and order[1] == dropped:
+                    order.popleft()
+                    order.popleft()
+                elif len(order) > self._compact_at:
                     self._compact()
+                    order = self._order
             raw = send.raw
             if raw:
                 cache.append((index, one, raw, False))
             else:  # built in code, not received: encode now (no raw to splice later)
                 raw = encode_delivery(send, index)
                 cache.append((index, one, raw, True))
-            self._order_logs.append(log)
-            self._order_indexes.append(index)
-            self.cached_count += 1
-            size = self.cached_bytes = self.cached_bytes + len(raw)
+            order.append(log)
+            order.append(index)
+            size += len(raw)
+            self.cached_bytes = size
             if size > self.max_cache_bytes:
                 self._evict_oldest()
         return index
 
+    @property
+    def cached_count(self) -> int:
+        """Cached messages now (all topics)."""
+        return sum(len(log.cache) for log in self._topics.values())
+
     def _evict_oldest(self) -> None:
         """Evict the oldest cached messages (all topics) until within ``max_cache_bytes``."""
-        logs = self._order_logs
-        indexes = self._order_indexes
+        order = self._order
         limit = self.max_cache_bytes
         while self.cached_bytes > limit:
-            log = logs.popleft()
-            index = indexes.popleft()
+            log: TopicLog = order.popleft()
+            index: int = order.popleft()
             cache = log.cache
             # Every message of the log older than ``index`` has left already (its own
             # element came first), so this one is at the head, or gone.
@@ -107,22 +121,22 @@ class MemoryHistory:
                 entry = cache.popleft()
                 log.evicted = index
                 self.cached_bytes -= len(entry[2])
-                self.cached_count -= 1
 
     def _compact(self) -> None:
         """Drop the order's elements whose messages have left (O(elements), amortized)."""
         live: dict[int, set[int]] = {}
-        logs: deque[TopicLog] = deque()
-        indexes: deque[int] = deque()
-        for log, index in zip(self._order_logs, self._order_indexes, strict=True):
+        order: deque[Any] = deque()
+        old = iter(self._order)
+        for log in old:
+            index = next(old)
             kept = live.get(id(log))
             if kept is None:
                 kept = live[id(log)] = {entry[0] for entry in log.cache}
             if index in kept:
-                logs.append(log)
-                indexes.append(index)
-        self._order_logs = logs
-        self._order_indexes = indexes
+                order.append(log)
+                order.append(index)
+        self._order = order
+        self._compact_at = max(2048, 2 * len(order))
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
         log = self._topics.get(topic)
@@ -133,7 +147,7 @@ class MemoryHistory:
         # sent stays encoded, so later replays share the bytes; "one" messages leave.
         kept: deque[Entry] = deque(maxlen=self.cache_size)
         grown = 0  # bytes added by encoding, less those of the "one" messages that left
-        removed = 0
+        removed = False
         for entry in log.cache:
             index, one, data, encoded = entry
             if index > last_seen:
@@ -145,15 +159,13 @@ class MemoryHistory:
                 sent.append(data)
                 if one:
                     grown -= len(data)
-                    removed += 1
+                    removed = True
                     continue
             kept.append(entry)
         log.cache = kept
         self.cached_bytes += grown
-        if removed:
-            self.cached_count -= removed
-            if len(self._order_logs) > 2 * self.cached_count + 1024:
-                self._compact()
+        if removed and len(self._order) > self._compact_at:
+            self._compact()
         if self.cached_bytes > self.max_cache_bytes:  # encoding grew them: evict as usual
             self._evict_oldest()
         return sent
