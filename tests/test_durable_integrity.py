@@ -121,6 +121,9 @@ def test_damaged_log_middle_is_refused_then_accepted_in_a_new_epoch(
     assert "committed data lost (accepted): new epoch" in loaded.notes
     survivors = [i for i, _, _ in loaded.topics[0].window]
     assert survivors == list(range(len(survivors))) and 0 < len(survivors) < 300
+    # the lost transactions' intact pages still tell which indexes were handed out:
+    # new sends continue above all of them (here every one, 0..299)
+    assert loaded.topics[0].next_index == 300
     assert any(p.name.startswith(f"{DB_NAME}-wal.damaged-")
                for p in (tmp_path / "crash").iterdir())
     # accepted once: the next start is normal and keeps the new epoch
@@ -245,12 +248,14 @@ def limit_file_size(limit: int) -> None:  # pragma: no cover - runs in the child
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
 
-async def start_server(data_dir: Path, limit: int) -> tuple[trio.Process, int, list[str]]:
+async def start_server(
+    data_dir: Path, limit: int | None = None, *args: str
+) -> tuple[trio.Process, int, list[str]]:
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "mq_trio", "serve", "--port", "0", "--data-dir",
-         str(data_dir), "--fsync", "always", "--cache-size", "10000"],
+         str(data_dir), "--fsync", "always", "--cache-size", "10000", *args],
         stderr=subprocess.PIPE,
-        preexec_fn=lambda: limit_file_size(limit),
+        preexec_fn=None if limit is None else lambda: limit_file_size(limit),
     )
     assert process.stderr is not None
     lines: list[str] = []
@@ -308,3 +313,47 @@ async def test_starts_on_a_full_disk_and_recovers_when_space_comes_back(
             await process.wait()
     assert process.returncode == 0
     assert indexes(tmp_path / "full")[-3:] == [598, 599, 601]
+
+
+async def test_server_killed_log_damaged_refused_then_new_epoch_and_higher_indexes(
+    tmp_path: Path,
+) -> None:
+    """The issue's case end to end: acknowledged sends (--fsync always), SIGKILL,
+    garbage in the middle of the log; refused; accepted: a new epoch, and new sends
+    get indexes above every acknowledged one."""
+    process, port, _ = await start_server(tmp_path)
+    pub = await LineClient.connect(port)
+    sub = await LineClient.connect(port)
+    reply = await sub.request({"command": "subscribe", "topic": "t", "epoch": ""})
+    epoch = reply["epoch"]
+    message = {"command": "send", "topic": "t", "msg": "m", "delivery": "all"}
+    for _ in range(300):
+        assert await pub.request(message) == {"success": True}
+    process.kill()
+    with trio.fail_after(TEST_GUARD_SECONDS):
+        await process.wait()
+    damage_middle(tmp_path / f"{DB_NAME}-wal", insert=False)
+
+    result = await trio.run_process(
+        [sys.executable, "-m", "mq_trio", "serve", "--port", "0", "--data-dir",
+         str(tmp_path)], capture_stderr=True, check=False,
+    )
+    assert result.returncode == 1
+    last = result.stderr.decode().splitlines()[-1]
+    assert "lost committed data" in last and "damaged in the middle" in last
+    assert ACCEPT in last
+
+    process, port, lines = await start_server(tmp_path, None, ACCEPT)
+    try:
+        sub = await LineClient.connect(port)
+        reply = await sub.request(
+            {"command": "subscribe", "topic": "t", "last_seen": 299, "epoch": epoch}
+        )
+        assert reply["epoch"] != epoch and reply["recovered"] is False
+        pub = await LineClient.connect(port)
+        assert await pub.request(message) == {"success": True}
+        assert (await sub.receive())["index"] == 300
+    finally:
+        process.terminate()
+        with trio.fail_after(TEST_GUARD_SECONDS):
+            await process.wait()

@@ -131,6 +131,8 @@ class SqliteBackend:
         self._marker: str | None = None
         #: meta rows startup could not write (full disk): go with the first batch.
         self._pending_meta: list[tuple[str, str]] = []
+        #: tid -> (name, next index) read from intact frames of a damaged log's lost part.
+        self._salvaged: dict[int, tuple[bytes, int]] = {}
 
     # -- opening ---------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class SqliteBackend:
                 "recovered"
             )
             self._keep_damaged_log(wal_path)
+            self._salvaged = wal.lost_topics
         elif wal.torn:
             log.warning(
                 "torn or corrupt tail in the write-ahead log: %d bytes after the last "
@@ -301,6 +304,21 @@ class SqliteBackend:
         total = 0
         evicted_at_start = False
         conn.execute("BEGIN IMMEDIATE")
+        if self._lost and self._salvaged:
+            # Indexes the lost transactions handed out, as far as intact pages tell:
+            # new sends continue above them (topics created there come back, empty).
+            salvaged = [(tid, name, n) for tid, (name, n) in self._salvaged.items()]
+            conn.executemany(
+                "INSERT OR IGNORE INTO topics (tid, name, next_index) VALUES (?, ?, ?)",
+                salvaged,
+            )
+            conn.executemany(
+                "UPDATE topics SET next_index = max(next_index, ?) WHERE tid = ? AND name = ?",
+                [(n, tid, name) for tid, name, n in salvaged],
+            )
+            notes.append(
+                f"next indexes of {len(salvaged)} topic(s) read from the damaged log"
+            )
         rows = conn.execute("SELECT tid, name, next_index, evicted FROM topics").fetchall()
         for tid, name, next_index, evicted in rows:
             (count,) = conn.execute(

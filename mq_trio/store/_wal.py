@@ -22,6 +22,18 @@ class WalReport:
     #: reading (a damaged frame in the middle): acknowledged data SQLite will drop. At
     #: least this many: a transaction whose commit frame is itself damaged is not seen.
     lost_commits: int = 0
+    #: When commits are lost: ``tid -> (name, next_index)`` read from the lost frames
+    #: that are intact (checksum verified against the frame before them). A lower bound
+    #: of the indexes handed out; empty when nothing could be read.
+    lost_topics: dict[int, tuple[bytes, int]] = attrs.field(factory=dict)
+
+
+def _checksum(word: str, chunk: bytes, s0: int, s1: int) -> tuple[int, int]:
+    words = struct.unpack(f"{word}{len(chunk) // 4}I", chunk)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
 
 
 def scan_wal(path: Path) -> WalReport:
@@ -49,11 +61,7 @@ def scan_wal(path: Path) -> WalReport:
     word = ">" if magic & 1 else "<"
 
     def checksum(chunk: bytes, s0: int, s1: int) -> tuple[int, int]:
-        words = struct.unpack(f"{word}{len(chunk) // 4}I", chunk)
-        for i in range(0, len(words), 2):
-            s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
-            s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
-        return s0, s1
+        return _checksum(word, chunk, s0, s1)
 
     s0, s1 = checksum(data[:24], 0, 0)
     if (s0, s1) != (c1, c2):
@@ -85,6 +93,8 @@ def scan_wal(path: Path) -> WalReport:
     if report.torn:
         report.ignored_bytes = len(data) - end_of_commit
     report.lost_commits = _commits_after(data, pos, frame, data[16:24])
+    if report.lost_commits:
+        report.lost_topics = _salvage_topics(data, pos, page_size, word, data[16:24])
     return report
 
 
@@ -116,3 +126,90 @@ def _commits_after(data: bytes, pos: int, frame: int, salts: bytes) -> int:
         start = candidate + frame + 8
     return max(0, commits - 1)
 
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = 0
+    for i in range(8):
+        byte = data[pos + i]
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    return (value << 8) | data[pos + 8], pos + 9
+
+
+_INT_SIZES = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8}
+
+
+def _salvage_topics(
+    data: bytes, pos: int, page_size: int, word: str, salts: bytes
+) -> dict[int, tuple[bytes, int]]:
+    """Rows of the ``topics`` table in intact frames after ``pos`` (the lost part).
+
+    A frame counts as intact when its checksum verifies starting from the checksum
+    stored in the frame just before it (also of this log), so damaged pages are never
+    read. Rows are recognised by shape: table-leaf pages (``messages`` is WITHOUT
+    ROWID, ``meta`` and ``sqlite_master`` rows have text columns), records of exactly
+    (rowid alias, blob, integer, integer).
+    """
+    frame = 24 + page_size
+    found: dict[int, tuple[bytes, int]] = {}
+    start = pos + 8
+    while True:
+        hit = data.find(salts, start)
+        if hit < 0:
+            break
+        at = hit - 8
+        start = at + frame + 8
+        if at + frame > len(data) or at - frame < 32:
+            continue
+        before = data[at - frame : at]
+        if before[8:16] != salts:
+            continue  # nothing to verify it against
+        s0, s1 = struct.unpack(">2I", before[16:24])
+        s0, s1 = _checksum(word, data[at : at + 8], s0, s1)
+        s0, s1 = _checksum(word, data[at + 24 : at + frame], s0, s1)
+        if (s0, s1) != struct.unpack(">2I", data[at + 16 : at + 24]):
+            continue
+        page_no = struct.unpack(">I", data[at : at + 4])[0]
+        if page_no == 1:
+            continue
+        try:
+            _topic_rows(data[at + 24 : at + frame], found)
+        except (IndexError, struct.error):
+            continue  # not what it looked like
+    return found
+
+
+def _topic_rows(page: bytes, found: dict[int, tuple[bytes, int]]) -> None:
+    if page[0] != 0x0D:
+        return
+    (cells,) = struct.unpack(">H", page[3:5])
+    for i in range(cells):
+        (cell,) = struct.unpack(">H", page[8 + 2 * i : 10 + 2 * i])
+        size, p = _varint(page, cell)
+        rowid, p = _varint(page, p)
+        if size > len(page) - 35:
+            continue  # overflows to other pages: not a topics row of ours
+        record = page[p : p + size]
+        header_size, q = _varint(record, 0)
+        types = []
+        while q < header_size:
+            serial, q = _varint(record, q)
+            types.append(serial)
+        if (len(types) != 4 or types[0] != 0 or types[1] < 12 or types[1] % 2
+                or types[2] not in (*_INT_SIZES, 8, 9)):
+            continue
+        q = header_size
+        name_len = (types[1] - 12) // 2
+        name = record[q : q + name_len]
+        q += name_len
+        if types[2] in (8, 9):
+            next_index = types[2] - 8
+        else:
+            n = _INT_SIZES[types[2]]
+            next_index = int.from_bytes(record[q : q + n], "big", signed=True)
+        if next_index >= 0 and len(name) == name_len:
+            old = found.get(rowid)
+            if old is None or old[1] < next_index:
+                found[rowid] = (name, next_index)
