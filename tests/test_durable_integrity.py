@@ -109,7 +109,7 @@ def test_damaged_log_middle_is_refused_then_accepted_in_a_new_epoch(
     refused.abandon()
     message = str(info.value)
     assert "\n" not in message
-    assert "damaged in the middle" in message and "committed transaction(s)" in message
+    assert "damaged before its end" in message and "committed transaction(s)" in message
     assert ACCEPT in message
     # nothing was touched: refusing again gives the same answer
     assert scan_wal(wal).lost_commits > 100
@@ -139,6 +139,20 @@ def _epoch(directory: Path) -> str:
     finally:
         conn.close()
     return str(epoch)
+
+
+def test_damaged_log_header_is_data_loss(tmp_path: Path) -> None:
+    """A damaged header makes SQLite ignore the whole log (every commit in it)."""
+    live = write_acknowledged(tmp_path / "live", 50)
+    crash_copy(tmp_path / "live", tmp_path / "crash")
+    live.abandon()
+    wal = tmp_path / "crash" / f"{DB_NAME}-wal"
+    data = bytearray(wal.read_bytes())
+    data[8:16] = b"\xff" * 8  # page size and checkpoint sequence
+    wal.write_bytes(bytes(data))
+    assert scan_wal(wal).lost_commits >= 50
+    with pytest.raises(DataLossError, match="damaged"):
+        open_backend(tmp_path / "crash").open()
 
 
 def test_torn_tail_is_not_data_loss(tmp_path: Path) -> None:
@@ -340,7 +354,7 @@ async def test_server_killed_log_damaged_refused_then_new_epoch_and_higher_index
     )
     assert result.returncode == 1
     last = result.stderr.decode().splitlines()[-1]
-    assert "lost committed data" in last and "damaged in the middle" in last
+    assert "lost committed data" in last and "damaged before its end" in last
     assert ACCEPT in last
 
     process, port, lines = await start_server(tmp_path, None, ACCEPT)

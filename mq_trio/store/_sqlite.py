@@ -154,7 +154,7 @@ class SqliteBackend:
             self._move_aside("missing")  # a stale log must not be replayed into a new file
         if wal.lost_commits:
             self._data_lost(
-                f"the write-ahead log {wal_path.name} is damaged in the middle: at least "
+                f"the write-ahead log {wal_path.name} is damaged before its end: at least "
                 f"{wal.lost_commits} committed transaction(s) after the damage cannot be "
                 "recovered"
             )

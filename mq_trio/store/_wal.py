@@ -57,6 +57,7 @@ def scan_wal(path: Path) -> WalReport:
     magic, _version, page_size, _ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:32])
     if magic not in (0x377F0682, 0x377F0683) or page_size < 512:
         report.ignored_bytes, report.torn = len(data), True
+        report.lost_commits = _commits_behind_bad_header(data)
         return report
     word = ">" if magic & 1 else "<"
 
@@ -66,6 +67,7 @@ def scan_wal(path: Path) -> WalReport:
     s0, s1 = checksum(data[:24], 0, 0)
     if (s0, s1) != (c1, c2):
         report.ignored_bytes, report.torn = len(data), True
+        report.lost_commits = _commits_behind_bad_header(data)
         return report
     frame = 24 + page_size
     pos = 32
@@ -96,6 +98,20 @@ def scan_wal(path: Path) -> WalReport:
     if report.lost_commits:
         report.lost_topics = _salvage_topics(data, pos, page_size, word, data[16:24])
     return report
+
+
+def _commits_behind_bad_header(data: bytes) -> int:
+    """A damaged log header makes SQLite ignore the whole log: count the commits in it.
+
+    The frames still tell their salts and, by where the next frame's salts are, the
+    page size (the header's may be the damaged part).
+    """
+    salts = data[40:48]
+    for shift in range(9, 17):
+        frame = 24 + (1 << shift)
+        if data[32 + frame + 8 : 32 + frame + 16] == salts:
+            return _commits_after(data, 32, frame, salts)
+    return 0
 
 
 def _commits_after(data: bytes, pos: int, frame: int, salts: bytes) -> int:
