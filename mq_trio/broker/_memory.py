@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -22,10 +22,17 @@ DEFAULT_MAX_CACHE_BYTES = 1 << 30
 Entry = tuple[int, bool, bytes, bool]
 
 
+#: The cache of a topic that never had a message cached: an empty tuple, as a deque
+#: (``record`` makes the deque when its ``append`` fails; everything else only reads).
+NO_CACHE: deque[Entry] = cast("deque[Entry]", ())
+
+
 @attrs.define(slots=True, eq=False)
 class TopicLog:
     """One topic's history in memory: all of it in one object, so one dict lookup."""
 
+    #: ``NO_CACHE`` until the topic's first cached message: an empty deque is about
+    #: 600 bytes, most of what a topic would cost (``--max-topics``).
     cache: deque[Entry]
     next_index: int = 0
     #: The highest index the cache-size rule dropped (for the epoch extension); -1: none.
@@ -66,7 +73,7 @@ class MemoryHistory:
         try:
             log = self._topics[topic]  # a subscript measured cheaper than .get
         except KeyError:
-            log = self._topics[topic] = TopicLog(deque(maxlen=self.cache_size))
+            log = self._topics[topic] = TopicLog(NO_CACHE)
         index = log.next_index
         log.next_index = index + 1
         if cached:
@@ -90,10 +97,14 @@ class MemoryHistory:
                     order = self._order
             raw = send.raw
             if raw:
-                cache.append((index, one, raw, False))
+                entry = (index, one, raw, False)
             else:  # built in code, not received: encode now (no raw to splice later)
                 raw = encode_delivery(send, index)
-                cache.append((index, one, raw, True))
+                entry = (index, one, raw, True)
+            try:
+                cache.append(entry)
+            except AttributeError:  # NO_CACHE: the topic's first cached message
+                log.cache = deque((entry,), maxlen=self.cache_size)
             order.append(log)
             order.append(index)
             size += len(raw)
