@@ -177,7 +177,8 @@ class TopicHistory(Protocol):
         order; the "one" messages among them leave the cache."""
 
     def recovered(self, topic: str, last_seen: int) -> bool | Answer:
-        """Whether nothing after ``last_seen`` was lost to the cache-size rule."""
+        """Whether nothing after ``last_seen`` was lost to eviction (the cache-size rule, or
+        a bound on the bytes cached)."""
 
     def cached(self, topic: str) -> list[CachedMessage]:
         """The topic's cache (the part in memory), for inspection and tests."""

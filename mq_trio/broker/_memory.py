@@ -35,7 +35,8 @@ class TopicLog:
     #: 600 bytes, most of what a topic would cost (``--max-topics``).
     cache: deque[Entry]
     next_index: int = 0
-    #: The highest index the cache-size rule dropped (for the epoch extension); -1: none.
+    #: The highest index evicted (cache size or ``max_cache_bytes``; for the epoch
+    #: extension's ``recovered``); -1: none.
     evicted: int = -1
 
 
@@ -51,8 +52,10 @@ class MemoryHistory:
     too if that goes beyond the bound; the oldest may be what it just sent). The global
     order is a deque, (topic log, index) per cached message in the order recorded; an
     element whose message already left (cache-size rule, a replayed "one") is skipped
-    when met, and the deques are compacted when they are twice as long as after the last compaction
+    when met, and the deque is compacted when twice as long as after the last compaction
     (an element dropped by the cache-size rule is usually the first: dropped at once).
+    Topics are never forgotten (an index is never reused within an epoch): only cached
+    messages are evicted, never a topic's ``next_index``.
     """
 
     cache_size: int = DEFAULT_CACHE_SIZE
