@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mq_trio.broker import Broker, Deferred, MemoryHistory, TooManyTopics
+from mq_trio.broker._memory import ENTRY_OVERHEAD
 from mq_trio.protocol import Send, encode_delivery, parse_line, splice_index
 
 
@@ -196,12 +197,13 @@ def test_random_operations_keep_the_topic_count_exact() -> None:
 def size_of(history: MemoryHistory) -> tuple[int, int]:
     """(bytes, messages) actually held in the caches of ``history``."""
     logs = history._topics.values()
-    return sum(len(e[2]) for log in logs for e in log.cache), sum(len(x.cache) for x in logs)
+    held = sum(len(e[2]) + ENTRY_OVERHEAD for log in logs for e in log.cache)
+    return held, sum(len(x.cache) for x in logs)
 
 
 def test_oldest_cached_messages_are_evicted_across_topics() -> None:
     line = send("a", msg="x" * 50)
-    size = len(line.raw)
+    size = len(line.raw) + ENTRY_OVERHEAD
     h = MemoryHistory(100, max_cache_bytes=4 * size)
     b = Broker(h)
     for t in "abab":
@@ -216,9 +218,10 @@ def test_oldest_cached_messages_are_evicted_across_topics() -> None:
     assert json.loads(b.subscribe_reply("a", -1, h.epoch))["recovered"] is False  # type: ignore[arg-type]
     assert json.loads(b.subscribe_reply("a", 0, h.epoch))["recovered"] is True  # type: ignore[arg-type]
     assert json.loads(b.subscribe_reply("b", -1, h.epoch))["recovered"] is True  # type: ignore[arg-type]
-    b.publish(send("c", msg="x" * 200))  # bigger than all the rest: evicts three
+    b.publish(send("c", msg="x" * 700))  # bigger than all the rest: evicts three
     assert [m.index for m in h.cached("c")] == [0, 1] and h.cached("b") == []
-    assert h.cached("a") == [] and h.cached_bytes == size + len(send("c", msg="x" * 200).raw)
+    big = len(send("c", msg="x" * 700).raw) + ENTRY_OVERHEAD
+    assert h.cached("a") == [] and h.cached_bytes == size + big
 
 
 class ReferenceCache:
@@ -261,9 +264,12 @@ class ReferenceCache:
         return out
 
     def limit(self) -> None:
-        while sum(len(e[3]) for e in self.entries) > self.max_bytes:
+        while self.size() > self.max_bytes:
             oldest = self.entries.pop(0)
             self.evicted[oldest[0]] = oldest[1]
+
+    def size(self) -> int:
+        return sum(len(e[3]) + ENTRY_OVERHEAD for e in self.entries)
 
     def cached(self, topic: str) -> list[int]:
         return [e[1] for e in self.entries if e[0] == topic]
@@ -278,7 +284,7 @@ class ReferenceCache:
 def test_byte_accounting_is_exact_against_a_reference(seed: int) -> None:
     rng = random.Random(seed)
     cache_size = rng.choice([0, 1, 3, 8])
-    max_bytes = rng.choice([100, 400, 1500])
+    max_bytes = rng.choice([100, 400, 1500]) + 4 * ENTRY_OVERHEAD
     h = MemoryHistory(cache_size, max_cache_bytes=max_bytes)
     ref = ReferenceCache(cache_size, max_bytes)
     for _ in range(1200):
@@ -294,7 +300,7 @@ def test_byte_accounting_is_exact_against_a_reference(seed: int) -> None:
             assert h.replay(topic, last_seen) == ref.replay(topic, last_seen)
         held, count = size_of(h)
         assert (h.cached_bytes, h.cached_count) == (held, count)
-        assert held == sum(len(e[3]) for e in ref.entries) <= max_bytes
+        assert held == ref.size() <= max_bytes
         assert len(h._order) <= 2 * max(2048, 4 * count) + 2
         for t in "abcd":
             assert [m.index for m in h.cached(t)] == ref.cached(t)
@@ -312,7 +318,8 @@ def test_order_of_removed_messages_does_not_grow_without_bound() -> None:
         h.record("t", send(msg="o", delivery="one"), True, True)
         assert len(h.replay("t", 0)) == 1
     assert len(h._order) <= 2050
-    assert h.cached_count == 1 and h.cached_bytes == len(send(msg="stay").raw)
+    assert h.cached_count == 1
+    assert h.cached_bytes == len(send(msg="stay").raw) + ENTRY_OVERHEAD
 
 
 # --- evict: many subscribers cut off during one fan-out -----------------------------------
