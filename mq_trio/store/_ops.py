@@ -23,6 +23,9 @@ LOCK_NAME = "mq-trio.lock"
 #: the same id is in the database's ``meta`` table. A marker without its database (or
 #: with another one) means committed data is gone.
 ID_NAME = "mq-trio.id"
+#: The last start's boot id and --fsync, read before the log is judged: after a reboot, a
+#: log written with fsync everysec/never may lack its unsynced end (expected, not damage).
+RUN_NAME = "mq-trio.run"
 #: The flag that lets a server start after committed data was lost (in a new epoch).
 ACCEPT_FLAG = "--accept-data-loss"
 #: Rows per read when streaming old history to a subscriber.

@@ -18,6 +18,7 @@ from ._ops import (
     DB_NAME,
     ID_NAME,
     LOCK_NAME,
+    RUN_NAME,
     BatchResult,
     Bump,
     DataLossError,
@@ -140,9 +141,14 @@ class SqliteBackend:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._lock()
-            return self._open()
+            loaded = self._open()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot use data directory {self.directory}: {exc}") from exc
+        try:
+            self._write_run()
+        except OSError as exc:  # a full disk: only a later power-loss verdict needs it
+            log.warning("could not write %s: %s", RUN_NAME, exc)
+        return loaded
 
     def _open(self) -> Loaded:
         notes: list[str] = []
@@ -153,11 +159,23 @@ class SqliteBackend:
             self._data_lost(f"its database file {DB_NAME} is missing")
             self._move_aside("missing")  # a stale log must not be replayed into a new file
         if wal.lost_commits:
-            self._data_lost(
+            what = (
                 f"the write-ahead log {wal_path.name} is damaged before its end: at least "
                 f"{wal.lost_commits} committed transaction(s) after the damage cannot be "
                 "recovered"
             )
+            previous = self._read_run()
+            if previous.get("fsync", "always") != "always" and previous.get(
+                "boot_id", ""
+            ) not in ("", _boot_id()):
+                # A power loss under everysec/never: the unsynced end of the log may be
+                # gone or torn; that loss is the documented price of the policy, and the
+                # new epoch tells resuming clients (docs/durability.md).
+                log.warning("%s, after a reboot with --fsync %s (expected); starting a new "
+                            "epoch", what, previous["fsync"])
+                self._lost.append(what)
+            else:
+                self._data_lost(what)
             self._keep_damaged_log(wal_path)
             self._salvaged = wal.lost_topics
         elif wal.torn:
@@ -208,6 +226,24 @@ class SqliteBackend:
             copy.unlink(missing_ok=True)
         else:
             log.warning("kept a copy of the damaged log as %s", copy)
+
+    def _read_run(self) -> dict[str, str]:
+        try:
+            lines = (self.directory / RUN_NAME).read_text().splitlines()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return {}
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def _write_run(self) -> None:
+        """Record this start's boot id and fsync policy (atomically, synced)."""
+        tmp = self.directory / f"{RUN_NAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, f"boot_id={_boot_id()}\nfsync={self.fsync}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.directory / RUN_NAME)
 
     def _read_marker(self) -> str | None:
         try:
