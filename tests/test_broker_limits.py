@@ -218,9 +218,10 @@ def test_oldest_cached_messages_are_evicted_across_topics() -> None:
     assert json.loads(b.subscribe_reply("a", -1, h.epoch))["recovered"] is False  # type: ignore[arg-type]
     assert json.loads(b.subscribe_reply("a", 0, h.epoch))["recovered"] is True  # type: ignore[arg-type]
     assert json.loads(b.subscribe_reply("b", -1, h.epoch))["recovered"] is True  # type: ignore[arg-type]
-    b.publish(send("c", msg="x" * 700))  # bigger than all the rest: evicts three
+    wide = "x" * (50 + size * 3 // 2)  # between 2 and 3 of the others: evicts three
+    b.publish(send("c", msg=wide))
     assert [m.index for m in h.cached("c")] == [0, 1] and h.cached("b") == []
-    big = len(send("c", msg="x" * 700).raw) + ENTRY_OVERHEAD
+    big = len(send("c", msg=wide).raw) + ENTRY_OVERHEAD
     assert h.cached("a") == [] and h.cached_bytes == size + big
 
 
