@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, cast
+from heapq import heappop, heappush, heapreplace
+from typing import cast
 
 import attrs
 
@@ -13,21 +14,23 @@ from ._history import CachedMessage, Item, new_epoch, nothing_lost
 DEFAULT_CACHE_SIZE = 100
 DEFAULT_MAX_CACHE_BYTES = 1 << 30
 #: What a cached message costs besides its data, counted against ``max_cache_bytes``:
-#: its entry tuple (72), the index (28), the data's bytes header (33), its deque slot (8)
-#: and its two slots in the global order (16); tracemalloc, 64-bit CPython 3.11.
-ENTRY_OVERHEAD = 160
+#: its entry tuple (80), the index and sequence numbers (28 each), the data's bytes
+#: header (33) and its deque slot (8); 64-bit CPython 3.11. (A topic with a cached
+#: message also has one item in the heap of cache heads: 64 bytes, per topic.)
+ENTRY_OVERHEAD = 180
 
 
-#: A cached message in memory: (index, one, data, encoded). ``data`` is the delivery when
-#: ``encoded``, else the command as received (``Send.raw``), not yet spliced: a message
-#: is encoded only when first replayed, so one that is evicted unread (the common case
-#: under load) never is. Splicing measured 0.17 of 0.46 us per cached publish. A tuple:
-#: an attrs instance per cached message cost another 0.13 us.
-Entry = tuple[int, bool, bytes, bool]
+#: A cached message in memory: (index, one, data, encoded, seq). ``data`` is the delivery
+#: when ``encoded``, else the command as received (``Send.raw``), not yet spliced: a
+#: message is encoded only when first replayed, so one that is evicted unread (the common
+#: case under load) never is. Splicing measured 0.17 of 0.46 us per cached publish. A
+#: tuple: an attrs instance per cached message cost another 0.13 us. ``seq`` orders the
+#: cached messages of all topics (``max_cache_bytes`` evicts the oldest first).
+Entry = tuple[int, bool, bytes, bool, int]
 
 
 #: The cache of a topic that never had a message cached: an empty tuple, as a deque
-#: (``record`` makes the deque when its ``append`` fails; everything else only reads).
+#: (``record`` makes the deque at the first cached message; everything else only reads).
 NO_CACHE: deque[Entry] = cast("deque[Entry]", ())
 
 
@@ -42,6 +45,8 @@ class TopicLog:
     #: The highest index evicted (cache size or ``max_cache_bytes``; for the epoch
     #: extension's ``recovered``); -1: none.
     evicted: int = -1
+    #: In the history's heap of cache heads (``MemoryHistory._heads``).
+    queued: bool = False
 
 
 @attrs.define
@@ -53,12 +58,14 @@ class MemoryHistory:
 
     The bytes counted are each entry's data (``len``) plus ``ENTRY_OVERHEAD``; the data
     is the command as received until first replayed, the delivery after (``replay`` adds
-    the difference, and evicts too if that goes beyond the bound: the oldest may be what
-    it just sent). The global
-    order is a deque, (topic log, index) per cached message in the order recorded; an
-    element whose message already left (cache-size rule, a replayed "one") is skipped
-    when met, and the deque is compacted when twice as long as after the last compaction
-    (an element dropped by the cache-size rule is usually the first: dropped at once).
+    the difference, and evicts too if that goes beyond the bound).
+
+    Which message is the oldest: every cached entry carries a sequence number, and a heap
+    holds one item per topic with a cached message, keyed by a lower bound of its oldest
+    entry's number (the number it had when pushed; the head only gets younger, when the
+    cache-size rule or a replayed "one" removes it). Eviction pops the least key; a stale
+    one is pushed back with the head's real number. The publish path only takes a number
+    and counts bytes; the heap changes when a topic's cache starts, and when evicting.
     Topics are never forgotten (an index is never reused within an epoch): only cached
     messages are evicted, never a topic's ``next_index``.
     """
@@ -71,11 +78,10 @@ class MemoryHistory:
     max_cache_bytes: int = attrs.field(default=DEFAULT_MAX_CACHE_BYTES, kw_only=True)
     #: Bytes of the cached messages now (all topics), ``ENTRY_OVERHEAD`` included.
     cached_bytes: int = attrs.field(default=0, init=False)
-    #: The order the cached messages were recorded in: each one's log, then its index
-    #: (one deque, two appends: cheaper than a tuple, or two deques).
-    _order: deque[Any] = attrs.field(factory=deque, init=False)
-    #: Compact the order when it is longer (doubles with what compaction keeps).
-    _compact_at: int = attrs.field(default=2048, init=False)
+    #: The next cached message's sequence number.
+    _seq: int = attrs.field(default=0, init=False)
+    #: (lower bound of the oldest entry's seq, log) per topic with ``queued`` set.
+    _heads: list[tuple[int, TopicLog]] = attrs.field(factory=list, init=False)
 
     def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         try:
@@ -86,38 +92,36 @@ class MemoryHistory:
         log.next_index = index + 1
         if cached:
             cache = log.cache
-            size = self.cached_bytes
-            order = self._order
-            if len(cache) == self.cache_size:
-                if not cache:  # cache size 0: nothing is kept
+            n = len(cache)
+            seq = self._seq
+            self._seq = seq + 1
+            raw = send.raw
+            if raw:
+                entry = (index, one, raw, False, seq)
+            else:  # built in code, not received: encode now (no raw to splice later)
+                raw = encode_delivery(send, index)
+                entry = (index, one, raw, True, seq)
+            if n == self.cache_size:
+                if not n:  # cache size 0: nothing is kept
                     log.evicted = index
                     return index
                 oldest = cache[0]  # the deque drops it on append
-                dropped = log.evicted = oldest[0]
-                size -= len(oldest[2])  # (its ENTRY_OVERHEAD is the new one's)
-                # Its element in the order is now stale; usually the first (one busy
-                # topic): dropped at once, else by compaction.
-                if order[0] is log and order[1] == dropped:
-                    order.popleft()
-                    order.popleft()
-                elif len(order) > self._compact_at:
-                    self._compact()
-                    order = self._order
-            else:
-                size += ENTRY_OVERHEAD
-            raw = send.raw
-            if raw:
-                entry = (index, one, raw, False)
-            else:  # built in code, not received: encode now (no raw to splice later)
-                raw = encode_delivery(send, index)
-                entry = (index, one, raw, True)
-            try:
+                log.evicted = oldest[0]
+                # (its ENTRY_OVERHEAD is the new one's)
+                size = self.cached_bytes + len(raw) - len(oldest[2])
                 cache.append(entry)
-            except AttributeError:  # NO_CACHE: the topic's first cached message
-                log.cache = deque((entry,), maxlen=self.cache_size)
-            order.append(log)
-            order.append(index)
-            size += len(raw)
+            elif n:
+                size = self.cached_bytes + len(raw) + ENTRY_OVERHEAD
+                cache.append(entry)
+            else:  # the topic's cache starts (again)
+                size = self.cached_bytes + len(raw) + ENTRY_OVERHEAD
+                if cache is NO_CACHE:
+                    log.cache = deque((entry,), maxlen=self.cache_size)
+                else:
+                    cache.append(entry)
+                if not log.queued:
+                    log.queued = True
+                    heappush(self._heads, (seq, log))
             self.cached_bytes = size
             if size > self.max_cache_bytes:
                 self._evict_oldest()
@@ -130,34 +134,27 @@ class MemoryHistory:
 
     def _evict_oldest(self) -> None:
         """Evict the oldest cached messages (all topics) until within ``max_cache_bytes``."""
-        order = self._order
+        heads = self._heads
         limit = self.max_cache_bytes
-        while self.cached_bytes > limit:
-            log: TopicLog = order.popleft()
-            index: int = order.popleft()
+        while self.cached_bytes > limit and heads:
+            seq, log = heads[0]
             cache = log.cache
-            # Every message of the log older than ``index`` has left already (its own
-            # element came first), so this one is at the head, or gone.
-            if cache and cache[0][0] == index:
-                entry = cache.popleft()
-                log.evicted = index
-                self.cached_bytes -= len(entry[2]) + ENTRY_OVERHEAD
-
-    def _compact(self) -> None:
-        """Drop the order's elements whose messages have left (O(elements), amortized)."""
-        live: dict[int, set[int]] = {}
-        order: deque[Any] = deque()
-        old = iter(self._order)
-        for log in old:
-            index = next(old)
-            kept = live.get(id(log))
-            if kept is None:
-                kept = live[id(log)] = {entry[0] for entry in log.cache}
-            if index in kept:
-                order.append(log)
-                order.append(index)
-        self._order = order
-        self._compact_at = max(2048, 2 * len(order))
+            if not cache:
+                heappop(heads)
+                log.queued = False
+                continue
+            head = cache[0]
+            if head[4] != seq:  # the key was stale: the real one is larger
+                heapreplace(heads, (head[4], log))
+                continue
+            cache.popleft()
+            log.evicted = head[0]
+            self.cached_bytes -= len(head[2]) + ENTRY_OVERHEAD
+            if cache:
+                heapreplace(heads, (cache[0][4], log))
+            else:
+                heappop(heads)
+                log.queued = False
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
         log = self._topics.get(topic)
@@ -168,25 +165,21 @@ class MemoryHistory:
         # sent stays encoded, so later replays share the bytes; "one" messages leave.
         kept: deque[Entry] = deque(maxlen=self.cache_size)
         grown = 0  # bytes added by encoding, less those of the "one" messages that left
-        removed = False
         for entry in log.cache:
-            index, one, data, encoded = entry
+            index, one, data, encoded, seq = entry
             if index > last_seen:
                 if not encoded:
                     spliced = splice_index(data, index)
                     grown += len(spliced) - len(data)
                     data = spliced
-                    entry = (index, one, data, True)
+                    entry = (index, one, data, True, seq)
                 sent.append(data)
                 if one:
                     grown -= len(data) + ENTRY_OVERHEAD
-                    removed = True
                     continue
             kept.append(entry)
         log.cache = kept
         self.cached_bytes += grown
-        if removed and len(self._order) > self._compact_at:
-            self._compact()
         if self.cached_bytes > self.max_cache_bytes:  # encoding grew them: evict as usual
             self._evict_oldest()
         return sent
@@ -204,7 +197,7 @@ class MemoryHistory:
             return []
         return [
             CachedMessage(index, one, data if encoded else splice_index(data, index))
-            for index, one, data, encoded in log.cache
+            for index, one, data, encoded, _ in log.cache
         ]
 
     def has(self, topic: str) -> bool:
