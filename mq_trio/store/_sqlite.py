@@ -235,15 +235,27 @@ class SqliteBackend:
         return dict(line.split("=", 1) for line in lines if "=" in line)
 
     def _write_run(self) -> None:
-        """Record this start's boot id and fsync policy (atomically, synced)."""
-        tmp = self.directory / f"{RUN_NAME}.tmp"
+        """Record this start's boot id and fsync policy."""
+        self._write_file(RUN_NAME, f"boot_id={_boot_id()}\nfsync={self.fsync}\n",
+                         sync_dir=False)
+
+    def _write_file(self, name: str, text: str, sync_dir: bool) -> None:
+        """Write a small file of the directory atomically, the file fsynced (and the
+        directory, so that the rename is durable too, when ``sync_dir``)."""
+        tmp = self.directory / f"{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, f"boot_id={_boot_id()}\nfsync={self.fsync}\n".encode())
+            os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, self.directory / RUN_NAME)
+        os.replace(tmp, self.directory / name)
+        if sync_dir:
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def _read_marker(self) -> str | None:
         try:
@@ -253,20 +265,8 @@ class SqliteBackend:
         return text or None
 
     def _write_marker(self, identity: str) -> None:
-        """Write the identity file atomically and durably (file and directory fsynced)."""
-        tmp = self.directory / f"{ID_NAME}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, f"{identity}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / ID_NAME)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Write the identity file atomically and durably."""
+        self._write_file(ID_NAME, f"{identity}\n", sync_dir=True)
         self._marker = identity
 
     def _lock(self) -> None:

@@ -182,16 +182,13 @@ class TCPTransport:
         ``Line timeout``): the unfinished line is dropped at once, a waiting read wakes
         and returns no lines, and ``closing_reply`` gives the reply."""
         self.wire.abort(reason)
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-        elif self._receiving is not None:
-            self._receiving.cancel()
+        self._wake_reader()
 
     def stop_receiving(self) -> None:
         self._stopping = True
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
         if self._sock is not None:
             # Wakes a reader waiting for input (the read then sees EOF, or input that
             # was already there, which the connection no longer handles).
