@@ -538,3 +538,65 @@ async def test_a_flood_of_refused_lines_logs_one_line(
     closing = [r for r in caplog.records if r.getMessage().startswith("closing ")]
     assert len(closing) == 1
     assert "Line too long" in closing[0].getMessage()
+
+
+# --- big lines take turns (one per scheduler pass) ---------------------------------------
+
+
+async def test_big_lines_take_turns_one_per_scheduler_pass() -> None:
+    guard = InputGuard(1 << 30, 0)
+    passes = 0
+    seen: list[int] = []
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:  # runs once in every pass of the scheduler
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    async def big_line() -> None:
+        await guard.turn()
+        seen.append(passes)  # where its line would be handled
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_passes)
+        await trio.lowlevel.checkpoint()
+        async with trio.open_nursery() as lines:
+            for _ in range(20):
+                lines.start_soon(big_line)
+        nursery.cancel_scope.cancel()
+    assert len(seen) == 20
+    assert len(set(seen)) == 20  # never two big lines in one pass
+
+
+async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    turns = 0
+    real_turn = InputGuard.turn
+
+    async def counting_turn(self: InputGuard) -> None:
+        nonlocal turns
+        turns += 1
+        await real_turn(self)
+
+    monkeypatch.setattr(InputGuard, "turn", counting_turn)
+    server = await start_server(nursery, max_line_bytes=1 << 20, max_pending_bytes=4 << 20)
+    head = b'{"command": "send", "topic": "t", "delivery": "all", "msg": "'
+    big = head + b"x" * (200_000 - len(head))
+    finished = await LineClient.connect(server.port)
+    await finished.send_raw(big[:100_000])
+    await finished.send_raw(big[100_000:] + b'"}\n')
+    with trio.fail_after(10):
+        assert await finished.receive() == OK
+    cut = await LineClient.connect(server.port)
+    await cut.send_raw(big)
+    await cut.stream.send_eof()  # EOF: the unfinished line still counts
+    with trio.fail_after(10):
+        assert await cut.read_to_eof() == b'{"success": false, "reason": "Could not parse json"}\r\n'
+    small = await LineClient.connect(server.port)
+    assert await small.request({"command": "subscribe", "topic": "u"}) == OK
+    assert turns == 2  # the two big lines, not the small one
+    assert guard_is_empty(server)
+    for client in (finished, cut, small):
+        await client.aclose()

@@ -69,6 +69,7 @@ class Limits:
     line_timeout: float = 0.0
     #: Shared by the server's connections (one Limits per server).
     closing_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
+    cutoff_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
 
 
 @attrs.define(eq=False)
@@ -105,11 +106,15 @@ class Connection:
         self.outbox.wake_reader()
 
     def _slow_consumer(self) -> None:
-        log.warning(
-            "disconnecting %s: slow consumer, more than %d bytes pending",
-            self.peer,
-            self.limits.max_pending_bytes,
-        )
+        # One publish can cut off thousands at once: a log line each was half the stall.
+        more = self.limits.cutoff_log.allow()
+        if more is not None:
+            log.warning(
+                "disconnecting %s: slow consumer, more than %d bytes pending%s",
+                self.peer,
+                self.limits.max_pending_bytes,
+                f" ({more} more since the last such line)" if more else "",
+            )
         # Unsubscribe at once: until this connection's own cleanup runs, "one" messages
         # would otherwise still be given to an outbox that drops them.
         self.broker.evict(self.outbox)

@@ -9,7 +9,7 @@ import sys
 import trio
 
 from ..protocol import DEFAULT_MAX_LINE_BYTES, INPUT_LIMIT, LineConnection
-from ._input import InputGuard
+from ._input import BIG_LINE, InputGuard
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
 LINGER_SECONDS = 0.5
@@ -164,17 +164,22 @@ class TCPTransport:
             if data[-1] != 0x0A or self.held:
                 guard = self._guard
                 size = wire.pending_bytes
-                if guard is not None and (size or self.held) and not guard.update(
-                    self, size, bool(lines)
-                ):
-                    wire.abort(INPUT_LIMIT)  # the lines before it still count
+                held = self.held
+                if guard is not None and (size or held):
+                    if not guard.update(self, size, bool(lines)):
+                        wire.abort(INPUT_LIMIT)  # the lines before it still count
+                    elif held >= BIG_LINE and lines:
+                        await guard.turn()  # one big line per scheduler pass
             return lines
         if self.wire.closing_reply() is not None:  # aborted: the read saw SHUT_RD
             return []
         # EOF: a last line without its newline still counts (as readline() has it).
         self._eof = True
-        if self.held:
-            self._guard.release(self)  # type: ignore[union-attr]
+        held_by = self._guard
+        if self.held and held_by is not None:  # (a held line implies the guard)
+            if self.held >= BIG_LINE:
+                await held_by.turn()
+            held_by.release(self)
         return self.wire.receive_eof() or None
 
     def abort_input(self, reason: str) -> None:
