@@ -593,7 +593,8 @@ async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
     await cut.send_raw(big)
     await cut.stream.send_eof()  # EOF: the unfinished line still counts
     with trio.fail_after(10):
-        assert await cut.read_to_eof() == b'{"success": false, "reason": "Could not parse json"}\r\n'
+        output = await cut.read_to_eof()
+    assert output == b'{"success": false, "reason": "Could not parse json"}\r\n'
     small = await LineClient.connect(server.port)
     assert await small.request({"command": "subscribe", "topic": "u"}) == OK
     assert turns == 2  # the two big lines, not the small one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from heapq import heappop, heappush, heapreplace
+from heapq import heapify, heappop, heappush, heapreplace
 from typing import cast
 
 import attrs
@@ -65,7 +65,8 @@ class MemoryHistory:
     entry's number (the number it had when pushed; the head only gets younger, when the
     cache-size rule or a replayed "one" removes it). Eviction pops the least key; a stale
     one is pushed back with the head's real number. The publish path only takes a number
-    and counts bytes; the heap changes when a topic's cache starts, and when evicting.
+    and counts bytes; the heap is built the first time the bound is reached, and from
+    then on changes when a topic's cache starts, and when evicting.
     Topics are never forgotten (an index is never reused within an epoch): only cached
     messages are evicted, never a topic's ``next_index``.
     """
@@ -82,6 +83,9 @@ class MemoryHistory:
     _seq: int = attrs.field(default=0, init=False)
     #: (lower bound of the oldest entry's seq, log) per topic with ``queued`` set.
     _heads: list[tuple[int, TopicLog]] = attrs.field(factory=list, init=False)
+    #: The heap is kept from the first time the bound is reached (64 bytes a topic that
+    #: a server whose caches never reach the bound does not pay).
+    _evicting: bool = attrs.field(default=False, init=False)
 
     def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
         try:
@@ -119,7 +123,7 @@ class MemoryHistory:
                     log.cache = deque((entry,), maxlen=self.cache_size)
                 else:
                     cache.append(entry)
-                if not log.queued:
+                if self._evicting and not log.queued:
                     log.queued = True
                     heappush(self._heads, (seq, log))
             self.cached_bytes = size
@@ -135,6 +139,13 @@ class MemoryHistory:
     def _evict_oldest(self) -> None:
         """Evict the oldest cached messages (all topics) until within ``max_cache_bytes``."""
         heads = self._heads
+        if not self._evicting:
+            self._evicting = True
+            for log in self._topics.values():
+                if log.cache:
+                    log.queued = True
+                    heads.append((log.cache[0][4], log))
+            heapify(heads)
         limit = self.max_cache_bytes
         while self.cached_bytes > limit and heads:
             seq, log = heads[0]
