@@ -26,6 +26,7 @@ from mq_trio.broker._history import Recorded
 from mq_trio.protocol import LineConnection, Send, Subscribe, parse_line
 from mq_trio.server import Config, Server, serve
 from mq_trio.server._connection import Connection, LogThrottle
+from mq_trio.server._reaper import Reaper
 from mq_trio.transports import _websocket as websocket
 from mq_trio.transports._input import InputGuard
 from mq_trio.transports._tcp import TCPTransport
@@ -601,3 +602,46 @@ async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
     assert guard_is_empty(server)
     for client in (finished, cut, small):
         await client.aclose()
+
+
+# --- cut-off slow consumers: a few per scheduler pass --------------------------------------
+
+
+async def test_reaper_cancels_a_few_scopes_per_scheduler_pass() -> None:
+    reaper = Reaper(per_pass=3)
+    passes = 0
+    cancelled_in: list[int] = []
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    async def connection(
+        scope: trio.CancelScope, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with scope:
+            task_status.started()
+            await trio.sleep_forever()
+        cancelled_in.append(passes)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_passes)
+        nursery.start_soon(reaper.run)
+        scopes = [trio.CancelScope() for _ in range(10)]
+        async with trio.open_nursery() as connections:
+            for scope in scopes:
+                await connections.start(connection, scope)
+            for scope in scopes:
+                reaper.cut(scope)
+        nursery.cancel_scope.cancel()
+    assert len(cancelled_in) == 10
+    per_pass = [cancelled_in.count(p) for p in set(cancelled_in)]
+    assert max(per_pass) <= 3 and len(per_pass) >= 4
+
+
+def test_reaper_not_running_cancels_at_once() -> None:
+    scope = trio.CancelScope()
+    Reaper().cut(scope)
+    assert scope.cancel_called

@@ -26,6 +26,7 @@ from ..broker import Broker, Item, TooManyTopics, send_reply
 from ..protocol import QUIT, SUCCESS, Failure, Send, Subscribe, Unsubscribe
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
+from ._reaper import Reaper
 
 log = logging.getLogger("mq_trio.connection")
 
@@ -81,6 +82,9 @@ class Connection:
     registry: set[Connection] | None = None
     #: The server's list of outboxes with freshly woken writers (``Outbox.attach``).
     ready: list[Outbox] | None = None
+    #: The server's reaper, which cancels cut-off connections a few per pass (None: at
+    #: once).
+    reaper: Reaper | None = None
     outbox: Outbox = attrs.field(init=False)
     #: Set by ``stop``: no more commands are handled.
     _stopping: bool = attrs.field(init=False, default=False)
@@ -119,7 +123,10 @@ class Connection:
         # would otherwise still be given to an outbox that drops them.
         self.broker.evict(self.outbox)
         if self._scope is not None:
-            self._scope.cancel()
+            if self.reaper is not None:
+                self.reaper.cut(self._scope)  # soon: many may overflow at once
+            else:
+                self._scope.cancel()
 
     def _peer_gone(self) -> None:
         # The writer cannot deliver any more: reading on is pointless.

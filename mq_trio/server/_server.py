@@ -26,6 +26,7 @@ from ._connection import (
     Limits,
 )
 from ._outbox import Outbox
+from ._reaper import Reaper
 from ._ws_listener import handle_stream
 
 log = logging.getLogger("mq_trio.server")
@@ -172,6 +173,8 @@ class Server:
     _ready: list[Outbox] = attrs.field(init=False, factory=list)
     #: Unfinished input of all TCP connections: --line-timeout and --max-input-bytes.
     input_guard: InputGuard = attrs.field(init=False)
+    #: Cancels the connections of cut-off slow consumers, a few per scheduler pass.
+    reaper: Reaper = attrs.field(init=False, factory=Reaper)
     #: Streams of the WebSocket port accepted and not (yet, or any more) a connection
     #: in ``connections``: they count toward --max-connections too.
     ws_handshakes: int = attrs.field(init=False, default=0)
@@ -233,7 +236,7 @@ class Server:
         """A connection of this server over ``transport``; ``await conn.run()`` serves it."""
         return Connection(
             transport, self.broker, self._limits, self.connections,
-            self._ready,
+            self._ready, self.reaper,
         )
 
     async def handle_transport(self, transport: Transport) -> None:
@@ -346,6 +349,7 @@ class Server:
                                  host, port, host, port)
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
+                    accept.start_soon(self.reaper.run)
                     task_status.started(self)
             # Stop accepting at the socket level too: a listening socket left open would
             # still complete handshakes into its backlog, for clients nobody will serve.
