@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -9,6 +10,7 @@ from typing import Any
 
 import trio
 
+from mq_trio.broker import Deferred
 from mq_trio.server import Config, Server, serve
 
 SEED_VARIABLE = "MQ_TRIO_TEST_SEED"
@@ -103,3 +105,54 @@ async def replay(client: LineClient, topic: str, last_seen: int = -1) -> list[di
         if item == {"success": True}:
             return items
         items.append(item)
+
+
+class Fake:
+    """A subscriber that records what the broker pushes to it."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.got: list[bytes] = []
+
+    def push(self, payload: bytes) -> None:
+        self.got.append(payload)
+
+    def push_deferred(self, item: Deferred) -> None:
+        raise AssertionError("a memory history never defers a delivery")
+
+    @property
+    def objects(self) -> list[Any]:
+        return [json.loads(p) for p in self.got]
+
+    @property
+    def indexes(self) -> list[int]:
+        return [o["index"] for o in self.objects]
+
+    @property
+    def msgs(self) -> list[str]:
+        return [o["msg"] for o in self.objects]
+
+    def __repr__(self) -> str:
+        return f"Fake({self.name})"
+
+
+class ExhaustedSocket:
+    """accept() fails with EMFILE ``failures`` times, then waits forever."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def accept(self) -> tuple[Any, Any]:
+        self.calls += 1
+        await trio.lowlevel.checkpoint()
+        if self.calls <= self.failures:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", 1)
+
+    def close(self) -> None:
+        pass

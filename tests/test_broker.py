@@ -7,38 +7,10 @@ import random
 from typing import Any, Literal
 
 import pytest
+from support import Fake
 
-from mq_trio.broker import Broker, Deferred, Item, MemoryHistory
+from mq_trio.broker import Broker, Item, MemoryHistory
 from mq_trio.protocol import Send, encode_delivery, parse_line
-
-
-class Fake:
-    """A subscriber that records what the broker pushes to it."""
-
-    def __init__(self, name: str = "") -> None:
-        self.name = name
-        self.got: list[bytes] = []
-
-    def push(self, payload: bytes) -> None:
-        self.got.append(payload)
-
-    def push_deferred(self, item: Deferred) -> None:
-        raise AssertionError("a memory history never defers a delivery")
-
-    @property
-    def objects(self) -> list[Any]:
-        return [json.loads(p) for p in self.got]
-
-    @property
-    def indexes(self) -> list[int]:
-        return [o["index"] for o in self.objects]
-
-    @property
-    def msgs(self) -> list[str]:
-        return [o["msg"] for o in self.objects]
-
-    def __repr__(self) -> str:
-        return f"Fake({self.name})"
 
 
 def make_broker(cache_size: int = 100, seed: int = 0) -> Broker:

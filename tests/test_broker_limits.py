@@ -8,27 +8,11 @@ import random
 from typing import Any
 
 import pytest
+from support import Fake
 
-from mq_trio.broker import Broker, Deferred, MemoryHistory, TooManyTopics
+from mq_trio.broker import Broker, MemoryHistory, TooManyTopics
 from mq_trio.broker._memory import ENTRY_OVERHEAD
 from mq_trio.protocol import Send, encode_delivery, parse_line, splice_index
-
-
-class Fake:
-    """A subscriber that records what the broker pushes to it."""
-
-    def __init__(self, name: str = "") -> None:
-        self.name = name
-        self.got: list[bytes] = []
-
-    def push(self, payload: bytes) -> None:
-        self.got.append(payload)
-
-    def push_deferred(self, item: Deferred) -> None:
-        raise AssertionError("a memory history never defers a delivery")
-
-    def __repr__(self) -> str:
-        return f"Fake({self.name})"
 
 
 def send(

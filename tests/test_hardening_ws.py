@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 import wsproto
-from support import start_server
+from support import ExhaustedSocket, start_server
 from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from mq_trio.broker import Broker, MemoryHistory
@@ -123,20 +123,6 @@ async def test_valid_text_still_works_and_a_peer_close_is_answered(
 # --- 3. accept failures are logged at a bounded rate -------------------------------------
 
 
-class ExhaustedSocket:
-    """accept() fails with EMFILE ``failures`` times, then waits forever."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls = 0
-
-    async def accept(self) -> tuple[Any, Any]:
-        self.calls += 1
-        await trio.lowlevel.checkpoint()
-        if self.calls <= self.failures:
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
 
 
 async def test_accept_failures_are_logged_at_a_bounded_rate(

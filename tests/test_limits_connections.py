@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 from functools import partial
 from typing import Any
 
@@ -19,7 +17,7 @@ import trio.testing
 import trio_websocket
 import wsproto
 import wsproto.events
-from support import LineClient, make_config, start_server
+from support import ExhaustedSocket, LineClient, make_config, start_server
 
 from mq_trio.broker import Broker, MemoryHistory, Subscriber, TooManyTopics
 from mq_trio.broker._history import Recorded
@@ -392,28 +390,6 @@ async def test_too_many_topics_through_handle_event() -> None:
 
 
 # --- the WebSocket port's accept loop under EMFILE --------------------------------------
-
-
-class ExhaustedSocket:
-    """accept() fails with EMFILE ``failures`` times, then waits forever."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls = 0
-
-    async def accept(self) -> tuple[Any, Any]:
-        self.calls += 1
-        await trio.lowlevel.checkpoint()
-        if self.calls <= self.failures:
-            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    def getsockname(self) -> tuple[str, int]:
-        return ("127.0.0.1", 1)
-
-    def close(self) -> None:
-        pass
 
 
 class ExhaustedListener(trio.abc.AsyncResource):
