@@ -132,10 +132,16 @@ class Broker:
         each ``next`` (a client with a million subscriptions must not stall the rest).
         The subscriber leaves every topic at once in ``_topics_of``; its remaining
         entries in the topics' dicts may still get deliveries until their step."""
-        topics = self._topics_of.pop(subscriber, ())
+        topics = self._topics_of.pop(subscriber, None)
+        if not topics:
+            return
         drop = self._drop
-        for n, topic in enumerate(topics, 1):
-            drop(subscriber, topic)
+        n = 0
+        # Popped one by one, not iterated: the set may hold the last reference to each
+        # name, and freeing a million names when it goes was one stall of its own.
+        while topics:
+            drop(subscriber, topics.pop())
+            n += 1
             if n % step == 0:
                 yield
 
