@@ -24,7 +24,7 @@ from mq_trio.broker._history import Recorded
 from mq_trio.protocol import LineConnection, Send, Subscribe, parse_line
 from mq_trio.server import Config, Server, serve
 from mq_trio.server._connection import Connection, LogThrottle
-from mq_trio.server._reaper import Reaper
+from mq_trio.server._pacer import Pacer
 from mq_trio.transports import _websocket as websocket
 from mq_trio.transports._input import InputGuard
 from mq_trio.transports._tcp import TCPTransport
@@ -580,18 +580,18 @@ async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
         await client.aclose()
 
 
-# --- cut-off slow consumers: a few per scheduler pass --------------------------------------
+# --- bursts of work: a few per scheduler pass --------------------------------------
 
 
-async def test_reaper_cancels_a_few_scopes_per_scheduler_pass() -> None:
-    reaper = Reaper(per_pass=2)
+async def test_pacer_runs_a_few_per_scheduler_pass() -> None:
+    reaper = Pacer(per_pass=2)
     scopes = [trio.CancelScope() for _ in range(20)]
     steps: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reaper.run)
         await trio.testing.wait_all_tasks_blocked()  # the reaper waits for work
         for scope in scopes:
-            reaper.cut(scope)
+            reaper.defer(scope.cancel)
         done = 0
         while done < len(scopes):
             await trio.lowlevel.checkpoint()  # one scheduler pass
@@ -605,7 +605,8 @@ async def test_reaper_cancels_a_few_scopes_per_scheduler_pass() -> None:
     assert len([step for step in steps if step]) >= 5
 
 
-def test_reaper_not_running_cancels_at_once() -> None:
+def test_pacer_not_running_runs_at_once() -> None:
     scope = trio.CancelScope()
-    Reaper().cut(scope)
+    Pacer(2).defer(scope.cancel)
     assert scope.cancel_called
+

@@ -26,7 +26,7 @@ from ..broker import Broker, Item, TooManyTopics, send_reply
 from ..protocol import QUIT, SUCCESS, Failure, Send, Subscribe, Unsubscribe
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
-from ._reaper import Reaper
+from ._pacer import Pacer
 
 log = logging.getLogger("mq_trio.connection")
 
@@ -82,9 +82,9 @@ class Connection:
     registry: set[Connection] | None = None
     #: The server's list of outboxes with freshly woken writers (``Outbox.attach``).
     ready: list[Outbox] | None = None
-    #: The server's reaper, which cancels cut-off connections a few per pass (None: at
+    #: The server's pacer for cancelling cut-off connections, a few per pass (None: at
     #: once).
-    reaper: Reaper | None = None
+    reaper: Pacer | None = None
     outbox: Outbox = attrs.field(init=False)
     #: Set by ``stop``: no more commands are handled.
     _stopping: bool = attrs.field(init=False, default=False)
@@ -124,7 +124,7 @@ class Connection:
         self.broker.evict(self.outbox)
         if self._scope is not None:
             if self.reaper is not None:
-                self.reaper.cut(self._scope)  # soon: many may overflow at once
+                self.reaper.defer(self._scope.cancel)  # soon: many may overflow at once
             else:
                 self._scope.cancel()
 

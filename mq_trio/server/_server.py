@@ -26,7 +26,7 @@ from ._connection import (
     Limits,
 )
 from ._outbox import Outbox
-from ._reaper import Reaper
+from ._pacer import CUTOFFS_PER_PASS, Pacer
 from ._ws_listener import handle_stream
 
 log = logging.getLogger("mq_trio.server")
@@ -174,7 +174,7 @@ class Server:
     #: Unfinished input of all TCP connections: --line-timeout and --max-input-bytes.
     input_guard: InputGuard = attrs.field(init=False)
     #: Cancels the connections of cut-off slow consumers, a few per scheduler pass.
-    reaper: Reaper = attrs.field(init=False, factory=Reaper)
+    reaper: Pacer = attrs.field(init=False, factory=lambda: Pacer(CUTOFFS_PER_PASS))
     #: Streams of the WebSocket port accepted and not (yet, or any more) a connection
     #: in ``connections``: they count toward --max-connections too.
     ws_handshakes: int = attrs.field(init=False, default=0)
