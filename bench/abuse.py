@@ -761,6 +761,68 @@ def sc_cutoff(ctx: Ctx) -> dict[str, Any]:
             "cutoff_s": round(t1 - t0, 2)}
 
 
+def sc_fanout_readers(ctx: Ctx) -> dict[str, Any]:
+    """The cutoff scenario's burst to subscribers that do read: what the fan-out itself
+    costs the others, without any cut-off (compare with ``cutoff``)."""
+    a = ctx.args
+    topic = "abuse.crowd"
+    subs: list[socket.socket] = []
+    sub_line = line({"command": "subscribe", "topic": topic})
+    for i in range(0, a.cutoff_subs, 500):
+        batch = []
+        for _ in range(min(500, a.cutoff_subs - i)):
+            s = connect(ctx.port)
+            s.sendall(sub_line)
+            batch.append(s)
+        for s in batch:
+            read_reply(s, 30)
+        subs += batch
+    ctx.phase("subscribe")
+    body = "b" * a.cutoff_msg_bytes
+    delivered = [0]
+    stop = threading.Event()
+
+    def drain() -> None:
+        # Counts delivery line ends across every subscriber, as fast as it can read.
+        sel = selectors.DefaultSelector()
+        for s in subs:
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+        while not stop.is_set():
+            for key, _ in sel.select(0.1):
+                try:
+                    data = key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    continue
+                delivered[0] += data.count(b"\n")
+        sel.close()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    expected = a.cutoff_subs * a.cutoff_burst
+    t0 = now()
+    with connect(ctx.port) as pub:
+        r = pipelined(pub, (line({"command": "send", "topic": topic, "msg": body,
+                                  "delivery": "all"}) for _ in range(a.cutoff_burst)),
+                      a.cutoff_burst)
+        t_pub = now()
+        deadline = now() + a.cutoff_timeout
+        while delivered[0] < expected and now() < deadline:
+            time.sleep(0.05)
+    t1 = now()
+    stop.set()
+    reader.join()
+    ctx.window = (t0, t1)
+    ctx.window_name = "burst+delivery"
+    ctx.phase("burst")
+    for s in subs:
+        s.close()
+    return {"size": f"{a.cutoff_subs} reading subs, {a.cutoff_burst} × {a.cutoff_msg_bytes} B",
+            "reply": f"publisher: {r.summary()} in {t_pub - t0:.2f} s; "
+                     f"{delivered[0]}/{expected} delivered after {t1 - t0:.2f} s",
+            "delivered": delivered[0], "burst_s": round(t_pub - t0, 2)}
+
+
 def sc_durable_replay(ctx: Ctx) -> dict[str, Any]:
     a = ctx.args
     topic = "abuse.replay"
@@ -811,6 +873,8 @@ SCENARIOS: dict[str, Scenario] = {
     "cutoff": Scenario(sc_cutoff, lambda a: ["--max-pending-bytes", str(a.cutoff_pending),
                                            "--max-line-bytes", str(a.cutoff_pending // 2)],
                        doc="non-reading subscribers overflowed by a burst and cut off"),
+    "fanout-readers": Scenario(sc_fanout_readers,
+                               doc="the cutoff burst to subscribers that read (no cut-off)"),
     "durable-replay": Scenario(
         sc_durable_replay,
         lambda a: ["--data-dir", "{datadir}", "--cache-size", str(a.replay_msgs),
