@@ -716,28 +716,43 @@ def sc_many_subs(ctx: Ctx) -> dict[str, Any]:
             "subscribe_s": round(r.elapsed, 2)}
 
 
-def sc_cutoff(ctx: Ctx) -> dict[str, Any]:
+_CROWD_TOPIC = "abuse.crowd"
+
+
+def _crowd(ctx: Ctx, rcvbuf: int | None) -> tuple[list[socket.socket], collections.Counter[str]]:
+    """``--cutoff-subs`` subscribers of one topic (500 connections at a time)."""
     a = ctx.args
-    topic = "abuse.crowd"
     subs: list[socket.socket] = []
-    sub_line = line({"command": "subscribe", "topic": topic})
+    sub_line = line({"command": "subscribe", "topic": _CROWD_TOPIC})
     replies: collections.Counter[str] = collections.Counter()
     for i in range(0, a.cutoff_subs, 500):
         batch = []
         for _ in range(min(500, a.cutoff_subs - i)):
-            s = connect(ctx.port, rcvbuf=4096)
+            s = connect(ctx.port, rcvbuf=rcvbuf)
             s.sendall(sub_line)
             batch.append(s)
         for s in batch:
             replies[read_reply(s, 30)] += 1
         subs += batch
     ctx.phase("subscribe")
+    return subs, replies
+
+
+def _burst(ctx: Ctx, pub: socket.socket) -> Replies:
+    """``--cutoff-burst`` pipelined sends of ``--cutoff-msg-bytes`` to the crowd's topic."""
+    a = ctx.args
     body = "b" * a.cutoff_msg_bytes
+    return pipelined(pub, (line({"command": "send", "topic": _CROWD_TOPIC, "msg": body,
+                                 "delivery": "all"}) for _ in range(a.cutoff_burst)),
+                     a.cutoff_burst)
+
+
+def sc_cutoff(ctx: Ctx) -> dict[str, Any]:
+    a = ctx.args
+    subs, replies = _crowd(ctx, rcvbuf=4096)
     t0 = now()
     with connect(ctx.port) as pub:
-        r = pipelined(pub, (line({"command": "send", "topic": topic, "msg": body,
-                                  "delivery": "all"}) for _ in range(a.cutoff_burst)),
-                      a.cutoff_burst)
+        r = _burst(ctx, pub)
         t_pub = now()
         deadline = now() + a.cutoff_timeout
         ports = {s.getsockname()[1] for s in subs}
@@ -765,20 +780,7 @@ def sc_fanout_readers(ctx: Ctx) -> dict[str, Any]:
     """The cutoff scenario's burst to subscribers that do read: what the fan-out itself
     costs the others, without any cut-off (compare with ``cutoff``)."""
     a = ctx.args
-    topic = "abuse.crowd"
-    subs: list[socket.socket] = []
-    sub_line = line({"command": "subscribe", "topic": topic})
-    for i in range(0, a.cutoff_subs, 500):
-        batch = []
-        for _ in range(min(500, a.cutoff_subs - i)):
-            s = connect(ctx.port)
-            s.sendall(sub_line)
-            batch.append(s)
-        for s in batch:
-            read_reply(s, 30)
-        subs += batch
-    ctx.phase("subscribe")
-    body = "b" * a.cutoff_msg_bytes
+    subs, _ = _crowd(ctx, rcvbuf=None)
     delivered = [0]
     stop = threading.Event()
 
@@ -802,9 +804,7 @@ def sc_fanout_readers(ctx: Ctx) -> dict[str, Any]:
     expected = a.cutoff_subs * a.cutoff_burst
     t0 = now()
     with connect(ctx.port) as pub:
-        r = pipelined(pub, (line({"command": "send", "topic": topic, "msg": body,
-                                  "delivery": "all"}) for _ in range(a.cutoff_burst)),
-                      a.cutoff_burst)
+        r = _burst(ctx, pub)
         t_pub = now()
         deadline = now() + a.cutoff_timeout
         while delivered[0] < expected and now() < deadline:

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from mq_trio.broker import Deferred
+from mq_trio.protocol import Send, parse_line
 from mq_trio.server import Config, Server, serve
 
 SEED_VARIABLE = "MQ_TRIO_TEST_SEED"
@@ -156,3 +157,15 @@ class ExhaustedSocket:
 
     def close(self) -> None:
         pass
+
+
+def parsed_send(
+    topic: str = "t", msg: str = "m", delivery: str = "all", cache: bool | None = None
+) -> Send:
+    """A Send parsed from the wire form, so its delivery is the object as received."""
+    obj: dict[str, Any] = {"command": "send", "topic": topic, "msg": msg, "delivery": delivery}
+    if cache is not None:
+        obj["cache"] = cache
+    event = parse_line(json.dumps(obj).encode())
+    assert isinstance(event, Send)
+    return event

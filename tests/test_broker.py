@@ -8,25 +8,16 @@ from typing import Any, Literal
 
 import pytest
 from support import Fake
+from support import parsed_send as send
 
 from mq_trio.broker import Broker, Item, MemoryHistory
-from mq_trio.protocol import Send, encode_delivery, parse_line
+from mq_trio.protocol import Send, encode_delivery
 
 
 def make_broker(cache_size: int = 100, seed: int = 0) -> Broker:
     return Broker(MemoryHistory(cache_size), random=random.Random(seed))
 
 
-def send(
-    topic: str = "t", msg: str = "m", delivery: str = "all", cache: bool | None = None
-) -> Send:
-    """A Send parsed from the wire form, so its delivery is the object as received."""
-    obj: dict[str, Any] = {"command": "send", "topic": topic, "msg": msg, "delivery": delivery}
-    if cache is not None:
-        obj["cache"] = cache
-    event = parse_line(json.dumps(obj).encode())
-    assert isinstance(event, Send)
-    return event
 
 
 def plain(items: list[Item]) -> list[bytes]:

@@ -9,21 +9,11 @@ from typing import Any
 
 import pytest
 from support import Fake
+from support import parsed_send as send
 
 from mq_trio.broker import Broker, MemoryHistory, TooManyTopics
 from mq_trio.broker._memory import ENTRY_OVERHEAD
-from mq_trio.protocol import Send, encode_delivery, parse_line, splice_index
-
-
-def send(
-    topic: str = "t", msg: str = "m", delivery: str = "all", cache: bool | None = None
-) -> Send:
-    obj: dict[str, Any] = {"command": "send", "topic": topic, "msg": msg, "delivery": delivery}
-    if cache is not None:
-        obj["cache"] = cache
-    event = parse_line(json.dumps(obj).encode())
-    assert isinstance(event, Send)
-    return event
+from mq_trio.protocol import Send, encode_delivery, splice_index
 
 
 def indexes(payloads: list[Any]) -> list[int]:
