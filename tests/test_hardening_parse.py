@@ -131,16 +131,6 @@ def test_nesting_beyond_the_bound_is_refused_unread(
     assert scanner_calls == []
 
 
-def test_the_is_valid_json_fallback_is_no_longer_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    # it reads one token per Python loop: 0.6 s for a deep line
-    def fail(text: str) -> bool:
-        raise AssertionError("is_valid_json called")
-
-    monkeypatch.setattr(_parse, "is_valid_json", fail)
-    assert parse_line(b"[" * 5000 + b"]" * 5000) in (MALFORMED, PARSE)
-    assert parse_line(b"[" * 5000) == PARSE
-
-
 # --- what only Python's json reads keeps its answer --------------------------------------
 
 

@@ -41,7 +41,7 @@ from ._encode import (
     splice_index,
 )
 from ._framing import LineBuffer
-from ._parse import is_valid_json, parse_line, parse_line_stdlib, parse_text_stdlib
+from ._parse import parse_line, parse_line_stdlib, parse_text_stdlib
 
 __all__ = [
     "DECODE_ERROR",
@@ -76,7 +76,6 @@ __all__ = [
     "encode_unsubscribe",
     "failure_bytes",
     "frame",
-    "is_valid_json",
     "parse_line",
     "parse_line_stdlib",
     "parse_text_stdlib",

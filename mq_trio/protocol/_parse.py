@@ -6,7 +6,6 @@ Every rule of the wire contract is tested by feeding bytes (the h11/wsproto appr
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 
 import msgspec
@@ -258,69 +257,3 @@ def parse_line(line: bytes) -> LineEvent:
             return parse_line_stdlib(line)
         return Send(topic, msg, s.delivery, s.cache, line.strip(_JSON_WS))
     return parse_line_stdlib(line)
-
-
-# A non-recursive JSON well-formedness check (public; the parser no longer uses it: it reads
-# a token per Python loop, 0.6 s for a deep 1 MiB line, where msgspec takes about 1 ms).
-_TOKEN = re.compile(
-    r"""[ \t\n\r]*(?:
-        (?P<open>[\[{]) | (?P<close>[\]}]) | (?P<comma>,) | (?P<colon>:) |
-        (?P<string>"(?:[^"\\\x00-\x1f]|\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4}))*") |
-        (?P<scalar>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null
-                   |NaN|Infinity|-Infinity)
-    )""",
-    re.VERBOSE,
-)
-
-
-def is_valid_json(text: str) -> bool:
-    """Whether ``text`` is one JSON value, checked with an explicit stack (no recursion)."""
-    stack: list[str] = []  # "[" or "{" for each open container
-    expect = "value"  # value | value_or_close | comma_or_close | key | key_or_close | colon
-    pos, end = 0, len(text)
-    done = False
-    while True:
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            return done and text[pos:].strip(" \t\n\r") == ""
-        if done:
-            return False
-        pos = m.end()
-        kind = m.lastgroup
-        if expect in ("value", "value_or_close"):
-            if kind == "close" and expect == "value_or_close" and m["close"] == "]":
-                stack.pop()
-            elif kind == "open":
-                stack.append(m["open"])
-                expect = "value_or_close" if m["open"] == "[" else "key_or_close"
-                continue
-            elif kind not in ("string", "scalar"):
-                return False
-        elif expect in ("key", "key_or_close"):
-            if kind == "string":
-                expect = "colon"
-                continue
-            if kind == "close" and expect == "key_or_close" and m["close"] == "}":
-                stack.pop()
-            else:
-                return False
-        elif expect == "colon":
-            if kind != "colon":
-                return False
-            expect = "value"
-            continue
-        else:  # comma_or_close
-            if kind == "comma":
-                expect = "value" if stack[-1] == "[" else "key"
-                continue
-            if kind != "close" or m["close"] != ("]" if stack[-1] == "[" else "}"):
-                return False
-            stack.pop()
-        # a value (scalar, string or closed container) just completed
-        if not stack:
-            done = True
-            if pos >= end:
-                return True
-        else:
-            expect = "comma_or_close"
-

@@ -29,7 +29,6 @@ RUN_NAME = "mq-trio.run"
 #: The flag that lets a server start after committed data was lost (in a new epoch).
 ACCEPT_FLAG = "--accept-data-loss"
 #: Rows per read when streaming old history to a subscriber.
-READ_CHUNK_ROWS = 1000
 #: everysec: the longest a committed write waits for its fsync.
 SYNC_INTERVAL = 1.0
 #: While the store fails, how often queued state changes are retried with no new sends.
