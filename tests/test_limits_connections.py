@@ -580,6 +580,32 @@ async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
         await client.aclose()
 
 
+async def test_big_websocket_messages_wait_for_their_turn(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    turns = 0
+    real_turn = InputGuard.turn
+
+    async def counting_turn(self: InputGuard) -> None:
+        nonlocal turns
+        turns += 1
+        await real_turn(self)
+
+    monkeypatch.setattr(InputGuard, "turn", counting_turn)
+    server = await start_server(nursery, ws_port=0, max_line_bytes=1 << 20,
+                                max_pending_bytes=4 << 20)
+    url = f"ws://127.0.0.1:{server.ws_port}/"
+    with trio.fail_after(10):
+        ws = await trio_websocket.connect_websocket_url(nursery, url)
+        big = {"command": "send", "topic": "t", "msg": "x" * 200_000, "delivery": "all"}
+        await ws.send_message(json.dumps(big))
+        assert json.loads(await ws.get_message()) == OK
+        await ws.send_message(json.dumps({"command": "subscribe", "topic": "u"}))
+        assert json.loads(await ws.get_message()) == OK
+        await ws.aclose()
+    assert turns == 1  # the big message, not the small one
+
+
 # --- bursts of work: a few per scheduler pass --------------------------------------
 
 

@@ -19,7 +19,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from ..protocol import INPUT_LIMIT, MessageConnection, failure_bytes
-from ._input import InputGuard
+from ._input import BIG_LINE, InputGuard
 
 log = logging.getLogger("mq_trio.websocket")
 
@@ -212,6 +212,8 @@ class WebSocketTransport:
             return []
         if message is None:  # closed, or stopped
             return None
+        if len(message) >= BIG_LINE and self._guard is not None:
+            await self._guard.turn()  # one big command per scheduler pass, as over TCP
         # Text is valid UTF-8: wsproto rejects it otherwise (1007, see ServerWebSocket).
         lines = self.wire.receive_message(message)
         if self.wire.too_big:
