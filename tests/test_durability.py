@@ -750,8 +750,7 @@ async def test_snapshot_released_when_subscriber_leaves_early(tmp_path: Path) ->
             while state.disk_replays < 2:  # noqa: ASYNC110
                 await trio.sleep(0.01)
             await late.aclose()
-            while server.connections:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+            await server.wait_until(lambda: not server.connections)
         assert state.disk_replays == 0
         # nothing was taken, nothing is lost
         got = await replay(await LineClient.connect(server.port), "t")

@@ -104,8 +104,7 @@ async def test_invalid_utf8_text_is_closed_with_1007(
     assert event.code == 1007
     # and the server forgets the connection
     with trio.fail_after(5):
-        while server.connections:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
+        await server.wait_until(lambda: not server.connections)
 
 
 async def test_valid_text_still_works_and_a_peer_close_is_answered(
@@ -171,12 +170,10 @@ async def test_accept_recovery_is_reported_and_resets(
         )
         client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
         with trio.fail_after(5):
-            while not server.connections:  # noqa: ASYNC110  # no event to wait on
-                await trio.sleep(0.01)
+            await server.wait_until(lambda: bool(server.connections))
         await client.aclose()
         with trio.fail_after(5):
-            while server.connections:  # noqa: ASYNC110  # no event to wait on
-                await trio.sleep(0.01)
+            await server.wait_until(lambda: not server.connections)
         accepting.cancel_scope.cancel()
     listener.close()
     messages = [r.getMessage() for r in caplog.records if r.name == "mq_trio.server"]

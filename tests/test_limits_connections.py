@@ -269,8 +269,7 @@ def test_input_guard_accounting() -> None:
 
 async def wait_open(server: Server, n: int) -> None:
     with trio.fail_after(10):
-        while server.open_connections != n:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
+        await server.wait_until(lambda: server.open_connections == n)
 
 
 async def test_max_connections_refuses_tcp_and_counts_back(nursery: trio.Nursery) -> None:
@@ -636,3 +635,23 @@ def test_pacer_not_running_runs_at_once() -> None:
     Pacer(2).defer(scope.cancel)
     assert scope.cancel_called
 
+
+
+async def test_wait_until_wakes_when_connections_change(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery)
+    woke: list[int] = []
+
+    async def waiter() -> None:
+        await server.wait_until(lambda: server.open_connections == 2)
+        woke.append(server.open_connections)
+
+    nursery.start_soon(waiter)
+    await trio.testing.wait_all_tasks_blocked()
+    client = await LineClient.connect(server.port)
+    assert await client.request({"command": "subscribe", "topic": "t"}) == OK
+    assert woke == []  # one connection: still waiting
+    server.ws_handshakes += 1  # a WebSocket stream in its handshake counts too
+    await trio.testing.wait_all_tasks_blocked()
+    assert woke == [2]
+    server.ws_handshakes -= 1
+    await client.aclose()

@@ -41,8 +41,7 @@ def no_gc() -> Iterator[None]:
 async def connected(server: Server, n: int) -> list[weakref.ref[Any]]:
     """Wait until ``n`` connections are open; weak references to each one's objects."""
     with trio.fail_after(10):
-        while len(server.connections) < n:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
+        await server.wait_until(lambda: len(server.connections) >= n)
     refs: list[weakref.ref[Any]] = []
     for conn in server.connections:
         refs += [weakref.ref(conn), weakref.ref(conn.outbox)]
@@ -52,8 +51,7 @@ async def connected(server: Server, n: int) -> list[weakref.ref[Any]]:
 
 async def all_closed(server: Server) -> None:
     with trio.fail_after(10):
-        while server.connections:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
+        await server.wait_until(lambda: not server.connections)
     # Let the connection tasks finish their last steps (trio drops a finished task).
     for _ in range(5):
         await trio.lowlevel.checkpoint()
@@ -64,8 +62,7 @@ async def accept_one_more(server: Server) -> LineClient:
     the next one: accept another, untracked, so that reference goes."""
     client = await LineClient.connect(server.port)
     with trio.fail_after(10):
-        while not server.connections:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
+        await server.wait_until(lambda: bool(server.connections))
     return client
 
 
@@ -166,8 +163,7 @@ async def test_closed_connection_holds_no_buffers(nursery: trio.Nursery) -> None
     server = await start_server(nursery)
     client = await LineClient.connect(server.port)
     with trio.fail_after(10):
-        while not server.connections:  # noqa: ASYNC110  # no event to wait on
-            await trio.sleep(0.01)
+        await server.wait_until(lambda: bool(server.connections))
     (conn,) = server.connections
     await client.send_raw(b"bogus\nquit\n" + PARTIAL)
     with trio.fail_after(10):

@@ -60,6 +60,26 @@ class LogThrottle:
         return more
 
 
+class Registry(set["Connection"]):
+    """The server's live connections, which a task can wait on to change (``Server.
+    wait_until``: tests, and code that embeds the server). Adding and removing cost a
+    check of the parking lot when nobody waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = trio.lowlevel.ParkingLot()
+
+    def add(self, connection: Connection) -> None:
+        super().add(connection)
+        if self.changed:
+            self.changed.unpark_all()
+
+    def discard(self, connection: object) -> None:
+        super().discard(connection)
+        if self.changed:
+            self.changed.unpark_all()
+
+
 @attrs.frozen
 class Limits:
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES

@@ -24,6 +24,7 @@ from ._connection import (
     DEFAULT_MAX_PENDING_BYTES,
     Connection,
     Limits,
+    Registry,
 )
 from ._outbox import Outbox
 from ._pacer import CUTOFFS_PER_PASS, Pacer
@@ -161,7 +162,7 @@ class Server:
     listeners: list[trio.SocketListener]
     #: The WebSocket/page listeners; empty when the WebSocket endpoint is off.
     ws_listeners: list[trio.SocketListener] = attrs.field(factory=list)
-    connections: set[Connection] = attrs.field(factory=set)
+    connections: Registry = attrs.field(factory=Registry)
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _connections_scope: trio.CancelScope | None = None
     #: Set once shutdown() was called.
@@ -177,7 +178,7 @@ class Server:
     reaper: Pacer = attrs.field(init=False, factory=lambda: Pacer(CUTOFFS_PER_PASS))
     #: Streams of the WebSocket port accepted and not (yet, or any more) a connection
     #: in ``connections``: they count toward --max-connections too.
-    ws_handshakes: int = attrs.field(init=False, default=0)
+    _ws_handshakes: int = attrs.field(init=False, default=0)
     #: Clients refused as too many (logged at a bounded rate).
     refused: int = attrs.field(init=False, default=0)
     _next_refused_log: float = attrs.field(init=False, default=0.0)
@@ -185,6 +186,22 @@ class Server:
     def __attrs_post_init__(self) -> None:
         self._limits = self.config.limits  # one shared object, not one per connection
         self.input_guard = InputGuard(self.config.max_input_bytes, self.config.line_timeout)
+
+    @property
+    def ws_handshakes(self) -> int:
+        return self._ws_handshakes
+
+    @ws_handshakes.setter
+    def ws_handshakes(self, value: int) -> None:
+        self._ws_handshakes = value
+        if self.connections.changed:
+            self.connections.changed.unpark_all()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, checked again whenever a connection opens
+        or closes (``connections``, ``open_connections``)."""
+        while not predicate():
+            await self.connections.changed.park()
 
     @property
     def open_connections(self) -> int:
