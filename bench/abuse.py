@@ -601,23 +601,28 @@ def mib(n: int | None) -> float | None:
     return None if n is None else round(n / MiB, 1)
 
 
+def _send_repeatedly(ctx: Ctx, data: bytes) -> tuple[str, float]:
+    """Send ``data`` ``--repeat`` times on one connection, each after the last reply;
+    the replies (counted) and the seconds it all took."""
+    replies = []
+    with connect(ctx.port) as s:
+        t0 = now()
+        for _ in range(ctx.args.repeat):
+            s.sendall(data)
+            replies.append(read_reply(s, 120))
+            if replies[-1] == "timeout" or replies[-1].startswith("closed"):
+                break
+        took = now() - t0
+    return fmt_counter(collections.Counter(replies)), round(took, 3)
+
+
 def sc_bigint(ctx: Ctx) -> dict[str, Any]:
     a = ctx.args
     head, tail = b'{"command": "send", "topic": "abuse.big", "delivery": "all", "msg": ', b"}\n"
     digits = a.digits if a.digits else LINE_LIMIT - len(head) - len(tail)
     data = head + b"1" * digits + tail
-    replies = []
-    with connect(ctx.port) as s:
-        t0 = now()
-        for _ in range(a.repeat):
-            s.sendall(data)
-            replies.append(read_reply(s, 120))
-            if replies[-1] in ("timeout",) or replies[-1].startswith("closed"):
-                break
-        took = now() - t0
-    return {"size": f"{digits} digits ×{a.repeat}",
-            "reply": fmt_counter(collections.Counter(replies)),
-            "reply_s": round(took, 3)}
+    reply, took = _send_repeatedly(ctx, data)
+    return {"size": f"{digits} digits ×{a.repeat}", "reply": reply, "reply_s": took}
 
 
 def sc_nested(ctx: Ctx) -> dict[str, Any]:
@@ -625,17 +630,9 @@ def sc_nested(ctx: Ctx) -> dict[str, Any]:
     head, tail = b'{"command": "send", "topic": "abuse.nest", "delivery": "all", "msg": ', b"}\n"
     depth = a.depth if a.depth else (LINE_LIMIT - len(head) - len(tail)) // 2
     data = head + b"[" * depth + b"]" * depth + tail
-    replies = []
-    with connect(ctx.port) as s:
-        t0 = now()
-        for _ in range(a.repeat):
-            s.sendall(data)
-            replies.append(read_reply(s, 120))
-            if replies[-1] == "timeout" or replies[-1].startswith("closed"):
-                break
-        took = now() - t0
-    return {"size": f"depth {depth} ({len(data)} B) ×{a.repeat}",
-            "reply": fmt_counter(collections.Counter(replies)), "reply_s": round(took, 3)}
+    reply, took = _send_repeatedly(ctx, data)
+    return {"size": f"depth {depth} ({len(data)} B) ×{a.repeat}", "reply": reply,
+            "reply_s": took}
 
 
 def sc_slowloris(ctx: Ctx) -> dict[str, Any]:

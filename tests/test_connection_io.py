@@ -237,7 +237,7 @@ async def test_accept_loop_survives_transient_and_capacity_errors(
     await listener.bind(("127.0.0.1", 0))
     listener.listen()
     flaky = FlakyListenerSocket(listener, [errno.ECONNABORTED, errno.EMFILE])
-    nursery.start_soon(server._accept_loop, flaky, 1024, nursery)  # type: ignore[arg-type]
+    nursery.start_soon(server._accept_loop, flaky, nursery)  # type: ignore[arg-type]
     client = await LineClient.connect(listener.getsockname()[1])
     with trio.fail_after(5):
         assert await client.request({"command": "subscribe", "topic": "t"}) == OK
@@ -250,7 +250,7 @@ async def test_accept_loop_raises_unexpected_errors(nursery: trio.Nursery) -> No
     listener = trio.socket.socket()
     flaky = FlakyListenerSocket(listener, [errno.EBADF])
     with pytest.raises(OSError, match="injected"):
-        await server._accept_loop(flaky, 1024, nursery)  # type: ignore[arg-type]
+        await server._accept_loop(flaky, nursery)  # type: ignore[arg-type]
     listener.close()
 
 

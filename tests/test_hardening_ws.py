@@ -132,7 +132,7 @@ async def test_accept_failures_are_logged_at_a_bounded_rate(
     sock = ExhaustedSocket(failures=250)  # 25 virtual seconds of retries every 0.1 s
     async with trio.open_nursery() as nursery:
         with trio.move_on_after(30):
-            await server._accept_loop(sock, 1024, nursery)  # type: ignore[arg-type]
+            await server._accept_loop(sock, nursery)  # type: ignore[arg-type]
     assert sock.calls == 251  # it kept retrying, then waited for the next client
     records = [r for r in caplog.records if r.name == "mq_trio.server"]
     failed = [r.getMessage() for r in records if "accept failed" in r.getMessage()]
@@ -166,7 +166,7 @@ async def test_accept_recovery_is_reported_and_resets(
     flaky = Flaky(errors=5)
     async with trio.open_nursery() as accepting:
         accepting.start_soon(
-            server._accept_loop, flaky, 1024, accepting  # type: ignore[arg-type]
+            server._accept_loop, flaky, accepting  # type: ignore[arg-type]
         )
         client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
         with trio.fail_after(5):

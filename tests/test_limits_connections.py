@@ -545,18 +545,23 @@ async def test_big_lines_take_turns_one_per_scheduler_pass() -> None:
     assert len(set(seen)) == 20  # never two big lines in one pass
 
 
-async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    turns = 0
+@pytest.fixture
+def turns(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per ``InputGuard.turn`` taken."""
+    taken: list[None] = []
     real_turn = InputGuard.turn
 
     async def counting_turn(self: InputGuard) -> None:
-        nonlocal turns
-        turns += 1
+        taken.append(None)
         await real_turn(self)
 
     monkeypatch.setattr(InputGuard, "turn", counting_turn)
+    return taken
+
+
+async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
+    nursery: trio.Nursery, turns: list[None]
+) -> None:
     server = await start_server(nursery, max_line_bytes=1 << 20, max_pending_bytes=4 << 20)
     head = b'{"command": "send", "topic": "t", "delivery": "all", "msg": "'
     big = head + b"x" * (200_000 - len(head))
@@ -573,24 +578,15 @@ async def test_big_lines_finished_or_cut_by_eof_wait_for_their_turn(
     assert output == b'{"success": false, "reason": "Could not parse json"}\r\n'
     small = await LineClient.connect(server.port)
     assert await small.request({"command": "subscribe", "topic": "u"}) == OK
-    assert turns == 2  # the two big lines, not the small one
+    assert len(turns) == 2  # the two big lines, not the small one
     assert guard_is_empty(server)
     for client in (finished, cut, small):
         await client.aclose()
 
 
 async def test_big_websocket_messages_wait_for_their_turn(
-    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, turns: list[None]
 ) -> None:
-    turns = 0
-    real_turn = InputGuard.turn
-
-    async def counting_turn(self: InputGuard) -> None:
-        nonlocal turns
-        turns += 1
-        await real_turn(self)
-
-    monkeypatch.setattr(InputGuard, "turn", counting_turn)
     server = await start_server(nursery, ws_port=0, max_line_bytes=1 << 20,
                                 max_pending_bytes=4 << 20)
     url = f"ws://127.0.0.1:{server.ws_port}/"
@@ -602,7 +598,7 @@ async def test_big_websocket_messages_wait_for_their_turn(
         await ws.send_message(json.dumps({"command": "subscribe", "topic": "u"}))
         assert json.loads(await ws.get_message()) == OK
         await ws.aclose()
-    assert turns == 1  # the big message, not the small one
+    assert len(turns) == 1  # the big message, not the small one
 
 
 # --- bursts of work: a few per scheduler pass --------------------------------------

@@ -90,7 +90,7 @@ class Broker:
 
     def _room(self) -> None:
         """Raise ``TooManyTopics`` unless one more topic fits (before any change)."""
-        if self.history.topic_count() + len(self._unrecorded) >= self.max_topics:
+        if self.topic_count() >= self.max_topics:
             raise TooManyTopics
 
     def subscribe(

@@ -24,6 +24,7 @@ from ._connection import (
     DEFAULT_MAX_PENDING_BYTES,
     Connection,
     Limits,
+    LogThrottle,
     Registry,
 )
 from ._outbox import Outbox
@@ -181,7 +182,9 @@ class Server:
     _ws_handshakes: int = attrs.field(init=False, default=0)
     #: Clients refused as too many (logged at a bounded rate).
     refused: int = attrs.field(init=False, default=0)
-    _next_refused_log: float = attrs.field(init=False, default=0.0)
+    _refused_log: LogThrottle = attrs.field(
+        init=False, factory=lambda: LogThrottle(_ACCEPT_LOG_INTERVAL)
+    )
 
     def __attrs_post_init__(self) -> None:
         self._limits = self.config.limits  # one shared object, not one per connection
@@ -213,11 +216,9 @@ class Server:
         if self.open_connections < self.config.max_connections:
             return True
         self.refused += 1
-        now = trio.current_time()
-        if now >= self._next_refused_log:
+        if self._refused_log.allow() is not None:
             log.warning("refusing clients: %d connections open (--max-connections); "
                         "%d refused so far", self.open_connections, self.refused)
-            self._next_refused_log = now + _ACCEPT_LOG_INTERVAL
         return False
 
     @property
@@ -267,16 +268,14 @@ class Server:
         handler task frame; neither is used by the TCP transport, and 10,000 idle
         connections pay for every object kept per connection.
         """
-        sock = listener.socket
-        max_line = self.config.max_line_bytes
         async with listener:  # closed however accepting ends
-            await self._accept_loop(sock, max_line, nursery)
+            await self._accept_loop(listener.socket, nursery)
 
     async def _accept_ws(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         """Accept clients of the WebSocket port (the same loop as TCP: its handling of
         descriptor exhaustion, its bounded logging)."""
         async with listener:
-            await self._accept_loop(listener.socket, 0, nursery, self._start_ws)
+            await self._accept_loop(listener.socket, nursery, self._start_ws)
 
     def _start_ws(self, client: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         admitted = self._admit()
@@ -306,7 +305,6 @@ class Server:
     async def _accept_loop(
         self,
         sock: trio.socket.SocketType,
-        max_line: int,
         nursery: trio.Nursery,
         start: Callable[[trio.socket.SocketType, trio.Nursery], None] | None = None,
     ) -> None:
