@@ -198,6 +198,46 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         help="with --data-dir: start although committed data is missing or corrupt, in "
         "a new epoch (resuming clients learn of the gap); without it such a start fails",
     )
+    security = p.add_argument_group(
+        "security", "authentication, per-topic permissions and TLS (docs/security.md)"
+    )
+    security.add_argument(
+        "--auth",
+        dest="auth_file",
+        default=d.auth_file,
+        metavar="FILE",
+        help="auth file (TOML: users, tokens, JWT, per-topic permissions); clients must "
+        "send an 'auth' command first. Reloaded on SIGHUP (a broken file keeps the old "
+        "rules). Default: off, every client may do everything",
+    )
+    security.add_argument(
+        "--auth-timeout",
+        type=float,
+        default=d.auth_timeout,
+        metavar="SECONDS",
+        help="with --auth: a client not authenticated this long after connecting gets "
+        "'Authentication timeout' and is closed",
+    )
+    security.add_argument(
+        "--tls-cert", default=d.tls_cert, metavar="PEM",
+        help="serve TLS on the TCP and WebSocket ports (wss://, https://) with this "
+        "certificate chain; needs --tls-key",
+    )
+    security.add_argument("--tls-key", default=d.tls_key, metavar="PEM",
+                          help="the private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", default=d.tls_client_ca, metavar="PEM",
+        help="mutual TLS: clients must present a certificate signed by this CA; with "
+        "--auth, a certificate subject listed in the auth file authenticates the client",
+    )
+    security.add_argument(
+        "--tls-handshake-timeout",
+        type=float,
+        default=d.tls_handshake_timeout,
+        metavar="SECONDS",
+        help="with TLS: a client that has not completed the handshake this long after "
+        "connecting is closed",
+    )
     p.add_argument(
         "--log-level",
         default="info",
@@ -288,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._pubsub import add_pubsub_parsers  # pub, sub: the client side
 
     add_pubsub_parsers(commands)
+    from ._passwd import add_passwd_parser  # passwd: hash lines for auth files
+
+    add_passwd_parser(commands)
     return parser
 
 

@@ -6,6 +6,8 @@ encode and frame. The contract is docs/protocol.md.
 """
 
 from ._commands import (
+    AUTH_FAILED,
+    AUTH_TIMEOUT,
     DECODE_ERROR,
     DEFAULT_MAX_LINE_BYTES,
     INPUT_LIMIT,
@@ -13,11 +15,15 @@ from ._commands import (
     LINE_TIMEOUT,
     LINE_TOO_LONG,
     MALFORMED,
+    NOT_AUTHENTICATED,
     PARSE_ERROR,
+    PERMISSION_DENIED,
     QUIT,
     STORAGE_UNAVAILABLE,
     TOO_MANY_CONNECTIONS,
+    TOKEN_EXPIRED,
     TOO_MANY_TOPICS,
+    Auth,
     Command,
     Delivery,
     Failure,
@@ -32,6 +38,7 @@ from ._core import TERMINATOR, LineConnection, MessageConnection
 from ._encode import (
     SUCCESS,
     encode_delivery,
+    encode_auth,
     encode_failure,
     encode_send,
     encode_subscribe,
@@ -44,6 +51,8 @@ from ._framing import LineBuffer
 from ._parse import parse_line, parse_line_stdlib, parse_text_stdlib
 
 __all__ = [
+    "AUTH_FAILED",
+    "AUTH_TIMEOUT",
     "DECODE_ERROR",
     "DEFAULT_MAX_LINE_BYTES",
     "INPUT_LIMIT",
@@ -51,13 +60,17 @@ __all__ = [
     "LINE_TIMEOUT",
     "LINE_TOO_LONG",
     "MALFORMED",
+    "NOT_AUTHENTICATED",
     "PARSE_ERROR",
+    "PERMISSION_DENIED",
     "QUIT",
     "STORAGE_UNAVAILABLE",
     "SUCCESS",
     "TOO_MANY_CONNECTIONS",
     "TOO_MANY_TOPICS",
     "TERMINATOR",
+    "TOKEN_EXPIRED",
+    "Auth",
     "Command",
     "Delivery",
     "Failure",
@@ -69,6 +82,7 @@ __all__ = [
     "Send",
     "Subscribe",
     "Unsubscribe",
+    "encode_auth",
     "encode_delivery",
     "encode_failure",
     "encode_send",

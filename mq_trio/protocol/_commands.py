@@ -27,6 +27,17 @@ TOO_MANY_TOPICS = "Too many topics"
 #: Unfinished lines of all clients together passed --max-input-bytes; this client's
 #: connection (the one growing its unfinished line) closes.
 INPUT_LIMIT = "Too much unfinished input"
+# Authentication (docs/protocol.md, extensions; docs/security.md).
+#: Auth is on and this connection has not authenticated; the connection stays.
+NOT_AUTHENTICATED = "Not authenticated"
+#: Wrong credentials; the connection closes after this reply.
+AUTH_FAILED = "Authentication failed"
+#: No successful ``auth`` within --auth-timeout of connecting; the connection closes.
+AUTH_TIMEOUT = "Authentication timeout"
+#: The connection's token expired before a new ``auth`` refreshed it; it closes.
+TOKEN_EXPIRED = "Token expired"
+#: The identity may not publish to, or subscribe to, that topic; the connection stays.
+PERMISSION_DENIED = "Permission denied"
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 #: The integers a command may hold (``last_seen``): 64-bit signed. Any integer outside is
@@ -67,6 +78,16 @@ class Send:
 
 
 @attrs.frozen(slots=True)
+class Auth:
+    """``{"command": "auth", "token": ...}`` or ``{"command": "auth", "user": ...,
+    "password": ...}`` (docs/protocol.md, extensions). ``repr`` never shows secrets."""
+
+    token: str | None = attrs.field(default=None, repr=False)
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen(slots=True)
 class Failure:
     reason: str
 
@@ -78,9 +99,9 @@ class Quit:
 
 QUIT = Quit()
 
-Command = Subscribe | Unsubscribe | Send
+Command = Subscribe | Unsubscribe | Send | Auth
 #: What one processed line turns into. ``None`` is a blank line (no reply).
-LineEvent = Subscribe | Unsubscribe | Send | Failure | Quit | None
+LineEvent = Subscribe | Unsubscribe | Send | Auth | Failure | Quit | None
 
 
 # --- validation -------------------------------------------------------------------
@@ -88,6 +109,7 @@ LineEvent = Subscribe | Unsubscribe | Send | Failure | Quit | None
 _SEND_KEYS = frozenset(("command", "topic", "msg", "delivery", "cache"))
 _SUBSCRIBE_KEYS = frozenset(("command", "topic", "last_seen", "cache", "epoch"))
 _UNSUBSCRIBE_KEYS = frozenset(("command", "topic"))
+_AUTH_KEYS = frozenset(("command", "token", "user", "password"))
 _MALFORMED = Failure(MALFORMED)
 _PARSE_ERROR = Failure(PARSE_ERROR)
 _DECODE_ERROR = Failure(DECODE_ERROR)
@@ -104,6 +126,8 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
     if type(obj) is not dict:
         return _MALFORMED
     command = obj.get("command")
+    if command == "auth":
+        return _validate_auth(obj)
     topic = obj.get("topic")
     if type(topic) is not str:
         return _MALFORMED
@@ -143,3 +167,16 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
         return Unsubscribe(topic)
     return _MALFORMED
 
+
+def _validate_auth(obj: dict[str, object]) -> Auth | Failure:
+    """A token alone, or a user with a password; nothing else, all strings."""
+    if not _AUTH_KEYS.issuperset(obj):
+        return _MALFORMED
+    token = obj.get("token")
+    user = obj.get("user")
+    password = obj.get("password")
+    if type(token) is str and user is None and password is None:
+        return Auth(token=token)
+    if type(user) is str and type(password) is str and token is None:
+        return Auth(user=user, password=password)
+    return _MALFORMED

@@ -116,6 +116,22 @@ def encode_unsubscribe(topic: str) -> bytes:
     return text.encode("ascii")
 
 
+def encode_auth(
+    token: str | None = None, user: str | None = None, password: str | None = None
+) -> bytes:
+    """An ``auth`` command: a token, or a user and a password (docs/protocol.md)."""
+    if token is not None:
+        text = '{"command": "auth", "token": ' + encode_basestring_ascii(token) + "}"
+    elif user is not None and password is not None:
+        text = (
+            '{"command": "auth", "user": ' + encode_basestring_ascii(user)
+            + ', "password": ' + encode_basestring_ascii(password) + "}"
+        )
+    else:
+        raise ValueError("auth needs a token, or a user and a password")
+    return text.encode("ascii")
+
+
 def frame(items: list[bytes], terminator: bytes = b"\n") -> bytes:
     """Encoded items as one write for a line transport: each followed by ``terminator``.
 

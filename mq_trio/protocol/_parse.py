@@ -27,8 +27,8 @@ from ._commands import (
 # a command holds no integer outside 64 bits and no duplicate key. The stdlib scanner,
 # which builds Python objects (20 to 90 ms for a 1 MiB line of many small values) and
 # converts integers in quadratic time (42 s for 1 MiB of digits), only ever sees such an
-# object with at most 28 members, checked first in C by msgspec (which neither converts a
-# long integer nor builds anything beyond the seven keys). Anything else is not a command:
+# object with at most 40 members, checked first in C by msgspec (which neither converts a
+# long integer nor builds anything beyond the ten keys). Anything else is not a command:
 # it is only checked for being JSON, by msgspec without building anything, and answered
 # ``Malformed json message`` (valid) or ``Could not parse json`` (not). Every line costs a
 # few linear passes in C (bench/parse_worst.py).
@@ -49,6 +49,9 @@ class _Flat(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     cache: _Scalar = None
     last_seen: _Scalar = None
     epoch: _Scalar = None
+    token: _Scalar = None
+    user: _Scalar = None
+    password: _Scalar = None
 
 
 _decode_flat = msgspec.json.Decoder(_Flat).decode
@@ -148,10 +151,10 @@ def parse_text_stdlib(text: str) -> LineEvent:
     ):
         return _MALFORMED if _is_json(data) else _PARSE_ERROR
     # Every member's key opens with a quote that no backslash precedes, and so does at most
-    # every member's string value: more than 28 such quotes, more than 7 members of at most
-    # 7 names: a duplicate key, refused without building the pairs.
+    # every member's string value: more than 40 such quotes, more than 10 members of at
+    # most 10 names: a duplicate key, refused without building the pairs.
     quotes = data.count(b'"')
-    if quotes > 28 and quotes - data.count(b'\\"') > 28:
+    if quotes > 40 and quotes - data.count(b'\\"') > 40:
         return _MALFORMED
     try:
         pairs = _loads_pairs(text)

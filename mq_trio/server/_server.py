@@ -58,6 +58,9 @@ DEFAULT_MAX_CONNECTIONS = 20_000
 DEFAULT_MAX_INPUT_BYTES = 256 << 20
 DEFAULT_MAX_TOPICS = 1_000_000
 DEFAULT_MAX_CACHE_BYTES = 1 << 30
+#: Security (docs/security.md).
+DEFAULT_AUTH_TIMEOUT = 5.0
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -101,6 +104,21 @@ class Config:
     #: With data_dir: start even though committed data is found missing or corrupt
     #: (starts a new epoch, so resuming clients learn of the gap).
     accept_data_loss: bool = False
+    #: The auth file (docs/security.md): None lets every client do everything.
+    auth_file: str | None = None
+    #: With auth_file: seconds a client has to authenticate after connecting.
+    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
+    #: TLS on the TCP and WebSocket ports: certificate chain and key (PEM), both or none.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: With TLS: clients must present a certificate signed by this CA (mutual TLS).
+    tls_client_ca: str | None = None
+    #: With TLS: seconds a client has to complete the handshake.
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def limits(self) -> Limits:
@@ -139,6 +157,14 @@ class Config:
             raise ValueError("max topics must be >= 1")
         if self.max_cache_bytes < 0:
             raise ValueError("max cache bytes must be >= 0")
+        if self.auth_timeout <= 0:
+            raise ValueError("auth timeout must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("a client CA (--tls-client-ca) needs TLS (--tls-cert, --tls-key)")
+        if self.tls_handshake_timeout <= 0:
+            raise ValueError("TLS handshake timeout must be > 0")
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
