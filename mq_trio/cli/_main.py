@@ -267,6 +267,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mq-trio: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if config.auth_file is not None:
+        from ..auth import AuthConfigError, Authenticator  # only --auth needs them
+
+        try:
+            Authenticator.load(config.auth_file)  # refuse to start on a broken file
+        except AuthConfigError as exc:
+            print(f"mq-trio: {exc}", file=sys.stderr)
+            return 2
     raise_open_file_limit()
     tune_gc()
     try:
@@ -289,10 +297,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def serve_until_signalled(config: Config) -> None:
-    """Serve; the first SIGINT/SIGTERM shuts down gracefully, a second one at once."""
+    """Serve; the first SIGINT/SIGTERM shuts down gracefully, a second one at once;
+    SIGHUP reloads the auth file."""
     listeners = await open_listeners(config)  # port errors surface here, unwrapped
     ws_listeners = await open_ws_listeners(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
                 partial(serve, config, listeners=listeners, ws_listeners=ws_listeners)
@@ -300,7 +309,10 @@ async def serve_until_signalled(config: Config) -> None:
 
             async def watch_signals() -> None:
                 async for signum in signals:
-                    if server.stopping:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reloading")
+                        server.reload_auth()
+                    elif server.stopping:
                         log.warning("second %s: stopping now", signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -27,6 +28,9 @@ from ..protocol import QUIT, SUCCESS, Failure, Send, Subscribe, Unsubscribe
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
 from ._pacer import Pacer
+
+if TYPE_CHECKING:
+    from ..auth import Authenticator
 
 log = logging.getLogger("mq_trio.connection")
 
@@ -88,6 +92,8 @@ class Limits:
     flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
     #: Seconds a line may stay unfinished after its first byte; 0: no limit.
     line_timeout: float = 0.0
+    #: With --auth: seconds a client has to authenticate after connecting.
+    auth_timeout: float = 5.0
     #: Shared by the server's connections (one Limits per server).
     closing_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
     cutoff_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
@@ -105,6 +111,8 @@ class Connection:
     #: The server's pacer for cancelling cut-off connections, a few per pass (None: at
     #: once).
     reaper: Pacer | None = None
+    #: With --auth: checks credentials and makes grants (None: everyone may do anything).
+    authenticator: Authenticator | None = None
     outbox: Outbox = attrs.field(init=False)
     #: Set by ``stop``: no more commands are handled.
     _stopping: bool = attrs.field(init=False, default=False)

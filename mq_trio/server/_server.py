@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -30,6 +32,9 @@ from ._connection import (
 from ._outbox import Outbox
 from ._pacer import CUTOFFS_PER_PASS, Pacer
 from ._ws_listener import handle_stream
+
+if TYPE_CHECKING:
+    from ..auth import Authenticator
 
 log = logging.getLogger("mq_trio.server")
 
@@ -127,6 +132,7 @@ class Config:
             max_line_bytes=self.max_line_bytes,
             flush_timeout=self.shutdown_grace,
             line_timeout=self.line_timeout,
+            auth_timeout=self.auth_timeout,
         )
 
     def check(self) -> None:
@@ -211,6 +217,8 @@ class Server:
     _refused_log: LogThrottle = attrs.field(
         init=False, factory=lambda: LogThrottle(_ACCEPT_LOG_INTERVAL)
     )
+    #: With --auth: who may connect and do what (docs/security.md); None: everyone.
+    authenticator: Authenticator | None = None
 
     def __attrs_post_init__(self) -> None:
         self._limits = self.config.limits  # one shared object, not one per connection
@@ -276,11 +284,27 @@ class Server:
                 trio.current_time() + self.config.shutdown_grace
             )
 
+    def reload_auth(self) -> bool:
+        """Re-read the auth file (SIGHUP): new rules for new commands at once; a file
+        that fails to load keeps the old rules (a reload must never let everyone in)."""
+        if self.authenticator is None:
+            log.info("reload: no auth file (--auth) to reload")
+            return False
+        from ..auth import AuthConfigError
+
+        try:
+            self.authenticator.reload()
+        except AuthConfigError as exc:
+            log.error("reload failed, keeping the previous rules: %s", exc)
+            return False
+        log.info("reloaded %s", self.authenticator.path)
+        return True
+
     def connection(self, transport: Transport) -> Connection:
         """A connection of this server over ``transport``; ``await conn.run()`` serves it."""
         return Connection(
             transport, self.broker, self._limits, self.connections,
-            self._ready, self.reaper,
+            self._ready, self.reaper, self.authenticator,
         )
 
     async def handle_transport(self, transport: Transport) -> None:
@@ -388,6 +412,7 @@ class Server:
                         host, port = listener.socket.getsockname()[:2]
                         log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
                                  host, port, host, port)
+                    self._warn_if_open()
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
                     accept.start_soon(self.reaper.run)
@@ -398,6 +423,28 @@ class Server:
                 listener.socket.close()
             # Only a shutdown ends the accept scope; the connections nursery now waits
             # for the connections it was given a deadline for.
+
+
+    def _warn_if_open(self) -> None:
+        """Loopback without auth is the embedded default; anything else without auth is
+        open to whoever can reach it, which deserves a line at start."""
+        if self.authenticator is not None:
+            return
+        for listener in (*self.listeners, *self.ws_listeners):
+            host = listener.socket.getsockname()[0]
+            if not is_loopback(host):
+                log.warning(
+                    "listening on %s without authentication: anyone who can reach it "
+                    "may read and publish every topic (see --auth, docs/security.md)", host
+                )
+                return
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _refuse_tcp(transport: TCPTransport) -> None:
@@ -430,8 +477,13 @@ async def serve(
         listeners = await open_listeners(config)
     if ws_listeners is None:
         ws_listeners = await open_ws_listeners(config)
+    authenticator = None
+    if config.auth_file is not None:
+        from ..auth import Authenticator  # only --auth needs argon2 and PyJWT
+
+        authenticator = Authenticator.load(config.auth_file)  # AuthConfigError
     async with _open_broker(config, broker) as broker:
-        server = Server(config, broker, listeners, ws_listeners)
+        server = Server(config, broker, listeners, ws_listeners, authenticator=authenticator)
         try:
             await server.run(task_status)
         finally:
