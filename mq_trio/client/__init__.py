@@ -1,9 +1,11 @@
-"""A trio client for mq-trio (and any protocol-v1 server), over TCP or WebSocket."""
+"""A trio client for mq-trio (and any protocol-v1 server), over TCP or WebSocket, with
+optional authentication (``token=``, ``user=``/``password=``) and TLS (``ssl_context=``)."""
 
 from ._client import PROBE_TOPIC, Client, open_client
 from ._values import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    AuthError,
     Backoff,
     ConnectError,
     ConnectionLost,
@@ -18,6 +20,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "PROBE_TOPIC",
+    "AuthError",
     "Backoff",
     "Client",
     "ConnectError",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -35,9 +36,21 @@ from typing import Literal
 import attrs
 import trio
 
-from ..protocol import Delivery, encode_send, encode_subscribe, encode_unsubscribe
+from ..protocol import (
+    AUTH_FAILED,
+    AUTH_TIMEOUT,
+    MALFORMED,
+    PARSE_ERROR,
+    TOKEN_EXPIRED,
+    Delivery,
+    encode_auth,
+    encode_send,
+    encode_subscribe,
+    encode_unsubscribe,
+)
 from ._values import (
     DEFAULT_HOST,
+    AuthError,
     Backoff,
     ConnectError,
     ConnectionLost,
@@ -68,8 +81,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 class _Command:
     """A command waiting for its reply; the reader resolves them in order."""
 
-    line: bytes
-    kind: Literal["subscribe", "unsubscribe", "send", "probe"]
+    #: Not in the repr: an ``auth`` line holds a password or a token.
+    line: bytes = attrs.field(repr=False)
+    kind: Literal["subscribe", "unsubscribe", "send", "probe", "auth"]
     topic: str
     last_seen: int = -1
     cache: bool = True
@@ -82,6 +96,24 @@ class _Command:
         if not self.done.is_set():
             self.error = error
             self.done.set()
+
+
+#: Failures the server sends on its own just before it closes the connection.
+_NOTICES = frozenset((TOKEN_EXPIRED, AUTH_TIMEOUT))
+
+
+def auth_line(
+    token: str | None = None, user: str | None = None, password: str | None = None
+) -> bytes | None:
+    """The ``auth`` command for these credentials, or None for none; ValueError if
+    they do not make one (a token, or a user and a password)."""
+    if token is None and user is None and password is None:
+        return None
+    if token is not None and (user is not None or password is not None):
+        raise ValueError("give a token, or a user and a password, not both")
+    if token is None and (user is None or password is None):
+        raise ValueError("a user needs a password (and a password a user)")
+    return encode_auth(token=token, user=user, password=password)
 
 
 #: Subscribed to (without replay) and unsubscribed from at once, to learn the server's
@@ -128,10 +160,21 @@ class Client:
         max_buffered: int,
         connect_timeout: float,
         epoch: bool = False,
+        auth: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be >= 1")
+        if ssl_context is not None and target.url is not None and not target.url.lower(
+        ).startswith("wss:"):
+            raise ValueError("a ws:// URL is not encrypted: use wss:// with ssl_context")
         self.target = target
+        #: The encoded ``auth`` command sent first on every connection (None: no auth).
+        #: Private, and in no repr or log: it holds the token or the password.
+        self._auth = auth
+        self._ssl = ssl_context
+        #: Why the server said it is closing (``Token expired``...), answering no command.
+        self._notice: str | None = None
         self._backoff = reconnect
         self._connect_timeout = connect_timeout
         self._max_buffered = max_buffered
@@ -190,6 +233,21 @@ class Client:
         """
         # Encoded here, before anything is queued: a bad ``delivery`` raises ValueError.
         await self._call(_Command(encode_send(topic, msg, delivery, cache), "send", topic))
+
+    async def authenticate(
+        self, *, token: str | None = None, user: str | None = None, password: str | None = None
+    ) -> None:
+        """Authenticate again on the open connection, e.g. with a fresh token before the
+        old one expires; the new credentials are used for every reconnect after that.
+
+        Raises :class:`AuthError` if the server refuses them (it then closes the
+        connection; with ``reconnect`` on, the client reconnects with the credentials
+        it had before).
+        """
+        line = auth_line(token, user, password)
+        if line is None:
+            raise ValueError("authenticate needs a token, or a user and a password")
+        await self._call(_Command(line, "auth", ""))
 
     async def _call(self, command: _Command) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -282,8 +340,12 @@ class Client:
         streak = 0  # ... and connections that dropped at once: what the delay grows with
         preamble: list[_Command] = []
         while True:
+            served = False
             try:
-                async with open_wire(self.target, self._connect_timeout) as wire:
+                async with open_wire(self.target, self._connect_timeout, self._ssl) as wire:
+                    # Credentials first, on every connection: nothing else (not even the
+                    # resumes) goes out before the server accepted them.
+                    await self._authenticate(wire)
                     if first:
                         task_status.started()
                         first = False
@@ -294,6 +356,7 @@ class Client:
                     connected_at = trio.current_time()
                     self.connected = True
                     self._connected_event.set()
+                    served = True
                     try:
                         reason = await self._serve(wire, preamble)
                     finally:
@@ -311,16 +374,73 @@ class Client:
                     raise
                 reason = exc.reason
                 failed_attempts += 1
+                if isinstance(exc, AuthError):
+                    # The same credentials would be refused again: never retry them.
+                    log.warning("reconnecting to %s: %s; giving up", self.target, reason)
+                    self._give_up(f"{reason} (on reconnecting)", preamble)
+                    return
             streak += 1
             backoff = self._backoff
             if backoff is None or (
                 backoff.max_attempts is not None and failed_attempts >= backoff.max_attempts
             ):
-                self._shut(reason)
+                self._give_up(reason, [] if served else preamble)
                 return
             log.info("connection to %s lost (%s); reconnecting", self.target, reason)
-            preamble = self._after_drop(reason)
+            if served:
+                # (After a failed attempt the preamble still waits to be sent: keep it.)
+                preamble = self._after_drop(reason)
             await trio.sleep(backoff.delay(streak))
+
+    def _give_up(self, reason: str, unsent: list[_Command]) -> None:
+        for command in unsent:
+            command.fail(ConnectionLost(reason))
+        self._shut(reason)
+
+    async def _authenticate(self, wire: Wire) -> None:
+        """Send the credentials and read the verdict; raise AuthError if refused."""
+        line = self._auth
+        if line is None:
+            return
+        reply: bytes | None = None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                await wire.send([line])
+                while reply is None:
+                    items = await wire.receive()
+                    if items is None:
+                        raise ConnectError(
+                            f"{self.target} closed the connection during authentication"
+                        )
+                    for item in items:
+                        if item.strip():
+                            reply = item
+                            break
+        except trio.TooSlowError:
+            raise ConnectError(
+                f"{self.target}: no reply to authentication within "
+                f"{self._connect_timeout:g} s"
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectError(
+                f"{self.target}: connection broken during authentication ({describe(exc)})"
+            ) from exc
+        try:
+            obj = json.loads(reply)
+        except ValueError:
+            obj = None
+        if type(obj) is not dict or "success" not in obj:
+            raise AuthError(f"{self.target}: unexpected reply to authentication: {reply[:80]!r}")
+        if obj["success"] is True:
+            return
+        reason = obj.get("reason")
+        if reason == AUTH_FAILED:
+            raise AuthError(AUTH_FAILED)
+        if reason in (MALFORMED, PARSE_ERROR):
+            raise AuthError(
+                f"{self.target} does not support authentication (it answered {reason!r})"
+            )
+        raise AuthError(str(reason) if reason else f"authentication refused: {obj!r}")
 
     async def _serve(self, wire: Wire, preamble: list[_Command]) -> str:
         """Run one connection's reader and writer; return why it ended."""
@@ -338,9 +458,10 @@ class Client:
                     nursery.cancel_scope.cancel()
 
             nursery.start_soon(write)
+            self._notice = None
             try:
                 await self._read(wire)
-                reason = getattr(wire, "close_reason", None) or reason
+                reason = self._notice or getattr(wire, "close_reason", None) or reason
             except BadServer as exc:
                 reason = f"protocol error from the server: {exc}"
             nursery.cancel_scope.cancel()
@@ -409,6 +530,17 @@ class Client:
             sub.received = True
 
     def _reply(self, obj: dict[str, object]) -> None:
+        reason = obj.get("reason")
+        if (
+            reason in _NOTICES
+            and obj.get("success") is False
+            and not (self._in_flight and self._in_flight[0].kind == "auth")
+        ):
+            # Sent by the server just before it closes the connection, answering no
+            # command: the commands in flight are settled when the connection ends.
+            self._notice = f"closed by the server: {reason}"
+            log.warning("%s: %s", self.target, self._notice)
+            return
         try:
             command = self._in_flight.popleft()
         except IndexError:
@@ -427,10 +559,12 @@ class Client:
                 self._topics[command.topic] = _Subscription(command.last_seen, command.cache)
             elif command.kind == "unsubscribe":
                 self._topics.pop(command.topic, None)
+            elif command.kind == "auth":
+                self._auth = command.line
             command.done.set()
         else:
-            reason = obj.get("reason")
-            command.fail(MQError(reason if isinstance(reason, str) else f"failure: {obj!r}"))
+            text = reason if isinstance(reason, str) else f"failure: {obj!r}"
+            command.fail(AuthError(text) if command.kind == "auth" else MQError(text))
             if command.resume:
                 log.warning("resubscribing to %r failed: %s", command.topic, reason)
 
@@ -544,6 +678,10 @@ async def open_client(
     max_buffered: int = DEFAULT_MAX_BUFFERED,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     epoch: bool = False,
+    token: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to an mq-trio server; the block's end closes the connection.
 
@@ -551,7 +689,15 @@ async def open_client(
     ``reconnect=True`` (or a :class:`Backoff`) reconnects after a drop and resumes every
     subscription. ``epoch=True`` (mq-trio servers only: version-1 servers reject the key)
     uses the epoch extension to notice lost history on resume: see ``Client.gaps``.
-    Raises :class:`ConnectError` if the first connection fails.
+
+    ``token=...``, or ``user=...`` and ``password=...``: the ``auth`` command is sent
+    first on every connection (reconnects too, before resubscribing); a refusal raises
+    :class:`AuthError` and is never retried. ``ssl_context=...``: TLS over TCP (the
+    certificate must be valid for ``host``), or for a ``wss://`` URL (which uses the
+    system's CAs without one); ``ssl.create_default_context(cafile=...)`` makes one.
+
+    Raises :class:`ConnectError` if the first connection fails (:class:`AuthError` if
+    the credentials are refused).
     """
     target = parse_target(host_or_url, port)
     backoff = Backoff() if reconnect is True else (reconnect or None)
@@ -561,6 +707,8 @@ async def open_client(
         max_buffered=max_buffered,
         connect_timeout=connect_timeout,
         epoch=epoch,
+        auth=auth_line(token, user, password),
+        ssl_context=ssl_context,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -41,6 +41,13 @@ class ConnectionLost(MQError):
     """
 
 
+class AuthError(ConnectError):
+    """The server refused the client's credentials (``open_client(token=...)`` or
+    ``user=``/``password=``): ``reason`` is the server's text, ``"Authentication failed"``.
+
+    A :class:`ConnectError`, since the connection could not be used; never retried with the
+    same credentials. The credentials themselves are never part of the message.
+    """
 
 
 # --- values ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ bytes are the ones the server's own transports expect.
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -103,6 +104,13 @@ class _WebSocketWire:
 
 def describe(exc: BaseException) -> str:
     """A short human reason: "Connection refused" rather than a chain of wrappers."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # Its errno (1) would read "Operation not permitted": say what failed instead.
+        return f"TLS certificate verification failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     cause = exc.__cause__
@@ -116,8 +124,14 @@ def describe(exc: BaseException) -> str:
 
 
 @asynccontextmanager
-async def open_wire(target: Target, connect_timeout: float) -> AsyncIterator[Wire]:
-    """Connect; raise :class:`ConnectError` (only) when that fails."""
+async def open_wire(
+    target: Target, connect_timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[Wire]:
+    """Connect; raise :class:`ConnectError` (only) when that fails.
+
+    With ``ssl_context`` (or a ``wss://`` URL) the connection is TLS, and the handshake,
+    certificate check included, completes within ``connect_timeout`` before this returns.
+    """
     if target.url is not None:
         try:
             import trio_websocket
@@ -129,9 +143,10 @@ async def open_wire(target: Target, connect_timeout: float) -> AsyncIterator[Wir
                 max_message_size=MAX_INCOMING_BYTES,
                 connect_timeout=connect_timeout,
                 disconnect_timeout=1.0,
+                ssl_context=ssl_context,
             )
             ws = await manager.__aenter__()
-        except (OSError, trio_websocket.HandshakeError) as exc:
+        except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError) as exc:
             raise ConnectError(f"cannot connect to {target}: {describe(exc)}") from exc
         try:
             yield _WebSocketWire(ws)
@@ -144,11 +159,30 @@ async def open_wire(target: Target, connect_timeout: float) -> AsyncIterator[Wir
             except trio_websocket.HandshakeError:
                 pass  # a slow close handshake: the connection is over anyway
         return
+    stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(target.host, target.port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise ConnectError(f"cannot connect to {target}: {describe(exc)}") from exc
+            if ssl_context is not None:
+                # server_hostname: the certificate must be valid for the host we dialled
+                # (a name, or an IP address in its subjectAltName).
+                stream = trio.SSLStream(stream, ssl_context, server_hostname=target.host)
+                await stream.do_handshake()
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+        if stream is None:
+            if isinstance(exc, trio.TooSlowError):
+                text = f"cannot connect to {target}: timed out after {connect_timeout:g} s"
+            else:
+                text = f"cannot connect to {target}: {describe(exc)}"
+        else:
+            await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                text = (f"TLS handshake with {target} did not complete within "
+                        f"{connect_timeout:g} s")
+            else:
+                text = f"TLS handshake with {target} failed: {describe(exc)}"
+        raise ConnectError(text) from exc
+    assert stream is not None
     try:
         yield _TCPWire(stream)
     finally:
