@@ -24,13 +24,13 @@ import trio
 
 from .. import protocol
 from ..broker import Broker, Item, TooManyTopics, send_reply
-from ..protocol import QUIT, SUCCESS, Failure, Send, Subscribe, Unsubscribe
+from ..protocol import QUIT, SUCCESS, Auth, Failure, Send, Subscribe, Unsubscribe
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
 from ._pacer import Pacer
 
 if TYPE_CHECKING:
-    from ..auth import Authenticator
+    from ..auth import Authenticator, Grant
 
 log = logging.getLogger("mq_trio.connection")
 
@@ -38,6 +38,9 @@ DEFAULT_MAX_PENDING_BYTES = 8 << 20
 DEFAULT_FLUSH_TIMEOUT = 5.0
 _INTERNAL_ERROR = Failure(protocol.INTERNAL_ERROR)
 _TOO_MANY_TOPICS = protocol.failure_bytes(protocol.TOO_MANY_TOPICS)
+_NOT_AUTHENTICATED = protocol.failure_bytes(protocol.NOT_AUTHENTICATED)
+_PERMISSION_DENIED = protocol.failure_bytes(protocol.PERMISSION_DENIED)
+_AUTH_FAILED = protocol.failure_bytes(protocol.AUTH_FAILED)
 #: Subscriptions released per scheduler pass when a connection with many ends.
 _RELEASE_STEP = 2000
 #: The writer task's name: a constant, so trio does not build one per connection.
@@ -97,6 +100,7 @@ class Limits:
     #: Shared by the server's connections (one Limits per server).
     closing_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
     cutoff_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
+    auth_log: LogThrottle = attrs.field(factory=LogThrottle, eq=False)
 
 
 @attrs.define(eq=False)
@@ -117,6 +121,12 @@ class Connection:
     #: Set by ``stop``: no more commands are handled.
     _stopping: bool = attrs.field(init=False, default=False)
     _scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+    #: With --auth: what this client may do, once authenticated.
+    grant: Grant | None = attrs.field(init=False, default=None)
+    #: An ``auth`` command waiting for the reader to verify it (off the parsing loop).
+    _pending_auth: Auth | None = attrs.field(init=False, default=None)
+    #: The auth deadline, then the token's expiry: cancelled by a (new) auth.
+    _auth_timer: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(self.limits.max_pending_bytes, self._slow_consumer)
@@ -180,10 +190,15 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(outbox.drain_into, transport, self._peer_gone, name=WRITER)
+                if self.authenticator is not None:
+                    self._start_auth(nursery)
                 try:
                     while (lines := await transport.receive_lines()) is not None:
                         done = 0
                         while (done := self._handle_lines(lines, done)) >= 0:
+                            if self._pending_auth is not None:
+                                await self._authenticate(nursery)
+                                continue
                             if not outbox.backlogged:
                                 break
                             await outbox.wait_drained()
@@ -212,6 +227,8 @@ class Connection:
                         await self._release_subscriptions()
                 # Nothing new arrives now; flush what was queued (replies, deliveries)
                 # within a bounded time, then close.
+                if self._auth_timer is not None:
+                    self._auth_timer.cancel()
                 outbox.close()
                 nursery.cancel_scope.deadline = min(
                     nursery.cancel_scope.deadline,
@@ -247,7 +264,106 @@ class Connection:
         leads to the tasks. Done once per connection, off the per-message paths.
         """
         self._scope = None
+        self._auth_timer = None
         self.outbox.detach()
+
+    # --- authentication (docs/security.md) ---------------------------------------------
+
+    def _start_auth(self, nursery: trio.Nursery) -> None:
+        """A client certificate the auth file names authenticates at once; any other
+        client has --auth-timeout to send a good ``auth``."""
+        assert self.authenticator is not None
+        subject = getattr(self.transport, "tls_subject", None)
+        if subject is not None:
+            grant = self.authenticator.certificate_grant(subject)
+            if grant is not None:
+                self._granted(grant, nursery)
+                return
+        self._set_timer(nursery, self.limits.auth_timeout, protocol.AUTH_TIMEOUT)
+
+    def _set_timer(self, nursery: trio.Nursery, seconds: float, reason: str) -> None:
+        """Close the connection with ``reason`` in ``seconds`` unless a later auth
+        replaces this timer."""
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        scope = self._auth_timer = trio.CancelScope()
+
+        async def expire() -> None:
+            with scope:
+                await trio.sleep(seconds)
+                self._close_with(reason)
+
+        nursery.start_soon(expire)
+
+    def _close_with(self, reason: str) -> None:
+        """One failure reply, then a graceful close (what was queued is flushed)."""
+        self.outbox.push(protocol.failure_bytes(reason))
+        self.stop(reason)
+
+    def _granted(self, grant: Grant, nursery: trio.Nursery) -> None:
+        self.grant = grant
+        if grant.expires is None:
+            if self._auth_timer is not None:
+                self._auth_timer.cancel()
+                self._auth_timer = None
+        else:
+            self._set_timer(nursery, max(0.0, grant.expires - time.time()),
+                            protocol.TOKEN_EXPIRED)
+
+    async def _authenticate(self, nursery: trio.Nursery) -> None:
+        """Verify the pending ``auth`` (a password takes a worker thread); success keeps
+        reading, failure answers ``Authentication failed`` and ends the connection."""
+        from ..auth import AuthFailed
+
+        event = self._pending_auth
+        assert event is not None and self.authenticator is not None
+        self._pending_auth = None
+        self.outbox.write_inline(self.transport)  # earlier replies need not wait for it
+        try:
+            grant = await self.authenticator.authenticate(
+                token=event.token, user=event.user, password=event.password,
+                peer=self.peer.rpartition(":")[0],
+            )
+        except AuthFailed as exc:
+            more = self.limits.auth_log.allow()
+            if more is not None:
+                log.warning("authentication failed for %s: %s%s", self.peer, exc,
+                            f" ({more} more since the last such line)" if more else "")
+            self.outbox.queue_reply(_AUTH_FAILED)
+            self._stopping = True
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s authenticated as %s", self.peer, grant.identity)
+        self._granted(grant, nursery)
+        self.outbox.queue_reply(SUCCESS)
+
+    def _current_grant(self) -> Grant | None:
+        """The grant under the current rules (a reload makes old ones stale); None when
+        the identity is gone, which ends the connection."""
+        grant = self.grant
+        if grant is not None and grant.stale:
+            assert self.authenticator is not None
+            grant = self.grant = self.authenticator.regrant(grant)
+            if grant is None:
+                self._stopping = True
+        return grant
+
+    def publish_refusal(self, topic: str) -> bytes | None:
+        """With --auth: the reply refusing a send to ``topic``, or None to allow it."""
+        grant = self.grant
+        if grant is None:
+            return _NOT_AUTHENTICATED
+        if grant.stale:
+            grant = self._current_grant()
+            if grant is None:
+                return _AUTH_FAILED
+        return None if grant.may_publish(topic) else _PERMISSION_DENIED
+
+    def _subscribe_refusal(self, topic: str) -> bytes | None:
+        grant = self._current_grant()
+        if grant is None:
+            return _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED
+        return None if grant.may_subscribe(topic) else _PERMISSION_DENIED
 
     def _handle_lines(self, lines: list[bytes], start: int) -> int:
         """Apply ``lines[start:]``; return how many lines are done, or -1 to stop reading.
@@ -264,6 +380,8 @@ class Connection:
         broker = self.broker
         publish = broker.publish
         reply = outbox.queue_reply
+        # With --auth, each send is checked (a dict lookup after a topic's first use).
+        refusal = None if self.authenticator is None else self.publish_refusal
         for i in range(start, len(lines)):
             try:
                 event = parse_line(lines[i])
@@ -273,17 +391,26 @@ class Connection:
             # Sends are most of the traffic: handled here, not through handle_event's
             # dispatch (two calls a message in the publish profile).
             if type(event) is Send:
-                try:
-                    recorded = publish(event)
-                    if type(recorded) is int:
-                        reply(SUCCESS)
-                    else:
-                        outbox.push_deferred(send_reply(recorded))  # type: ignore[arg-type]
-                except TooManyTopics:
-                    reply(_TOO_MANY_TOPICS)
-                except Exception:
-                    self._internal_error()
+                if refusal is not None and (denied := refusal(event.topic)) is not None:
+                    reply(denied)
+                    if self._stopping:
+                        return -1
+                else:
+                    try:
+                        recorded = publish(event)
+                        if type(recorded) is int:
+                            reply(SUCCESS)
+                        else:
+                            outbox.push_deferred(send_reply(recorded))  # type: ignore[arg-type]
+                    except TooManyTopics:
+                        reply(_TOO_MANY_TOPICS)
+                    except Exception:
+                        self._internal_error()
             elif self.handle_event(event):
+                return -1
+            elif self._pending_auth is not None:
+                return i + 1  # the reader verifies it, then handles the rest
+            elif self._stopping:
                 return -1
             if outbox.overflowed:
                 return -1
@@ -302,6 +429,26 @@ class Connection:
         log.exception("internal error handling a command from %s", self.peer)
         self.outbox.queue_reply(protocol.failure_bytes(protocol.INTERNAL_ERROR))
 
+    def _allowed(self, event: protocol.LineEvent) -> bool:
+        """With --auth: whether ``event`` may go on; if not, its refusal is queued. An
+        ``auth`` is set aside for the reader (``_pending_auth``); unsubscribing needs
+        no permission once authenticated."""
+        cls = type(event)
+        if cls is Auth:
+            self._pending_auth = event  # type: ignore[assignment]
+            return False
+        if cls is Send:
+            denied = self.publish_refusal(event.topic)
+        elif cls is Subscribe:
+            denied = self._subscribe_refusal(event.topic)
+        else:  # unsubscribe
+            denied = None if self._current_grant() is not None else (
+                _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED)
+        if denied is None:
+            return True
+        self.outbox.queue_reply(denied)
+        return False
+
     def handle_event(self, event: protocol.LineEvent) -> bool:
         """Apply one parsed line; return True when the client asked to quit."""
         if event is None:
@@ -313,6 +460,8 @@ class Connection:
             return False
         if event is QUIT:
             return True
+        if self.authenticator is not None and not self._allowed(event):
+            return False
         try:
             if cls is Send:
                 self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
@@ -332,6 +481,8 @@ class Connection:
                 assert isinstance(event, Unsubscribe)
                 self.broker.unsubscribe(self.outbox, event.topic)
                 push(protocol.SUCCESS)
+            elif cls is Auth:
+                push(protocol.SUCCESS)  # auth is off: any credentials will do
         except TooManyTopics:
             push(_TOO_MANY_TOPICS)
         except Exception:
