@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import trio
 
@@ -123,50 +124,21 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-@asynccontextmanager
-async def open_wire(
-    target: Target, connect_timeout: float, ssl_context: ssl.SSLContext | None = None
-) -> AsyncIterator[Wire]:
-    """Connect; raise :class:`ConnectError` (only) when that fails.
-
-    With ``ssl_context`` (or a ``wss://`` URL) the connection is TLS, and the handshake,
-    certificate check included, completes within ``connect_timeout`` before this returns.
-    """
-    if target.url is not None:
-        try:
-            import trio_websocket
-        except ImportError as exc:  # pragma: no cover - trio-websocket is a dependency
-            raise ConnectError("ws:// URLs need the trio-websocket package") from exc
-        try:
-            manager = trio_websocket.open_websocket_url(
-                target.url,
-                max_message_size=MAX_INCOMING_BYTES,
-                connect_timeout=connect_timeout,
-                disconnect_timeout=1.0,
-                ssl_context=ssl_context,
-            )
-            ws = await manager.__aenter__()
-        except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError) as exc:
-            raise ConnectError(f"cannot connect to {target}: {describe(exc)}") from exc
-        try:
-            yield _WebSocketWire(ws)
-        except BaseException as exc:
-            if not await manager.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-        else:
-            try:
-                await manager.__aexit__(None, None, None)
-            except trio_websocket.HandshakeError:
-                pass  # a slow close handshake: the connection is over anyway
-        return
+async def _connect(
+    target: Target, connect_timeout: float, ssl_context: ssl.SSLContext | None, *,
+    https: bool = False
+) -> trio.abc.Stream:
+    """A TCP connection, with its TLS handshake done (certificate checked) if asked."""
     stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(connect_timeout):
             stream = await trio.open_tcp_stream(target.host, target.port)
             if ssl_context is not None:
-                # server_hostname: the certificate must be valid for the host we dialled
+                # server_hostname: the certificate must be valid for the host dialled
                 # (a name, or an IP address in its subjectAltName).
-                stream = trio.SSLStream(stream, ssl_context, server_hostname=target.host)
+                stream = trio.SSLStream(
+                    stream, ssl_context, server_hostname=target.host, https_compatible=https
+                )
                 await stream.do_handshake()
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         if stream is None:
@@ -177,14 +149,87 @@ async def open_wire(
         else:
             await trio.aclose_forcefully(stream)
             if isinstance(exc, trio.TooSlowError):
-                text = (f"TLS handshake with {target} did not complete within "
-                        f"{connect_timeout:g} s")
+                text = f"TLS handshake with {target} did not complete within {connect_timeout:g} s"
             else:
                 text = f"TLS handshake with {target} failed: {describe(exc)}"
         raise ConnectError(text) from exc
-    assert stream is not None
+    return stream
+
+
+@asynccontextmanager
+async def _open_websocket(
+    target: Target, connect_timeout: float, ssl_context: ssl.SSLContext | None
+) -> AsyncIterator[Wire]:
+    """A WebSocket over a stream connected (and TLS-handshaken) by ``_connect``.
+
+    Not trio-websocket's ``open_websocket_url``: it does the TLS handshake lazily inside
+    its reader task, where a certificate error is swallowed and only shows as a
+    connection connect_timeout.
+    """
+    import trio_websocket
+
+    assert target.url is not None
+    parts = urlsplit(target.url)
+    if parts.scheme.lower() == "wss" and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = target.host if ":" not in target.host else f"[{target.host}]"
+    host_header = host if target.port in (80, 443) else f"{host}:{target.port}"
+    stream = await _connect(target, connect_timeout, ssl_context, https=True)
+    opened = False
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, host_header, resource,  # type: ignore[arg-type]
+                        max_message_size=MAX_INCOMING_BYTES,
+                    )
+            except trio.TooSlowError:
+                raise ConnectError(
+                    f"cannot connect to {target}: no WebSocket handshake within "
+                    f"{connect_timeout:g} s"
+                ) from None
+            opened = True
+            try:
+                yield _WebSocketWire(ws)
+            finally:
+                with trio.move_on_after(1.0) as cleanup:
+                    cleanup.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One error from the body or from the reader task: raise it as itself.
+        if len(group.exceptions) != 1:
+            raise
+        exc = group.exceptions[0]
+        if not opened and isinstance(exc, trio_websocket.HandshakeError):
+            raise ConnectError(f"cannot connect to {target}: {describe(exc)}") from exc
+        context = exc.__context__
+        try:
+            raise exc
+        finally:
+            exc.__context__ = context
+            del exc, context
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def open_wire(
+    target: Target, connect_timeout: float, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[Wire]:
+    """Connect; raise :class:`ConnectError` (only) when that fails.
+
+    With ``ssl_context`` (or a ``wss://`` URL) the connection is TLS, and the handshake,
+    certificate check included, completes within ``connect_timeout`` before this returns.
+    """
+    if target.url is not None:
+        async with _open_websocket(target, connect_timeout, ssl_context) as wire:
+            yield wire
+        return
+    stream = await _connect(target, connect_timeout, ssl_context)
     try:
         yield _TCPWire(stream)
     finally:
         await trio.aclose_forcefully(stream)
-
