@@ -5,8 +5,12 @@ prints one delivery per line until interrupted (or ``--count`` messages); ``pub`
 one message, or one per line of stdin with ``-``. Both talk to ``--host``/``--port`` or
 a ``--url`` (``ws://`` for the WebSocket endpoint).
 
-Exit status: 0 on success; 1 when the server is unreachable, the connection is lost or
-the server refuses a command (with a one-line message on stderr); 2 for bad arguments;
+With ``--token`` (or ``MQ_TRIO_TOKEN``) or ``--user`` (password from ``MQ_TRIO_PASSWORD``
+or the terminal) they authenticate first; ``--tls``/``--cafile`` connect over TLS.
+
+Exit status: 0 on success; 1 when the server is unreachable, the connection is lost, the
+credentials or the server's certificate are refused, or the server refuses a command
+(with a one-line message on stderr); 2 for bad arguments (a --user without a password);
 128 + the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM), as shells
 expect from a program stopped by a signal, without a traceback.
 """
@@ -24,8 +28,9 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from ..client import Client, MQError, open_client, parse_target
-from ._args import port_number
+from ..client import AuthError, Client, MQError, open_client, parse_target
+from ..protocol import AUTH_FAILED, NOT_AUTHENTICATED
+from ._args import UsageError, add_security_args, credentials, port_number, ssl_context
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -46,16 +51,18 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--url",
         default=None,
-        help="server URL instead of --host/--port: ws://HOST:PORT/ (WebSocket) or "
-        "tcp://HOST:PORT",
+        help="server URL instead of --host/--port: ws://HOST:PORT/ or wss://HOST:PORT/ "
+        "(WebSocket, wss: over TLS) or tcp://HOST:PORT",
     )
     g.add_argument(
         "--connect-timeout",
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="give up connecting after this long (default 10)",
+        help="give up connecting (TLS handshake and authentication included) after this "
+        "long (default 10)",
     )
+    add_security_args(p)
 
 
 def add_pub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -151,8 +158,15 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaita
     """Connect, run ``body``, map failures and signals to one line and an exit status."""
     try:
         target = _target(args)
-        parse_target(*target)  # report a bad URL here, before any connection
-    except ValueError as exc:
+        parsed = parse_target(*target)  # report a bad URL here, before any connection
+        context = ssl_context(args)
+        if context is not None and parsed.url is not None and parsed.url.lower().startswith(
+            "ws:"
+        ):
+            raise UsageError("--tls/--cafile need a wss:// URL, not ws://")
+        # Last: it may prompt for a password, which is pointless if something else is wrong.
+        secrets = credentials(args)
+    except (ValueError, UsageError) as exc:
         _error(command, str(exc))
         return 2
 
@@ -171,16 +185,29 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaita
                 nursery.start_soon(watch)
                 try:
                     async with open_client(
-                        *target, connect_timeout=args.connect_timeout, **options
+                        *target, connect_timeout=args.connect_timeout, ssl_context=context,
+                        token=secrets.get("token"), user=secrets.get("user"),
+                        password=secrets.get("password"), **options,
                     ) as client:
                         status = await body(client)
                 except MQError as exc:  # ConnectError, ConnectionLost, a failure reply
-                    _error(command, exc.reason)
+                    _error(command, _explain(exc, args, secrets))
                     status = EXIT_ERROR
                 nursery.cancel_scope.cancel()
             return status
 
     return trio.run(main)
+
+
+def _explain(exc: MQError, args: argparse.Namespace, secrets: dict[str, str]) -> str:
+    """The error's one line, with a hint where the cause is the credentials."""
+    if isinstance(exc, AuthError) and exc.reason == AUTH_FAILED:
+        if "user" in secrets:
+            return f"{AUTH_FAILED}: the server refused user {args.user!r} and its password"
+        return f"{AUTH_FAILED}: the server refused the token"
+    if exc.reason == NOT_AUTHENTICATED and not secrets:
+        return f"{NOT_AUTHENTICATED}: this server needs --token or --user"
+    return exc.reason
 
 
 # --- pub ----------------------------------------------------------------------------------
