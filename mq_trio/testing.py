@@ -18,6 +18,25 @@ Fixtures (see docs/testing.md):
 * ``mq_client_factory``: ``await mq_client_factory(reconnect=True)`` for more clients
   (to ``mq_server`` unless given another server, a host and port, or a ``ws://`` URL).
 
+Security (docs/security.md, docs/testing.md):
+
+* ``mq_tls``: a test certificate authority (``trustme``, installed with the ``test``
+  extra or ``pip install trustme``), made on first use: ``mq_tls.cert_file``/``key_file``
+  (a server certificate for 127.0.0.1, ::1 and localhost), ``mq_tls.ca_file`` (for
+  ``--cafile`` or ``ssl.create_default_context(cafile=...)``), ``mq_tls.client_context()``
+  (an ``ssl.SSLContext`` trusting it; ``client_context(cert="alice")`` also presents a
+  client certificate for mutual TLS), ``mq_tls.server_settings(mutual=False)``.
+* ``@pytest.mark.mq_server(tls=True)`` (or ``tls="mutual"``): the server speaks TLS with
+  ``mq_tls``'s certificate (``"mutual"``: and requires client certificates from it); the
+  client fixtures then trust it by themselves. ``mq_server_factory(tls=True)`` likewise.
+* ``mq_auth``: an auth file for the test, made on first use: ``mq_auth.token`` (a token
+  allowed everything), ``mq_auth.user``/``mq_auth.password`` (a user allowed
+  everything), ``mq_auth.add_user(...)``/``add_token(...)`` for identities with their own
+  ``publish``/``subscribe`` globs, ``mq_auth.path`` (write it with ``mq_auth.write()``).
+* ``@pytest.mark.mq_server(auth=True)``: the server runs with ``mq_auth``'s file; the
+  client fixtures authenticate with ``mq_auth.token`` unless given other credentials
+  (``mq_client_factory(token=None)`` connects without any).
+
 Servers and clients live in tasks of the test's nursery rather than in the fixtures'
 own tasks: a nursery (and the client owns one) must be closed by the task that opened
 it, and the factories are called from the test's task.
@@ -25,9 +44,11 @@ it, and the factories are called from the test's task.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import ssl
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 import pytest
@@ -36,13 +57,18 @@ import trio
 from .client import Client, open_client
 from .server import Config, Server, serve
 
+if TYPE_CHECKING:
+    import trustme
+
 __all__ = [
+    "Certificates",
     "ClientFactory",
     "ServerFactory",
     "mq_client",
     "mq_client_factory",
     "mq_server",
     "mq_server_factory",
+    "mq_tls",
     "restart_server",
     "server_config",
     "start_client",
@@ -56,8 +82,107 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(**settings): settings for the mq_server fixture, any mq_trio.Config "
-        "field (cache_size=5, max_pending_bytes=65536, ...)",
+        "field (cache_size=5, max_pending_bytes=65536, ...), tls=True or 'mutual' (TLS "
+        "with the mq_tls test CA), auth=True (the mq_auth file; clients use its token)",
     )
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+class Certificates:
+    """A test certificate authority (trustme) and the PEM files a TLS test needs.
+
+    Everything is made on first use, in ``directory`` (a callable, so that no
+    directory is created for a test that never asks).
+    """
+
+    #: The names the server certificate is valid for.
+    SERVER_NAMES = ("127.0.0.1", "::1", "localhost")
+
+    def __init__(self, directory: Callable[[], Path]) -> None:
+        self._directory = directory
+        self._ca: trustme.CA | None = None
+        self._dir: Path | None = None
+
+    @property
+    def ca(self) -> trustme.CA:
+        """The ``trustme.CA`` (to issue more certificates)."""
+        if self._ca is None:
+            try:
+                import trustme
+            except ImportError:  # pragma: no cover - a test extra
+                raise RuntimeError(
+                    "mq_tls needs the trustme package (pip install trustme)"
+                ) from None
+            self._ca = trustme.CA()
+        return self._ca
+
+    @property
+    def directory(self) -> Path:
+        if self._dir is None:
+            self._dir = self._directory()
+            self.ca.cert_pem.write_to_path(str(self._dir / "ca.pem"))
+            cert = self.ca.issue_cert(*self.SERVER_NAMES)
+            cert.private_key_and_cert_chain_pem.write_to_path(str(self._dir / "server.pem"))
+            cert.private_key_pem.write_to_path(str(self._dir / "server.key"))
+        return self._dir
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate (PEM): for clients (``--cafile``) and ``tls_client_ca``."""
+        return self.directory / "ca.pem"
+
+    @property
+    def cert_file(self) -> Path:
+        """The server's certificate chain (PEM; the key is in it too): ``tls_cert``."""
+        return self.directory / "server.pem"
+
+    @property
+    def key_file(self) -> Path:
+        """The server's private key (PEM): ``tls_key``."""
+        return self.directory / "server.key"
+
+    def server_settings(self, mutual: bool = False) -> dict[str, str]:
+        """``tls_cert``/``tls_key`` (and with ``mutual``, ``tls_client_ca``) for a server."""
+        settings = {"tls_cert": str(self.cert_file), "tls_key": str(self.key_file)}
+        if mutual:
+            settings["tls_client_ca"] = str(self.ca_file)
+        return settings
+
+    def client_context(self, cert: str | None = None) -> ssl.SSLContext:
+        """A client ``SSLContext`` trusting this CA; with ``cert="alice"`` it presents a
+        client certificate issued to that name (its subject's common name)."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        if cert is not None:
+            self.ca.issue_cert(cert, common_name=cert).configure_cert(context)
+        return context
+
+    def client_cert_files(self, name: str) -> tuple[Path, Path]:
+        """A client certificate for ``name``: (chain PEM, key PEM) paths, for programs
+        that take files."""
+        issued = self.ca.issue_cert(name, common_name=name)
+        chain, key = self.directory / f"client-{name}.pem", self.directory / f"client-{name}.key"
+        issued.cert_chain_pems[0].write_to_path(str(chain))
+        issued.private_key_pem.write_to_path(str(key))
+        return chain, key
+
+    def trusts(self, server: Server) -> bool:
+        """Whether ``server`` runs with this CA's certificate."""
+        return self._dir is not None and server.config.tls_cert == str(self.cert_file)
+
+
+def _security_settings(settings: dict[str, Any], tls: Certificates | None) -> dict[str, Any]:
+    """Turn the plugin's own ``tls=`` into Config fields."""
+    mode: bool | Literal["mutual"] = settings.pop("tls", False)
+    if mode:
+        if tls is None:  # pragma: no cover - the fixtures always pass one
+            raise TypeError("tls=True needs the mq_tls fixture")
+        if mode not in (True, "mutual"):
+            raise TypeError(f"tls= takes True or 'mutual', not {mode!r}")
+        settings.update(tls.server_settings(mutual=mode == "mutual"))
+    return settings
 
 
 def server_config(**settings: Any) -> Config:
@@ -122,11 +247,21 @@ class ClientFactory(Protocol):
 
 
 @pytest.fixture
-def mq_server_factory(nursery: trio.Nursery) -> ServerFactory:
-    """``await mq_server_factory(**settings)``: another server, stopped at test end."""
+def mq_tls(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A test CA with a server certificate for 127.0.0.1/::1/localhost (see
+    :class:`Certificates`); its files are made when first asked for."""
+    return Certificates(lambda: tmp_path_factory.mktemp("mq_tls"))
+
+
+@pytest.fixture
+def mq_server_factory(nursery: trio.Nursery, mq_tls: Certificates) -> ServerFactory:
+    """``await mq_server_factory(**settings)``: another server, stopped at test end.
+
+    Besides the Config fields, ``tls=True`` (or ``"mutual"``) serves TLS with ``mq_tls``.
+    """
 
     async def factory(**settings: Any) -> Server:
-        return await start_server(nursery, **settings)
+        return await start_server(nursery, **_security_settings(settings, mq_tls))
 
     return factory
 
@@ -145,12 +280,16 @@ async def mq_server(request: pytest.FixtureRequest, mq_server_factory: ServerFac
 
 
 @pytest.fixture
-def mq_client_factory(mq_server: Server, nursery: trio.Nursery) -> ClientFactory:
+def mq_client_factory(
+    mq_server: Server, nursery: trio.Nursery, mq_tls: Certificates
+) -> ClientFactory:
     """``await mq_client_factory(**options)``: another client, closed at test end.
 
     Connects to ``mq_server`` by default; pass a ``Server``, a host and port, or a
     ``ws://`` URL to go elsewhere. ``options`` are those of
-    :func:`mq_trio.open_client` (``reconnect=True``, ``max_buffered=...``).
+    :func:`mq_trio.open_client` (``reconnect=True``, ``max_buffered=...``). To a server
+    serving TLS with ``mq_tls``, it connects over TLS trusting that CA unless given an
+    ``ssl_context``.
     """
 
     async def factory(
@@ -159,6 +298,8 @@ def mq_client_factory(mq_server: Server, nursery: trio.Nursery) -> ClientFactory
         if target is None:
             target = mq_server
         if isinstance(target, Server):
+            if "ssl_context" not in options and mq_tls.trusts(target):
+                options["ssl_context"] = mq_tls.client_context()
             host, server_port = target.address
             return await start_client(nursery, host, server_port, **options)
         return await start_client(nursery, target, port, **options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,11 @@ class Target:
     dialect: Dialect
     #: for CPU and RSS figures; None when unknown (then they are left out)
     pid: int | None = None
+    #: a framed ``auth`` command sent first on every connection (b"": none); not in the
+    #: repr, it holds a token or a password
+    auth: bytes = attrs.field(default=b"", repr=False)
+    #: TLS (rtt and publish only: the other scenarios multiplex non-blocking sockets)
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -124,13 +130,40 @@ def latency_summary(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
+#: Scenarios that can run over TLS (blocking sockets only).
+TLS_SCENARIOS = ("rtt", "publish")
+
+
 def connect(target: Target, blocking: bool = True) -> socket.socket:
-    """A TCP connection with Nagle off: pipelined small commands must not wait for ACKs."""
+    """A TCP connection with Nagle off: pipelined small commands must not wait for ACKs.
+
+    With ``target.ssl_context`` it is TLS (handshake done); with ``target.auth`` the
+    ``auth`` command has been answered with success before this returns.
+    """
     sock = socket.create_connection((target.host, target.port), timeout=10)
-    sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if target.ssl_context is not None:
+            if not blocking:
+                raise BenchError("TLS needs blocking sockets: only "
+                                 f"{', '.join(TLS_SCENARIOS)} run over TLS")
+            sock = target.ssl_context.wrap_socket(sock, server_hostname=target.host)
+        if target.auth:
+            authenticate(sock, target.auth)
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
     sock.setblocking(blocking)
     return sock
+
+
+def authenticate(sock: socket.socket, auth: bytes) -> None:
+    """Send the framed ``auth`` command and check the one reply line it gets."""
+    sock.sendall(auth)
+    reply = read_lines(sock, 1)
+    if reply.count(b"\n") != 1 or b'"success": true' not in reply:
+        raise BenchError(f"authentication refused: {reply.strip().decode(errors='replace')}")
 
 
 def recv(sock: socket.socket) -> bytes:

@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..cli._args import UsageError, add_security_args, credentials, ssl_context
+from ..protocol import encode_auth, frame
 from . import report
+from .base import TLS_SCENARIOS
 from .dialects import MQ, REDIS, resp_command
 from .procstat import listening_pid
 from .scenarios import (
@@ -104,6 +107,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
                    help="write (or update the generated block of) a Markdown report")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+    p.add_argument("--compare-auth", action="store_true",
+                   help="with --start-server: also start a server with --auth (a file made "
+                   "for the run, with one token allowed everything) and run every scenario "
+                   f"against both ('{report.MQ_NAME}' and '{report.AUTH_NAME}'): the cost "
+                   "of authentication and permission checks")
+    add_security_args(p)
     p.set_defaults(func=run_bench)
 
 
@@ -176,11 +185,13 @@ def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes]) -> None
 
 
 @contextlib.contextmanager
-def started_server(host: str, cpu: int | None) -> Iterator[tuple[int, int]]:
-    """Run ``mq-trio serve`` in a subprocess; yield (port, pid); stop it with SIGINT."""
+def started_server(host: str, cpu: int | None, *extra: str) -> Iterator[tuple[int, int]]:
+    """Run ``mq-trio serve`` in a subprocess; yield (port, pid); stop it with SIGINT.
+
+    ``extra``: more ``serve`` arguments (``--auth FILE``...)."""
     port = _free_port(host)
     cmd = [sys.executable, "-m", "mq_trio", "serve", "--host", host, "--port", str(port),
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     preexec: Callable[[], None] | None = None
     if cpu is not None:
         def preexec() -> None:
@@ -198,11 +209,31 @@ def started_server(host: str, cpu: int | None) -> Iterator[tuple[int, int]]:
             proc.wait()
 
 
+def _auth_file_for_run(stack: contextlib.ExitStack) -> tuple[str, str]:
+    """An auth file with one token allowed everything (removed at exit); (path, token)."""
+    import tempfile
+
+    from ..auth import new_token
+
+    token, token_hash = new_token()
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="mq-trio-bench-"))
+    path = Path(directory) / "auth.toml"
+    path.write_text(auth_file_text(token_hash))
+    return str(path), token
+
+
+def auth_file_text(token_hash: str) -> str:
+    """The auth file of ``--compare-auth`` (docs/security.md): one token, every topic."""
+    raise NotImplementedError
+
+
 def run_scenario(name: str, target: Target, st: Settings, progress: ProgressBar,
                  variant: int | None) -> Result:
     label = f"{name} {target.name}" + (f" ({variant})" if variant is not None else "")
     bar = progress.for_label(label)
     try:
+        if target.ssl_context is not None and name not in TLS_SCENARIOS:
+            raise BenchError(f"not run over TLS (only {', '.join(TLS_SCENARIOS)} are)")
         if name == "rtt":
             return run_rtt(target, st, bar)
         if name == "e2e":
@@ -255,6 +286,20 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"mq-trio bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
+    try:
+        secrets = credentials(args)
+        context = ssl_context(args)
+        if args.compare_auth and not args.start_server:
+            raise UsageError("--compare-auth needs --start-server")
+        if args.compare_auth and (secrets or context is not None or args.redis):
+            raise UsageError("--compare-auth starts both servers itself: no --token, "
+                             "--user, --tls, --cafile or --redis with it")
+        if args.redis and (secrets or context is not None):
+            raise UsageError("--token, --user, --tls and --cafile are for mq-trio, not Redis")
+    except UsageError as exc:
+        print(f"mq-trio bench: {exc}", file=sys.stderr)
+        return 2
+    auth = frame([encode_auth(**secrets)]) if secrets else b""
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     st = Settings(
@@ -293,7 +338,15 @@ def run_bench(args: argparse.Namespace) -> int:
         if pid is None:
             pid = listening_pid(port)
         targets.append(Target(args.name or ("redis" if args.redis else report.MQ_NAME),
-                              args.host, port, REDIS if args.redis else MQ, pid))
+                              args.host, port, REDIS if args.redis else MQ, pid,
+                              auth=auth, ssl_context=context))
+        if args.compare_auth:
+            auth_file, token = _auth_file_for_run(stack)
+            aport, apid = stack.enter_context(
+                started_server(args.host, args.server_cpu, "--auth", auth_file)
+            )
+            targets.append(Target(report.AUTH_NAME, args.host, aport, MQ, apid,
+                                  auth=frame([encode_auth(token=token)])))
         if args.compare_redis:
             rhost, rport = args.compare_redis
             info = redis_info(rhost, rport)

@@ -15,6 +15,8 @@ import attrs
 from .scenarios import Result
 
 MQ_NAME = "mq-trio"
+#: The second server of ``mq-trio bench --compare-auth``: the same, with --auth.
+AUTH_NAME = "mq-trio+auth"
 REDIS_NAME = "redis"
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"

@@ -471,6 +471,9 @@ def run_conns(target: Target, st: Settings, progress: Progress = no_progress,
     socks: list[socket.socket] = []
     subs = [TokenCounter(d.sub_token) for _ in range(n)]
     hello = d.hello_for_mixed
+    confirmations = 2 if target.auth else 1
+    if target.ssl_context is not None:
+        raise BenchError("conns does not run over TLS")
     addr = (target.host, target.port)
     confirmed = in_flight = 0
     server = CPUMeter(target.pid)
@@ -498,11 +501,15 @@ def run_conns(target: Target, st: Settings, progress: Progress = no_progress,
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
                         raise BenchError(f"connect #{i}: {os.strerror(err)}")
-                    sock.send(hello + d.subscribe(f"bench.c{i}"))
+                    sock.send(target.auth + hello + d.subscribe(f"bench.c{i}"))
                     sel.modify(sock, selectors.EVENT_READ, i)
                     continue
                 data = recv(sock)
-                if subs[i].feed(data) and subs[i].count == 1:
+                if d.error_token in data:
+                    text = data.strip()[:200].decode(errors="replace")
+                    raise BenchError(f"connect #{i}: {text}")
+                # (with auth, its success comes first: the subscribe's is the second)
+                if subs[i].feed(data) and subs[i].count == confirmations:
                     confirmed += 1
                     in_flight -= 1
                     sel.unregister(sock)
