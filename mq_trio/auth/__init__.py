@@ -17,10 +17,10 @@ The public API (what the server, the CLI and the tests use):
 * :class:`GlobSet` -- the topic glob rules on their own.
 """
 
+from ._authenticator import Authenticator
 from ._errors import AuthConfigError, AuthFailed
 from ._globs import GlobSet
 from ._grant import Grant
-from ._authenticator import Authenticator
 from ._secrets import hash_password, new_token
 
 __all__ = [
