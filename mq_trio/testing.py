@@ -44,6 +44,7 @@ it, and the factories are called from the test's task.
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -61,9 +62,11 @@ if TYPE_CHECKING:
     import trustme
 
 __all__ = [
+    "AuthFile",
     "Certificates",
     "ClientFactory",
     "ServerFactory",
+    "mq_auth",
     "mq_client",
     "mq_client_factory",
     "mq_server",
@@ -85,6 +88,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "field (cache_size=5, max_pending_bytes=65536, ...), tls=True or 'mutual' (TLS "
         "with the mq_tls test CA), auth=True (the mq_auth file; clients use its token)",
     )
+
+
+_CREDENTIALS = frozenset(("token", "user", "password"))
 
 
 # --- TLS ---------------------------------------------------------------------------------
@@ -173,8 +179,139 @@ class Certificates:
         return self._dir is not None and server.config.tls_cert == str(self.cert_file)
 
 
-def _security_settings(settings: dict[str, Any], tls: Certificates | None) -> dict[str, Any]:
-    """Turn the plugin's own ``tls=`` into Config fields."""
+# --- authentication ----------------------------------------------------------------------
+
+#: Every topic, in the auth file's glob language (docs/security.md, "Topic globs").
+ALL_TOPICS = ("**",)
+_PASSWORD_HASHES: dict[str, str] = {}
+
+
+def _toml_string(text: str) -> str:
+    # A JSON string is a TOML basic string (json.dumps escapes nothing TOML lacks).
+    return json.dumps(text)
+
+
+@attrs.define
+class _Identity:
+    table: Literal["users", "tokens"]
+    name: str
+    secret: dict[str, str] = attrs.field(repr=False)
+    rules: dict[str, tuple[str, ...]]
+
+
+class AuthFile:
+    """An auth file for tests (``--auth``; docs/security.md), written to ``path``.
+
+    It starts with two identities allowed everything: the user ``mq_auth.user`` (password
+    ``mq_auth.password``) and a static token ``mq_auth.token``. ``add_user`` and
+    ``add_token`` add more; ``write()`` (re)writes the file and returns its path. Hashes
+    come from :func:`mq_trio.auth.hash_password` and :func:`mq_trio.auth.new_token`.
+    """
+
+    user = "mq-test-user"
+
+    def __init__(self, directory: Callable[[], Path]) -> None:
+        self._directory = directory
+        self._path: Path | None = None
+        self._identities: list[_Identity] = []
+        self._token: str | None = None
+        #: The default user's password.
+        self.password = "mq-test-password"
+
+    def _ensure_defaults(self) -> None:
+        if self._token is None:
+            self._token = self.add_token("mq-test-token")
+            self.add_user(self.user, self.password)
+
+    @property
+    def token(self) -> str:
+        """A static token allowed to publish and subscribe everywhere."""
+        self._ensure_defaults()
+        assert self._token is not None
+        return self._token
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = self._directory() / "auth.toml"
+        return self._path
+
+    def add_user(
+        self,
+        name: str,
+        password: str,
+        *,
+        publish: tuple[str, ...] | list[str] = ALL_TOPICS,
+        subscribe: tuple[str, ...] | list[str] = ALL_TOPICS,
+        publish_deny: tuple[str, ...] | list[str] = (),
+        subscribe_deny: tuple[str, ...] | list[str] = (),
+        certificate: str | None = None,
+    ) -> None:
+        """A user with a password (argon2id-hashed here) and its topic globs;
+        ``certificate``: a client certificate subject that authenticates it (mutual TLS)."""
+        from .auth import hash_password
+
+        if password not in _PASSWORD_HASHES:  # hashing takes ~0.1 s: once a session
+            _PASSWORD_HASHES[password] = hash_password(password)
+        secret = {"password": _PASSWORD_HASHES[password]}
+        if certificate is not None:
+            secret["certificate"] = certificate
+        self._identities.append(_Identity("users", name, secret, _rules(
+            publish, subscribe, publish_deny, subscribe_deny)))
+
+    def add_token(
+        self,
+        name: str,
+        *,
+        publish: tuple[str, ...] | list[str] = ALL_TOPICS,
+        subscribe: tuple[str, ...] | list[str] = ALL_TOPICS,
+        publish_deny: tuple[str, ...] | list[str] = (),
+        subscribe_deny: tuple[str, ...] | list[str] = (),
+    ) -> str:
+        """A new static token (only its hash goes in the file); returns the token."""
+        from .auth import new_token
+
+        token, token_hash = new_token()
+        self._identities.append(_Identity("tokens", name, {"hash": token_hash}, _rules(
+            publish, subscribe, publish_deny, subscribe_deny)))
+        return token
+
+    def text(self) -> str:
+        """The file's TOML."""
+        self._ensure_defaults()
+        out: list[str] = []
+        for identity in self._identities:
+            out.append(f"[{identity.table}.{_toml_string(identity.name)}]")
+            for key, value in identity.secret.items():
+                out.append(f"{key} = {_toml_string(value)}")
+            for key, globs in identity.rules.items():
+                if globs:
+                    out.append(f"{key} = [{', '.join(_toml_string(g) for g in globs)}]")
+            out.append("")
+        return "\n".join(out)
+
+    def write(self) -> Path:
+        """Write the file (again, after changes: a server reloads it on SIGHUP)."""
+        self.path.write_text(self.text(), encoding="utf-8")
+        return self.path
+
+    def used_by(self, server: Server) -> bool:
+        return self._path is not None and server.config.auth_file == str(self._path)
+
+
+def _rules(*lists: tuple[str, ...] | list[str]) -> dict[str, tuple[str, ...]]:
+    keys = ("publish", "subscribe", "publish_deny", "subscribe_deny")
+    return {key: tuple(globs) for key, globs in zip(keys, lists, strict=True)}
+
+
+def _security_settings(
+    settings: dict[str, Any], tls: Certificates | None, auth: AuthFile | None = None
+) -> dict[str, Any]:
+    """Turn the plugin's own ``tls=`` and ``auth=`` into Config fields."""
+    if settings.pop("auth", False):
+        if auth is None:  # pragma: no cover - the fixtures always pass one
+            raise TypeError("auth=True needs the mq_auth fixture")
+        settings["auth_file"] = str(auth.write())
     mode: bool | Literal["mutual"] = settings.pop("tls", False)
     if mode:
         if tls is None:  # pragma: no cover - the fixtures always pass one
@@ -254,14 +391,24 @@ def mq_tls(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 
 @pytest.fixture
-def mq_server_factory(nursery: trio.Nursery, mq_tls: Certificates) -> ServerFactory:
+def mq_auth(tmp_path_factory: pytest.TempPathFactory) -> AuthFile:
+    """An auth file with a user and a token allowed everything, and room for more (see
+    :class:`AuthFile`); made when first asked for."""
+    return AuthFile(lambda: tmp_path_factory.mktemp("mq_auth"))
+
+
+@pytest.fixture
+def mq_server_factory(
+    nursery: trio.Nursery, mq_tls: Certificates, mq_auth: AuthFile
+) -> ServerFactory:
     """``await mq_server_factory(**settings)``: another server, stopped at test end.
 
-    Besides the Config fields, ``tls=True`` (or ``"mutual"``) serves TLS with ``mq_tls``.
+    Besides the Config fields, ``tls=True`` (or ``"mutual"``) serves TLS with ``mq_tls``,
+    and ``auth=True`` requires authentication with ``mq_auth``'s file.
     """
 
     async def factory(**settings: Any) -> Server:
-        return await start_server(nursery, **_security_settings(settings, mq_tls))
+        return await start_server(nursery, **_security_settings(settings, mq_tls, mq_auth))
 
     return factory
 
@@ -281,7 +428,7 @@ async def mq_server(request: pytest.FixtureRequest, mq_server_factory: ServerFac
 
 @pytest.fixture
 def mq_client_factory(
-    mq_server: Server, nursery: trio.Nursery, mq_tls: Certificates
+    mq_server: Server, nursery: trio.Nursery, mq_tls: Certificates, mq_auth: AuthFile
 ) -> ClientFactory:
     """``await mq_client_factory(**options)``: another client, closed at test end.
 
@@ -289,7 +436,9 @@ def mq_client_factory(
     ``ws://`` URL to go elsewhere. ``options`` are those of
     :func:`mq_trio.open_client` (``reconnect=True``, ``max_buffered=...``). To a server
     serving TLS with ``mq_tls``, it connects over TLS trusting that CA unless given an
-    ``ssl_context``.
+    ``ssl_context``; to one using ``mq_auth``'s file it authenticates with
+    ``mq_auth.token`` unless given ``token=``, ``user=`` or ``password=`` (``token=None``:
+    no credentials at all).
     """
 
     async def factory(
@@ -300,6 +449,8 @@ def mq_client_factory(
         if isinstance(target, Server):
             if "ssl_context" not in options and mq_tls.trusts(target):
                 options["ssl_context"] = mq_tls.client_context()
+            if not _CREDENTIALS & options.keys() and mq_auth.used_by(target):
+                options["token"] = mq_auth.token
             host, server_port = target.address
             return await start_client(nursery, host, server_port, **options)
         return await start_client(nursery, target, port, **options)

@@ -98,6 +98,15 @@ class _Command:
             self.done.set()
 
 
+class _Secret(bytes):
+    """An encoded ``auth`` command: bytes whose repr does not show them."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<auth command: hidden>"
+
+
 #: Failures the server sends on its own just before it closes the connection.
 _NOTICES = frozenset((TOKEN_EXPIRED, AUTH_TIMEOUT))
 
@@ -113,7 +122,7 @@ def auth_line(
         raise ValueError("give a token, or a user and a password, not both")
     if token is None and (user is None or password is None):
         raise ValueError("a user needs a password (and a password a user)")
-    return encode_auth(token=token, user=user, password=password)
+    return _Secret(encode_auth(token=token, user=user, password=password))
 
 
 #: Subscribed to (without replay) and unsubscribed from at once, to learn the server's
@@ -560,7 +569,7 @@ class Client:
             elif command.kind == "unsubscribe":
                 self._topics.pop(command.topic, None)
             elif command.kind == "auth":
-                self._auth = command.line
+                self._auth = _Secret(command.line)
             command.done.set()
         else:
             text = reason if isinstance(reason, str) else f"failure: {obj!r}"
