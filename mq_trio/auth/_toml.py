@@ -124,7 +124,8 @@ class Table:
     def done(self) -> None:
         unknown = [k for k in self.data if k not in self._seen]
         if unknown:
-            self.fail(unknown[0], "unknown key")
+            known = ", ".join(sorted(self._seen))
+            self.fail(unknown[0], f"unknown key (known here: {known})")
 
     @property
     def name(self) -> str:
