@@ -223,8 +223,17 @@ def _auth_file_for_run(stack: contextlib.ExitStack) -> tuple[str, str]:
 
 
 def auth_file_text(token_hash: str) -> str:
-    """The auth file of ``--compare-auth`` (docs/security.md): one token, every topic."""
-    raise NotImplementedError
+    """The auth file of ``--compare-auth`` (docs/security.md): one token, every topic.
+
+    One glob each, so that a permission check costs what it costs a typical deployment:
+    a memo lookup per command once a topic was checked on the connection.
+    """
+    return (
+        '[tokens."bench"]\n'
+        f'hash = "{token_hash}"\n'
+        'publish = ["**"]\n'
+        'subscribe = ["**"]\n'
+    )
 
 
 def run_scenario(name: str, target: Target, st: Settings, progress: ProgressBar,
@@ -368,6 +377,9 @@ def run_bench(args: argparse.Namespace) -> int:
     checks = report.check_targets(results)
     if len(targets) > 1 and any(c.met is not None for c in checks):
         print("\n" + report.checks_table(checks), file=out)
+    with_auth = report.auth_checks(results)
+    if with_auth:
+        print("\n" + report.checks_table(with_auth, versus="with auth vs without"), file=out)
     plot_name = None
     if args.plot:
         if report.plot(results, args.plot):

@@ -183,9 +183,22 @@ def checks_rows(checks: Sequence[Check]) -> list[tuple[str, str, str, str]]:
     return [(c.name, c.target, c.measured, verdict[c.met]) for c in checks]
 
 
-def checks_table(checks: Sequence[Check]) -> str:
+def auth_checks(results: Sequence[Result]) -> list[Check]:
+    """``--compare-auth``: publish throughput with auth within 10% of without (#12)."""
+    checks = []
+    for r in results:
+        if r.target == AUTH_NAME and r.scenario == "publish":
+            p = r.params["publishers"]
+            checks.append(_ratio_check(
+                f"publish P={p} throughput with auth", ">= 0.9x without", r,
+                _find(results, MQ_NAME, "publish", publishers=p), "per_s", minimum=0.9,
+                unit=" msg/s"))
+    return checks
+
+
+def checks_table(checks: Sequence[Check], versus: str = "mq-trio vs Redis") -> str:
     body = checks_rows(checks)
-    heads = ("target", "wanted", "measured (mq-trio vs Redis)", "")
+    heads = ("target", "wanted", f"measured ({versus})", "")
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(heads)]
     out = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in body]
