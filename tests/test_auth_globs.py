@@ -138,7 +138,7 @@ def reference(pattern: str, topic: str) -> bool:
             tokens.append(pattern[i])
             i += 1
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def match(p: int, t: int) -> bool:
         if p == len(tokens):
             return t == len(topic)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from mq_trio.auth import AuthConfigError, AuthFailed, Authenticator, Grant
+from mq_trio.auth import AuthConfigError, Authenticator, AuthFailed, Grant
 
 SECRET = "s" * 40
 CONFIG = f"""
@@ -211,7 +211,7 @@ async def test_public_key_algorithms(
         private = rsa_key
     auth = key_config(tmp_path, algorithm, pem_public(private))
     payload = {"sub": "dave", "exp": int(time.time()) + 60}
-    grant = await grant_for(auth, jwt.encode(payload, private, algorithm=algorithm))  # type: ignore[arg-type]
+    grant = await grant_for(auth, jwt.encode(payload, private, algorithm=algorithm))
     assert grant.identity == "jwt:dave" and grant.may_subscribe("x.y")
     other = ed25519.Ed25519PrivateKey.generate() if algorithm != "EdDSA" else (
         ec.generate_private_key(ec.SECP256R1()))

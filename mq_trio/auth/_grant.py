@@ -98,6 +98,7 @@ class Grant:
     source: Source = attrs.field(repr=False)
     _publish_memo: dict[str, bool] = attrs.field(init=False, repr=False)
     _subscribe_memo: dict[str, bool] = attrs.field(init=False, repr=False)
+    _marked_stale: bool = attrs.field(default=False, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._publish_memo = self._permissions.publish_memo
@@ -106,7 +107,12 @@ class Grant:
     @property
     def stale(self) -> bool:
         """True once a reload replaced the rules this grant was made from."""
-        return self._generation.stale
+        return self._marked_stale or self._generation.stale
+
+    @stale.setter
+    def stale(self, value: bool) -> None:
+        """Marks this one grant (the reload marks a whole generation at once)."""
+        self._marked_stale = value
 
     def may_publish(self, topic: str) -> bool:
         ok = self._publish_memo.get(topic)
