@@ -212,7 +212,7 @@ async def _open_websocket(
             exc.__context__ = context
             del exc, context
     finally:
-        await trio.aclose_forcefully(stream)
+        await _close(stream)
 
 
 @asynccontextmanager
@@ -232,4 +232,19 @@ async def open_wire(
     try:
         yield _TCPWire(stream)
     finally:
-        await trio.aclose_forcefully(stream)
+        await _close(stream)
+
+
+#: How long a TLS close may take to send its close_notify (even when cancelled).
+CLOSE_NOTIFY_TIMEOUT = 0.25
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close; over TLS, tell the server with a close_notify first (bounded, shielded)."""
+    if isinstance(stream, trio.SSLStream):
+        with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT, shield=True):
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    await trio.aclose_forcefully(stream)
