@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ssl
+import sys
 from functools import partial
 
 import pytest
@@ -130,7 +131,10 @@ async def test_typo(mq_server):
 
 
 def test_auth_file_text(mq_auth: AuthFile) -> None:
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
     from mq_trio.auth import Authenticator
 
