@@ -120,6 +120,9 @@ class Authenticator:
     def regrant(self, grant: Grant) -> Grant | None:
         """``grant``'s identity under the current rules (itself when nothing was reloaded);
         None when it no longer exists: the server then closes that connection."""
-        if grant.stale:
-            return self._state.regrant(grant.source)
-        return grant
+        if not grant.stale:
+            return grant
+        new = self._state.regrant(grant.source)
+        if new is grant:  # marked stale by hand, and its generation is current
+            grant.stale = False
+        return new
