@@ -8,18 +8,20 @@ checked; ``sub`` is the identity.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt.algorithms import AllowedPublicKeys
 
 from ._errors import AuthFailed
 from ._grant import PERMISSION_KEYS, Rules
 from ._toml import Table
+
+if TYPE_CHECKING:
+    from jwt.algorithms import AllowedPublicKeys
 
 #: HMAC algorithms and the least secret length RFC 7518 asks for (the hash's size).
 HMAC = {"HS256": 32, "HS384": 48, "HS512": 64}
