@@ -54,7 +54,7 @@ async def test_wrong_password(auth: Authenticator) -> None:
 
 
 async def test_unknown_user(auth: Authenticator) -> None:
-    with pytest.raises(AuthFailed, match="unknown user mallory"):
+    with pytest.raises(AuthFailed, match="unknown user 'mallory'"):
         await auth.authenticate(user="mallory", password="x", peer="192.0.2.1")
 
 

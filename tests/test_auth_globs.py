@@ -198,9 +198,9 @@ def test_hostile_topics_are_linear(pattern: str) -> None:
         globs.matches(topic)
         t2 = time.perf_counter()
         # Ten times the topic: well under a hundred times the time (quadratic), and
-        # absolutely small (about 4 ms measured for the worst; CI machines are slower).
+        # absolutely small (about 4 ms measured for the worst; loaded machines are slower).
         assert t2 - t1 < 0.5, (pattern, topic[:8], t2 - t1)
-        assert t2 - t1 < max(50 * (t1 - t0), 0.05), (pattern, topic[:8], t1 - t0, t2 - t1)
+        assert t2 - t1 < max(50 * (t1 - t0), 0.2), (pattern, topic[:8], t1 - t0, t2 - t1)
 
 
 def test_hostile_topics_answer_right() -> None:

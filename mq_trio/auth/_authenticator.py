@@ -18,7 +18,7 @@ from ._config import load_auth_file
 from ._errors import AuthFailed
 from ._grant import Grant
 from ._secrets import verify_password
-from ._state import State, printable
+from ._state import State
 from ._throttle import Throttle
 
 #: Password verifications that may wait for a thread, per CPU: about 4 s of work at
@@ -88,7 +88,7 @@ class Authenticator:
         if not await self._verify(state, stored, password):
             self.throttle.failed(peer)
             if entry is None:
-                raise AuthFailed(f"unknown user {printable(user, 64)}")
+                raise AuthFailed(f"unknown user {user[:64]!r}")
             if stored is None:
                 raise AuthFailed(f"user {user} has no password (certificate only)")
             raise AuthFailed(f"wrong password for user {user}")
