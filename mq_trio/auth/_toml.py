@@ -140,7 +140,8 @@ def _kind(value: object) -> str:
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
-        return "a list" if all(isinstance(v, str) for v in value) else "a list of non-strings"
+        odd = next((v for v in value if not isinstance(v, str)), None)
+        return "a list of strings" if odd is None else f"a list containing {_kind(odd)}"
     if isinstance(value, Mapping):
         return "a table"
     return type(value).__name__
