@@ -3,12 +3,15 @@ never let everyone in); a good one makes old grants stale and ``regrant`` maps t
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import argon2
 import jwt
 import pytest
+import trio
+import trio.testing
 
 from mq_trio.auth import AuthConfigError, Authenticator, Grant, new_token
 
@@ -163,3 +166,33 @@ async def test_marking_one_grant_stale(path: Path) -> None:
     assert alice.stale and not bob.stale
     again = auth.regrant(alice)
     assert again is alice and not alice.stale  # the rules did not change: unmarked
+
+
+async def test_reload_during_a_password_check(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login verified under the old rules while a reload happens comes back stale, and
+    the server's regrant puts it under the new rules."""
+    auth = Authenticator.load(path)
+    release = threading.Event()
+
+    def slow(stored: str, password: str) -> bool:
+        release.wait(10)
+        return True
+
+    monkeypatch.setattr("mq_trio.auth._authenticator.verify_password", slow)
+    grants: list[Grant] = []
+
+    async def log_in() -> None:
+        grants.append(await login(auth, "alice"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log_in)
+        await trio.testing.wait_all_tasks_blocked()
+        rewrite(path, rules(alice_publish="c.*"))
+        auth.reload()
+        release.set()
+    (grant,) = grants
+    assert grant.stale and grant.may_publish("a.x")
+    new = auth.regrant(grant)
+    assert new is not None and new.may_publish("c.x") and not new.may_publish("a.x")
