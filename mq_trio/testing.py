@@ -25,7 +25,8 @@ Security (docs/security.md, docs/testing.md):
   (a server certificate for 127.0.0.1, ::1 and localhost), ``mq_tls.ca_file`` (for
   ``--cafile`` or ``ssl.create_default_context(cafile=...)``), ``mq_tls.client_context()``
   (an ``ssl.SSLContext`` trusting it; ``client_context(cert="alice")`` also presents a
-  client certificate for mutual TLS), ``mq_tls.server_settings(mutual=False)``.
+  client certificate for mutual TLS, whose subject ``mq_tls.client_subject("alice")``
+  can name a user in the auth file), ``mq_tls.server_settings(mutual=False)``.
 * ``@pytest.mark.mq_server(tls=True)`` (or ``tls="mutual"``): the server speaks TLS with
   ``mq_tls``'s certificate (``"mutual"``: and requires client certificates from it); the
   client fixtures then trust it by themselves. ``mq_server_factory(tls=True)`` likewise.
@@ -110,6 +111,7 @@ class Certificates:
         self._directory = directory
         self._ca: trustme.CA | None = None
         self._dir: Path | None = None
+        self._clients: dict[str, trustme.LeafCert] = {}
 
     @property
     def ca(self) -> trustme.CA:
@@ -156,19 +158,34 @@ class Certificates:
             settings["tls_client_ca"] = str(self.ca_file)
         return settings
 
+    def client_cert(self, name: str) -> trustme.LeafCert:
+        """The client certificate issued to ``name`` (made once per name)."""
+        if name not in self._clients:
+            self._clients[name] = self.ca.issue_cert(name, common_name=name)
+        return self._clients[name]
+
+    def client_subject(self, name: str) -> str:
+        """The subject of ``client_cert(name)`` as the auth file's ``certificate`` key
+        names it (RFC 4514 attributes in certificate order, e.g.
+        ``O=trustme v1.2.1,OU=Testing cert #...,CN=alice``)."""
+        from cryptography import x509
+
+        pem = self.client_cert(name).cert_chain_pems[0].bytes()
+        subject = x509.load_pem_x509_certificate(pem).subject
+        return ",".join(rdn.rfc4514_string() for rdn in subject.rdns)
+
     def client_context(self, cert: str | None = None) -> ssl.SSLContext:
-        """A client ``SSLContext`` trusting this CA; with ``cert="alice"`` it presents a
-        client certificate issued to that name (its subject's common name)."""
+        """A client ``SSLContext`` trusting this CA; with ``cert="alice"`` it presents
+        ``client_cert("alice")`` (mutual TLS)."""
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
         if cert is not None:
-            self.ca.issue_cert(cert, common_name=cert).configure_cert(context)
+            self.client_cert(cert).configure_cert(context)
         return context
 
     def client_cert_files(self, name: str) -> tuple[Path, Path]:
-        """A client certificate for ``name``: (chain PEM, key PEM) paths, for programs
-        that take files."""
-        issued = self.ca.issue_cert(name, common_name=name)
+        """``client_cert(name)`` as files, for programs that take them: (chain, key)."""
+        issued = self.client_cert(name)
         chain, key = self.directory / f"client-{name}.pem", self.directory / f"client-{name}.key"
         issued.cert_chain_pems[0].write_to_path(str(chain))
         issued.private_key_pem.write_to_path(str(key))
@@ -239,7 +256,7 @@ class AuthFile:
     def add_user(
         self,
         name: str,
-        password: str,
+        password: str | None = None,
         *,
         publish: tuple[str, ...] | list[str] = ALL_TOPICS,
         subscribe: tuple[str, ...] | list[str] = ALL_TOPICS,
@@ -247,13 +264,18 @@ class AuthFile:
         subscribe_deny: tuple[str, ...] | list[str] = (),
         certificate: str | None = None,
     ) -> None:
-        """A user with a password (argon2id-hashed here) and its topic globs;
-        ``certificate``: a client certificate subject that authenticates it (mutual TLS)."""
+        """A user with a password (argon2id-hashed here), a client certificate subject
+        that authenticates it with mutual TLS (``mq_tls.client_subject(name)``), or
+        both; and its topic globs."""
         from .auth import hash_password
 
-        if password not in _PASSWORD_HASHES:  # hashing takes ~0.1 s: once a session
-            _PASSWORD_HASHES[password] = hash_password(password)
-        secret = {"password": _PASSWORD_HASHES[password]}
+        if password is None and certificate is None:
+            raise ValueError("a user needs a password, a certificate or both")
+        secret: dict[str, str] = {}
+        if password is not None:
+            if password not in _PASSWORD_HASHES:  # ~0.1 s per hash: once a session
+                _PASSWORD_HASHES[password] = hash_password(password)
+            secret["password"] = _PASSWORD_HASHES[password]
         if certificate is not None:
             secret["certificate"] = certificate
         self._identities.append(_Identity("users", name, secret, _rules(

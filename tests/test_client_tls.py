@@ -2,8 +2,8 @@
 
 The client side is tested against small TLS servers written here (a line server that
 answers every command with success, and a listener that never starts the handshake), so
-that verification failures and timeouts are the client's own; the real server's TLS
-listener is tested the same way at the end.
+that verification failures and timeouts are the client's own; then against the real
+server's TLS listeners (TCP and wss://), with the pytest plugin's test CA.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 import trio
 import trustme
 
-from mq_trio import ConnectError
-from mq_trio.client import open_client
+from mq_trio import ConnectError, MQError
+from mq_trio.client import ConnectionLost, open_client
+from mq_trio.testing import AuthFile, Certificates, ServerFactory
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -175,3 +176,70 @@ async def test_wss_to_a_trio_websocket_server(ca: trustme.CA, server_ssl: ssl.SS
             async with open_client(f"wss://127.0.0.1:{port}/"):  # the system CAs
                 pass
         nursery.cancel_scope.cancel()
+
+
+# --- the real server's TLS listeners (the plugin's mq_tls CA) -----------------------------
+
+
+async def test_real_server_over_tls_tcp_and_wss(mq_server_factory: ServerFactory,
+                                                mq_tls: Certificates) -> None:
+    server = await mq_server_factory(tls=True, ws_port=0)
+    context = mq_tls.client_context()
+    async with open_client(*server.address, ssl_context=context) as tcp, open_client(
+        f"wss://localhost:{server.ws_port}/", ssl_context=context
+    ) as wss:
+        await wss.subscribe("t")
+        await tcp.send("t", "from TLS over TCP")
+        assert (await wss.receive()).msg == "from TLS over TCP"
+    with pytest.raises(ConnectError, match="certificate verification failed"):
+        async with open_client(*server.address, ssl_context=client_context(trustme.CA())):
+            pass
+    with pytest.raises(ConnectError, match="certificate verification failed"):
+        async with open_client(f"wss://127.0.0.1:{server.ws_port}/"):  # the system CAs
+            pass
+
+
+async def test_real_server_reconnect_over_tls(nursery: trio.Nursery,
+                                              mq_server_factory: ServerFactory,
+                                              mq_tls: Certificates) -> None:
+    from mq_trio.client import Backoff
+    from mq_trio.testing import restart_server
+
+    server = await mq_server_factory(tls=True)
+    async with open_client(*server.address, ssl_context=mq_tls.client_context(),
+                           reconnect=Backoff(initial=0.01, maximum=0.05)) as sub:
+        await sub.subscribe("t")
+        new = await restart_server(nursery, server)
+        async with open_client(*new.address, ssl_context=mq_tls.client_context()) as pub:
+            await pub.send("t", "after")
+        with trio.fail_after(10):
+            assert (await sub.receive()).msg == "after"
+        assert sub.reconnects == 1
+
+
+async def test_mutual_tls_certificate_is_the_identity(
+    mq_server_factory: ServerFactory, mq_tls: Certificates, mq_auth: AuthFile
+) -> None:
+    mq_auth.add_user("alice", certificate=mq_tls.client_subject("alice"),
+                     publish=["alice.*"], subscribe=[])
+    server = await mq_server_factory(tls="mutual", auth=True)
+    # No auth command: the certificate authenticated the connection.
+    async with open_client(*server.address, ssl_context=mq_tls.client_context(cert="alice")
+                           ) as alice:
+        await alice.send("alice.news", "signed")
+        with pytest.raises(MQError, match="Permission denied"):
+            await alice.send("bob.news", "not mine")
+    # A certificate the auth file does not name still needs an auth command.
+    async with open_client(*server.address, ssl_context=mq_tls.client_context(cert="eve")
+                           ) as eve:
+        with pytest.raises(MQError, match="Not authenticated"):
+            await eve.send("alice.news", "x")
+    async with open_client(*server.address, ssl_context=mq_tls.client_context(cert="eve"),
+                           token=mq_auth.token) as eve:
+        await eve.send("alice.news", "with a token")
+    # Without a client certificate nothing gets through: with TLS 1.3 the server's
+    # refusal arrives after the client's side of the handshake, at the first command.
+    with pytest.raises(ConnectionLost) as caught:
+        async with open_client(*server.address, ssl_context=mq_tls.client_context()) as c:
+            await c.send("t", "x")
+    assert caught.value.reason.startswith("connection broken (")

@@ -49,6 +49,7 @@ class _TCPWire:
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
         self._lines = LineBuffer(MAX_INCOMING_BYTES)
+        self.close_reason: str | None = None
 
     async def send(self, items: list[bytes]) -> None:
         await self._stream.send_all(frame(items))
@@ -56,7 +57,12 @@ class _TCPWire:
     async def receive(self) -> list[bytes] | None:
         try:
             data = await self._stream.receive_some(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except trio.BrokenResourceError as exc:
+            # e.g. a TLS alert: a client certificate refused after the handshake (TLS 1.3)
+            if isinstance(exc.__cause__, ssl.SSLError):
+                self.close_reason = f"connection broken ({describe(exc)})"
+            return None
+        except trio.ClosedResourceError:
             return None
         if not data:
             return None
@@ -115,6 +121,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     cause = exc.__cause__
+    if isinstance(exc, trio.BrokenResourceError) and cause is None and not str(exc):
+        return "closed by the server"
     if isinstance(cause, BaseExceptionGroup):
         # trio's "all attempts to connect failed" wraps one error per address tried.
         reasons = dict.fromkeys(describe(e) for e in cause.exceptions)
