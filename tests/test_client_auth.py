@@ -194,3 +194,38 @@ async def test_a_token_expired_notice_closes_with_its_reason(nursery: trio.Nurse
             await client.subscribe("t")
         assert got_subscribe.is_set()
         assert caught.value.reason == f"closed by the server: {TOKEN_EXPIRED}"
+
+
+async def fake_server(nursery: trio.Nursery, reply: bytes | None) -> int:
+    """A server that reads the first line and answers ``reply`` (None: never)."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while b"\n" not in buffer:
+            buffer += await stream.receive_some(1024)
+        if reply is not None:
+            await stream.send_all(reply)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def test_no_reply_to_auth_times_out(nursery: trio.Nursery) -> None:
+    port = await fake_server(nursery, None)
+    with pytest.raises(ConnectError) as caught:
+        async with open_client("127.0.0.1", port, token="t", connect_timeout=0.3):
+            pass
+    assert not isinstance(caught.value, AuthError)  # a timeout is worth retrying
+    assert caught.value.reason == (f"127.0.0.1:{port}: not authenticated within 0.3 s of "
+                                   "connecting (no reply to the auth command)")
+
+
+async def test_a_server_without_the_auth_command(nursery: trio.Nursery) -> None:
+    """A protocol-v1 server of the family that does not know ``auth``."""
+    port = await fake_server(
+        nursery, b'{"success": false, "reason": "Malformed json message"}\r\n')
+    with pytest.raises(AuthError, match="does not support authentication"):
+        async with open_client("127.0.0.1", port, token="t"):
+            pass

@@ -350,11 +350,13 @@ class Client:
         preamble: list[_Command] = []
         while True:
             served = False
+            # Connecting, the TLS handshake and authenticating: all within the timeout.
+            deadline = trio.current_time() + self._connect_timeout
             try:
                 async with open_wire(self.target, self._connect_timeout, self._ssl) as wire:
                     # Credentials first, on every connection: nothing else (not even the
                     # resumes) goes out before the server accepted them.
-                    await self._authenticate(wire)
+                    await self._authenticate(wire, deadline)
                     if first:
                         task_status.started()
                         first = False
@@ -406,14 +408,14 @@ class Client:
             command.fail(ConnectionLost(reason))
         self._shut(reason)
 
-    async def _authenticate(self, wire: Wire) -> None:
+    async def _authenticate(self, wire: Wire, deadline: float) -> None:
         """Send the credentials and read the verdict; raise AuthError if refused."""
         line = self._auth
         if line is None:
             return
         reply: bytes | None = None
         try:
-            with trio.fail_after(self._connect_timeout):
+            with trio.fail_at(deadline):
                 await wire.send([line])
                 while reply is None:
                     items = await wire.receive()
@@ -427,8 +429,8 @@ class Client:
                             break
         except trio.TooSlowError:
             raise ConnectError(
-                f"{self.target}: no reply to authentication within "
-                f"{self._connect_timeout:g} s"
+                f"{self.target}: not authenticated within {self._connect_timeout:g} s of "
+                "connecting (no reply to the auth command)"
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectError(
