@@ -4,6 +4,7 @@ authenticate, and ``--compare-auth`` measures with and without in one command.""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mq_trio.benchmark.scenarios import (
 )
 from mq_trio.cli import main
 from mq_trio.protocol import encode_auth, frame
+from mq_trio.testing import Certificates
 
 QUICK = Settings(duration=0.3, window=64, rate=2000, conns=40, procs=2, stall_timeout=10)
 
@@ -80,6 +82,13 @@ def test_a_wrong_token_fails_the_scenario(refusing_server: tuple[str, Target]) -
                    auth=frame([encode_auth(token="mqt_wrong")]))
     with pytest.raises(BenchError, match="authentication refused.*Authentication failed"):
         run_rtt(wrong, QUICK)
+    # Publishers in worker processes: the refusal is the error (not a stall, not a
+    # broken barrier), at once (the stall timeout here is 10 s).
+    t0 = time.monotonic()
+    with pytest.raises(BenchError, match="^authentication refused.*Authentication failed"):
+        run_publish(wrong, QUICK, 2)
+    assert time.monotonic() - t0 < QUICK.stall_timeout
+    # (last: its many refusals slow down this host's next attempts on this server)
     with pytest.raises(BenchError, match="Authentication failed"):
         run_conns(wrong, QUICK, settle=0.0)
 
@@ -132,3 +141,47 @@ def test_auth_checks_verdicts() -> None:
     [missed] = report.auth_checks([publish(report.MQ_NAME, 100), publish(report.AUTH_NAME, 89)])
     assert met.met is True and missed.met is False
     assert report.auth_checks([publish(report.MQ_NAME, 100)]) == []
+
+
+# --- over TLS -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Certificates, str, Target]]:
+    certs = Certificates(lambda: tmp_path_factory.mktemp("bench-tls"))
+    token, token_hash = new_token()
+    path = certs.directory / "auth.toml"
+    path.write_text(auth_file_text(token_hash))
+    with started_server("127.0.0.1", None, "--auth", str(path),
+                        "--tls-cert", str(certs.cert_file),
+                        "--tls-key", str(certs.key_file)) as (port, pid):
+        yield certs, token, Target("tls", "127.0.0.1", port, MQ, pid,
+                                   auth=frame([encode_auth(token=token)]),
+                                   ssl_context=certs.client_context())
+
+
+def test_rtt_and_publish_over_tls(tls_server: tuple[Certificates, str, Target]) -> None:
+    from mq_trio.benchmark.cli import ProgressBar, run_scenario
+
+    _, _, target = tls_server
+    rtt = run_rtt(target, QUICK)
+    assert rtt.ok and rtt.metrics["n"] > 0, rtt.errors
+    publish = run_publish(target, QUICK, 2)
+    assert publish.ok and publish.metrics["acked"] > 0, publish.errors
+    e2e = run_scenario("e2e", target, QUICK, ProgressBar(False), None)
+    assert e2e.errors == ["failed: not run over TLS (only rtt, publish are)"]
+
+
+def test_cli_cafile(tls_server: tuple[Certificates, str, Target],
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    certs, token, target = tls_server
+    argv = ["bench", "rtt", "publish", "--port", str(target.port), "--duration", "0.2",
+            "--window", "32", "--no-progress", "--json", "-", "--token", token]
+    assert main([*argv, "--cafile", str(certs.ca_file)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["scenario"], r["ok"]) for r in records] == [("rtt", True), ("publish", True)]
+    # --tls alone: the system's CAs do not know the test CA
+    assert main([*argv, "--tls"]) == 1
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all("CERTIFICATE_VERIFY_FAILED" in r["errors"][0] for r in records)

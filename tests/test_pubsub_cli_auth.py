@@ -197,3 +197,24 @@ async def test_handshake_that_never_completes(nursery: trio.Nursery, tmp_path: P
     assert result.returncode == 1
     assert result.stderr == (f"mq-trio pub: TLS handshake with 127.0.0.1:{port} did not "
                              "complete within 0.5 s\n").encode()
+
+
+async def test_real_server_with_tls_and_auth(mq_server_factory: ServerFactory,
+                                             mq_tls: Certificates, mq_auth: AuthFile) -> None:
+    server = await mq_server_factory(tls=True, auth=True, ws_port=0)
+    ca = ["--cafile", str(mq_tls.ca_file)]
+    async with open_client(*server.address, ssl_context=mq_tls.client_context(),
+                           token=mq_auth.token) as client:
+        await client.subscribe("t")
+        result = await mq("pub", "t", "tcp", *port_of(server), *ca, "--token", mq_auth.token)
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert (await client.receive()).msg == "tcp"
+        result = await mq("pub", "t", "wss", "--url", f"wss://localhost:{server.ws_port}/",
+                          *ca, env={"MQ_TRIO_TOKEN": mq_auth.token})
+        assert (result.returncode, result.stderr) == (0, b"")
+        assert (await client.receive()).msg == "wss"
+    # The same server without --cafile: its certificate is not trusted.
+    result = await mq("pub", "t", "x", "--url", f"wss://localhost:{server.ws_port}/",
+                      "--token", mq_auth.token)
+    assert result.returncode == 1
+    assert b"certificate verification failed" in result.stderr

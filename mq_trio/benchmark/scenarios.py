@@ -15,6 +15,7 @@ import os
 import select
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -219,8 +220,16 @@ def _publish_worker(target: Target, cmd: bytes, st: Settings, start: Any, out: C
                 sock, target.dialect, cmd, st.window, st.duration
             )
             out.send(("ok", acks, errs, t0, t1, time.process_time() - cpu0))
+    except threading.BrokenBarrierError:
+        out.send(("aborted",))  # another publisher failed to start
     except Exception as exc:
-        out.send(("error", repr(exc)))
+        start.abort()  # the others (and the parent) must not wait for this one
+        out.send(("error", str(exc) or repr(exc)))
+
+
+def _drain(pipes: list[Connection], wait: float = 5.0) -> list[Any]:
+    """The messages the workers sent (each waited for up to ``wait`` seconds)."""
+    return [pipe.recv() for pipe in pipes if pipe.poll(wait)]
 
 
 def _ctx() -> Any:
@@ -272,7 +281,17 @@ def run_publish(target: Target, st: Settings, publishers: int = 1,
         p.start()
         pipes.append(ours)
         procs.append(p)
-    start.wait(timeout=st.stall_timeout)
+    try:
+        start.wait(timeout=st.stall_timeout)
+    except threading.BrokenBarrierError:
+        # A publisher could not connect (or authenticate): say why, not "broken barrier".
+        reasons = [r[1] for r in _drain(pipes) if r[0] == "error"]
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        raise BenchError("; ".join(dict.fromkeys(reasons)) or "publishers did not start"
+                         ) from None
     server = CPUMeter(target.pid)
     server.start()
     cpu0 = time.process_time()
