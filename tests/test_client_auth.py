@@ -3,6 +3,7 @@ the real server with ``--auth`` (an auth file from the plugin's ``mq_auth``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from functools import partial
 from typing import Any
@@ -229,3 +230,44 @@ async def test_a_server_without_the_auth_command(nursery: trio.Nursery) -> None:
     with pytest.raises(AuthError, match="does not support authentication"):
         async with open_client("127.0.0.1", port, token="t"):
             pass
+
+
+async def test_a_failed_attempt_keeps_what_the_next_connection_must_send(
+    nursery: trio.Nursery,
+) -> None:
+    """Connection 1 drops with a subscribe in flight; attempt 2 fails (closed during
+    authentication); connection 3 must still carry the subscribe, after the auth."""
+    attempts: list[list[bytes]] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        n = len(attempts)
+        lines: list[bytes] = []
+        attempts.append(lines)
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                data = await stream.receive_some(1024)
+                if not data:
+                    return
+                buffer += data
+            line, buffer = buffer.split(b"\n", 1)
+            lines.append(line)
+            if n == 1:  # attempt 2: no verdict, just gone
+                await stream.aclose()
+                return
+            if b'"subscribe"' in line and n == 0:  # connection 1: dropped in flight
+                await stream.aclose()
+                return
+            await stream.send_all(b'{"success": true}\r\n')
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with open_client("127.0.0.1", port, token="tok", reconnect=FAST) as client:
+        with trio.fail_after(10):
+            await client.subscribe("t")
+        assert client.reconnects == 1
+    assert len(attempts) == 3
+    assert [len(lines) for lines in attempts[:2]] == [2, 1]
+    auth, subscribe = attempts[2][:2]
+    assert json.loads(auth) == {"command": "auth", "token": "tok"}
+    assert json.loads(subscribe)["command"] == "subscribe"
