@@ -33,7 +33,8 @@ Security (docs/security.md, docs/testing.md):
 * ``mq_auth``: an auth file for the test, made on first use: ``mq_auth.token`` (a token
   allowed everything), ``mq_auth.user``/``mq_auth.password`` (a user allowed
   everything), ``mq_auth.add_user(...)``/``add_token(...)`` for identities with their own
-  ``publish``/``subscribe`` globs, ``mq_auth.path`` (write it with ``mq_auth.write()``).
+  ``publish``/``subscribe`` globs, ``mq_auth.enable_jwt(...)`` and ``mq_auth.jwt(sub,
+  expires_in=...)`` for JWTs, ``mq_auth.path`` (write it with ``mq_auth.write()``).
 * ``@pytest.mark.mq_server(auth=True)``: the server runs with ``mq_auth``'s file; the
   client fixtures authenticate with ``mq_auth.token`` unless given other credentials
   (``mq_client_factory(token=None)`` connects without any).
@@ -234,6 +235,8 @@ class AuthFile:
         self._token: str | None = None
         #: The default user's password.
         self.password = "mq-test-password"
+        self._jwt: dict[str, str] | None = None
+        self._jwt_rules: dict[str, tuple[str, ...]] = {}
 
     def _ensure_defaults(self) -> None:
         if self._token is None:
@@ -298,10 +301,44 @@ class AuthFile:
             publish, subscribe, publish_deny, subscribe_deny)))
         return token
 
+    def enable_jwt(
+        self,
+        *,
+        publish: tuple[str, ...] | list[str] = ALL_TOPICS,
+        subscribe: tuple[str, ...] | list[str] = ALL_TOPICS,
+        permissions_claim: str | None = None,
+    ) -> None:
+        """Accept JWTs signed (HS256) with a secret made here; ``publish``/``subscribe``:
+        what a token may do (``{user}`` is its ``sub``). Mint them with :meth:`jwt`."""
+        import secrets
+
+        self._jwt = {"algorithm": "HS256", "secret": secrets.token_urlsafe(48)}
+        if permissions_claim is not None:
+            self._jwt["permissions_claim"] = permissions_claim
+        self._jwt_rules = _rules(publish, subscribe, (), ())
+
+    def jwt(self, sub: str, *, expires_in: float = 3600.0, **claims: Any) -> str:
+        """A JWT for ``sub`` signed with :meth:`enable_jwt`'s secret, expiring in
+        ``expires_in`` seconds (``exp`` is whole seconds); more claims as keywords."""
+        import time
+
+        import jwt
+
+        if self._jwt is None:
+            raise RuntimeError("call mq_auth.enable_jwt() (and write()) first")
+        payload = {"sub": sub, "exp": int(time.time() + expires_in), **claims}
+        return jwt.encode(payload, self._jwt["secret"], algorithm="HS256")
+
     def text(self) -> str:
         """The file's TOML."""
         self._ensure_defaults()
         out: list[str] = []
+        if self._jwt is not None:
+            out.append("[jwt]")
+            out += [f"{key} = {_toml_string(value)}" for key, value in self._jwt.items()]
+            out += [f"{key} = [{', '.join(_toml_string(g) for g in globs)}]"
+                    for key, globs in self._jwt_rules.items() if globs]
+            out.append("")
         for identity in self._identities:
             out.append(f"[{identity.table}.{_toml_string(identity.name)}]")
             for key, value in identity.secret.items():

@@ -271,3 +271,27 @@ async def test_a_failed_attempt_keeps_what_the_next_connection_must_send(
     auth, subscribe = attempts[2][:2]
     assert json.loads(auth) == {"command": "auth", "token": "tok"}
     assert json.loads(subscribe)["command"] == "subscribe"
+
+
+async def test_an_expiring_jwt_and_its_refresh(
+    mq_server_factory: ServerFactory, mq_auth: AuthFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    mq_auth.enable_jwt()
+    server = await mq_server_factory(auth=True)
+    short = mq_auth.jwt("app", expires_in=1)
+    async with open_client(*server.address, token=short) as plain, open_client(
+        *server.address, token=short, reconnect=FAST
+    ) as reconnecting, open_client(*server.address, token=short) as refreshed:
+        await refreshed.authenticate(token=mq_auth.jwt("app", expires_in=3600))
+        with trio.fail_after(10):
+            with pytest.raises(ConnectionLost) as caught:
+                await plain.receive()
+            assert caught.value.reason == f"closed by the server: {TOKEN_EXPIRED}"
+            # Reconnecting with the expired token is refused, and not tried again.
+            with pytest.raises(ConnectionLost) as caught:
+                await reconnecting.receive()
+            assert caught.value.reason == f"{AUTH_FAILED} (on reconnecting)"
+            assert reconnecting.reconnects == 0
+        # The connection that authenticated again is still up, past the first expiry.
+        await refreshed.send("t", "still here")
+    assert "Token expired" in caplog.text
