@@ -112,7 +112,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
                    "for the run, with one token allowed everything) and run every scenario "
                    f"against both ('{report.MQ_NAME}' and '{report.AUTH_NAME}'): the cost "
                    "of authentication and permission checks")
-    add_security_args(p)
+    add_security_args(p, tls_note=f"only {' and '.join(TLS_SCENARIOS)} run over TLS")
     p.set_defaults(func=run_bench)
 
 

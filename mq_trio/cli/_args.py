@@ -43,7 +43,8 @@ class UsageError(Exception):
     """Arguments that cannot work (exit status 2); the message is one line for stderr."""
 
 
-def add_security_args(p: argparse.ArgumentParser) -> None:
+def add_security_args(p: argparse.ArgumentParser, tls_note: str = "wss:// URLs always use "
+                      "TLS") -> None:
     """``--token``, ``--user``, ``--tls``, ``--cafile``: what pub, sub and bench share."""
     g = p.add_argument_group(
         "authentication and TLS", "for a server started with --auth and/or --tls-cert "
@@ -67,7 +68,7 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
         "--tls",
         action="store_true",
         help="connect over TLS, verifying the server's certificate with the system's "
-        "CAs (wss:// URLs always use TLS)",
+        f"CAs ({tls_note})",
     )
     g.add_argument(
         "--cafile",
