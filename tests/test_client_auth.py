@@ -278,7 +278,8 @@ async def test_an_expiring_jwt_and_its_refresh(
 ) -> None:
     mq_auth.enable_jwt()
     server = await mq_server_factory(auth=True)
-    short = mq_auth.jwt("app", expires_in=1)
+    # (exp is whole seconds: 2 leaves at least 1 s to connect and refresh)
+    short = mq_auth.jwt("app", expires_in=2)
     async with open_client(*server.address, token=short) as plain, open_client(
         *server.address, token=short, reconnect=FAST
     ) as reconnecting, open_client(*server.address, token=short) as refreshed:
