@@ -275,6 +275,14 @@ def run_serve(args: argparse.Namespace) -> int:
         except AuthConfigError as exc:
             print(f"mq-trio: {exc}", file=sys.stderr)
             return 2
+    if config.tls_cert is not None and config.tls_key is not None:
+        from ..transports._tls import TLSConfigError, server_ssl_context
+
+        try:  # refuse to start on an unreadable or bad certificate, key or CA file
+            server_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        except TLSConfigError as exc:
+            print(f"mq-trio: {exc}", file=sys.stderr)
+            return 2
     raise_open_file_limit()
     tune_gc()
     try:

@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ import trio
 from ..broker import DEFAULT_CACHE_SIZE, Broker, MemoryHistory
 from ..protocol import DEFAULT_MAX_LINE_BYTES, TOO_MANY_CONNECTIONS, failure_bytes
 from ..transports import _tcp as tcp
+from ..transports import _tls as tls
 from ..transports._base import Transport
 from ..transports._http import OriginPolicy
 from ..transports._input import InputGuard
@@ -50,6 +52,7 @@ _ACCEPT_LOG_INTERVAL = 10.0
 #: A constant task name, so trio does not build one per connection.
 _CONNECTION_TASK = "mq_trio.connection"
 _REFUSED_TASK = "mq_trio.refused"
+_TLS_TASK = "mq_trio.tls"
 _WS_TASK = "mq_trio.websocket"
 _TOO_MANY_CONNECTIONS = failure_bytes(TOO_MANY_CONNECTIONS)
 #: Time a refused TCP client is given to read its reply before the socket closes.
@@ -212,6 +215,14 @@ class Server:
     #: Streams of the WebSocket port accepted and not (yet, or any more) a connection
     #: in ``connections``: they count toward --max-connections too.
     _ws_handshakes: int = attrs.field(init=False, default=0)
+    #: Clients of the TCP port in their TLS handshake (not yet in ``connections``):
+    #: they count toward --max-connections too.
+    _tls_handshakes: int = attrs.field(init=False, default=0)
+    #: TLS handshakes that failed or timed out (logged at a bounded rate).
+    tls_failures: int = attrs.field(init=False, default=0)
+    _tls_log: LogThrottle = attrs.field(
+        init=False, factory=lambda: LogThrottle(_ACCEPT_LOG_INTERVAL)
+    )
     #: Clients refused as too many (logged at a bounded rate).
     refused: int = attrs.field(init=False, default=0)
     _refused_log: LogThrottle = attrs.field(
@@ -219,6 +230,8 @@ class Server:
     )
     #: With --auth: who may connect and do what (docs/security.md); None: everyone.
     authenticator: Authenticator | None = None
+    #: With --tls-cert/--tls-key: TLS on both ports (built once by ``serve``).
+    ssl_context: ssl.SSLContext | None = None
 
     def __attrs_post_init__(self) -> None:
         self._limits = self.config.limits  # one shared object, not one per connection
@@ -241,9 +254,19 @@ class Server:
             await self.connections.changed.park()
 
     @property
+    def tls_handshakes(self) -> int:
+        return self._tls_handshakes
+
+    @tls_handshakes.setter
+    def tls_handshakes(self, value: int) -> None:
+        self._tls_handshakes = value
+        if self.connections.changed:
+            self.connections.changed.unpark_all()
+
+    @property
     def open_connections(self) -> int:
         """Clients counted against --max-connections (TCP and WebSocket together)."""
-        return len(self.connections) + self.ws_handshakes
+        return len(self.connections) + self.ws_handshakes + self.tls_handshakes
 
     def _admit(self) -> bool:
         """Whether one more client may be served; logs refusals at a bounded rate."""
@@ -336,6 +359,13 @@ class Server:
         )
 
     def _start_tcp(self, client: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        if self.ssl_context is not None:
+            # The handshake is the client's own task: the accept loop never waits on it.
+            admitted = self._admit()
+            if admitted:
+                self.tls_handshakes += 1  # _serve_tls gives it back
+            nursery.start_soon(self._serve_tls, client, admitted, name=_TLS_TASK)
+            return
         if tcp.DIRECT_IO:
             tcp.configure_socket(client)
             stream: trio.socket.SocketType | trio.SocketStream = client
@@ -351,6 +381,59 @@ class Server:
         # cannot pass --max-connections.
         self.connections.add(conn)
         nursery.start_soon(conn.run, name=_CONNECTION_TASK)
+
+    async def tls_handshake(
+        self, stream: trio.SSLStream[tls.LingeringStream], refused: bool = False
+    ) -> bool:
+        """The server side of a client's TLS handshake, within --tls-handshake-timeout
+        (a refused client: within the refusal's time); a failure is logged at a bounded
+        rate and counted in ``tls_failures``."""
+        seconds = self.config.tls_handshake_timeout
+        if refused:
+            seconds = min(seconds, _REFUSE_TIMEOUT)
+        problem = await tls.handshake(stream, seconds)
+        if problem is None:
+            return True
+        self.tls_failures += 1
+        more = self._tls_log.allow()
+        if more is not None:
+            log.info("TLS handshake with %s failed: %s%s",
+                     tcp.peer_name(stream.transport_stream.socket), problem,
+                     f" ({more} more failed since the last such line)" if more else "")
+        return False
+
+    async def _serve_tls(self, client: trio.socket.SocketType, admitted: bool) -> None:
+        """One client of the TCP port with TLS: the handshake (bounded; counted against
+        --max-connections meanwhile), then a connection over the ``SSLStream``; a refused
+        client gets ``Too many connections`` after its handshake (bounded too)."""
+        assert self.ssl_context is not None
+        stream = tls.server_stream(trio.SocketStream(client), self.ssl_context)
+        del client
+        transport: TCPTransport | None = None
+        try:
+            if await self.tls_handshake(stream, not admitted):
+                transport = TCPTransport(stream, self.config.max_line_bytes, self.input_guard,
+                                         tls.peer_subject(stream))
+        except Exception:  # contained: it must not end the connections nursery
+            log.exception("TLS handshake with %s failed",
+                          tcp.peer_name(stream.transport_stream.socket))
+        finally:
+            if transport is None:
+                if admitted:
+                    self.tls_handshakes -= 1
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+        if transport is None:
+            return
+        if not admitted or self.stopping:
+            if admitted:
+                self.tls_handshakes -= 1
+            await _refuse_tcp(transport, None if admitted else _TOO_MANY_CONNECTIONS)
+            return
+        conn = self.connection(transport)
+        self.connections.add(conn)  # counted as a connection from now, not a handshake
+        self.tls_handshakes -= 1
+        await conn.run()
 
     async def _accept_loop(
         self,
@@ -402,16 +485,20 @@ class Server:
             self._connections_scope = connections.cancel_scope
             with self._accept_scope:
                 async with trio.open_nursery() as accept:
+                    security = ""
+                    if self.ssl_context is not None:
+                        security = ", mutual tls" if self.config.tls_client_ca else ", tls"
                     for listener in self.listeners:
                         accept.start_soon(self._accept_tcp, listener, connections)
                         host, port = listener.socket.getsockname()[:2]
-                        log.info("listening on %s:%d (tcp)", host, port)
+                        log.info("listening on %s:%d (tcp%s)", host, port, security)
                     # Same nurseries as TCP: shutdown stops both, connections share one.
+                    scheme = "http" if self.ssl_context is None else "https"
                     for listener in self.ws_listeners:
                         accept.start_soon(self._accept_ws, listener, connections)
                         host, port = listener.socket.getsockname()[:2]
-                        log.info("listening on %s:%d (websocket, page at http://%s:%d/)",
-                                 host, port, host, port)
+                        log.info("listening on %s:%d (websocket%s, page at %s://%s:%d/)",
+                                 host, port, security, scheme, host, port)
                     self._warn_if_open()
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
@@ -447,14 +534,18 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def _refuse_tcp(transport: TCPTransport) -> None:
+async def _refuse_tcp(
+    transport: TCPTransport, reply: bytes | None = _TOO_MANY_CONNECTIONS
+) -> None:
     """One ``Too many connections`` line, then close (giving the client a moment to read
-    it: closing with its input unread would reset the connection)."""
-    with trio.move_on_after(_REFUSE_TIMEOUT):
-        try:
-            await transport.send_batch([_TOO_MANY_CONNECTIONS])
-        except trio.BrokenResourceError:
-            pass
+    it: closing with its input unread would reset the connection). Over TLS the same,
+    after the handshake (``Server._serve_tls``); ``reply`` None: just the close."""
+    if reply is not None:
+        with trio.move_on_after(_REFUSE_TIMEOUT):
+            try:
+                await transport.send_batch([reply])
+            except trio.BrokenResourceError:
+                pass
     with trio.CancelScope(shield=True), trio.move_on_after(_REFUSE_TIMEOUT):
         await transport.aclose()
 
@@ -473,6 +564,12 @@ async def serve(
     bound port is ``server.port``.
     """
     config.check()
+    ssl_context = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        # Once, before listening: a bad file refuses to start (TLSConfigError).
+        ssl_context = tls.server_ssl_context(
+            config.tls_cert, config.tls_key, config.tls_client_ca
+        )
     if listeners is None:
         listeners = await open_listeners(config)
     if ws_listeners is None:
@@ -483,7 +580,8 @@ async def serve(
 
         authenticator = Authenticator.load(config.auth_file)  # AuthConfigError
     async with _open_broker(config, broker) as broker:
-        server = Server(config, broker, listeners, ws_listeners, authenticator=authenticator)
+        server = Server(config, broker, listeners, ws_listeners, authenticator=authenticator,
+                        ssl_context=ssl_context)
         try:
             await server.run(task_status)
         finally:

@@ -4,6 +4,10 @@ trio-websocket's ``serve_websocket`` answers only upgrades, so the stream is acc
 here, its request head read and judged (transports/_http.py), and then either answered
 or handed, with the head replayed in front of it, to trio-websocket (``wrap_server_stream``
 in transports/_websocket.py).
+
+With TLS (--tls-cert) the stream is first wrapped and its handshake done here, in the
+connection's own task, under --tls-handshake-timeout (transports/_tls.py): the page is
+then served over https:// and the WebSocket is wss://, on the same port.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ..protocol import TOO_MANY_CONNECTIONS, failure_bytes
+from ..transports import _tls as tls
 from ..transports._http import (
     PAGE_HEADERS,
     OriginPolicy,
@@ -57,8 +62,16 @@ async def handle_stream(
     """
     # peer_name asks a socket for its peer: the stream's, not the stream (which has none).
     peer = peer_name(getattr(stream, "socket", stream))
+    secure: trio.SSLStream[tls.LingeringStream] | None = None
     try:
-        await _dispatch(server, stream, peer, refused)
+        if server.ssl_context is not None:
+            secure = tls.server_stream(stream, server.ssl_context)
+            if not await server.tls_handshake(secure, refused):
+                secure = None  # closed at once below: nothing to deliver
+                return
+            await _dispatch(server, secure, peer, refused, tls.peer_subject(secure))
+        else:
+            await _dispatch(server, stream, peer, refused)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away while we answered
     except Exception:
@@ -67,11 +80,20 @@ async def handle_stream(
     finally:
         if not refused:
             server.ws_handshakes -= 1
+        if secure is not None:
+            # close_notify after the response, then half-close and discard input
+            # (bounded): TLS has no half-close, and a reset could lose the response.
+            with trio.CancelScope(shield=True):
+                await tls.close_stream(secure)
         await trio.aclose_forcefully(stream)
 
 
 async def _dispatch(
-    server: Server, stream: trio.SocketStream, peer: str, refused: bool = False
+    server: Server,
+    stream: trio.abc.Stream,
+    peer: str,
+    refused: bool = False,
+    tls_subject: str | None = None,
 ) -> None:
     head_timeout = trio.move_on_after(HANDSHAKE_TIMEOUT)
     with head_timeout:
@@ -103,7 +125,9 @@ async def _dispatch(
             log.info("rejecting WebSocket from %s: origin %r not allowed", peer, origin)
             await stream.send_all(http_response(403, b"Origin not allowed\n"))
             return
-        await _serve_websocket(server, ReplayStream(stream, buffer), peer, refused)
+        await _serve_websocket(
+            server, ReplayStream(stream, buffer), peer, refused, tls_subject
+        )
         return
     if refused:
         await stream.send_all(http_response(503, TOO_MANY_CONNECTIONS.encode() + b"\n"))
@@ -124,7 +148,11 @@ async def _dispatch(
 
 
 async def _serve_websocket(
-    server: Server, stream: ReplayStream, peer: str, refused: bool = False
+    server: Server,
+    stream: ReplayStream,
+    peer: str,
+    refused: bool = False,
+    tls_subject: str | None = None,
 ) -> None:
     """Finish the handshake, then run the client as an ordinary connection.
 
@@ -159,7 +187,8 @@ async def _serve_websocket(
             if config.ws_ping_interval > 0:
                 nursery.start_soon(keepalive, ws, stream, config.ws_ping_interval, peer)
             transport = WebSocketTransport(
-                ws, peer, config.max_line_bytes, lambda: server.stopping, server.input_guard
+                ws, peer, config.max_line_bytes, lambda: server.stopping, server.input_guard,
+                tls_subject,
             )
             # From here it counts as one of server.connections, not as a handshake.
             server.ws_handshakes -= 1

@@ -9,6 +9,7 @@ import sys
 import trio
 
 from ..protocol import DEFAULT_MAX_LINE_BYTES, INPUT_LIMIT, LineConnection
+from . import _tls as tls
 from ._input import BIG_LINE, InputGuard
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
@@ -58,18 +59,23 @@ class TCPTransport:
 
     Takes the accepted trio socket itself (what the server does: a ``SocketStream`` and
     its conflict detector are two more objects per connection, unused here), or any trio
-    stream (tests use in-memory ones).
+    stream: a ``trio.SSLStream`` over the accepted socket with TLS (its handshake done:
+    ``transports/_tls.py``), in-memory ones in tests.
     """
 
     __slots__ = ("stream", "_sock", "_fd", "wire", "_eof", "_maybe_more", "_peer", "_stopping",
-                 "_receiving", "_unsent", "_guard", "held")
+                 "_receiving", "_unsent", "_guard", "held", "tls_subject")
 
     def __init__(
         self,
         stream: trio.abc.Stream | trio.socket.SocketType,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         guard: InputGuard | None = None,
+        tls_subject: str | None = None,
     ) -> None:
+        #: With mutual TLS: the verified client certificate's subject (RFC 4514, see
+        #: ``transports/_tls.subject_string``); else None. The connection reads it.
+        self.tls_subject = tls_subject
         self.stream: trio.abc.Stream | None = None
         self._sock: trio.socket.SocketType | None = None
         if isinstance(stream, trio.socket.SocketType):
@@ -105,8 +111,13 @@ class TCPTransport:
     def peer(self) -> str:
         """host:port of the client (looked up when first needed: logs only)."""
         if self._peer is None:
-            self._peer = peer_name(self._sock if self._sock is not None else
-                                   getattr(self.stream, "socket", None))
+            sock: object = self._sock
+            if sock is None:
+                stream = self.stream
+                if isinstance(stream, trio.SSLStream):  # the socket is under the TLS
+                    stream = stream.transport_stream
+                sock = getattr(stream, "socket", None)
+            self._peer = peer_name(sock)
         return self._peer
 
     def closing_reply(self) -> bytes | None:
@@ -274,7 +285,11 @@ class TCPTransport:
                 with trio.move_on_after(LINGER_SECONDS):
                     await self._discard_input(sock)
         self._fd = -1
-        if self.stream is not None:
+        if isinstance(self.stream, trio.SSLStream):
+            # TLS has no half-close (trio issue #823): close_notify after everything
+            # sent, then the same half-close and discarding as above (bounded).
+            await tls.close_stream(self.stream)
+        elif self.stream is not None:
             await trio.aclose_forcefully(self.stream)
         elif sock is not None:
             sock.close()

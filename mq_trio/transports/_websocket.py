@@ -152,9 +152,13 @@ class WebSocketTransport:
         max_message_bytes: int,
         going_away: Callable[[], bool] = lambda: False,
         guard: InputGuard | None = None,
+        tls_subject: str | None = None,
     ) -> None:
         self.ws = ws
         self.peer = peer
+        #: Over wss:// with mutual TLS: the verified client certificate's subject
+        #: (``transports/_tls.subject_string``); else None. The connection reads it.
+        self.tls_subject = tls_subject
         self.max_message_bytes = max_message_bytes
         self.wire = MessageConnection(max_message_bytes)
         self._going_away = going_away
