@@ -264,13 +264,14 @@ async def close_stream(stream: trio.SSLStream[Any]) -> None:
     incoming = getattr(stream, "_incoming", None)
     if isinstance(incoming, ssl.MemoryBIO):
         incoming.read()
-    with trio.move_on_after(CLOSE_SECONDS):
-        try:
+    try:
+        with trio.move_on_after(CLOSE_SECONDS):
             await stream.aclose()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-    # Cut short, SSLStream.aclose closes its transport forcefully; closing the socket
-    # again costs nothing and holds whatever happened.
-    sock = getattr(stream.transport_stream, "socket", None)
-    if sock is not None:
-        sock.close()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        # Cut short (here, or by the caller's cancellation), SSLStream.aclose closes
+        # its transport forcefully; closing the socket again costs nothing.
+        sock = getattr(stream.transport_stream, "socket", None)
+        if sock is not None:
+            sock.close()

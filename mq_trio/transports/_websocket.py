@@ -19,6 +19,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 from ..protocol import INPUT_LIMIT, MessageConnection, failure_bytes
+from . import _tls as tls
 from ._input import BIG_LINE, InputGuard
 
 log = logging.getLogger("mq_trio.websocket")
@@ -131,7 +132,11 @@ class ReplayStream(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        if isinstance(self.inner, trio.SSLStream):
+            # wss://: close_notify even with unread input, then linger (bounded)
+            await tls.close_stream(self.inner)
+        else:
+            await self.inner.aclose()
 
 
 class WebSocketTransport:
