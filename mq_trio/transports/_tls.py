@@ -19,8 +19,10 @@ transport does (``TCPTransport.aclose``). :func:`close_stream` bounds the whole.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,6 +36,11 @@ LINGER_SECONDS = 0.5
 CLOSE_SECONDS = 1.0
 #: One raw read while lingering.
 _DISCARD_BYTES = 64 << 10
+#: One read of encrypted input (trio's SSLStream asks for no particular size).
+RECEIVE_BYTES = 64 << 10
+#: Read and write the descriptor directly (as the plain TCP transport does, see
+#: ``transports/_tcp.py``); elsewhere the SocketStream's methods.
+DIRECT_IO = sys.platform != "win32"
 
 
 class TLSConfigError(Exception):
@@ -176,22 +183,81 @@ class LingeringStream(trio.abc.Stream):
     discards input until the client closes or :data:`LINGER_SECONDS` pass, then closes:
     closing with unread input would make the kernel reset the connection and destroy
     the last replies. Cancelled (``aclose_forcefully``), it closes at once.
+
+    Reads and writes go to the descriptor directly, as the plain TCP transport's do:
+    a ``SocketStream`` takes a scheduler pass on every call, even when the kernel
+    could answer at once (a write it takes whole; a read after a full one). The
+    descriptor is asked of the socket on every call (-1 once closed: an error, never a
+    reused number).
     """
 
-    __slots__ = ("inner",)
+    __slots__ = ("inner", "_maybe_more")
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
+        #: The last read filled its buffer: more is probably waiting.
+        self._maybe_more = False
 
     @property
     def socket(self) -> trio.socket.SocketType:
         return self.inner.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        if not DIRECT_IO:
+            return await self.inner.receive_some(max_bytes)
+        size = RECEIVE_BYTES if max_bytes is None else max_bytes
+        sock = self.inner.socket
+        if self._maybe_more:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            data = self._read(size)
+            if data is not None:
+                # still one pass, so a client that keeps its socket full cannot starve
+                # the other connections
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        # After a short read the socket is almost always empty: wait first.
+        while True:
+            await trio.lowlevel.wait_readable(sock)  # ClosedResourceError once closed
+            data = self._read(size)
+            if data is not None:
+                return data
+
+    def _read(self, size: int) -> bytes | None:
+        try:
+            data = os.read(self.inner.socket.fileno(), size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:  # reset, or closed
+            raise trio.BrokenResourceError(str(exc)) from exc
+        self._maybe_more = len(data) == size
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
+        if not DIRECT_IO:
+            await self.inner.send_all(data)
+            return
+        sock = self.inner.socket
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # Usually the kernel takes it all and no pass through the scheduler is needed
+        # (the connection's writer waits for its next batch anyway).
+        sent = self._write(data)
+        if sent == len(data):
+            return
+        with memoryview(data) as view:
+            while sent < len(view):
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except trio.ClosedResourceError as exc:
+                    raise trio.BrokenResourceError("socket closed") from exc
+                sent += self._write(view[sent:])
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return os.write(self.inner.socket.fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # reset, broken pipe, closed
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -204,7 +270,7 @@ class LingeringStream(trio.abc.Stream):
                 return
             with trio.move_on_after(LINGER_SECONDS):
                 try:
-                    while await self.inner.receive_some(_DISCARD_BYTES):
+                    while await self.receive_some(_DISCARD_BYTES):
                         pass
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
