@@ -314,7 +314,7 @@ def peer_subject(stream: trio.SSLStream[LingeringStream]) -> str | None:
     """The verified client certificate's subject (:func:`subject_string`), or None
     without one (TLS that is not mutual)."""
     cert = stream.getpeercert()
-    return subject_string(cert) if cert else None
+    return (subject_string(cert) or None) if cert else None  # (a subject may be empty)
 
 
 async def close_stream(stream: trio.SSLStream[Any]) -> None:
