@@ -465,3 +465,27 @@ async def test_shutdown_flushes_and_closes_tls_connections(
         data = await subscriber.read_to_eof()
     assert data.count(b"\r\n") == 100
     await server.stopped.wait()
+
+
+async def test_a_certificate_named_in_the_auth_file_authenticates(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path
+) -> None:
+    """With --auth: the subject string of a verified client certificate is what the auth
+    file's ``certificate = "..."`` names (then no ``auth`` command is needed)."""
+    auth = tmp_path / "auth.toml"
+    auth.write_text(
+        '[users.alice]\ncertificate = "O=Example Corp,OU=Ops,CN=alice"\n'
+        'publish = ["**"]\nsubscribe = ["**"]\n'
+    )
+    server = await start_server(nursery, **certs.config(mutual=True), auth_file=str(auth))
+    alice = certs.client_cert(common_name="alice", organization_name="Example Corp",
+                              organization_unit_name="Ops")
+    client = await TLSLineClient.connect(server.port, certs.client_context(alice))
+    assert await client.request(sub()) == OK
+    assert await client.request(snd("u")) == OK
+    await client.aclose()
+    bob = certs.client_cert(common_name="bob", organization_name="Example Corp",
+                            organization_unit_name="Ops")
+    client = await TLSLineClient.connect(server.port, certs.client_context(bob))
+    assert await client.request(sub()) == {"success": False, "reason": "Not authenticated"}
+    await client.aclose()
