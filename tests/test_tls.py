@@ -489,3 +489,22 @@ async def test_a_certificate_named_in_the_auth_file_authenticates(
     client = await TLSLineClient.connect(server.port, certs.client_context(bob))
     assert await client.request(sub()) == {"success": False, "reason": "Not authenticated"}
     await client.aclose()
+
+
+async def test_authentication_failed_arrives_over_tls(
+    nursery: trio.Nursery, certs: Certs, tmp_path: Path
+) -> None:
+    """Another closing reply: a failed ``auth`` with more input behind it."""
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[users.alice]\ncertificate = "CN=nobody"\nsubscribe = ["**"]\n')
+    server = await start_server(nursery, **certs.config(), auth_file=str(auth))
+    for _ in range(3):  # (failures from one host are slowed: 0.25 s, then 0.5 s)
+        client = await TLSLineClient.connect(server.port, certs.client_context())
+        await client.stream.send_all(
+            json.dumps({"command": "auth", "token": "wrong"}).encode() + b"\n"
+            + json.dumps(sub()).encode() + b"\n" + b"y" * 300_000
+        )
+        with trio.fail_after(10):
+            assert await client.read_to_eof() == (
+                protocol.failure_bytes("Authentication failed") + b"\r\n")
+        await client.aclose()
