@@ -367,6 +367,24 @@ async def test_handshake_timeout_and_it_counts_as_a_connection(
     await served.aclose()
 
 
+async def test_silent_clients_do_not_hold_up_the_others(
+    nursery: trio.Nursery, certs: Certs
+) -> None:
+    """The accept loop never waits on a handshake: clients that connect and send
+    nothing each wait in their own task while the next client is served at once."""
+    server = await start_server(nursery, **certs.config())
+    silent = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(20)]
+    await server.wait_until(lambda: server.tls_handshakes == 20)
+    with trio.fail_after(2):  # --tls-handshake-timeout is 10 s
+        client = await TLSLineClient.connect(server.port, certs.client_context())
+        assert await client.request(sub()) == OK
+    assert server.open_connections == 21
+    await client.aclose()
+    for stream in silent:
+        await stream.aclose()
+    await server.wait_until(lambda: server.open_connections == 0)
+
+
 # --- mutual TLS ---------------------------------------------------------------------------
 
 
