@@ -407,7 +407,14 @@ class Server:
         --max-connections meanwhile), then a connection over the ``SSLStream``; a refused
         client gets ``Too many connections`` after its handshake (bounded too)."""
         assert self.ssl_context is not None
-        stream = tls.server_stream(trio.SocketStream(client), self.ssl_context)
+        try:
+            stream = tls.server_stream(trio.SocketStream(client), self.ssl_context)
+        except Exception:  # contained: it must not end the connections nursery
+            log.exception("TLS for %s failed", tcp.peer_name(client))
+            client.close()
+            if admitted:
+                self.tls_handshakes -= 1
+            return
         del client
         transport: TCPTransport | None = None
         try:
