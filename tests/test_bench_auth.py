@@ -110,10 +110,15 @@ def test_cli_token_and_env(token_and_server: tuple[str, Target], tmp_path: Path,
     assert token not in json.dumps(record)
 
 
-def test_compare_auth_is_one_command(capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_auth_is_one_command(capsys: pytest.CaptureFixture[str], tmp_path: Path
+                                     ) -> None:
+    md = tmp_path / "auth.md"
     argv = ["bench", "publish", "--start-server", "--compare-auth", "--duration", "0.3",
-            "--window", "64", "--no-progress", "--json", "-"]
+            "--window", "64", "--no-progress", "--json", "-", "--markdown", str(md)]
     main(argv)  # the exit status depends on the machine's speed: the check may miss
+    text = md.read_text()
+    assert "| publish P=1 throughput with auth | >= 0.9x without |" in text
+    assert f"| {report.AUTH_NAME} |" in text
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
     assert [(r["scenario"], r["target"]) for r in records] == [

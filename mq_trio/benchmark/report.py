@@ -304,6 +304,12 @@ def markdown(results: Sequence[Result], *, command: str, plot_name: str | None,
         parts += ["", "Targets of issue 5 (ratios in this same run):", ""]
         parts.append(markdown_table(("target", "wanted", "measured (mq-trio vs Redis)",
                                      "verdict"), checks_rows(checks)))
+    with_auth = auth_checks(results)
+    if with_auth:
+        parts += ["", "The cost of authentication (issue 12: publish throughput with "
+                  "--auth within 10% of without, in this same run):", ""]
+        parts.append(markdown_table(("target", "wanted", "measured (with auth vs without)",
+                                     "verdict"), checks_rows(with_auth)))
     if plot_name:
         parts += ["", f"![latency and throughput]({plot_name})"]
     parts += ["", "Machine:", ""]
