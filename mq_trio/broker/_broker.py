@@ -76,6 +76,9 @@ class Broker:
     #: The subscriber dict the last fan-out iterated (maybe still does: a push can evict
     #: its own subscriber). ``_drop`` copies it once instead of mutating it.
     _fanout: dict[Subscriber, None] | None = None
+    #: Deliveries of "all" messages so far: a reader compares it before and after its
+    #: commands to tell a big fan-out (which then waits for write turns).
+    fanned: int = attrs.field(default=0, init=False)
     #: Topics with state (history or subscribers); one more is ``TooManyTopics``.
     max_topics: int = attrs.field(default=DEFAULT_MAX_TOPICS, kw_only=True)
 
@@ -201,6 +204,7 @@ class Broker:
             if subs:
                 # a push may evict (a slow consumer): _drop then copies, not mutates
                 self._fanout = subs
+                self.fanned += len(subs)
                 if type(recorded) is int:
                     payload = encode_delivery(send, recorded)  # once, the same for all
                     for subscriber in subs:

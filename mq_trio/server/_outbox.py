@@ -10,16 +10,32 @@ writer's: it waits for them in order, so the reply order holds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..broker import Deferred, Item
 from ..transports._base import Transport
 
+if TYPE_CHECKING:
+    from ._pacer import WriteTurns
+
 #: The writer stops collecting queued items for one write at about this many bytes.
 WRITE_BATCH_BYTES = 256 << 10
 #: The most a reader writes itself (``Outbox.write_inline``); more is the writer's job.
 SEND_NOW_BYTES = 64 << 10
+
+
+class Ready(list["Outbox"]):
+    """The server's list of idle outboxes something was pushed to (``Outbox.attach``),
+    with the turns their writes take (``WriteTurns``: a big fan-out is written over
+    several passes)."""
+
+    def __init__(self, turns: WriteTurns | None = None) -> None:
+        super().__init__()
+        self.turns = turns
+        if turns is not None:
+            turns.ready = self
 
 
 class Outbox:
@@ -85,7 +101,7 @@ class Outbox:
         self.pending = pending
         self._queue.append(payload)
         if self._waiter is not None:
-            self._wake()
+            self._notify()
 
     def push_deferred(self, item: Deferred) -> None:
         """Queue an item a history decides later; the writer waits for it in order."""
@@ -98,7 +114,7 @@ class Outbox:
         self._queue.append(item)
         self._deferred = True
         if self._waiter is not None:
-            self._wake()
+            self._notify()
 
     def queue_reply(self, payload: bytes) -> None:
         """Queue one of the reader's own replies without waking the writer: the reader
@@ -154,14 +170,32 @@ class Outbox:
         self.wake_reader()
 
     def _wake(self) -> None:
+        """Wake the waiting writer."""
         task = self._waiter
         if task is not None:
             self._waiter = None
             trio.lowlevel.reschedule(task)
-            ready = self._ready
-            if ready is not None and not self._listed:
-                self._listed = True
-                ready.append(self)
+
+    def _notify(self) -> None:
+        """Something new for an idle writer. On a running server the outbox only goes on
+        the ready list: whoever flushes it (the reader whose command pushed, at the end
+        of its chunk, else the server's turns task) writes it or wakes the writer.
+        Elsewhere the writer is woken, and a ready list still lets a reader write early.
+        """
+        ready = self._ready
+        if ready is None:
+            self._wake()
+            return
+        turns = getattr(ready, "turns", None)
+        if turns is None or not turns.running:
+            self._wake()
+        elif self._listed:
+            return  # flushed soon: by a reader, or by the turns task, which was poked
+        elif not ready:
+            turns.poke()  # if no reader flushes it in this pass, the turns task will
+        if not self._listed:
+            self._listed = True
+            ready.append(self)
 
     # A cancelled wait clears its slot at once, not in the woken task's ``finally``: in
     # between, a close or push (another task, the same scheduler pass) would otherwise
@@ -176,13 +210,14 @@ class Outbox:
         return trio.lowlevel.Abort.SUCCEEDED
 
     def attach(self, transport: Transport, ready: list[Outbox] | None) -> None:
-        """Let the reader whose command woke this outbox's writer write it early.
+        """Let the reader whose command pushed to this idle outbox write it.
 
-        When a push wakes the idle writer, the outbox also puts itself on ``ready`` (one
-        list per server); the reader that caused it calls :func:`send_ready` at the end of
-        its chunk, so a delivery leaves in the same scheduling pass as the command that
-        produced it instead of the next one. The woken writer then finds nothing left
-        and sleeps again; it still does everything that has to wait.
+        A push to an idle writer does not wake it: the outbox puts itself on ``ready``
+        (one list per server), and the reader that caused it calls :func:`send_ready` at
+        the end of its chunk, so a delivery leaves in the same scheduling pass as the
+        command that produced it, without a task switch; the writer is woken only for
+        what has to wait (a full socket, a big or deferred item). Past the pass's write
+        budget, the server's turns task writes the rest in later passes (``WriteTurns``).
         """
         self.transport = transport
         self._ready = ready
@@ -261,6 +296,7 @@ class Outbox:
         rather than in a helper coroutine: every await level is a coroutine frame that
         each idle connection keeps, and idle connections are what memory is spent on.
         """
+        turns = getattr(self._ready, "turns", None)
         try:
             while True:
                 while not self._queue and not self._leftover:
@@ -271,6 +307,12 @@ class Outbox:
                         await trio.lowlevel.wait_task_rescheduled(self._abort_writer)
                     finally:
                         self._waiter = None  # already None unless cancelled
+                if turns is not None and not turns.take(self.pending):
+                    # A burst of writers (a big fan-out): wait in line. A reader may
+                    # write what is queued meanwhile (write_inline): then nothing is left.
+                    await turns.wait_turn(self.pending)
+                    if not self._queue and not self._leftover:
+                        continue
                 items = self._queue
                 self._queue = []
                 self._leftover = False
@@ -341,9 +383,16 @@ class Outbox:
 
 
 def send_ready(ready: list[Outbox]) -> None:
-    """Write the outboxes whose writers were woken since the last call (``attach``)."""
+    """Write the outboxes whose writers were woken since the last call (``attach``), as
+    many as there are turns for (``Ready.turns``); the writers, already woken, write the
+    others when their turn comes."""
+    turns = getattr(ready, "turns", None)
     while ready:
-        outbox = ready.pop()
+        outbox = ready[-1]
+        if turns is not None and not turns.take(outbox.pending):
+            turns.poke()  # the rest in later passes
+            return
+        ready.pop()
         outbox._listed = False
         if outbox.transport is not None:
             outbox.write_inline(outbox.transport)

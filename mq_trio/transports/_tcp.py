@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..protocol import DEFAULT_MAX_LINE_BYTES, INPUT_LIMIT, LineConnection
 from . import _tls as tls
 from ._input import BIG_LINE, InputGuard
+
+if TYPE_CHECKING:
+    from ..server._pacer import WriteTurns
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
 LINGER_SECONDS = 0.5
@@ -64,7 +68,8 @@ class TCPTransport:
     """
 
     __slots__ = ("stream", "_sock", "_fd", "wire", "_eof", "_maybe_more", "_peer", "_stopping",
-                 "_receiving", "_unsent", "_guard", "held", "tls_subject")
+                 "_receiving", "_unsent", "_guard", "held", "tls_subject",
+                 "turns")
 
     def __init__(
         self,
@@ -101,6 +106,10 @@ class TCPTransport:
         self._guard = guard
         #: Bytes of unfinished line counted in the guard (it keeps this up to date).
         self.held = 0
+        #: The server's write turns (server/_pacer.py WriteTurns), set by the connection:
+        #: a write that had to wait for the socket takes a turn before it goes on, so
+        #: thousands of sockets that become writable at once are written over passes.
+        self.turns: WriteTurns | None = None
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -253,6 +262,9 @@ class TCPTransport:
                     await trio.lowlevel.wait_writable(sock)
                 except trio.ClosedResourceError as exc:
                     raise trio.BrokenResourceError("socket closed") from exc
+                turns = self.turns
+                if turns is not None and not turns.take(len(data) - sent):
+                    await turns.wait_turn(len(data) - sent)
                 sent += self._write(view[sent:])
 
     def _write(self, data: bytes | memoryview) -> int:
