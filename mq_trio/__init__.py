@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .broker import Broker, MemoryHistory, TopicHistory  # noqa: E402
 from .client import (  # noqa: E402
+    AuthError,
     Backoff,
     Client,
     ConnectError,
@@ -18,6 +19,7 @@ from .client import (  # noqa: E402
 from .server import Config, Server, serve  # noqa: E402
 
 __all__ = [
+    "AuthError",
     "Backoff",
     "Broker",
     "Client",

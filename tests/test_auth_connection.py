@@ -4,6 +4,7 @@ are plain dicts (the auth file's own rules are tested in tests/test_auth_*.py)."
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -256,10 +257,9 @@ async def test_a_certificate_subject_in_the_rules_authenticates_at_once() -> Non
         server = await auth_server(nursery, fake)
         left, right = trio.testing.memory_stream_pair()
 
-        class CertifiedTransport(TCPTransport):
-            tls_subject = "CN=alice"  # what TLS sets for a verified client certificate
-
-        conn: Connection = server.connection(CertifiedTransport(right))
+        transport = TCPTransport(right)
+        transport.tls_subject = "CN=alice"  # what TLS sets for a verified certificate
+        conn: Connection = server.connection(transport)
         nursery.start_soon(conn.run)
         await left.send_all(b'{"command": "subscribe", "topic": "a"}\n')
         data = b""
@@ -297,4 +297,28 @@ async def test_malformed_auth_is_malformed(line: dict[str, Any]) -> None:
         assert await c.request(line) == {"success": False, "reason": "Malformed json message"}
         assert await c.request({"command": "auth", "token": "alice"}) == OK
         assert fake.attempts == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_websocket_auth_failure_and_timeout_close_with_1008() -> None:
+    import trio_websocket
+
+    async with trio.open_nursery() as nursery:
+        server = await auth_server(nursery, FakeAuthenticator(ALICE), ws_port=0,
+                                   auth_timeout=0.3)
+        url = f"ws://127.0.0.1:{server.ws_port}/"
+        for first, reason in (
+            ('{"command": "auth", "token": "mallory"}', "Authentication failed"),
+            (None, "Authentication timeout"),
+        ):
+            async with trio_websocket.open_websocket_url(url) as ws:
+                if first is not None:
+                    await ws.send_message(first)
+                with trio.fail_after(5):
+                    assert json.loads(await ws.get_message()) == {
+                        "success": False, "reason": reason}
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        await ws.get_message()
+                assert closed.value.reason is not None
+                assert (closed.value.reason.code, closed.value.reason.reason) == (1008, reason)
         nursery.cancel_scope.cancel()

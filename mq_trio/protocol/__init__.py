@@ -20,8 +20,8 @@ from ._commands import (
     PERMISSION_DENIED,
     QUIT,
     STORAGE_UNAVAILABLE,
-    TOO_MANY_CONNECTIONS,
     TOKEN_EXPIRED,
+    TOO_MANY_CONNECTIONS,
     TOO_MANY_TOPICS,
     Auth,
     Command,
@@ -37,8 +37,8 @@ from ._commands import (
 from ._core import TERMINATOR, LineConnection, MessageConnection
 from ._encode import (
     SUCCESS,
-    encode_delivery,
     encode_auth,
+    encode_delivery,
     encode_failure,
     encode_send,
     encode_subscribe,

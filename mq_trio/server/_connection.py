@@ -43,6 +43,9 @@ _PERMISSION_DENIED = protocol.failure_bytes(protocol.PERMISSION_DENIED)
 _AUTH_FAILED = protocol.failure_bytes(protocol.AUTH_FAILED)
 #: Subscriptions released per scheduler pass when a connection with many ends.
 _RELEASE_STEP = 2000
+#: Deliveries a reader makes before it checks whether writes wait for turns (and if so,
+#: lets them be written before it handles more: ``WriteTurns.wait_room``).
+FANOUT_STEP = 32768
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
 
@@ -125,12 +128,16 @@ class Connection:
     grant: Grant | None = attrs.field(init=False, default=None)
     #: An ``auth`` command waiting for the reader to verify it (off the parsing loop).
     _pending_auth: Auth | None = attrs.field(init=False, default=None)
+    #: ``_handle_lines`` stopped for the fan-out so far to be written (``FANOUT_STEP``).
+    _fanning: bool = attrs.field(init=False, default=False)
     #: The auth deadline, then the token's expiry: cancelled by a (new) auth.
     _auth_timer: trio.CancelScope | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.outbox = Outbox(self.limits.max_pending_bytes, self._slow_consumer)
         self.outbox.attach(self.transport, self.ready)
+        if hasattr(self.transport, "turns"):  # a transport that paces its waiting writes
+            self.transport.turns = getattr(self.ready, "turns", None)
 
     @property
     def peer(self) -> str:
@@ -186,6 +193,7 @@ class Connection:
         transport = self.transport
         outbox = self.outbox
         ready = self.ready
+        turns = getattr(ready, "turns", None)
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -198,6 +206,16 @@ class Connection:
                         while (done := self._handle_lines(lines, done)) >= 0:
                             if self._pending_auth is not None:
                                 await self._authenticate(nursery)
+                                continue
+                            if self._fanning:
+                                # What this client's sends fanned out waits for write
+                                # turns: it is written before more is handled.
+                                self._fanning = False
+                                if ready:
+                                    send_ready(ready)
+                                outbox.write_inline(transport)
+                                assert turns is not None
+                                await turns.wait_room()
                                 continue
                             if not outbox.backlogged:
                                 break
@@ -298,7 +316,14 @@ class Connection:
     def _close_with(self, reason: str) -> None:
         """One failure reply, then a graceful close (what was queued is flushed)."""
         self.outbox.push(protocol.failure_bytes(reason))
+        self._refuse(reason)
         self.stop(reason)
+
+    def _refuse(self, reason: str) -> None:
+        """Tell a transport that closes with a reason (WebSocket: 1008) why."""
+        refuse = getattr(self.transport, "refuse", None)
+        if refuse is not None:
+            refuse(reason)
 
     def _granted(self, grant: Grant, nursery: trio.Nursery) -> None:
         self.grant = grant
@@ -330,6 +355,7 @@ class Connection:
                 log.warning("authentication failed for %s: %s%s", self.peer, exc,
                             f" ({more} more since the last such line)" if more else "")
             self.outbox.queue_reply(_AUTH_FAILED)
+            self._refuse(protocol.AUTH_FAILED)
             self._stopping = True
             return
         if log.isEnabledFor(logging.DEBUG):
@@ -345,8 +371,25 @@ class Connection:
             assert self.authenticator is not None
             grant = self.grant = self.authenticator.regrant(grant)
             if grant is None:
+                self._refuse(protocol.AUTH_FAILED)
                 self._stopping = True
         return grant
+
+    def recheck_grant(self) -> None:
+        """After a reload of the auth file: close this connection if its identity is
+        gone; end its subscriptions that the new rules deny (logged)."""
+        if self.grant is None or self._stopping:
+            return
+        grant = self._current_grant()
+        if grant is None:
+            self._close_with(protocol.AUTH_FAILED)
+            return
+        denied = [t for t in self.broker.topics_of(self.outbox) if not grant.may_subscribe(t)]
+        for topic in denied:
+            self.broker.unsubscribe(self.outbox, topic)
+        if denied:
+            log.info("%s (%s): %d subscription(s) ended by the reloaded rules, e.g. %r",
+                     self.peer, grant.identity, len(denied), denied[0])
 
     def publish_refusal(self, topic: str) -> bytes | None:
         """With --auth: the reply refusing a send to ``topic``, or None to allow it."""
@@ -382,6 +425,8 @@ class Connection:
         reply = outbox.queue_reply
         # With --auth, each send is checked (a dict lookup after a topic's first use).
         refusal = None if self.authenticator is None else self.publish_refusal
+        turns = getattr(self.ready, "turns", None)
+        fan_limit = broker.fanned + FANOUT_STEP if turns is not None else 1 << 62
         for i in range(start, len(lines)):
             try:
                 event = parse_line(lines[i])
@@ -406,6 +451,14 @@ class Connection:
                         reply(_TOO_MANY_TOPICS)
                     except Exception:
                         self._internal_error()
+                    if broker.fanned > fan_limit:
+                        # A wide fan-out: if writes already wait for turns, the reader
+                        # waits for them before it handles more (memory and fairness).
+                        assert turns is not None
+                        if turns.busy:
+                            self._fanning = True
+                            return i + 1
+                        fan_limit = broker.fanned + FANOUT_STEP
             elif self.handle_event(event):
                 return -1
             elif self._pending_auth is not None:
@@ -437,9 +490,9 @@ class Connection:
         if cls is Auth:
             self._pending_auth = event  # type: ignore[assignment]
             return False
-        if cls is Send:
+        if isinstance(event, Send):
             denied = self.publish_refusal(event.topic)
-        elif cls is Subscribe:
+        elif isinstance(event, Subscribe):
             denied = self._subscribe_refusal(event.topic)
         else:  # unsubscribe
             denied = None if self._current_grant() is not None else (

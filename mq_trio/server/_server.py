@@ -31,8 +31,8 @@ from ._connection import (
     LogThrottle,
     Registry,
 )
-from ._outbox import Outbox
-from ._pacer import CUTOFFS_PER_PASS, Pacer
+from ._outbox import Ready
+from ._pacer import CUTOFFS_PER_PASS, Pacer, WriteTurns
 from ._ws_listener import handle_stream
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ _WS_TASK = "mq_trio.websocket"
 _TOO_MANY_CONNECTIONS = failure_bytes(TOO_MANY_CONNECTIONS)
 #: Time a refused TCP client is given to read its reply before the socket closes.
 _REFUSE_TIMEOUT = 1.0
+#: Connections looked at per scheduler pass after an auth reload.
+_RECHECKS_PER_PASS = 256
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7000
@@ -207,7 +209,7 @@ class Server:
     stopped: trio.Event = attrs.field(factory=trio.Event)
     _limits: Limits = attrs.field(init=False)
     #: Outboxes whose writers a command just woke; its reader writes them (Outbox.attach).
-    _ready: list[Outbox] = attrs.field(init=False, factory=list)
+    _ready: Ready = attrs.field(init=False, factory=lambda: Ready(WriteTurns()))
     #: Unfinished input of all TCP connections: --line-timeout and --max-input-bytes.
     input_guard: InputGuard = attrs.field(init=False)
     #: Cancels the connections of cut-off slow consumers, a few per scheduler pass.
@@ -230,6 +232,8 @@ class Server:
     )
     #: With --auth: who may connect and do what (docs/security.md); None: everyone.
     authenticator: Authenticator | None = None
+    #: The nursery of the server's own tasks, while it runs.
+    _tasks: trio.Nursery | None = attrs.field(init=False, default=None)
     #: With --tls-cert/--tls-key: TLS on both ports (built once by ``serve``).
     ssl_context: ssl.SSLContext | None = None
 
@@ -321,7 +325,19 @@ class Server:
             log.error("reload failed, keeping the previous rules: %s", exc)
             return False
         log.info("reloaded %s", self.authenticator.path)
+        if self._tasks is not None:
+            self._tasks.start_soon(self.recheck_connections)
         return True
+
+    async def recheck_connections(self) -> None:
+        """After a reload: every authenticated connection under the new rules at once,
+        not at its next command (an idle subscriber too). A connection whose identity
+        is gone (or whose password or token changed) is closed; subscriptions the new
+        rules deny are ended. A few hundred connections per scheduler pass."""
+        for i, conn in enumerate(list(self.connections)):
+            conn.recheck_grant()
+            if i % _RECHECKS_PER_PASS == _RECHECKS_PER_PASS - 1:
+                await trio.lowlevel.checkpoint()
 
     def connection(self, transport: Transport) -> Connection:
         """A connection of this server over ``transport``; ``await conn.run()`` serves it."""
@@ -492,6 +508,7 @@ class Server:
             self._connections_scope = connections.cancel_scope
             with self._accept_scope:
                 async with trio.open_nursery() as accept:
+                    self._tasks = accept
                     security = ""
                     if self.ssl_context is not None:
                         security = ", mutual tls" if self.config.tls_client_ca else ", tls"
@@ -510,6 +527,8 @@ class Server:
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
                     accept.start_soon(self.reaper.run)
+                    assert self._ready.turns is not None
+                    accept.start_soon(self._ready.turns.run)  # big fan-outs, over passes
                     task_status.started(self)
             # Stop accepting at the socket level too: a listening socket left open would
             # still complete handshakes into its backlog, for clients nobody will serve.

@@ -193,6 +193,11 @@ class WebSocketTransport:
         if guard is not None and not guard.update(self, size, False):
             self.abort_input(INPUT_LIMIT)
 
+    def refuse(self, reason: str) -> None:
+        """The server ends this client for a policy reason (auth: failed, timed out,
+        expired): close with 1008 and ``reason`` once what is queued is sent."""
+        self._close = (CLOSE_POLICY_VIOLATION, reason)
+
     def abort_input(self, reason: str) -> None:
         """Drop the partial message, reply ``reason`` and close (1008) after it."""
         ws = self.ws
