@@ -39,9 +39,12 @@ class FakeGrant:
     subscribe: frozenset[str]
     expires: float | None = None
     stale: bool = False
+    #: Topics known allowed (the connection looks here first); filled by may_publish.
+    publish_memo: dict[str, bool] = attrs.field(factory=dict)
 
     def may_publish(self, topic: str) -> bool:
-        return topic in self.publish
+        ok = self.publish_memo[topic] = topic in self.publish
+        return ok
 
     def may_subscribe(self, topic: str) -> bool:
         return topic in self.subscribe

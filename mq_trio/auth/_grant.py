@@ -114,6 +114,12 @@ class Grant:
         """Marks this one grant (the reload marks a whole generation at once)."""
         self._marked_stale = value
 
+    @property
+    def publish_memo(self) -> dict[str, bool]:
+        """The answers of ``may_publish`` so far (shared by the identity's grants): a
+        caller may look a topic up here first and call ``may_publish`` on a miss."""
+        return self._publish_memo
+
     def may_publish(self, topic: str) -> bool:
         ok = self._publish_memo.get(topic)
         if ok is None:

@@ -394,8 +394,8 @@ class Connection:
     def publish_refusal(self, topic: str) -> bytes | None:
         """With --auth: the reply refusing a send to ``topic``, or None to allow it."""
         grant = self.grant
-        if grant is None:
-            return _NOT_AUTHENTICATED
+        if grant is None:  # not yet, or no more (a reload removed the identity)
+            return _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED
         if grant.stale:
             grant = self._current_grant()
             if grant is None:
@@ -423,8 +423,15 @@ class Connection:
         broker = self.broker
         publish = broker.publish
         reply = outbox.queue_reply
-        # With --auth, each send is checked (a dict lookup after a topic's first use).
-        refusal = None if self.authenticator is None else self.publish_refusal
+        # With --auth, each send is checked: a lookup in the grant's memo of allowed
+        # topics, and the full check only on a miss. The grant is current for the whole
+        # chunk: a reload (another task) cannot happen while these lines are handled.
+        refusal = memo = None
+        if self.authenticator is not None:
+            refusal = self.publish_refusal
+            grant = self._current_grant()
+            if grant is not None:
+                memo = grant.publish_memo
         turns = getattr(self.ready, "turns", None)
         fan_limit = broker.fanned + FANOUT_STEP if turns is not None else 1 << 62
         for i in range(start, len(lines)):
@@ -436,7 +443,9 @@ class Connection:
             # Sends are most of the traffic: handled here, not through handle_event's
             # dispatch (two calls a message in the publish profile).
             if type(event) is Send:
-                if refusal is not None and (denied := refusal(event.topic)) is not None:
+                if (refusal is not None
+                        and (memo is None or memo.get(event.topic) is not True)
+                        and (denied := refusal(event.topic)) is not None):
                     reply(denied)
                     if self._stopping:
                         return -1

@@ -100,7 +100,7 @@ class Outbox:
             return
         self.pending = pending
         self._queue.append(payload)
-        if self._waiter is not None:
+        if self._waiter is not None and not self._listed:
             self._notify()
 
     def push_deferred(self, item: Deferred) -> None:
@@ -113,7 +113,7 @@ class Outbox:
         self.pending = pending
         self._queue.append(item)
         self._deferred = True
-        if self._waiter is not None:
+        if self._waiter is not None and not self._listed:
             self._notify()
 
     def queue_reply(self, payload: bytes) -> None:
@@ -187,15 +187,15 @@ class Outbox:
             self._wake()
             return
         turns = getattr(ready, "turns", None)
-        if turns is None or not turns.running:
+        if turns is None:  # a plain list: wake, and a reader may still write it early
             self._wake()
-        elif self._listed:
-            return  # flushed soon: by a reader, or by the turns task, which was poked
+        elif not turns.running:  # nothing would flush the list: wake, do not list
+            self._wake()
+            return
         elif not ready:
             turns.poke()  # if no reader flushes it in this pass, the turns task will
-        if not self._listed:
-            self._listed = True
-            ready.append(self)
+        self._listed = True
+        ready.append(self)
 
     # A cancelled wait clears its slot at once, not in the woken task's ``finally``: in
     # between, a close or push (another task, the same scheduler pass) would otherwise

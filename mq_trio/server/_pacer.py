@@ -174,7 +174,9 @@ class WriteTurns:
                 trio.lowlevel.reschedule(task)
             if ready and self._left > 0:
                 send_ready(ready)  # stops where the budget ends
-            self._left = 0  # newcomers in the next pass queue behind what still waits
+            # A fresh budget for the readers until this task's next turn: per pass at
+            # most twice ``per_pass`` is written, and the queue gets its share each pass.
+            self._left = self.per_pass
             if self._room and not self.busy:
                 self._room.unpark_all()
             await trio.lowlevel.checkpoint()
