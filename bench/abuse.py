@@ -932,7 +932,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "baseline": rec.stall(*base),
             "probe_errors": rec.errors, "probe_error_count": rec.n_errors,
             "rss_mib": {"before": mib(before), "peak": mib(peak), "after": mib(after)},
-            "phases": [{k: v for k, v in p.items() if k != "t"} for p in ctx.phases],
+            "phases": _phase_gaps(ctx.phases, rec, t0, t2),
             "alive": alive, "fresh_client_after": fresh,
         })
         if not alive:
@@ -947,6 +947,20 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result["exit_code"] = rc
         shutil.rmtree(datadir, ignore_errors=True)
     return result
+
+
+def _phase_gaps(phases: list[dict[str, Any]], rec: ProbeRecord, t0: float,
+                t2: float) -> list[dict[str, Any]]:
+    """The phases without their timestamps, each with the probe's longest gap in it (and
+    a last one, "after": the attacker gone, until the settle time ends)."""
+    out = []
+    start = t0
+    for p in phases:
+        out.append({**{k: v for k, v in p.items() if k != "t"},
+                    "max_gap_ms": rec.stall(start, p["t"])["max_gap_ms"]})
+        start = p["t"]
+    out.append({"phase": "after", "max_gap_ms": rec.stall(start, t2)["max_gap_ms"]})
+    return out
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -1023,7 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"scenario": name, "error": repr(exc)})
         r = results[-1]
         if "stall" in r:
-            print(f"#   {r['attack_s']} s, stall {r['stall']}, rss {r['rss_mib']}, {r['reply']}",
+            gaps = ", ".join(f"{p['phase']} {p['max_gap_ms']:g}" for p in r.get("phases", []))
+            print(f"#   {r['attack_s']} s, stall {r['stall']}, rss {r['rss_mib']}, {r['reply']}"
+                  f"; max gap ms by phase: {gaps}",
                   file=sys.stderr, flush=True)
     print(f"server build: `{info.get('commit') or info.get('mq_trio')}`\n")
     print(table(results))

@@ -88,10 +88,10 @@ async def test_a_delivery_pushed_outside_any_reader_is_flushed(nursery: trio.Nur
 async def test_a_wide_fanout_under_a_small_budget_is_complete_and_in_order(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The publisher's reader stops after FANOUT_STEP deliveries while writes wait for
-    turns and goes on after them: every subscriber still gets every message, in order,
-    and the publisher every reply."""
-    monkeypatch.setattr(_connection, "FANOUT_STEP", 50)
+    """The publisher's reader stops after FANOUT_STEP bytes of deliveries while writes
+    wait for turns and goes on after them: every subscriber still gets every message, in
+    order, and the publisher every reply."""
+    monkeypatch.setattr(_connection, "FANOUT_STEP", 5000)  # bytes
     server = await start_server(nursery)
     turns = server._ready.turns
     assert turns is not None

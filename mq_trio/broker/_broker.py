@@ -76,8 +76,8 @@ class Broker:
     #: The subscriber dict the last fan-out iterated (maybe still does: a push can evict
     #: its own subscriber). ``_drop`` copies it once instead of mutating it.
     _fanout: dict[Subscriber, None] | None = None
-    #: Deliveries of "all" messages so far: a reader compares it before and after its
-    #: commands to tell a big fan-out (which then waits for write turns).
+    #: Bytes of "all" deliveries so far: a reader compares it before and after its
+    #: commands to tell a wide fan-out (which then waits for write turns).
     fanned: int = attrs.field(default=0, init=False)
     #: Topics with state (history or subscribers); one more is ``TooManyTopics``.
     max_topics: int = attrs.field(default=DEFAULT_MAX_TOPICS, kw_only=True)
@@ -204,14 +204,15 @@ class Broker:
             if subs:
                 # a push may evict (a slow consumer): _drop then copies, not mutates
                 self._fanout = subs
-                self.fanned += len(subs)
                 if type(recorded) is int:
                     payload = encode_delivery(send, recorded)  # once, the same for all
+                    self.fanned += len(subs) * len(payload)
                     for subscriber in subs:
                         subscriber.push(payload)
                 else:
                     # (mypy does not narrow on ``type() is``, the cheaper test)
                     held = Held(encode_delivery(send, recorded.index), recorded)  # type: ignore[union-attr, arg-type]
+                    self.fanned += len(subs) * len(held)
                     for subscriber in subs:
                         subscriber.push_deferred(held)
         else:

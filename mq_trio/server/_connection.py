@@ -43,9 +43,9 @@ _PERMISSION_DENIED = protocol.failure_bytes(protocol.PERMISSION_DENIED)
 _AUTH_FAILED = protocol.failure_bytes(protocol.AUTH_FAILED)
 #: Subscriptions released per scheduler pass when a connection with many ends.
 _RELEASE_STEP = 2000
-#: Deliveries a reader makes before it checks whether writes wait for turns (and if so,
-#: lets them be written before it handles more: ``WriteTurns.wait_room``).
-FANOUT_STEP = 32768
+#: Bytes of deliveries a reader makes before it checks whether writes wait for turns (and
+#: if so, lets them be written before it handles more: ``WriteTurns.wait_room``).
+FANOUT_STEP = 4 << 20
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
 
