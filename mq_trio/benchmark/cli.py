@@ -305,6 +305,9 @@ def run_bench(args: argparse.Namespace) -> int:
                              "--user, --tls, --cafile or --redis with it")
         if args.redis and (secrets or context is not None):
             raise UsageError("--token, --user, --tls and --cafile are for mq-trio, not Redis")
+        if args.plot and not report.plot_available():
+            raise UsageError("--plot needs matplotlib (pip install 'mq-trio[plot]' "
+                             "or pip install matplotlib)")
     except UsageError as exc:
         print(f"mq-trio bench: {exc}", file=sys.stderr)
         return 2

@@ -208,6 +208,15 @@ def checks_table(checks: Sequence[Check], versus: str = "mq-trio vs Redis") -> s
 # --- plot -------------------------------------------------------------------------------
 
 
+def plot_available() -> bool:
+    """Whether matplotlib imports: ``--plot`` is checked before any scenario runs."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(results: Sequence[Result], path: str | os.PathLike[str]) -> bool:
     """Latency distributions (rtt, e2e) and throughputs; False if matplotlib is missing."""
     try:
