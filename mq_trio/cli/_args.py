@@ -48,7 +48,7 @@ def add_security_args(p: argparse.ArgumentParser, tls_note: str = "wss:// URLs a
     """``--token``, ``--user``, ``--tls``, ``--cafile``: what pub, sub and bench share."""
     g = p.add_argument_group(
         "authentication and TLS", "for a server started with --auth and/or --tls-cert "
-        "(docs/security.md)"
+        "(docs/security.md in the source tree)"
     )
     g.add_argument(
         "--token",

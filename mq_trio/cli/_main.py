@@ -55,13 +55,44 @@ def configure_logging(level: str) -> None:
     )
 
 
+def format_size(size: int) -> str:
+    """Bytes as the README writes them: ``8MiB``, ``1GiB``, ``64KiB`` (raw if uneven)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
+
+
+class ServeHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` only where the help does not already say its default;
+    sizes as ``8MiB``, unset values as ``off``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or not action.option_strings
+            or action.default is argparse.SUPPRESS
+            or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction))
+        ):
+            return text
+        default = action.default
+        if default is None:
+            shown = "off"
+        elif action.type is byte_size and isinstance(default, int):
+            shown = format_size(default)
+        else:
+            shown = str(default).replace("%", "%%")
+        return f"{text} (default: {shown})"
+
+
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d = Config()
     p = commands.add_parser(
         "serve",
         help="run the server",
         description="Run the mq-trio server (protocol v1 over TCP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=ServeHelpFormatter,
     )
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=port_number, default=d.port,
@@ -131,7 +162,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         default=None,
         metavar="DIR",
         help="keep topic indexes and caches in DIR so they survive restarts and crashes "
-        "(default: off, everything in memory); see docs/durability.md",
+        "(default: off, everything in memory); see docs/durability.md in the source tree",
     )
     p.add_argument(
         "--fsync",
@@ -149,8 +180,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "--cache-size) are streamed from disk to subscribers that ask for them",
     )
     limits = p.add_argument_group(
-        "limits", "bounds a hostile or careless client cannot pass (docs/operations.md, "
-        "'Limits and abuse')"
+        "limits", "bounds a hostile or careless client cannot pass (docs/operations.md in the "
+        "source tree, 'Limits and abuse')"
     )
     limits.add_argument(
         "--line-timeout",
@@ -199,7 +230,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "a new epoch (resuming clients learn of the gap); without it such a start fails",
     )
     security = p.add_argument_group(
-        "security", "authentication, per-topic permissions and TLS (docs/security.md)"
+        "security", "authentication, per-topic permissions and TLS (docs/security.md in the source "
+        "tree)"
     )
     security.add_argument(
         "--auth",
