@@ -25,6 +25,7 @@ from ..transports._http import (
     OriginPolicy,
     handshake_problem,
     http_response,
+    load_page,
     page_bytes,
     parse_head,
 )
@@ -48,6 +49,12 @@ log = logging.getLogger("mq_trio.websocket")
 
 #: Time a client has to send its request head and complete the WebSocket handshake.
 HANDSHAKE_TIMEOUT = 10.0
+
+# The page is read once, when the server is loaded, and served from memory: a reinstall
+# under a running server (the file replaced or briefly missing) does not break it.
+_page_problem = load_page()
+if _page_problem is not None:  # pragma: no cover - a broken installation
+    log.warning("%s (retried on the first request)", _page_problem)
 
 
 async def handle_stream(
@@ -139,9 +146,15 @@ async def _dispatch(
         return
     head_only = head.method == "HEAD"
     if head.path in ("/", "/index.html"):
-        response = http_response(
-            200, page_bytes(), "text/html; charset=utf-8", PAGE_HEADERS, head_only=head_only
-        )
+        try:
+            page = page_bytes()
+        except OSError as exc:
+            log.error("cannot read the browser page: %s", exc)
+            response = http_response(500, b"The page is unavailable\n", head_only=head_only)
+        else:
+            response = http_response(
+                200, page, "text/html; charset=utf-8", PAGE_HEADERS, head_only=head_only
+            )
     else:
         response = http_response(404, b"Not found\n", head_only=head_only)
     await stream.send_all(response)

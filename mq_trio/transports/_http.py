@@ -7,13 +7,17 @@ decisions about a request head, with no I/O.
 
 from __future__ import annotations
 
-import functools
 import importlib.resources
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import attrs
 import h11
+
+if TYPE_CHECKING:
+    from importlib.abc import Traversable
 
 #: Host names whose origins the default policy accepts (a browser resolves these locally).
 LOCAL_HOSTNAMES = frozenset(("localhost", "127.0.0.1", "::1"))
@@ -201,10 +205,30 @@ def http_response(
     return head if head_only else head + body
 
 
-@functools.cache
+#: Where the page is read from: package data (a test points it at a copy).
+PAGE_PATH: Traversable | Path = importlib.resources.files("mq_trio").joinpath("static/index.html")
+_page: bytes | None = None
+
+
 def page_bytes() -> bytes:
-    """The browser page, shipped as package data (read once)."""
-    return importlib.resources.files("mq_trio").joinpath("static/index.html").read_bytes()
+    """The browser page, read once (at server start, see ``load_page``) and kept in memory.
+
+    Served from memory afterwards, so replacing or removing the installed file under a
+    running server (a reinstall) does not affect it. OSError if it cannot be read.
+    """
+    global _page
+    if _page is None:
+        _page = PAGE_PATH.read_bytes()
+    return _page
+
+
+def load_page() -> str | None:
+    """Read the page now (at start); the problem as text if it cannot be read (yet)."""
+    try:
+        page_bytes()
+    except OSError as exc:
+        return f"cannot read the browser page {PAGE_PATH}: {exc}"
+    return None
 
 
 PAGE_HEADERS = (
