@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +42,47 @@ def test_serve_help_points_at_the_source_tree_for_docs(
     text = " ".join(serve_help(capsys).split())
     for name in re.findall(r"docs/\w+\.md", text):
         assert f"{name} in the source tree" in text, name
+
+
+def test_serve_option_typo_prints_serve_usage_and_a_suggestion(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--prot", "7000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mq-trio serve ")
+    assert err.endswith("mq-trio serve: error: unknown option --prot; did you mean --port?\n")
+
+
+def test_sub_option_typo_suggests_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["sub", "t", "--urll", "ws://127.0.0.1:1/"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mq-trio sub ")
+    assert "unknown option --urll; did you mean --url?" in err
+
+
+def test_an_option_nothing_like_any_gets_no_suggestion(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--zzzzzz"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.endswith("error: unknown option --zzzzzz\n")
+
+
+def test_ws_port_equal_to_port_is_refused_at_start() -> None:
+    with socket.socket() as s:  # a port nobody uses: the check comes before any bind
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "mq_trio", "serve", "--port", port, "--ws-port", port],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"mq-trio: --ws-port {port} is also --port: the TCP and WebSocket listeners need "
+        "different ports (or --ws-port 0 for a free one)\n"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import logging
 import signal
@@ -299,6 +300,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mq-trio: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if (
+        config.ws_port is not None
+        and config.ws_port != 0
+        and config.ws_port == config.port
+        and config.ws_host in (None, config.host)
+    ):
+        print(
+            f"mq-trio: --ws-port {config.ws_port} is also --port: the TCP and WebSocket "
+            "listeners need different ports (or --ws-port 0 for a free one)",
+            file=sys.stderr,
+        )
+        return 2
     if config.auth_file is not None:
         from ..auth import AuthConfigError, Authenticator  # only --auth needs them
 
@@ -386,9 +399,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]
+                    ) -> argparse.ArgumentParser | None:
+    """The subcommand's parser named in ``argv`` (None: no subcommand)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for word in argv:
+                if word in action.choices:
+                    sub: argparse.ArgumentParser = action.choices[word]
+                    return sub
+    return None
+
+
+def suggest(parser: argparse.ArgumentParser, unknown: str) -> str:
+    """``unknown option --prot; did you mean --port?`` (argparse suggests only on 3.14+)."""
+    name = unknown.split("=", 1)[0]
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown option {name}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(words)
+    if extras:
+        # The subcommand's usage (not the top level's), with a suggestion for a typo.
+        where = _command_parser(parser, words) or parser
+        options = [word for word in extras if word.startswith("-")]
+        if options:  # (the words after an unknown option are most likely its value)
+            where.error("; ".join(suggest(where, word) for word in options))
+        where.error(f"unrecognized arguments: {' '.join(extras)}")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

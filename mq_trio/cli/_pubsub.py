@@ -145,6 +145,11 @@ def _target(args: argparse.Namespace) -> tuple[str, int | None]:
     if args.url is not None:
         if args.host is not None or args.port is not None:
             raise ValueError("give either --url or --host/--port, not both")
+        if "://" not in args.url:
+            raise ValueError(
+                f"--url {args.url}: a URL needs a scheme: tcp://{args.url} (TCP) or "
+                f"ws://{args.url}/ (WebSocket); or use --host/--port"
+            )
         return args.url, None
     return args.host or "127.0.0.1", args.port if args.port is not None else 7000
 

@@ -117,6 +117,11 @@ class Target:
 def parse_target(host_or_url: str, port: int | None = None) -> Target:
     """``("127.0.0.1", 7000)``, ``"ws://127.0.0.1:7001/"`` or ``"tcp://127.0.0.1:7000"``."""
     if "://" not in host_or_url:
+        if host_or_url.count(":") == 1:  # (an IPv6 address has more than one)
+            raise ValueError(
+                f"{host_or_url!r} is not a host name: give the port apart, or a URL "
+                f"(tcp://{host_or_url} or ws://{host_or_url}/)"
+            )
         return Target(host_or_url or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
     if port is not None:
         raise ValueError("give either a URL or a host and a port, not both")

@@ -8,6 +8,7 @@ bytes are the ones the server's own transports expect.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -118,6 +119,9 @@ def describe(exc: BaseException) -> str:
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if isinstance(exc, socket.gaierror):
+        # Its errno is a resolver code (-2), which os.strerror reads "Unknown error -2".
+        return f"cannot resolve the host name ({exc.strerror or exc})"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     cause = exc.__cause__
@@ -150,7 +154,9 @@ async def _connect(
                 await stream.do_handshake()
     except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
         if stream is None:
-            if isinstance(exc, trio.TooSlowError):
+            if isinstance(exc, socket.gaierror):
+                text = f"cannot resolve host {target.host!r} ({exc.strerror or exc})"
+            elif isinstance(exc, trio.TooSlowError):
                 text = f"cannot connect to {target}: timed out after {connect_timeout:g} s"
             else:
                 text = f"cannot connect to {target}: {describe(exc)}"
