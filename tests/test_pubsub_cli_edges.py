@@ -8,7 +8,9 @@ import sys
 import pytest
 import trio
 
+from mq_trio import open_client
 from mq_trio.client import parse_target
+from mq_trio.server import Server
 
 COMMAND = [sys.executable, "-m", "mq_trio"]
 
@@ -58,3 +60,100 @@ def test_client_refuses_host_colon_port_as_a_host() -> None:
         parse_target("127.0.0.1:7000")
     assert parse_target("::1", 7000).host == "::1"  # IPv6 addresses still work
     assert parse_target("localhost", 7001).port == 7001
+
+
+# --- point 6: timeouts ----------------------------------------------------------------------
+
+
+async def silent_listener(nursery: trio.Nursery) -> int:
+    """A port that accepts connections and never sends a byte."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def never_answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, never_answer, listeners)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def timed(*args: str) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    started = trio.current_time()
+    result = await mq(*args)
+    return result, trio.current_time() - started
+
+
+async def test_pub_gives_up_waiting_for_a_reply(nursery: trio.Nursery) -> None:
+    port = await silent_listener(nursery)
+    result, took = await timed("pub", "t", "x", "--timeout", "0.5", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        f"mq-trio pub: no reply from 127.0.0.1:{port} within 0.5 s (--timeout); the "
+        "message may or may not have been published\n"
+    )
+    assert took < 15
+
+
+async def test_pub_has_a_reply_timeout_by_default() -> None:
+    from mq_trio.cli import build_parser
+
+    assert build_parser().parse_args(["pub", "t", "x"]).timeout == 10.0
+
+
+async def test_sub_gives_up_waiting_for_its_subscribe_reply(nursery: trio.Nursery) -> None:
+    port = await silent_listener(nursery)
+    result, _ = await timed("sub", "t", "--connect-timeout", "0.5", "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        f"mq-trio sub: no reply to subscribe from 127.0.0.1:{port} within 0.5 s "
+        "(--connect-timeout)\n"
+    )
+
+
+async def test_sub_timeout_against_a_silent_server_exits_27(nursery: trio.Nursery) -> None:
+    port = await silent_listener(nursery)
+    result, took = await timed("sub", "t", "--timeout", "0.5", "--port", str(port))
+    assert (result.returncode, result.stdout, result.stderr) == (27, b"", b"")
+    assert took < 15
+
+
+async def test_sub_timeout_prints_what_came_then_exits_27(server: Server) -> None:
+    async with open_client("127.0.0.1", server.port) as client:
+        await client.send("t", "one")
+        await client.send("t", "two")
+    result = await mq("sub", "t", "-W", "0.5", "--port", str(server.port))
+    assert (result.returncode, result.stdout, result.stderr) == (27, b"one\ntwo\n", b"")
+    # --count reached first: status 0.
+    result = await mq("sub", "t", "-W", "20", "--count", "2", "--port", str(server.port))
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"one\ntwo\n", b"")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+async def test_timeouts_must_be_positive(value: str) -> None:
+    for command in (["pub", "t", "x"], ["sub", "t"]):
+        result = await mq(*command, "--timeout", value)
+        assert result.returncode == 2
+        assert "not a number of seconds > 0" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["pub", "t", "x"], ["sub", "t"]])
+async def test_ws_url_at_the_tcp_port_is_bounded_by_connect_timeout(
+    server: Server, command: list[str]
+) -> None:
+    url = f"ws://127.0.0.1:{server.port}/"  # the TCP port: it answers no HTTP
+    result, took = await timed(*command, "--url", url, "--connect-timeout", "0.5")
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        f"mq-trio {command[0]}: cannot connect to {url}: no WebSocket handshake within "
+        "0.5 s (is it the server's TCP port rather than its --ws-port?)\n"
+    )
+    assert took < 15
+
+
+async def test_ws_url_at_a_silent_port(nursery: trio.Nursery) -> None:
+    port = await silent_listener(nursery)
+    url = f"ws://127.0.0.1:{port}/"
+    result, _ = await timed("pub", "t", "x", "--url", url, "--connect-timeout", "0.5")
+    assert result.returncode == 1
+    assert "no WebSocket handshake within 0.5 s" in result.stderr.decode()

@@ -9,8 +9,10 @@ With ``--token`` (or ``MQ_TRIO_TOKEN``) or ``--user`` (password from ``MQ_TRIO_P
 or the terminal) they authenticate first; ``--tls``/``--cafile`` connect over TLS.
 
 Exit status: 0 on success; 1 when the server is unreachable, the connection is lost, the
-credentials or the server's certificate are refused, or the server refuses a command
-(with a one-line message on stderr); 2 for bad arguments (a --user without a password);
+credentials or the server's certificate are refused, the server refuses a command or does
+not answer it in time (``pub --timeout``, and for ``sub``'s subscribe ``--connect-timeout``),
+with a one-line message on stderr; 2 for bad arguments (a --user without a password);
+27 when ``sub --timeout`` ended the run (as ``mosquitto_sub -W`` does);
 128 + the signal number when interrupted (130 for Ctrl-C, 143 for SIGTERM), as shells
 expect from a program stopped by a signal, without a traceback.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -34,6 +37,10 @@ from ._args import UsageError, add_security_args, credentials, port_number, ssl_
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+#: ``sub --timeout`` ran out (mosquitto_sub -W uses the same status).
+EXIT_TIMEOUT = 27
+#: ``pub --timeout``'s default: seconds to wait for the server to accept each message.
+PUB_REPLY_TIMEOUT = 10.0
 
 
 def add_pubsub_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -86,6 +93,14 @@ def add_pub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         action="store_false",
         help="keep the message out of the topic's replay cache",
     )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=PUB_REPLY_TIMEOUT,
+        metavar="SECONDS",
+        help="give up (status 1) when the server has not accepted a message this long "
+        f"after it was sent (default {PUB_REPLY_TIMEOUT:g}; with -, per line)",
+    )
     _add_connection_args(p)
     p.set_defaults(func=run_pub)
 
@@ -135,10 +150,30 @@ def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "--reconnect",
         action="store_true",
         help="after a lost connection, reconnect and resume from the last message "
-        "printed (default: exit with status 1)",
+        "printed (default: exit with status 1); disconnects, reconnects and messages a "
+        "resume could not cover are reported on stderr",
+    )
+    p.add_argument(
+        "-W",
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"exit with status {EXIT_TIMEOUT} after SECONDS (connecting included) unless "
+        "--count messages arrived first, like mosquitto_sub -W (default: no limit)",
     )
     _add_connection_args(p)
     p.set_defaults(func=run_sub)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds > 0: {text!r}")
+    return value
 
 
 def _target(args: argparse.Namespace) -> tuple[str, int | None]:
@@ -159,7 +194,7 @@ def _error(command: str, text: str) -> None:
 
 
 def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaitable[int]],
-         **options: Any) -> int:
+         *, time_limit: float | None = None, **options: Any) -> int:
     """Connect, run ``body``, map failures and signals to one line and an exit status."""
     try:
         target = _target(args)
@@ -176,29 +211,35 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaita
         return 2
 
     async def main() -> int:
+        status = EXIT_OK
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            status = EXIT_OK
-            async with trio.open_nursery() as nursery:
+            limit = trio.move_on_after(math.inf if time_limit is None else time_limit)
+            with limit:
+                async with trio.open_nursery() as nursery:
 
-                async def watch() -> None:
-                    nonlocal status
-                    async for signum in signals:
-                        status = 128 + signum
-                        nursery.cancel_scope.cancel()
-                        return
+                    async def watch() -> None:
+                        nonlocal status
+                        async for signum in signals:
+                            status = 128 + signum
+                            nursery.cancel_scope.cancel()
+                            return
 
-                nursery.start_soon(watch)
-                try:
-                    async with open_client(
-                        *target, connect_timeout=args.connect_timeout, ssl_context=context,
-                        token=secrets.get("token"), user=secrets.get("user"),
-                        password=secrets.get("password"), **options,
-                    ) as client:
-                        status = await body(client)
-                except MQError as exc:  # ConnectError, ConnectionLost, a failure reply
-                    _error(command, _explain(exc, args, secrets))
-                    status = EXIT_ERROR
-                nursery.cancel_scope.cancel()
+                    nursery.start_soon(watch)
+                    try:
+                        async with open_client(
+                            *target, connect_timeout=args.connect_timeout,
+                            ssl_context=context, token=secrets.get("token"),
+                            user=secrets.get("user"), password=secrets.get("password"),
+                            **options,
+                        ) as client:
+                            status = await body(client)
+                    except MQError as exc:  # ConnectError, ConnectionLost, a failure reply
+                        _error(command, _explain(exc, args, secrets))
+                        status = EXIT_ERROR
+                    nursery.cancel_scope.cancel()
+            if limit.cancelled_caught and status < 128:  # (a signal's status wins)
+                sys.stdout.flush()
+                return EXIT_TIMEOUT
             return status
 
     return trio.run(main)
@@ -219,10 +260,18 @@ def _explain(exc: MQError, args: argparse.Namespace, secrets: dict[str, str]) ->
 
 
 def run_pub(args: argparse.Namespace) -> int:
+    async def send(client: Client, text: str) -> bool:
+        """Publish; False (and a line on stderr) if the server did not answer in time."""
+        with trio.move_on_after(args.timeout):
+            await client.send(args.topic, text, delivery=args.delivery, cache=args.cache)
+            return True
+        _error("pub", f"no reply from {client.target} within {args.timeout:g} s (--timeout); "
+               "the message may or may not have been published")
+        return False
+
     async def body(client: Client) -> int:
         if args.msg != "-":
-            await client.send(args.topic, args.msg, delivery=args.delivery, cache=args.cache)
-            return EXIT_OK
+            return EXIT_OK if await send(client, args.msg) else EXIT_ERROR
         line_number = 0
         async for line in _stdin_lines():
             line_number += 1
@@ -231,8 +280,8 @@ def run_pub(args: argparse.Namespace) -> int:
             except UnicodeDecodeError:
                 _error("pub", f"stdin line {line_number} is not UTF-8; stopped there")
                 return EXIT_ERROR
-            if text.strip():
-                await client.send(args.topic, text, delivery=args.delivery, cache=args.cache)
+            if text.strip() and not await send(client, text):
+                return EXIT_ERROR
         return EXIT_OK
 
     return _run("pub", args, body)
@@ -280,8 +329,14 @@ def run_sub(args: argparse.Namespace) -> int:
     out: TextIO = sys.stdout
 
     async def body(client: Client) -> int:
-        for topic in args.topics:
-            await client.subscribe(topic, last_seen=args.last_seen, cache=args.cache)
+        # A server that accepted the connection but does not answer: as for connecting.
+        with trio.move_on_after(args.connect_timeout):
+            for topic in args.topics:
+                await client.subscribe(topic, last_seen=args.last_seen, cache=args.cache)
+        if len(client.subscriptions) < len(set(args.topics)):
+            _error("sub", f"no reply to subscribe from {client.target} within "
+                   f"{args.connect_timeout:g} s (--connect-timeout)")
+            return EXIT_ERROR
         printed = 0
         if args.count == 0:
             return EXIT_OK
@@ -300,4 +355,4 @@ def run_sub(args: argparse.Namespace) -> int:
             os.dup2(devnull, out.fileno())
         return EXIT_OK
 
-    return _run("sub", args, body, reconnect=args.reconnect)
+    return _run("sub", args, body, time_limit=args.timeout, reconnect=args.reconnect)

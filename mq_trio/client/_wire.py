@@ -189,12 +189,14 @@ async def _open_websocket(
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = target.host if ":" not in target.host else f"[{target.host}]"
     host_header = host if target.port in (80, 443) else f"{host}:{target.port}"
+    # One deadline for connecting, the TLS handshake and the WebSocket handshake.
+    deadline = trio.current_time() + connect_timeout
     stream = await _connect(target, connect_timeout, ssl_context, https=True)
     opened = False
     try:
         async with trio.open_nursery() as nursery:
             try:
-                with trio.fail_after(connect_timeout):
+                with trio.fail_at(deadline):
                     ws = await trio_websocket.wrap_client_stream(
                         nursery, stream, host_header, resource,  # type: ignore[arg-type]
                         max_message_size=MAX_INCOMING_BYTES,
@@ -202,7 +204,8 @@ async def _open_websocket(
             except trio.TooSlowError:
                 raise ConnectError(
                     f"cannot connect to {target}: no WebSocket handshake within "
-                    f"{connect_timeout:g} s"
+                    f"{connect_timeout:g} s (is it the server's TCP port rather than its "
+                    "--ws-port?)"
                 ) from None
             opened = True
             try:
