@@ -8,6 +8,7 @@ wheel built from one (README.md). The wheel is built the way the docs say, with
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,21 @@ def copy_source(dest: Path) -> Path:
     return dest
 
 
+def setuptools_new_enough() -> bool:
+    """pyproject.toml needs setuptools >= 77 (``license = "MIT"``); bdist_wheel is in it."""
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return major >= 77
+
+
 def build_wheel(tree: Path, out: Path) -> Path:
     command = [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-w", str(out)]
+    if setuptools_new_enough():
+        # offline: the environment's setuptools; otherwise pip fetches the build
+        # requirements (pyproject.toml [build-system]) from the configured index
+        command.append("--no-build-isolation")
     result = subprocess.run(command, cwd=tree, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = out.glob("mq_trio-*.whl")
