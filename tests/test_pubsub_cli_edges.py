@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from functools import partial
 
+import attrs
 import pytest
 import trio
+from support import make_config
 
 from mq_trio import open_client
+from mq_trio.broker import Broker, MemoryHistory
 from mq_trio.client import parse_target
-from mq_trio.server import Server
+from mq_trio.server import Config, Server, serve
 
 COMMAND = [sys.executable, "-m", "mq_trio"]
 
@@ -157,3 +162,128 @@ async def test_ws_url_at_a_silent_port(nursery: trio.Nursery) -> None:
     result, _ = await timed("pub", "t", "x", "--url", url, "--connect-timeout", "0.5")
     assert result.returncode == 1
     assert "no WebSocket handshake within 0.5 s" in result.stderr.decode()
+
+
+# --- point 12: sub --reconnect reports on stderr ---------------------------------------------
+
+
+@attrs.define
+class Restartable:
+    """A server stopped and started again on the same port, keeping its history (as a
+    durable server does) or starting with a new one (as an in-memory server does)."""
+
+    nursery: trio.Nursery
+    config: Config
+    broker: Broker
+    server: Server | None = None
+    scope: trio.CancelScope | None = None
+
+    @classmethod
+    async def start_new(cls, nursery: trio.Nursery) -> Restartable:
+        config = make_config()
+        self = cls(nursery, config, Broker(MemoryHistory(config.cache_size)))
+        await self.start()
+        assert self.server is not None
+        self.config = attrs.evolve(config, port=self.server.port)
+        return self
+
+    async def start(self, *, new_history: bool = False) -> None:
+        if new_history:
+            self.broker = Broker(MemoryHistory(self.config.cache_size))
+        self.server = await self.nursery.start(self._run)
+
+    async def _run(self, *, task_status: trio.TaskStatus[Server]) -> None:
+        with trio.CancelScope() as self.scope:
+            await serve(self.config, broker=self.broker, task_status=task_status)
+
+    async def stop(self) -> None:
+        assert self.scope is not None and self.server is not None
+        self.scope.cancel()
+        await self.server.stopped.wait()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+
+async def run_sub(nursery: trio.Nursery, *args: str) -> trio.Process:
+    process: trio.Process = await nursery.start(partial(
+        trio.run_process, [*COMMAND, "sub", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, check=False,
+    ))
+    return process
+
+
+async def read_lines(stream: trio.abc.ReceiveStream | None, count: int) -> list[str]:
+    assert stream is not None
+    data = b""
+    with trio.fail_after(20):
+        while data.count(b"\n") < count:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode().splitlines()
+
+
+async def finish(process: trio.Process) -> tuple[int, list[str]]:
+    with trio.fail_after(20):
+        status = await process.wait()
+    return status, await read_lines(process.stderr, 1_000_000)
+
+
+RECONNECTED = re.compile(r"mq-trio sub: reconnected( after \d+ attempts)?; resuming")
+
+
+async def test_sub_reconnect_reports_a_restart_that_lost_history(
+    nursery: trio.Nursery,
+) -> None:
+    rs = await Restartable.start_new(nursery)
+    async with open_client("127.0.0.1", rs.port) as client:
+        await client.send("t", "m0")
+    sub = await run_sub(nursery, "t", "--reconnect", "--count", "2", "--port", str(rs.port))
+    assert await read_lines(sub.stdout, 1) == ["m0"]
+    await rs.stop()
+    assert await read_lines(sub.stderr, 1) == [
+        "mq-trio sub: connection lost (connection closed by the server); reconnecting"
+    ]
+    await rs.start(new_history=True)  # an in-memory server's restart: indexes from 0 again
+    async with open_client("127.0.0.1", rs.port) as client:
+        await client.send("t", "m1")  # index 0 of the new history: not skipped
+    assert await read_lines(sub.stdout, 1) == ["m1"]
+    status, err = await finish(sub)
+    assert status == 0
+    assert len(err) == 2, err
+    assert RECONNECTED.fullmatch(err[0]), err
+    assert err[1] == (
+        "mq-trio sub: gap in 't': messages after index 0 may be lost: the server's history "
+        "was lost (a restart without --data-dir?); resumed from the start of its new history"
+    )
+
+
+async def test_sub_reconnect_reports_a_restart_that_kept_history(
+    nursery: trio.Nursery,
+) -> None:
+    rs = await Restartable.start_new(nursery)
+    async with open_client("127.0.0.1", rs.port) as client:
+        await client.send("t", "m0")
+    sub = await run_sub(nursery, "t", "--reconnect", "--count", "2", "--port", str(rs.port))
+    assert await read_lines(sub.stdout, 1) == ["m0"]
+    await rs.stop()
+    await rs.start()  # the same history, as a durable server keeps it
+    async with open_client("127.0.0.1", rs.port) as client:
+        await client.send("t", "m1")
+    assert await read_lines(sub.stdout, 1) == ["m1"]  # m0 not again
+    status, err = await finish(sub)
+    assert status == 0
+    assert err[0] == (
+        "mq-trio sub: connection lost (connection closed by the server); reconnecting"
+    )
+    assert len(err) == 2 and RECONNECTED.fullmatch(err[1]), err  # and no gap
+
+
+async def test_sub_without_reconnect_sends_no_epoch(server: Server) -> None:
+    # A version-1 server of the family rejects the epoch key: plain sub never sends it.
+    result = await mq("sub", "t", "-W", "0.3", "--port", str(server.port))
+    assert (result.returncode, result.stderr) == (27, b"")

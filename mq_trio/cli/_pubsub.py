@@ -31,7 +31,14 @@ from typing import Any, TextIO
 import attrs
 import trio
 
-from ..client import AuthError, Client, MQError, open_client, parse_target
+from ..client import (
+    AuthError,
+    Client,
+    ConnectionEvent,
+    MQError,
+    open_client,
+    parse_target,
+)
 from ..protocol import AUTH_FAILED, NOT_AUTHENTICATED
 from ._args import UsageError, add_security_args, credentials, port_number, ssl_context
 
@@ -152,6 +159,13 @@ def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         help="after a lost connection, reconnect and resume from the last message "
         "printed (default: exit with status 1); disconnects, reconnects and messages a "
         "resume could not cover are reported on stderr",
+    )
+    p.add_argument(
+        "--no-epoch",
+        dest="epoch",
+        action="store_false",
+        help="with --reconnect: resume without mq-trio's epoch extension (for version-1 "
+        "servers of the family, which reject it; a lost history then goes unnoticed)",
     )
     p.add_argument(
         "-W",
@@ -355,4 +369,23 @@ def run_sub(args: argparse.Namespace) -> int:
             os.dup2(devnull, out.fileno())
         return EXIT_OK
 
-    return _run("sub", args, body, time_limit=args.timeout, reconnect=args.reconnect)
+    def report(event: ConnectionEvent) -> None:
+        out.flush()  # what was printed before the event comes first in a shared terminal
+        if event.kind == "lost":
+            _error("sub", f"connection lost ({event.reason}); reconnecting")
+        elif event.kind == "reconnected":
+            tries = "" if event.attempts == 1 else f" after {event.attempts} attempts"
+            _error("sub", f"reconnected{tries}; resuming")
+        elif event.gap is not None:
+            gap = event.gap
+            if gap.reason == "evicted":
+                why = "were evicted from the server's cache before the resume"
+            else:
+                why = "may be lost: the server's history was lost (a restart without " \
+                    "--data-dir?); resumed from the start of its new history"
+            _error("sub", f"gap in {gap.topic!r}: messages after index {gap.last_seen} {why}")
+
+    if not args.reconnect:
+        return _run("sub", args, body, time_limit=args.timeout)
+    return _run("sub", args, body, time_limit=args.timeout, reconnect=True,
+                epoch=args.epoch, on_event=report)

@@ -29,7 +29,7 @@ import math
 import ssl
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Literal
 
@@ -53,6 +53,7 @@ from ._values import (
     AuthError,
     Backoff,
     ConnectError,
+    ConnectionEvent,
     ConnectionLost,
     Gap,
     Message,
@@ -171,6 +172,7 @@ class Client:
         epoch: bool = False,
         auth: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        on_event: Callable[[ConnectionEvent], None] | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be >= 1")
@@ -211,6 +213,15 @@ class Client:
         #: Resume subscribes worked out from the epoch probe's reply, for the writer.
         self._resumes: list[_Command] | None = None
         self._resumes_ready = trio.Event()
+        self._on_event = on_event
+
+    def _event(self, event: ConnectionEvent) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("on_event callback failed on %r", event)
 
     # --- commands ---
 
@@ -363,6 +374,7 @@ class Client:
                     else:
                         self.reconnects += 1
                         log.info("reconnected to %s", self.target)
+                        self._event(ConnectionEvent("reconnected", attempts=failed_attempts + 1))
                     failed_attempts = 0
                     connected_at = trio.current_time()
                     self.connected = True
@@ -399,6 +411,7 @@ class Client:
                 return
             log.info("connection to %s lost (%s); reconnecting", self.target, reason)
             if served:
+                self._event(ConnectionEvent("lost", reason=reason))
                 # (After a failed attempt the preamble still waits to be sent: keep it.)
                 preamble = self._after_drop(reason)
             await trio.sleep(backoff.delay(streak))
@@ -636,8 +649,11 @@ class Client:
         self._resumes_ready.set()
 
     def _gap(self, gap: Gap) -> None:
-        log.warning("resume of %r after index %d: %s", gap.topic, gap.last_seen, gap.reason)
+        # Logged at warning unless the application hears of it through on_event.
+        level = logging.INFO if self._on_event is not None else logging.WARNING
+        log.log(level, "resume of %r after index %d: %s", gap.topic, gap.last_seen, gap.reason)
         self.gaps.append(gap)
+        self._event(ConnectionEvent("gap", gap=gap))
 
     def _shut(self, reason: str) -> None:
         """No connection any more: fail everything waiting, wake every receiver."""
@@ -693,6 +709,7 @@ async def open_client(
     user: str | None = None,
     password: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    on_event: Callable[[ConnectionEvent], None] | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to an mq-trio server; the block's end closes the connection.
 
@@ -707,6 +724,10 @@ async def open_client(
     certificate must be valid for ``host``), or for a ``wss://`` URL (which uses the
     system's CAs without one); ``ssl.create_default_context(cafile=...)`` makes one.
 
+    ``on_event=callback``: called (synchronously; it must not block) with a
+    :class:`ConnectionEvent` when a connection is lost and will be retried, when the
+    client has reconnected, and for every :class:`Gap`.
+
     Raises :class:`ConnectError` if the first connection fails (:class:`AuthError` if
     the credentials are refused).
     """
@@ -720,6 +741,7 @@ async def open_client(
         epoch=epoch,
         auth=auth_line(token, user, password),
         ssl_context=ssl_context,
+        on_event=on_event,
     )
     try:
         async with trio.open_nursery() as nursery:

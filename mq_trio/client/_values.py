@@ -78,6 +78,22 @@ class Gap:
     reason: Literal["history lost", "evicted"]
 
 
+@attrs.frozen(slots=True)
+class ConnectionEvent:
+    """What ``open_client(..., on_event=...)`` is told while it reconnects.
+
+    ``"lost"``: a connection that was up ended and the client will try again (``reason``
+    says why). ``"reconnected"``: a new connection is up (``attempts`` it took), before
+    the subscriptions are resumed. ``"gap"``: a resume could not cover everything
+    (``gap``; only with ``epoch=True``).
+    """
+
+    kind: Literal["lost", "reconnected", "gap"]
+    reason: str = ""
+    attempts: int = 0
+    gap: Gap | None = None
+
+
 @attrs.frozen
 class Backoff:
     """How ``open_client(..., reconnect=True)`` spaces its reconnection attempts.
