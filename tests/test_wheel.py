@@ -15,9 +15,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import mq_trio
-
-SOURCE = Path(mq_trio.__file__).resolve().parent.parent
+#: The checkout the tests run from (not where mq_trio is imported from: under tox that is
+#: an installed copy in site-packages, without pyproject.toml).
+SOURCE = Path(__file__).resolve().parent.parent
 
 
 def copy_source(dest: Path) -> Path:
