@@ -6,6 +6,7 @@ import argparse
 import difflib
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -48,12 +49,11 @@ def raise_open_file_limit() -> None:
             pass
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Logs to stderr, as text or as one JSON object per line (cli/_service.py)."""
+    from ._service import configure_logging as configure
+
+    configure(level, fmt)
 
 
 def format_size(size: int) -> str:
@@ -277,6 +277,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         choices=["debug", "info", "warning", "error"],
         help="logging verbosity (logs go to stderr)",
     )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text, or as JSON objects (time, level, logger, message, and "
+        "the client's peer on connection lines) for log collectors",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -293,7 +300,7 @@ def _origins(text: str) -> tuple[str, ...]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     try:
         config.check()
@@ -351,7 +358,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 async def serve_until_signalled(config: Config) -> None:
     """Serve; the first SIGINT/SIGTERM shuts down gracefully, a second one at once;
-    SIGHUP reloads the auth file."""
+    SIGHUP reloads the auth file. Tells systemd (NOTIFY_SOCKET) when it is ready,
+    reloading and stopping."""
+    from ._service import monotonic_usec, notify
+
     listeners = await open_listeners(config)  # port errors surface here, unwrapped
     ws_listeners = await open_ws_listeners(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -364,15 +374,22 @@ async def serve_until_signalled(config: Config) -> None:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: reloading")
+                        notify(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}")
                         server.reload_auth()
+                        notify("READY=1")
                     elif server.stopping:
                         log.warning("second %s: stopping now", signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                     else:
                         log.info("%s: shutting down", signal.Signals(signum).name)
+                        notify("STOPPING=1")
                         server.shutdown()
 
             nursery.start_soon(watch_signals)
+            # systemd Type=notify: ready once every listener is up (not before the
+            # data directory and the auth file were loaded: serve() did that).
+            host, port = server.address
+            notify(f"READY=1\nSTATUS=listening on {host}:{port}\nMAINPID={os.getpid()}")
             await server.stopped.wait()
             nursery.cancel_scope.cancel()
     log.info("stopped")

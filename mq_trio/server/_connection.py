@@ -143,13 +143,18 @@ class Connection:
     def peer(self) -> str:
         return self.transport.peer
 
+    @property
+    def log_extra(self) -> dict[str, str]:
+        """The peer as a field of this connection's log records (``--log-format json``)."""
+        return {"peer": self.transport.peer}
+
     def stop(self, reason: str = "server shutdown") -> None:
         """Stop reading new commands; what is queued is still flushed (graceful close)."""
         # Not a cancel scope around the reader: that is two sets and two objects for every
         # connection, idle or not. The transport wakes a waiting read instead, and
         # _handle_lines refuses further commands.
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("closing %s: %s", self.peer, reason)
+            log.debug("closing %s: %s", self.peer, reason, extra=self.log_extra)
         self._stopping = True
         self.transport.stop_receiving()
         self.outbox.wake_reader()
@@ -163,6 +168,7 @@ class Connection:
                 self.peer,
                 self.limits.max_pending_bytes,
                 f" ({more} more since the last such line)" if more else "",
+                extra=self.log_extra,
             )
         # Unsubscribe at once: until this connection's own cleanup runs, "one" messages
         # would otherwise still be given to an outbox that drops them.
@@ -189,7 +195,7 @@ class Connection:
         if registry is not None:
             registry.add(self)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("connected: %s", self.peer)
+            log.debug("connected: %s", self.peer, extra=self.log_extra)
         transport = self.transport
         outbox = self.outbox
         ready = self.ready
@@ -232,7 +238,7 @@ class Connection:
                             if more is not None:
                                 log.info("closing %s: %s%s", self.peer, closing.decode(),
                                          f" ({more} more since the last such line)"
-                                         if more else "")
+                                         if more else "", extra=self.log_extra)
                             break
                         del lines  # not kept alive while waiting for more
                 finally:
@@ -253,14 +259,14 @@ class Connection:
                     trio.current_time() + self.limits.flush_timeout,
                 )
         except Exception:
-            log.exception("connection %s failed", self.peer)
+            log.exception("connection %s failed", self.peer, extra=self.log_extra)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await transport.aclose()
             if registry is not None:
                 registry.discard(self)
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("disconnected: %s", self.peer)
+                log.debug("disconnected: %s", self.peer, extra=self.log_extra)
             self._release()
 
     async def _release_subscriptions(self) -> None:
@@ -353,13 +359,15 @@ class Connection:
             more = self.limits.auth_log.allow()
             if more is not None:
                 log.warning("authentication failed for %s: %s%s", self.peer, exc,
-                            f" ({more} more since the last such line)" if more else "")
+                            f" ({more} more since the last such line)" if more else "",
+                            extra=self.log_extra)
             self.outbox.queue_reply(_AUTH_FAILED)
             self._refuse(protocol.AUTH_FAILED)
             self._stopping = True
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s authenticated as %s", self.peer, grant.identity)
+            log.debug("%s authenticated as %s", self.peer, grant.identity,
+                      extra=self.log_extra)
         self._granted(grant, nursery)
         self.outbox.queue_reply(SUCCESS)
 
@@ -389,7 +397,7 @@ class Connection:
             self.broker.unsubscribe(self.outbox, topic)
         if denied:
             log.info("%s (%s): %d subscription(s) ended by the reloaded rules, e.g. %r",
-                     self.peer, grant.identity, len(denied), denied[0])
+                     self.peer, grant.identity, len(denied), denied[0], extra=self.log_extra)
 
     def publish_refusal(self, topic: str) -> bytes | None:
         """With --auth: the reply refusing a send to ``topic``, or None to allow it."""
@@ -438,7 +446,8 @@ class Connection:
             try:
                 event = parse_line(lines[i])
             except Exception:  # a bug in parsing costs this line, like one in handling
-                log.exception("internal error parsing a line from %s", self.peer)
+                log.exception("internal error parsing a line from %s", self.peer,
+                              extra=self.log_extra)
                 event = _INTERNAL_ERROR
             # Sends are most of the traffic: handled here, not through handle_event's
             # dispatch (two calls a message in the publish profile).
@@ -488,7 +497,8 @@ class Connection:
 
     def _internal_error(self) -> None:
         # A bug must cost this one command, not the connection or the server.
-        log.exception("internal error handling a command from %s", self.peer)
+        log.exception("internal error handling a command from %s", self.peer,
+                      extra=self.log_extra)
         self.outbox.queue_reply(protocol.failure_bytes(protocol.INTERNAL_ERROR))
 
     def _allowed(self, event: protocol.LineEvent) -> bool:
