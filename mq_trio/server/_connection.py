@@ -399,21 +399,22 @@ class Connection:
             log.info("%s (%s): %d subscription(s) ended by the reloaded rules, e.g. %r",
                      self.peer, grant.identity, len(denied), denied[0], extra=self.log_extra)
 
+    def _no_grant_reply(self) -> bytes:
+        """Why a command without a grant is refused: not yet authenticated, or no more
+        (a reload removed the identity, which also ends the connection)."""
+        return _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED
+
     def publish_refusal(self, topic: str) -> bytes | None:
         """With --auth: the reply refusing a send to ``topic``, or None to allow it."""
-        grant = self.grant
-        if grant is None:  # not yet, or no more (a reload removed the identity)
-            return _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED
-        if grant.stale:
-            grant = self._current_grant()
-            if grant is None:
-                return _AUTH_FAILED
+        grant = self._current_grant()
+        if grant is None:
+            return self._no_grant_reply()
         return None if grant.may_publish(topic) else _PERMISSION_DENIED
 
     def _subscribe_refusal(self, topic: str) -> bytes | None:
         grant = self._current_grant()
         if grant is None:
-            return _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED
+            return self._no_grant_reply()
         return None if grant.may_subscribe(topic) else _PERMISSION_DENIED
 
     def _handle_lines(self, lines: list[bytes], start: int) -> int:
@@ -514,8 +515,7 @@ class Connection:
         elif isinstance(event, Subscribe):
             denied = self._subscribe_refusal(event.topic)
         else:  # unsubscribe
-            denied = None if self._current_grant() is not None else (
-                _AUTH_FAILED if self._stopping else _NOT_AUTHENTICATED)
+            denied = None if self._current_grant() is not None else self._no_grant_reply()
         if denied is None:
             return True
         self.outbox.queue_reply(denied)

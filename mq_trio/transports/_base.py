@@ -34,3 +34,13 @@ class Transport(Protocol):
         """Make a waiting or later ``receive_lines`` return None soon (graceful close)."""
 
     async def aclose(self) -> None: ...
+
+
+class WriteTurns(Protocol):
+    """The server's budget of fan-out writes per scheduler pass (server/_pacer.py), as a
+    transport sees it: a write that had to wait for the socket takes a turn first."""
+
+    def take(self, size: int) -> bool:
+        """A turn to write ``size`` bytes now, or False: ``wait_turn``."""
+
+    async def wait_turn(self, size: int) -> None: ...

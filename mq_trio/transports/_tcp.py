@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING
 
 import trio
 
 from ..protocol import DEFAULT_MAX_LINE_BYTES, INPUT_LIMIT, LineConnection
 from . import _tls as tls
+from ._base import WriteTurns
 from ._input import BIG_LINE, InputGuard
-
-if TYPE_CHECKING:
-    from ..server._pacer import WriteTurns
 
 #: How long a closing connection keeps reading (and discarding) to avoid a reset.
 LINGER_SECONDS = 0.5
