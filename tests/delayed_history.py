@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Collection
 
 import attrs
 import trio
@@ -29,11 +30,13 @@ from mq_trio.broker import (
     Answer,
     CachedMessage,
     Held,
+    HistoryStats,
     Item,
     MemoryHistory,
     Recorded,
     SendBatch,
     Ticket,
+    TopicInfo,
 )
 from mq_trio.protocol import Send
 
@@ -212,3 +215,12 @@ class DelayedHistory:
 
     def topic_count(self) -> int:
         return self.inner.topic_count()
+
+    def topic_names(self) -> Collection[str]:
+        return self.inner.topic_names()
+
+    def topic_info(self, topic: str) -> TopicInfo | None:
+        return self.inner.topic_info(topic)
+
+    def stats(self) -> HistoryStats:
+        return self.inner.stats()

@@ -7,17 +7,20 @@ cache, ``one``, replay, epoch); a history (memory, SQLite, ...) is one implement
 
 from ._broker import Broker, Subscriber, send_reply
 from ._history import (
+    COMMIT_BUCKETS,
     Answer,
     CachedMessage,
     Deferred,
     EpochReply,
     Held,
+    HistoryStats,
     Item,
     Recorded,
     SendBatch,
     Ticket,
     TooManyTopics,
     TopicHistory,
+    TopicInfo,
     epoch_reply,
     new_epoch,
     nothing_lost,
@@ -25,6 +28,7 @@ from ._history import (
 from ._memory import DEFAULT_CACHE_SIZE, MemoryHistory
 
 __all__ = [
+    "COMMIT_BUCKETS",
     "DEFAULT_CACHE_SIZE",
     "Answer",
     "Broker",
@@ -32,6 +36,7 @@ __all__ = [
     "Deferred",
     "EpochReply",
     "Held",
+    "HistoryStats",
     "Item",
     "MemoryHistory",
     "Recorded",
@@ -39,6 +44,7 @@ __all__ = [
     "Ticket",
     "TooManyTopics",
     "TopicHistory",
+    "TopicInfo",
     "Subscriber",
     "epoch_reply",
     "new_epoch",

@@ -79,6 +79,8 @@ class Broker:
     #: Bytes of "all" deliveries so far: a reader compares it before and after its
     #: commands to tell a wide fan-out (which then waits for write turns).
     fanned: int = attrs.field(default=0, init=False)
+    #: Messages handed to subscribers' outboxes (metrics; replays not included).
+    delivered: int = attrs.field(default=0, init=False)
     #: Topics with state (history or subscribers); one more is ``TooManyTopics``.
     max_topics: int = attrs.field(default=DEFAULT_MAX_TOPICS, kw_only=True)
 
@@ -204,6 +206,7 @@ class Broker:
             if subs:
                 # a push may evict (a slow consumer): _drop then copies, not mutates
                 self._fanout = subs
+                self.delivered += len(subs)
                 if type(recorded) is int:
                     payload = encode_delivery(send, recorded)  # once, the same for all
                     self.fanned += len(subs) * len(payload)
@@ -219,6 +222,7 @@ class Broker:
             # "one": to a random subscriber, or cached for a later one if there is none
             recorded = self.history.record(topic, send, True, send.cache and not subs)
             if subs:
+                self.delivered += 1
                 chosen = self._random.choice(list(subs))
                 if type(recorded) is int:
                     chosen.push(encode_delivery(send, recorded))
@@ -239,6 +243,23 @@ class Broker:
         return EpochReply(mine, answer)
 
     # --- inspection (tests, metrics) ---
+
+    def topic_names(self) -> list[str]:
+        """Every topic with state (a copy: safe to page through across awaits)."""
+        names = list(self.history.topic_names())
+        names.extend(self._unrecorded)
+        return names
+
+    def subscriber_count(self, topic: str) -> int:
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._unrecorded.get(topic, _NO_SUBS)
+        return len(subs)
+
+    @property
+    def subscription_total(self) -> int:
+        """Subscriptions across all connections (O(connections))."""
+        return sum(len(t) for t in self._topics_of.values())
 
     def subscribers(self, topic: str) -> list[Subscriber]:
         subs = self._subscribers.get(topic)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Protocol
 
 import attrs
@@ -155,6 +155,39 @@ class CachedMessage:
     payload: bytes
 
 
+@attrs.frozen
+class TopicInfo:
+    """One topic as a history shows it for introspection (``GET /topics``)."""
+
+    #: The index the next message gets.
+    next_index: int
+    #: Cached messages (in memory and, for a durable history, on disk).
+    cached: int
+    #: Bytes of the cached messages held in memory.
+    cached_bytes: int
+
+
+@attrs.frozen
+class HistoryStats:
+    """What a history reports for health and metrics (``GET /healthz``, ``/metrics``)."""
+
+    #: False while writes fail (a durable store's disk or database is unavailable).
+    available: bool = True
+    #: Batches committed by a store, failed batches, and the commit latency histogram:
+    #: ``commit_buckets[i]`` counts commits that took at most ``COMMIT_BUCKETS[i]`` s
+    #: (cumulative, as Prometheus wants), ``commit_seconds`` their total time.
+    commits: int = 0
+    failed_commits: int = 0
+    commit_buckets: tuple[int, ...] = ()
+    commit_seconds: float = 0.0
+    #: Bytes cached in memory across all topics.
+    cached_bytes: int = 0
+
+
+#: Upper bounds (seconds) of the store commit latency histogram's buckets (+Inf implied).
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
 class TopicHistory(Protocol):
     """Per-topic indexes and caches: the one extension point for a new backend."""
 
@@ -188,6 +221,16 @@ class TopicHistory(Protocol):
 
     def topic_count(self) -> int:
         """Topics the history keeps state for."""
+
+    def topic_names(self) -> Collection[str]:
+        """The topics the history keeps state for (a live view: copy it before
+        awaiting)."""
+
+    def topic_info(self, topic: str) -> TopicInfo | None:
+        """Introspection of one topic (None: no state for it)."""
+
+    def stats(self) -> HistoryStats:
+        """Availability and store counters, for health and metrics."""
 
 
 class TooManyTopics(Exception):

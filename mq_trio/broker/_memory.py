@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from heapq import heapify, heappop, heappush, heapreplace
 from typing import cast
 
 import attrs
 
 from ..protocol import Send, encode_delivery, splice_index
-from ._history import CachedMessage, Item, new_epoch, nothing_lost
+from ._history import (
+    CachedMessage,
+    HistoryStats,
+    Item,
+    TopicInfo,
+    new_epoch,
+    nothing_lost,
+)
 
 DEFAULT_CACHE_SIZE = 100
 DEFAULT_MAX_CACHE_BYTES = 1 << 30
@@ -216,3 +224,17 @@ class MemoryHistory:
 
     def topic_count(self) -> int:
         return len(self._topics)
+
+    def topic_names(self) -> Collection[str]:
+        return self._topics.keys()
+
+    def topic_info(self, topic: str) -> TopicInfo | None:
+        log = self._topics.get(topic)
+        if log is None:
+            return None
+        cache = log.cache
+        return TopicInfo(log.next_index, len(cache),
+                         sum(len(e[2]) for e in cache) + ENTRY_OVERHEAD * len(cache))
+
+    def stats(self) -> HistoryStats:
+        return HistoryStats(cached_bytes=self.cached_bytes)

@@ -16,7 +16,14 @@ import attrs
 import trio
 
 from .. import __version__
-from ..server import Config, Server, open_listeners, open_ws_listeners, serve
+from ..server import (
+    Config,
+    Server,
+    open_http_listeners,
+    open_listeners,
+    open_ws_listeners,
+    serve,
+)
 from ..transports import parse_origins
 from ._args import byte_size, port_number
 
@@ -271,6 +278,67 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         help="with TLS: a client that has not completed the handshake this long after "
         "connecting is closed",
     )
+    http = p.add_argument_group(
+        "metrics and introspection", "an HTTP port with GET /metrics (Prometheus), /healthz, "
+        "/stats, /connections and /topics (docs/operations.md in the source tree)"
+    )
+    http.add_argument(
+        "--http-port",
+        type=port_number,
+        default=d.http_port,
+        metavar="PORT",
+        help="serve the HTTP endpoints on this port (default: off; 0 picks a free one)",
+    )
+    http.add_argument(
+        "--http-host",
+        default=d.http_host,
+        metavar="HOST",
+        help="address for the HTTP port; beyond loopback, anyone who reaches it sees every "
+        "topic's name and every client's address",
+    )
+    queues = p.add_argument_group(
+        "work queues", "acknowledged jobs (docs/protocol.md in the source tree, 'Acknowledged "
+        "jobs')"
+    )
+    queues.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=d.ack_timeout,
+        metavar="SECONDS",
+        help="a job not acknowledged this long after its delivery (and not extended with "
+        "'progress') is redelivered",
+    )
+    queues.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=d.max_deliveries,
+        metavar="N",
+        help="a job delivered this many times without an ack moves to the dead-letter "
+        "topic",
+    )
+    queues.add_argument(
+        "--dedupe-window",
+        type=float,
+        default=d.dedupe_window,
+        metavar="SECONDS",
+        help="a send repeating a message id seen this recently gets the original index "
+        "and is neither stored nor delivered again (0: off)",
+    )
+    queues.add_argument(
+        "--max-queue-jobs",
+        type=int,
+        default=d.max_queue_jobs,
+        metavar="N",
+        help="jobs waiting or in flight per topic; one more gets 'Queue full'",
+    )
+    queues.add_argument(
+        "--max-job-bytes",
+        type=byte_size,
+        default=d.max_job_bytes,
+        metavar="SIZE",
+        help="bytes of jobs waiting or in flight across all topics; beyond it sends get "
+        "'Queue full'",
+    )
     p.add_argument(
         "--log-level",
         default="info",
@@ -343,6 +411,8 @@ def run_serve(args: argparse.Namespace) -> int:
         where = f"{config.host}:{config.port}"
         if config.ws_port is not None:
             where += f" (or WebSocket port {config.ws_port})"
+        if config.http_port is not None:
+            where += f" (or HTTP port {config.http_port})"
         print(f"mq-trio: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:
@@ -364,10 +434,12 @@ async def serve_until_signalled(config: Config) -> None:
 
     listeners = await open_listeners(config)  # port errors surface here, unwrapped
     ws_listeners = await open_ws_listeners(config)
+    http_listeners = await open_http_listeners(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                partial(serve, config, listeners=listeners, ws_listeners=ws_listeners)
+                partial(serve, config, listeners=listeners, ws_listeners=ws_listeners,
+                        http_listeners=http_listeners)
             )
 
             async def watch_signals() -> None:

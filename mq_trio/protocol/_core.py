@@ -25,10 +25,12 @@ _LINE_TOO_LONG = failure_bytes(LINE_TOO_LONG)
 class LineConnection:
     """One line-protocol connection's wire state (TCP, or any byte stream)."""
 
-    __slots__ = ("_lines", "_closing")
+    __slots__ = ("_lines", "_closing", "received")
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._lines = LineBuffer(max_line_bytes)
+        #: Bytes received so far (metrics: one addition per chunk).
+        self.received = 0
         #: Set by :meth:`abort`: the reply before closing, instead of any further input.
         self._closing: bytes | None = None
 
@@ -53,6 +55,7 @@ class LineConnection:
         limit, only the lines before it come out, and :meth:`closing_reply` says why."""
         if self._closing is not None:
             return []
+        self.received += len(data)
         return self._lines.feed(data)
 
     def receive_eof(self) -> list[bytes]:
@@ -80,10 +83,12 @@ class LineConnection:
 class MessageConnection:
     """One WebSocket connection's protocol state: one command per message."""
 
-    __slots__ = ("max_message_bytes", "too_big")
+    __slots__ = ("max_message_bytes", "too_big", "received")
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
+        #: Bytes of the messages received so far (metrics).
+        self.received = 0
         #: A message was over the limit: the transport closes with 1009 (Message Too Big).
         self.too_big = False
 
@@ -94,6 +99,7 @@ class MessageConnection:
         an over-size message (trio-websocket counts characters), so the rule is one.
         """
         data = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        self.received += len(data)
         if len(data) > self.max_message_bytes:
             self.too_big = True
             return []

@@ -1,5 +1,21 @@
 """The server: listeners, one broker, a nursery of connections."""
 
-from ._server import Config, Server, open_listeners, open_ws_listeners, serve
+from ._server import (
+    Config,
+    Server,
+    open_http_listeners,
+    open_listeners,
+    open_ws_listeners,
+    serve,
+)
+from ._stats import Stats
 
-__all__ = ["Config", "Server", "open_listeners", "open_ws_listeners", "serve"]
+__all__ = [
+    "Config",
+    "Server",
+    "Stats",
+    "open_http_listeners",
+    "open_listeners",
+    "open_ws_listeners",
+    "serve",
+]

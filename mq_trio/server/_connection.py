@@ -15,6 +15,7 @@ module holds everything else. The shape, from the design card:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from ..protocol import QUIT, SUCCESS, Auth, Failure, Send, Subscribe, Unsubscrib
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
 from ._pacer import Pacer
+from ._stats import Stats
 
 if TYPE_CHECKING:
     from ..auth import Authenticator, Grant
@@ -48,6 +50,14 @@ _RELEASE_STEP = 2000
 FANOUT_STEP = 4 << 20
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
+#: Counters of connections made without a server (tests, embedding): never read.
+_UNCOUNTED = Stats()
+#: The reasons of the failure replies sent as prepared bytes (``Connection._fail``).
+_REASONS = {
+    protocol.failure_bytes(r): r
+    for r in (protocol.TOO_MANY_TOPICS, protocol.NOT_AUTHENTICATED,
+              protocol.PERMISSION_DENIED, protocol.AUTH_FAILED)
+}
 
 
 @attrs.define(eq=False)
@@ -78,6 +88,8 @@ class Registry(set["Connection"]):
     def __init__(self) -> None:
         super().__init__()
         self.changed = trio.lowlevel.ParkingLot()
+        #: Server-wide counters (metrics); connections add their traffic when they end.
+        self.stats = Stats()
 
     def add(self, connection: Connection) -> None:
         super().add(connection)
@@ -85,6 +97,9 @@ class Registry(set["Connection"]):
             self.changed.unpark_all()
 
     def discard(self, connection: object) -> None:
+        if connection in self:
+            assert isinstance(connection, Connection)
+            self.stats.retire(connection)
         super().discard(connection)
         if self.changed:
             self.changed.unpark_all()
@@ -132,8 +147,16 @@ class Connection:
     _fanning: bool = attrs.field(init=False, default=False)
     #: The auth deadline, then the token's expiry: cancelled by a (new) auth.
     _auth_timer: trio.CancelScope | None = attrs.field(init=False, default=None)
+    #: Lines received (metrics; counted per chunk).
+    lines_in: int = attrs.field(init=False, default=0)
+    #: The server's counters (shared; a throwaway one without a registry).
+    stats: Stats = attrs.field(init=False)
+    #: When it connected (``time.time()``), for introspection.
+    since: float = attrs.field(init=False, factory=time.time)
 
     def __attrs_post_init__(self) -> None:
+        registry_stats = getattr(self.registry, "stats", None)
+        self.stats = registry_stats if registry_stats is not None else _UNCOUNTED
         self.outbox = Outbox(self.limits.max_pending_bytes, self._slow_consumer)
         self.outbox.attach(self.transport, self.ready)
         if hasattr(self.transport, "turns"):  # a transport that paces its waiting writes
@@ -142,6 +165,21 @@ class Connection:
     @property
     def peer(self) -> str:
         return self.transport.peer
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes received (metrics): counted by the transport's wire state."""
+        return int(getattr(getattr(self.transport, "wire", None), "received", 0))
+
+    def _fail(self, reply: bytes) -> None:
+        """Count a failure reply by its reason (metrics); off the hot paths."""
+        reason = _REASONS.get(reply)
+        if reason is None:
+            try:
+                reason = str(json.loads(reply).get("reason", "?"))
+            except ValueError:
+                reason = "?"
+        self.stats.fail(reason)
 
     @property
     def log_extra(self) -> dict[str, str]:
@@ -160,6 +198,7 @@ class Connection:
         self.outbox.wake_reader()
 
     def _slow_consumer(self) -> None:
+        self.stats.slow_consumers += 1
         # One publish can cut off thousands at once: a log line each was half the stall.
         more = self.limits.cutoff_log.allow()
         if more is not None:
@@ -194,6 +233,7 @@ class Connection:
         registry = self.registry
         if registry is not None:
             registry.add(self)
+        self.stats.connections_total += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connected: %s", self.peer, extra=self.log_extra)
         transport = self.transport
@@ -208,6 +248,7 @@ class Connection:
                     self._start_auth(nursery)
                 try:
                     while (lines := await transport.receive_lines()) is not None:
+                        self.lines_in += len(lines)
                         done = 0
                         while (done := self._handle_lines(lines, done)) >= 0:
                             if self._pending_auth is not None:
@@ -234,6 +275,7 @@ class Connection:
                         closing = transport.closing_reply()
                         if closing is not None:
                             outbox.push(closing)
+                            self._fail(closing)
                             more = self.limits.closing_log.allow()
                             if more is not None:
                                 log.info("closing %s: %s%s", self.peer, closing.decode(),
@@ -321,6 +363,7 @@ class Connection:
 
     def _close_with(self, reason: str) -> None:
         """One failure reply, then a graceful close (what was queued is flushed)."""
+        self.stats.fail(reason)
         self.outbox.push(protocol.failure_bytes(reason))
         self._refuse(reason)
         self.stop(reason)
@@ -362,6 +405,7 @@ class Connection:
                             f" ({more} more since the last such line)" if more else "",
                             extra=self.log_extra)
             self.outbox.queue_reply(_AUTH_FAILED)
+            self.stats.fail(protocol.AUTH_FAILED)
             self._refuse(protocol.AUTH_FAILED)
             self._stopping = True
             return
@@ -457,6 +501,7 @@ class Connection:
                         and (memo is None or memo.get(event.topic) is not True)
                         and (denied := refusal(event.topic)) is not None):
                     reply(denied)
+                    self._fail(denied)
                     if self._stopping:
                         return -1
                 else:
@@ -468,6 +513,7 @@ class Connection:
                             outbox.push_deferred(send_reply(recorded))  # type: ignore[arg-type]
                     except TooManyTopics:
                         reply(_TOO_MANY_TOPICS)
+                        self.stats.fail(protocol.TOO_MANY_TOPICS)
                     except Exception:
                         self._internal_error()
                     if broker.fanned > fan_limit:
@@ -501,6 +547,7 @@ class Connection:
         log.exception("internal error handling a command from %s", self.peer,
                       extra=self.log_extra)
         self.outbox.queue_reply(protocol.failure_bytes(protocol.INTERNAL_ERROR))
+        self.stats.fail(protocol.INTERNAL_ERROR)
 
     def _allowed(self, event: protocol.LineEvent) -> bool:
         """With --auth: whether ``event`` may go on; if not, its refusal is queued. An
@@ -519,6 +566,7 @@ class Connection:
         if denied is None:
             return True
         self.outbox.queue_reply(denied)
+        self._fail(denied)
         return False
 
     def handle_event(self, event: protocol.LineEvent) -> bool:
@@ -529,6 +577,7 @@ class Connection:
         cls = type(event)
         if cls is Failure:
             push(protocol.failure_bytes(event.reason))  # type: ignore[union-attr]
+            self.stats.fail(event.reason)  # type: ignore[union-attr]
             return False
         if event is QUIT:
             return True
@@ -557,6 +606,7 @@ class Connection:
                 push(protocol.SUCCESS)  # auth is off: any credentials will do
         except TooManyTopics:
             push(_TOO_MANY_TOPICS)
+            self.stats.fail(protocol.TOO_MANY_TOPICS)
         except Exception:
             self._internal_error()
         return False

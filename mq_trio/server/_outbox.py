@@ -63,7 +63,8 @@ class Outbox:
     # ParkingLot (an OrderedDict per connection, idle or not).
     __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "high_water",
                  "_limit", "overflowed", "_on_overflow", "_sending", "_leftover", "transport",
-                 "_ready", "_listed", "_deferred", "__weakref__")
+                 "_ready", "_listed", "_deferred", "sent", "sent_bytes",
+                 "__weakref__")
 
     def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
         self._queue: list[Item] = []
@@ -90,6 +91,10 @@ class Outbox:
         self._listed = False
         #: The queue holds a :class:`Deferred` item: only the writer may write it.
         self._deferred = False
+        #: Metrics: objects (replies, deliveries) and bytes handed to the transport;
+        #: counted per write, not per push (a deferred item counts as one object).
+        self.sent = 0
+        self.sent_bytes = 0
 
     def push(self, payload: bytes) -> None:
         # The hot path of every reply and delivery (fanout: once per subscriber), so the
@@ -156,6 +161,7 @@ class Outbox:
 
     def written(self, size: int) -> None:
         """The writer handed ``size`` queued bytes to the transport."""
+        self.sent_bytes += size
         pending = self.pending = self.pending - size
         if self._limit > self.budget:
             # Replay credit only shrinks: at most what is still queued remains allowed.
@@ -284,6 +290,7 @@ class Outbox:
         items = self._queue
         self._queue = []
         size = self.pending
+        self.sent += len(items)
         if not transport.send_nowait(items):  # type: ignore[arg-type]  # all bytes
             self._leftover = True
             self._wake()
@@ -317,6 +324,7 @@ class Outbox:
                 self._queue = []
                 self._leftover = False
                 self._sending = True
+                self.sent += len(items)
                 if self._deferred:
                     self._deferred = False
                     await self._send_deferred(transport, items)

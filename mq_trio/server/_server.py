@@ -23,6 +23,7 @@ from ..transports._http import OriginPolicy
 from ..transports._input import InputGuard
 from ..transports._tcp import TCPTransport
 from ..transports._websocket import DEFAULT_PING_INTERVAL
+from ._admin import serve_admin
 from ._connection import (
     DEFAULT_FLUSH_TIMEOUT,
     DEFAULT_MAX_PENDING_BYTES,
@@ -33,6 +34,7 @@ from ._connection import (
 )
 from ._outbox import Ready
 from ._pacer import CUTOFFS_PER_PASS, Pacer, WriteTurns
+from ._stats import Stats
 from ._ws_listener import handle_stream
 
 if TYPE_CHECKING:
@@ -71,6 +73,12 @@ DEFAULT_MAX_CACHE_BYTES = 1 << 30
 #: Security (docs/security.md).
 DEFAULT_AUTH_TIMEOUT = 5.0
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Work queues (docs/protocol.md, "Acknowledged jobs").
+DEFAULT_ACK_TIMEOUT = 30.0
+DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_DEDUPE_WINDOW = 120.0
+DEFAULT_MAX_QUEUE_JOBS = 100_000
+DEFAULT_MAX_JOB_BYTES = 512 << 20
 
 
 @attrs.frozen
@@ -125,6 +133,20 @@ class Config:
     tls_client_ca: str | None = None
     #: With TLS: seconds a client has to complete the handshake.
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    #: The HTTP port for /metrics, /healthz, /stats, /connections, /topics (None: off;
+    #: 0 picks a free one), and its address (loopback unless asked).
+    http_port: int | None = None
+    http_host: str = DEFAULT_HOST
+    #: Work queues: seconds a consumer has to ack a job before it is redelivered.
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    #: Deliveries of a job before it moves to the dead-letter topic.
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    #: Seconds a send's message id is remembered (a repeat gets the original index).
+    dedupe_window: float = DEFAULT_DEDUPE_WINDOW
+    #: Jobs waiting or in flight per topic; one more gets "Queue full".
+    max_queue_jobs: int = DEFAULT_MAX_QUEUE_JOBS
+    #: Bytes of jobs waiting or in flight across all topics; beyond it "Queue full".
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
 
     @property
     def tls(self) -> bool:
@@ -176,6 +198,16 @@ class Config:
             raise ValueError("a client CA (--tls-client-ca) needs TLS (--tls-cert, --tls-key)")
         if self.tls_handshake_timeout <= 0:
             raise ValueError("TLS handshake timeout must be > 0")
+        if self.ack_timeout <= 0:
+            raise ValueError("ack timeout must be > 0")
+        if self.max_deliveries < 1:
+            raise ValueError("max deliveries must be >= 1")
+        if self.dedupe_window < 0:
+            raise ValueError("dedupe window must be >= 0 (0: off)")
+        if self.max_queue_jobs < 1:
+            raise ValueError("max queue jobs must be >= 1")
+        if self.max_job_bytes < self.max_line_bytes:
+            raise ValueError("max job bytes must be at least max line bytes")
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
@@ -191,6 +223,13 @@ async def open_ws_listeners(config: Config) -> list[trio.SocketListener]:
     return await trio.open_tcp_listeners(config.ws_port, host=host)
 
 
+async def open_http_listeners(config: Config) -> list[trio.SocketListener]:
+    """Bind the HTTP port (metrics, health, introspection), if one is configured."""
+    if config.http_port is None:
+        return []
+    return await trio.open_tcp_listeners(config.http_port, host=config.http_host)
+
+
 @attrs.define(eq=False)
 class Server:
     """A running server, as reported by ``nursery.start(serve, config)``."""
@@ -200,6 +239,8 @@ class Server:
     listeners: list[trio.SocketListener]
     #: The WebSocket/page listeners; empty when the WebSocket endpoint is off.
     ws_listeners: list[trio.SocketListener] = attrs.field(factory=list)
+    #: The HTTP listeners (--http-port); empty when off.
+    http_listeners: list[trio.SocketListener] = attrs.field(factory=list)
     connections: Registry = attrs.field(factory=Registry)
     _accept_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _connections_scope: trio.CancelScope | None = None
@@ -268,6 +309,16 @@ class Server:
             self.connections.changed.unpark_all()
 
     @property
+    def stats(self) -> Stats:
+        """Server-wide counters (metrics; server/_stats.py)."""
+        return self.connections.stats
+
+    @property
+    def healthy(self) -> bool:
+        """Serving: not stopping, and the history can write (``GET /healthz``)."""
+        return not self.stopping and self.broker.history.stats().available
+
+    @property
     def open_connections(self) -> int:
         """Clients counted against --max-connections (TCP and WebSocket together)."""
         return len(self.connections) + self.ws_handshakes + self.tls_handshakes
@@ -277,6 +328,7 @@ class Server:
         if self.open_connections < self.config.max_connections:
             return True
         self.refused += 1
+        self.connections.stats.refused += 1
         if self._refused_log.allow() is not None:
             log.warning("refusing clients: %d connections open (--max-connections); "
                         "%d refused so far", self.open_connections, self.refused)
@@ -293,6 +345,13 @@ class Server:
         if not self.ws_listeners:
             return None
         return int(self.ws_listeners[0].socket.getsockname()[1])
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound HTTP port (None when off)."""
+        if not self.http_listeners:
+            return None
+        return int(self.http_listeners[0].socket.getsockname()[1])
 
     @property
     def address(self) -> tuple[str, int]:
@@ -523,6 +582,11 @@ class Server:
                         host, port = listener.socket.getsockname()[:2]
                         log.info("listening on %s:%d (websocket%s, page at %s://%s:%d/)",
                                  host, port, security, scheme, host, port)
+                    for listener in self.http_listeners:
+                        accept.start_soon(serve_admin, self, listener)
+                        host, port = listener.socket.getsockname()[:2]
+                        log.info("listening on %s:%d (http: /metrics, /healthz, /stats)",
+                                 host, port)
                     self._warn_if_open()
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
@@ -532,7 +596,7 @@ class Server:
                     task_status.started(self)
             # Stop accepting at the socket level too: a listening socket left open would
             # still complete handshakes into its backlog, for clients nobody will serve.
-            for listener in (*self.listeners, *self.ws_listeners):
+            for listener in (*self.listeners, *self.ws_listeners, *self.http_listeners):
                 listener.socket.close()
             # Only a shutdown ends the accept scope; the connections nursery now waits
             # for the connections it was given a deadline for.
@@ -582,6 +646,7 @@ async def serve(
     broker: Broker | None = None,
     listeners: list[trio.SocketListener] | None = None,
     ws_listeners: list[trio.SocketListener] | None = None,
+    http_listeners: list[trio.SocketListener] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until cancelled or until ``Server.shutdown()`` completes.
@@ -600,14 +665,16 @@ async def serve(
         listeners = await open_listeners(config)
     if ws_listeners is None:
         ws_listeners = await open_ws_listeners(config)
+    if http_listeners is None:
+        http_listeners = await open_http_listeners(config)
     authenticator = None
     if config.auth_file is not None:
         from ..auth import Authenticator  # only --auth needs argon2 and PyJWT
 
         authenticator = Authenticator.load(config.auth_file)  # AuthConfigError
     async with _open_broker(config, broker) as broker:
-        server = Server(config, broker, listeners, ws_listeners, authenticator=authenticator,
-                        ssl_context=ssl_context)
+        server = Server(config, broker, listeners, ws_listeners, http_listeners,
+                        authenticator=authenticator, ssl_context=ssl_context)
         try:
             await server.run(task_status)
         finally:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from ..broker import COMMIT_BUCKETS
 from ..protocol import STORAGE_UNAVAILABLE
 from ._ops import (
     DEFAULT_FSYNC,
@@ -47,6 +48,12 @@ class Store:
     _decided: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _closing: bool = False
     _stopped: trio.Event = attrs.field(factory=trio.Event)
+    #: Metrics (``HistoryStats``): batches with writes committed, and failed; their
+    #: latency histogram (cumulative counts per ``COMMIT_BUCKETS`` bound) and total.
+    commits: int = 0
+    failed_commits: int = 0
+    commit_buckets: list[int] = attrs.field(factory=lambda: [0] * len(COMMIT_BUCKETS))
+    commit_seconds: float = 0.0
 
     def submit(self, op: Op) -> None:
         self._queue.append(op)
@@ -133,12 +140,25 @@ class Store:
                 # storage error (its sends get STORAGE_UNAVAILABLE, state changes retry).
                 log.exception("unexpected error in the store's worker; the batch fails")
                 result = _failed_batch(ops, exc)
+            if writes:
+                self._count_commit(trio.current_time() - now, result.error is None)
             if result.error is None and writes:
                 if sync:
                     last_sync, dirty = now, False
                 else:
                     dirty = True
             self._settle(ops, result)
+
+    def _count_commit(self, seconds: float, ok: bool) -> None:
+        if not ok:
+            self.failed_commits += 1
+            return
+        self.commits += 1
+        self.commit_seconds += seconds
+        buckets = self.commit_buckets
+        for i, bound in enumerate(COMMIT_BUCKETS):
+            if seconds <= bound:
+                buckets[i] += 1
 
     def _settle(self, ops: list[Op], result: BatchResult) -> None:
         """Back on the trio thread: mark records decided, fix state after a failure."""

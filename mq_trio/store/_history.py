@@ -6,11 +6,21 @@ import heapq
 import logging
 import sqlite3
 from collections import deque
+from collections.abc import Collection
 
 import attrs
 import trio
 
-from ..broker import Answer, CachedMessage, Held, Item, SendBatch, nothing_lost
+from ..broker import (
+    Answer,
+    CachedMessage,
+    Held,
+    HistoryStats,
+    Item,
+    SendBatch,
+    TopicInfo,
+    nothing_lost,
+)
 from ..protocol import Send, encode_delivery
 from ._flusher import Store
 from ._ops import (
@@ -116,6 +126,23 @@ class DurableHistory:
 
     def topic_count(self) -> int:
         return len(self.topics)
+
+    def topic_names(self) -> Collection[str]:
+        return self.topics.keys()
+
+    def topic_info(self, topic: str) -> TopicInfo | None:
+        state = self.topics.get(topic)
+        if state is None:
+            return None
+        return TopicInfo(state.next_index, state.count,
+                         sum(len(e.payload) for e in state.window)
+                         + ENTRY_OVERHEAD * len(state.window))
+
+    def stats(self) -> HistoryStats:
+        store = self.store
+        return HistoryStats(store.available, store.commits, store.failed_commits,
+                            tuple(store.commit_buckets), store.commit_seconds,
+                            self.window_bytes)
 
     def state(self, topic: str) -> TopicState:
         state = self.topics.get(topic)
