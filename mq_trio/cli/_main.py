@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._passwd import add_passwd_parser  # passwd: hash lines for auth files
 
     add_passwd_parser(commands)
+    from ._stats import add_stats_parsers  # stats, top: read a server's --http-port
+
+    add_stats_parsers(commands)
     return parser
 
 
