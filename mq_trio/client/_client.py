@@ -26,11 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import ssl
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Literal
 
 import attrs
@@ -48,6 +50,18 @@ from ..protocol import (
     encode_subscribe,
     encode_unsubscribe,
 )
+from ._jobs import (
+    QUEUE_FULL,
+    UNKNOWN_JOB,
+    Job,
+    Published,
+    check_prefetch,
+    encode_batch,
+    encode_consume,
+    encode_publish,
+    new_id,
+)
+from ._spool import DEFAULT_SPOOL_MAX_BYTES, Spool, fsync_and_close
 from ._values import (
     DEFAULT_HOST,
     AuthError,
@@ -58,7 +72,9 @@ from ._values import (
     Gap,
     Message,
     MQError,
+    QueueFull,
     Target,
+    UnknownJob,
     parse_target,
 )
 from ._wire import BadServer, Wire, describe, open_wire
@@ -84,7 +100,10 @@ class _Command:
 
     #: Not in the repr: an ``auth`` line holds a password or a token.
     line: bytes = attrs.field(repr=False)
-    kind: Literal["subscribe", "unsubscribe", "send", "probe", "auth"]
+    #: ``publish``: a send or batch whose reply carries an index (an id, or a job);
+    #: ``consume``: a subscribe with ``ack``; ``job``: an ack, nack or progress.
+    kind: Literal["subscribe", "unsubscribe", "send", "probe", "auth", "publish", "consume",
+                  "job"]
     topic: str
     last_seen: int = -1
     cache: bool = True
@@ -92,6 +111,18 @@ class _Command:
     resume: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     error: MQError | None = None
+    #: The success reply, for commands whose reply says more than success.
+    reply: dict[str, object] | None = None
+    #: A publish with an id: safe to send again on the next connection after a drop.
+    resend: bool = False
+    #: Its entry in the spool (removed when the reply comes).
+    spool_n: int | None = None
+    #: Sent from the spool by ``open_client`` (nobody awaits it: failures are logged).
+    orphan: bool = False
+    #: ``job`` commands: the connection the job came on (only that one may settle it).
+    generation: int | None = None
+    #: ``consume``: the prefetch asked for.
+    prefetch: int = 0
 
     def fail(self, error: MQError) -> None:
         if not self.done.is_set():
@@ -173,6 +204,7 @@ class Client:
         auth: bytes | None = None,
         ssl_context: ssl.SSLContext | None = None,
         on_event: Callable[[ConnectionEvent], None] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be >= 1")
@@ -214,6 +246,18 @@ class Client:
         self._resumes: list[_Command] | None = None
         self._resumes_ready = trio.Event()
         self._on_event = on_event
+        #: Which connection is up (+1 per connection): a job is settled on its own only.
+        self._generation = 0
+        #: Confirmed consumer subscriptions: topic -> prefetch (resumed on reconnect).
+        self._consumers: dict[str, int] = {}
+        self._retried_consumers: set[str] = set()
+        #: Why a consumer's resume failed (raised to its receivers).
+        self._consumer_errors: dict[str, MQError] = {}
+        #: Jobs delivered and not yet taken, per topic (at most the prefetch: no bound needed).
+        self._jobs: dict[str, deque[Job]] = {}
+        self._job_arrived = trio.lowlevel.ParkingLot()
+        self._spool = spool
+        self._spool_settled = trio.lowlevel.ParkingLot()
 
     def _event(self, event: ConnectionEvent) -> None:
         if self._on_event is None:
@@ -244,15 +288,179 @@ class Client:
         await self._call(_Command(encode_unsubscribe(topic), "unsubscribe", topic))
 
     async def send(
-        self, topic: str, msg: str, *, delivery: Delivery = "all", cache: bool = True
-    ) -> None:
+        self,
+        topic: str,
+        msg: str,
+        *,
+        delivery: Delivery = "all",
+        cache: bool = True,
+        ack: bool = False,
+        id: str | None = None,
+    ) -> int | None:
         """Publish ``msg``: to every subscriber (``"all"``) or to one of them (``"one"``).
 
         Returns once the server has accepted it. ``cache=False`` keeps it out of the
-        topic's replay cache.
+        topic's replay cache. ``ack=True`` (with ``delivery="one"``) makes it a job for
+        a consumer (:meth:`consume`); ``id`` names it so that a repeat is not published
+        twice (see :meth:`publish`). With either the server's reply carries the
+        message's index, which is returned; a plain send returns None (and is what any
+        version-1 server understands).
         """
         # Encoded here, before anything is queued: a bad ``delivery`` raises ValueError.
-        await self._call(_Command(encode_send(topic, msg, delivery, cache), "send", topic))
+        if not ack and id is None:
+            await self._call(_Command(encode_send(topic, msg, delivery, cache), "send", topic))
+            return None
+        line = encode_publish(topic, msg, delivery, cache, ack, id)
+        return (await self._publish(line, topic, resend=id is not None)).index
+
+    async def publish(
+        self,
+        topic: str,
+        msg: str,
+        *,
+        delivery: Delivery = "all",
+        cache: bool = True,
+        ack: bool = False,
+        id: str | None = None,
+    ) -> Published:
+        """Publish with an id (a fresh uuid4 unless given), so that it is safe to send again.
+
+        If the connection drops before the reply, the client (with ``reconnect``) sends it
+        again with the same id on the next connection, and the server answers a repeat
+        within its ``--dedupe-window`` with the original index (``duplicate=True``)
+        instead of publishing it twice. With ``open_client(spool=...)`` it is also kept
+        in the spool file until the reply comes. Returns :class:`Published`. mq-trio
+        servers only (a version-1 server rejects ``id`` as malformed).
+        """
+        line = encode_publish(topic, msg, delivery, cache, ack, new_id() if id is None else id)
+        return await self._publish(line, topic, resend=True)
+
+    async def send_job(self, topic: str, msg: str, *, id: str | None = None) -> int:
+        """Queue a job for one consumer of ``topic`` (``delivery="one"``, ``ack=True``),
+        with an id as :meth:`publish` does; returns its index. Raises :class:`QueueFull`
+        when the server's queue limits are reached."""
+        published = await self.publish(topic, msg, delivery="one", ack=True, id=id)
+        return published.index
+
+    async def send_batch(
+        self,
+        topic: str,
+        msgs: Sequence[str],
+        *,
+        delivery: Delivery = "all",
+        cache: bool = True,
+        ack: bool = False,
+        id: str | None = None,
+    ) -> Published:
+        """Publish 1 to 10,000 messages as one atomic command: all accepted, with
+        consecutive indexes (``.index`` the first, ``.count`` of them), or none. Carries
+        an id as :meth:`publish` does (one id names the whole batch)."""
+        line = encode_batch(topic, msgs, delivery, cache, ack, new_id() if id is None else id)
+        return await self._publish(line, topic, resend=True)
+
+    async def _publish(self, line: bytes, topic: str, *, resend: bool) -> Published:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed is not None:
+            raise ConnectionLost(self._closed)
+        command = _Command(line, "publish", topic, resend=resend)
+        spool = self._spool
+        if resend and spool is not None:
+            command.spool_n = spool.add(line)  # SpoolFull: nothing taken, nothing sent
+            if spool.fsync:
+                # In a thread: an fsync can take milliseconds the other tasks need.
+                await trio.to_thread.run_sync(fsync_and_close, spool.sync_fd())
+        await self._call(command)
+        return _published(command.reply, command.line)
+
+    # --- consuming jobs ---
+
+    def consume(self, topic: str, prefetch: int = 1) -> Consumer:
+        """Jobs of ``topic``, ``prefetch`` of them held at once (1 to 10,000)::
+
+            async with client.consume("resize", prefetch=4) as jobs:
+                async for job in jobs:
+                    await do(job.msg)
+                    await job.ack()
+
+        Subscribes as a consumer on entering (or on the first job asked for) and
+        unsubscribes on leaving, which gives the jobs received but not yet settled back
+        to the queue. With ``reconnect`` the subscription is resumed after a drop; the
+        jobs the old connection held are delivered again by the server (and settling one
+        of them raises :class:`UnknownJob`).
+        """
+        return Consumer(self, topic, check_prefetch(prefetch))
+
+    async def _consume(self, topic: str, prefetch: int) -> None:
+        self._consumer_errors.pop(topic, None)
+        await self._call(
+            _Command(encode_consume(topic, prefetch), "consume", topic, prefetch=prefetch)
+        )
+
+    async def _receive_job(self, topic: str) -> Job:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            jobs = self._jobs.get(topic)
+            if jobs:
+                job = jobs.popleft()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return job
+            error = self._consumer_errors.get(topic)
+            if error is not None:
+                raise error
+            if self._closed is not None:
+                raise ConnectionLost(self._closed)
+            await self._job_arrived.park()
+
+    def _receive_job_nowait(self, topic: str) -> Job:
+        jobs = self._jobs.get(topic)
+        if jobs:
+            return jobs.popleft()
+        error = self._consumer_errors.get(topic)
+        if error is not None:
+            raise error
+        if self._closed is not None:
+            raise ConnectionLost(self._closed)
+        raise trio.WouldBlock
+
+    async def _settle_job(self, line: bytes, topic: str, generation: int) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if generation != self._generation:
+            raise UnknownJob(_LOST_JOB)
+        await self._call(_Command(line, "job", topic, generation=generation))
+
+    # --- the spool ---
+
+    @property
+    def spooled(self) -> int:
+        """Publishes in the spool (taken, not yet accepted by the server); 0 without one."""
+        return 0 if self._spool is None else len(self._spool)
+
+    async def flush_spool(self) -> None:
+        """Wait until the spool is empty: every publish in it accepted (or refused) by the
+        server, those a previous run left included. Raises :class:`ConnectionLost` if the
+        client closes (or gives up reconnecting) first; the rest stays spooled."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._spool is not None and len(self._spool):
+            if self._closed is not None:
+                raise ConnectionLost(f"{self._closed}; {len(self._spool)} publishes stay "
+                                     "in the spool")
+            await self._spool_settled.park()
+
+    def _resend_spool(self) -> None:
+        """Queue what the spool holds (a previous run's publishes) before anything else."""
+        if self._spool is None:
+            return
+        for n, line in self._spool.pending():
+            try:
+                topic = json.loads(line)["topic"]
+            except (ValueError, KeyError, TypeError):  # pragma: no cover - written by us
+                topic = ""
+            self._queue_send.send_nowait(
+                _Command(line, "publish", str(topic), resend=True, spool_n=n, orphan=True)
+            )
+        if len(self._spool):
+            log.info("resending %d publishes from the spool %s", len(self._spool),
+                     self._spool.path)
 
     async def authenticate(
         self, *, token: str | None = None, user: str | None = None, password: str | None = None
@@ -376,6 +584,7 @@ class Client:
                         log.info("reconnected to %s", self.target)
                         self._event(ConnectionEvent("reconnected", attempts=failed_attempts + 1))
                     failed_attempts = 0
+                    self._generation += 1
                     connected_at = trio.current_time()
                     self.connected = True
                     self._connected_event.set()
@@ -509,11 +718,26 @@ class Client:
                     batch.append(queue.receive_nowait())
                 except trio.WouldBlock:
                     break
+            if any(c.generation is not None for c in batch):
+                batch = self._current(batch)
+                if not batch:
+                    continue
             # In flight before the bytes leave, so a fast reply finds its command; and a
             # reader waiting on a full buffer must read on to find the reply.
             self._in_flight.extend(batch)
             self._space.unpark_all()
             await wire.send([c.line for c in batch])
+
+    def _current(self, batch: list[_Command]) -> list[_Command]:
+        """Drop (failing them) job commands for jobs of an earlier connection: the server
+        has taken those jobs back, and the same index may be this connection's again."""
+        keep = []
+        for command in batch:
+            if command.generation is not None and command.generation != self._generation:
+                command.fail(UnknownJob(_LOST_JOB))
+            else:
+                keep.append(command)
+        return keep
 
     async def _read(self, wire: Wire) -> None:
         while True:
@@ -544,6 +768,9 @@ class Client:
             or (delivery != "all" and delivery != "one")
         ):
             raise BadServer(f"malformed delivery: {obj!r}")
+        if obj.get("ack") is True:
+            self._deliver_job(obj, topic, msg, index)
+            return
         if topic == PROBE_TOPIC and topic not in self._topics:
             return  # published while the probe was subscribed
         await self._put(Message(topic, msg, index, delivery))
@@ -552,6 +779,20 @@ class Client:
         if sub is not None:
             sub.last_seen = index
             sub.received = True
+
+    def _deliver_job(self, obj: dict[str, object], topic: str, msg: str, index: int) -> None:
+        deliveries, from_topic, from_index = (
+            obj.get("deliveries"), obj.get("from_topic"), obj.get("from_index"))
+        if (
+            type(deliveries) is not int
+            or (from_topic is not None and type(from_topic) is not str)
+            or (from_index is not None and type(from_index) is not int)
+        ):
+            raise BadServer(f"malformed job: {obj!r}")
+        job = Job(topic, index, msg, deliveries, from_topic, from_index,
+                  client=self, generation=self._generation)
+        self._jobs.setdefault(topic, deque()).append(job)
+        self._job_arrived.unpark_all()
 
     def _reply(self, obj: dict[str, object]) -> None:
         reason = obj.get("reason")
@@ -577,20 +818,52 @@ class Client:
             if command.resume and obj.get("recovered") is False and epoch == self.epoch:
                 self._gap(Gap(command.topic, command.last_seen, "evicted"))
             self.epoch = epoch
+        if command.spool_n is not None:
+            self._unspool(command.spool_n)
         if obj.get("success") is True:
             if command.kind == "subscribe" and not command.resume:
                 # Replayed messages follow this reply in the stream: track from here.
                 self._topics[command.topic] = _Subscription(command.last_seen, command.cache)
+            elif command.kind == "consume":
+                self._consumers[command.topic] = command.prefetch
             elif command.kind == "unsubscribe":
                 self._topics.pop(command.topic, None)
+                self._consumers.pop(command.topic, None)
+                # The server gave them back to the queue with the subscription.
+                self._jobs.pop(command.topic, None)
             elif command.kind == "auth":
                 self._auth = _Secret(command.line)
+            command.reply = obj
             command.done.set()
         else:
             text = reason if isinstance(reason, str) else f"failure: {obj!r}"
-            command.fail(AuthError(text) if command.kind == "auth" else MQError(text))
+            if command.kind == "auth":
+                error: MQError = AuthError(text)
+            elif text == UNKNOWN_JOB:
+                error = UnknownJob(text)
+            elif text == QUEUE_FULL:
+                error = QueueFull(text)
+            else:
+                error = MQError(text)
+            command.fail(error)
+            if command.orphan:
+                log.warning("%r from the spool refused: %s (dropped from the spool)",
+                            command.topic, text)
             if command.resume:
                 log.warning("resubscribing to %r failed: %s", command.topic, reason)
+                if command.kind == "consume":
+                    self._consumers.pop(command.topic, None)
+                    self._consumer_errors[command.topic] = error
+                    self._job_arrived.unpark_all()
+
+    def _unspool(self, n: int) -> None:
+        assert self._spool is not None
+        try:
+            self._spool.done(n)
+        except OSError as exc:  # (the entry is resent, and deduplicated, next time)
+            log.warning("spool %s: cannot record a reply: %s", self._spool.path, exc)
+        if not len(self._spool):
+            self._spool_settled.unpark_all()
 
     def _after_drop(self, reason: str) -> list[_Command]:
         """Settle the commands of a lost connection; return what the next one sends first.
@@ -603,12 +876,19 @@ class Client:
         for command in self._in_flight:
             if command.resume or command.done.is_set():
                 continue
-            if command.kind == "send":
+            if command.kind == "send" or (command.kind == "publish" and not command.resend):
                 command.fail(ConnectionLost(f"{reason}; the message may not have been sent"))
+            elif command.kind == "job":
+                command.fail(UnknownJob(f"{reason} before the server answered; the job was "
+                                        "settled, or goes back to the queue"))
             else:
+                # Idempotent (subscriptions), or made so by an id (publishes).
                 retry.append(command)
         self._in_flight.clear()
-        self._retried = {c.topic for c in retry}
+        self._retried = {c.topic for c in retry if c.kind in ("subscribe", "unsubscribe")}
+        self._retried_consumers = {c.topic for c in retry if c.kind in ("consume", "unsubscribe")}
+        # Jobs of the lost connection: the server gives them to the queue again.
+        self._jobs.clear()
         if self._use_epoch and self._topics:
             # Which last_seen to resume from depends on the server's epoch: ask first.
             self._resumes, self._resumes_ready = None, trio.Event()
@@ -622,11 +902,18 @@ class Client:
         return self._resume_commands(None) + retry
 
     def _resume_commands(self, epoch: str | None) -> list[_Command]:
-        return [
+        resumes = [
             sub.resume_command(topic, epoch)
             for topic, sub in self._topics.items()
             if topic not in self._retried
         ]
+        resumes += [
+            _Command(encode_consume(topic, prefetch), "consume", topic, resume=True,
+                     prefetch=prefetch)
+            for topic, prefetch in self._consumers.items()
+            if topic not in self._retried_consumers
+        ]
+        return resumes
 
     def _probed(self, epoch: str | None) -> None:
         """The epoch probe's reply: work out the resumes the writer is waiting for."""
@@ -669,8 +956,11 @@ class Client:
                 self._queue_receive.receive_nowait().fail(ConnectionLost(reason))
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+        self._jobs.clear()
         self._arrived.unpark_all()
         self._space.unpark_all()
+        self._job_arrived.unpark_all()
+        self._spool_settled.unpark_all()
         self._connected_event.set()
 
     @property
@@ -682,6 +972,104 @@ class Client:
     def subscriptions(self) -> Sequence[str]:
         """Topics with a confirmed subscription."""
         return list(self._topics)
+
+
+_LOST_JOB = (
+    "the connection this job came on was lost: the server gives it back to the queue "
+    "(it will be delivered again, maybe to another consumer)"
+)
+
+
+def _published(reply: dict[str, object] | None, line: bytes) -> Published:
+    """The reply of a publish, checked: it must carry the index (docs/protocol.md)."""
+    index = None if reply is None else reply.get("index")
+    count = 1 if reply is None else reply.get("count", 1)
+    if type(index) is not int or type(count) is not int:
+        # A server without the extensions would have refused the command instead.
+        raise MQError(f"the server's reply carries no index: {reply!r}")
+    return Published(index, count, (reply or {}).get("duplicate") is True)
+
+
+class Consumer:
+    """Jobs of one topic for one client: ``client.consume(topic, prefetch)``.
+
+    An async context manager (subscribes on entry, unsubscribes on exit) and an async
+    iterator of :class:`Job` (subscribing on the first job if not entered).
+    """
+
+    def __init__(self, client: Client, topic: str, prefetch: int) -> None:
+        self.client = client
+        self.topic = topic
+        self.prefetch = prefetch
+        self._started = False
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Subscribe as a consumer (at once: jobs may arrive before the first ``receive``)."""
+        if not self._started:
+            await self.client._consume(self.topic, self.prefetch)
+            self._started = True
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Hold at most ``prefetch`` unsettled jobs from now on (subscribes again)."""
+        self.prefetch = check_prefetch(prefetch)
+        if self._started and not self._stopped:
+            await self.client._consume(self.topic, self.prefetch)
+
+    async def stop(self) -> None:
+        """Unsubscribe: the jobs not yet settled (taken or not) go back to the queue.
+
+        Shielded (a cancelled worker still returns its jobs), bounded by the client's
+        connect timeout; a client already closed has nothing to undo.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._started:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self.client._connect_timeout):
+            try:
+                await self.client.unsubscribe(self.topic)
+            except ConnectionLost:
+                pass
+
+    async def receive(self) -> Job:
+        """The next job, waiting for one. Raises :class:`ConnectionLost` once the
+        connection is gone for good (and the resume's failure if a reconnect could not
+        subscribe again)."""
+        if self._stopped:
+            raise RuntimeError(f"the consumer of {self.topic!r} was stopped")
+        await self.start()
+        return await self.client._receive_job(self.topic)
+
+    def receive_nowait(self) -> Job:
+        """A job already received, or ``trio.WouldBlock``."""
+        return self.client._receive_job_nowait(self.topic)
+
+    @property
+    def buffered(self) -> int:
+        """Jobs received and not yet taken."""
+        return len(self.client._jobs.get(self.topic, ()))
+
+    async def __aenter__(self) -> Consumer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> Job:
+        if self._stopped:
+            raise StopAsyncIteration
+        return await self.receive()
 
 
 class _Messages:
@@ -710,6 +1098,9 @@ async def open_client(
     password: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     on_event: Callable[[ConnectionEvent], None] | None = None,
+    spool: str | os.PathLike[str] | None = None,
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+    spool_fsync: bool = False,
 ) -> AsyncIterator[Client]:
     """Connect to an mq-trio server; the block's end closes the connection.
 
@@ -728,24 +1119,59 @@ async def open_client(
     :class:`ConnectionEvent` when a connection is lost and will be retried, when the
     client has reconnected, and for every :class:`Gap`.
 
+    ``spool=PATH``: publishes with ids (``publish``, ``send_job``, ``send_batch``,
+    ``send(id=...)``) are kept in this file until the server accepted them, and what a
+    previous run left there is sent first (same ids: the server deduplicates). The file
+    stays under ``spool_max_bytes`` (beyond it a publish raises :class:`SpoolFull`);
+    ``spool_fsync=True`` fsyncs every publish (else a write per publish, which survives
+    the process being killed but not the machine crashing). See docs/client.md.
+
     Raises :class:`ConnectError` if the first connection fails (:class:`AuthError` if
     the credentials are refused).
     """
     target = parse_target(host_or_url, port)
     backoff = Backoff() if reconnect is True else (reconnect or None)
+    opened: Spool | None = None
+    if spool is not None:
+        opened = Spool(spool, spool_max_bytes, spool_fsync)
+        opened.open()  # SpoolError: locked by another process, unreadable
+    try:
+        async with _open_client(target, backoff, max_buffered, connect_timeout, epoch,
+                                auth_line(token, user, password), ssl_context, on_event,
+                                opened) as client:
+            yield client
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+@asynccontextmanager
+async def _open_client(
+    target: Target,
+    backoff: Backoff | None,
+    max_buffered: int,
+    connect_timeout: float,
+    epoch: bool,
+    auth: bytes | None,
+    ssl_context: ssl.SSLContext | None,
+    on_event: Callable[[ConnectionEvent], None] | None,
+    spool: Spool | None,
+) -> AsyncIterator[Client]:
     client = Client(
         target,
         reconnect=backoff,
         max_buffered=max_buffered,
         connect_timeout=connect_timeout,
         epoch=epoch,
-        auth=auth_line(token, user, password),
+        auth=auth,
         ssl_context=ssl_context,
         on_event=on_event,
+        spool=spool,
     )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)
+            client._resend_spool()
             try:
                 yield client
             finally:

@@ -50,6 +50,23 @@ class AuthError(ConnectError):
     """
 
 
+class UnknownJob(MQError):
+    """The server no longer gives this connection the job (``Unknown job``): it was
+    acknowledged already, its ack deadline passed, or the connection it was delivered on
+    was lost. It has gone (or will go) back to the queue, so someone else may be doing it
+    now: not a failure of the work, but its result will not be counted as the ack."""
+
+
+class QueueFull(MQError):
+    """The server refused a job or batch of jobs (``Queue full``): nothing was accepted
+    and no index consumed; retry later."""
+
+
+class SpoolFull(MQError):
+    """The spool (``open_client(spool=...)``) holds ``spool_max_bytes`` of unacknowledged
+    publishes: this one was not taken. Nothing was sent; wait for replies and retry."""
+
+
 # --- values ------------------------------------------------------------------------------
 
 @attrs.frozen(slots=True)
