@@ -565,6 +565,11 @@ class Server:
         """Accept on every listener until ``shutdown``, then wait for the connections."""
         async with trio.open_nursery() as connections:
             self._connections_scope = connections.cancel_scope
+            # The HTTP port outlives accepting: /healthz says "stopping" during the grace.
+            for listener in self.http_listeners:
+                connections.start_soon(serve_admin, self, listener)
+                host, port = listener.socket.getsockname()[:2]
+                log.info("listening on %s:%d (http: /metrics, /healthz, /stats)", host, port)
             with self._accept_scope:
                 async with trio.open_nursery() as accept:
                     self._tasks = accept
@@ -582,11 +587,6 @@ class Server:
                         host, port = listener.socket.getsockname()[:2]
                         log.info("listening on %s:%d (websocket%s, page at %s://%s:%d/)",
                                  host, port, security, scheme, host, port)
-                    for listener in self.http_listeners:
-                        accept.start_soon(serve_admin, self, listener)
-                        host, port = listener.socket.getsockname()[:2]
-                        log.info("listening on %s:%d (http: /metrics, /healthz, /stats)",
-                                 host, port)
                     self._warn_if_open()
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
@@ -596,8 +596,9 @@ class Server:
                     task_status.started(self)
             # Stop accepting at the socket level too: a listening socket left open would
             # still complete handshakes into its backlog, for clients nobody will serve.
-            for listener in (*self.listeners, *self.ws_listeners, *self.http_listeners):
+            for listener in (*self.listeners, *self.ws_listeners):
                 listener.socket.close()
+            self.connections.changed.unpark_all()  # serve_admin ends with the last one
             # Only a shutdown ends the accept scope; the connections nursery now waits
             # for the connections it was given a deadline for.
 

@@ -1,0 +1,371 @@
+"""The JSON views of the HTTP port: ``/stats``, ``/connections``, ``/topics``.
+
+Everything runs on the trio thread, on copies of the live structures, in slices with a
+checkpoint between them, so that a request over a million topics or twenty thousand
+connections never holds the event loop for more than a few milliseconds
+(docs/benchmarks.md, "HTTP endpoints: event-loop stall"):
+
+* sorting: one ``sorted`` call over a million names is half a second, so long lists are
+  sorted in runs of :data:`SORT_RUN` items and merged lazily (:func:`sort_in_slices`);
+* the topic names: copying the history's million keys at once is 10-25 ms, so they are
+  read through an iterator a slice at a time (:func:`copy_in_slices`), and the sorted
+  list is kept for :data:`TOPICS_TTL` seconds (:class:`TopicNames`): ``/topics`` then
+  finds a prefix by bisection. Up to :data:`EXACT_TOPICS` topics the list is read fresh
+  on every request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import trio
+
+from .. import __version__
+from ._metrics import count_traffic
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRichComparison
+
+    from ._connection import Connection
+    from ._server import Server
+
+T = TypeVar("T")
+S = TypeVar("S", bound="SupportsRichComparison")
+
+#: Items per ``sorted`` call (about a millisecond for strings) and per merge slice.
+SORT_RUN = 5000
+#: Topic names copied per slice (about half a millisecond).
+COPY_SLICE = 50_000
+#: Rows rendered per slice (``topic_info`` sums a topic's cache: tens of microseconds).
+ROWS_PER_SLICE = 200
+#: Page sizes: the default, and the most one request may ask for.
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+#: Up to this many topics, ``/topics`` sorts them fresh per request (a couple of ms).
+EXACT_TOPICS = 10_000
+#: Beyond it, the sorted name list is reused for this many seconds.
+TOPICS_TTL = 2.0
+#: A copy through a live iterator restarts when the topics change meanwhile; after this
+#: many tries it copies at once (one pause of ~10 ms per million topics).
+COPY_TRIES = 3
+
+
+class QueryError(ValueError):
+    """A bad query string value: the client gets 400 with this text."""
+
+
+def iso_time(timestamp: float) -> str:
+    """``2026-12-03T16:08:00.123Z``: UTC, milliseconds."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- query strings ---------------------------------------------------------------------
+
+
+def _int(query: Mapping[str, str], key: str, default: int) -> int:
+    text = query.get(key)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or len(text) > 18:
+        raise QueryError(f"{key} must be a non-negative integer, not {text!r}")
+    return int(text)
+
+
+@attrs.frozen
+class Page:
+    """``offset``, ``limit`` (capped at :data:`MAX_LIMIT`), ``sort`` and ``order``."""
+
+    offset: int
+    limit: int
+    sort: str
+    descending: bool
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str], sorts: Mapping[str, bool], default: str) -> Page:
+        """``sorts`` maps each sort key to whether it goes descending by default."""
+        offset = _int(query, "offset", 0)
+        limit = min(_int(query, "limit", DEFAULT_LIMIT), MAX_LIMIT)
+        sort = query.get("sort") or default
+        if sort not in sorts:
+            raise QueryError(f"sort must be one of {', '.join(sorts)}, not {sort!r}")
+        order = query.get("order") or ("desc" if sorts[sort] else "asc")
+        if order not in ("asc", "desc"):
+            raise QueryError(f"order must be asc or desc, not {order!r}")
+        return cls(offset, limit, sort, order == "desc")
+
+    def head(self, total: int) -> dict[str, Any]:
+        return {"total": total, "offset": self.offset, "limit": self.limit,
+                "sort": self.sort, "order": "desc" if self.descending else "asc"}
+
+
+# --- slicing helpers ---------------------------------------------------------------------
+
+
+async def sort_in_slices(items: list[S], reverse: bool = False) -> list[S]:
+    """``sorted(items, reverse=reverse)`` without one long pause: runs of
+    :data:`SORT_RUN` sorted by ``sorted``, then merged a slice at a time. Items should
+    be unique (equal ones may come out in any order)."""
+    if len(items) <= SORT_RUN:
+        return sorted(items, reverse=reverse)
+    runs = []
+    for start in range(0, len(items), SORT_RUN):
+        runs.append(sorted(items[start:start + SORT_RUN], reverse=reverse))
+        await trio.lowlevel.checkpoint()
+    merged = heapq.merge(*runs, reverse=reverse)
+    result: list[S] = []
+    while part := list(itertools.islice(merged, SORT_RUN)):
+        result.extend(part)
+        await trio.lowlevel.checkpoint()
+    return result
+
+
+async def copy_in_slices(live: Collection[str]) -> list[str]:
+    """A copy of a live collection (the history's topic keys), read :data:`COPY_SLICE`
+    at a time. A dict's iterator raises if the dict changes size between two slices;
+    the copy then starts over, and after :data:`COPY_TRIES` it is made at once."""
+    for _ in range(COPY_TRIES):
+        if len(live) <= COPY_SLICE:
+            break
+        copy: list[str] = []
+        source = iter(live)
+        try:
+            while part := list(itertools.islice(source, COPY_SLICE)):
+                copy.extend(part)
+                await trio.lowlevel.checkpoint()
+        except RuntimeError:  # changed size during iteration
+            continue
+        return copy
+    return list(live)
+
+
+@attrs.define(eq=False)
+class TopicNames:
+    """The sorted topic names, shared by the requests of one HTTP port."""
+
+    names: list[str] = attrs.Factory(list)
+    built: float = -math.inf
+    _lock: trio.Lock = attrs.Factory(trio.Lock)
+
+    async def sorted_names(self, server: Server) -> list[str]:
+        broker = server.broker
+        if broker.topic_count() <= EXACT_TOPICS:
+            return sorted(broker.topic_names())
+        async with self._lock:  # one rebuild at a time; the others wait and reuse it
+            if trio.current_time() - self.built > TOPICS_TTL:
+                names = await copy_in_slices(broker.history.topic_names())
+                # Subscribed topics without history: few, and not in the history's keys.
+                names.extend(getattr(broker, "_unrecorded", ()))
+                self.names = await sort_in_slices(names)
+                self.built = trio.current_time()
+            return self.names
+
+
+# --- /stats ------------------------------------------------------------------------------
+
+
+async def stats_view(server: Server) -> dict[str, Any]:
+    """Like NATS' ``/varz``: totals, limits and the store (docs/operations.md)."""
+    traffic = await count_traffic(server)
+    stats = server.stats
+    broker = server.broker
+    history = broker.history.stats()
+    config = server.config
+    store = None
+    if config.data_dir is not None:
+        store = {"available": history.available, "commits": history.commits,
+                 "failed_commits": history.failed_commits, "fsync": config.fsync}
+    now = datetime.now(timezone.utc).timestamp()
+    return {
+        "version": __version__,
+        "started": iso_time(stats.started),
+        "uptime_seconds": round(max(0.0, now - stats.started), 3),
+        "connections": traffic.connections,
+        "connections_total": stats.connections_total,
+        "refused": stats.refused,
+        "max_connections": config.max_connections,
+        "subscriptions": traffic.subscriptions,
+        "topics": broker.topic_count(),
+        "messages_in": traffic.messages_in,
+        "bytes_in": traffic.bytes_in,
+        "messages_out": traffic.messages_out,
+        "bytes_out": traffic.bytes_out,
+        "deliveries": broker.delivered,
+        "slow_consumers": stats.slow_consumers,
+        "failures": dict(sorted(stats.failures.items())),
+        "store": store,
+        "cached_bytes": history.cached_bytes,
+        "config": {
+            "cache_size": config.cache_size,
+            "max_pending_bytes": config.max_pending_bytes,
+            "max_line_bytes": config.max_line_bytes,
+            "max_topics": config.max_topics,
+            "max_connections": config.max_connections,
+            "max_input_bytes": config.max_input_bytes,
+            "max_cache_bytes": config.max_cache_bytes,
+            "line_timeout": config.line_timeout,
+            "shutdown_grace": config.shutdown_grace,
+            "memory_window": config.memory_window if config.data_dir is not None else None,
+            "tls": server.ssl_context is not None,
+            "auth": server.authenticator is not None,
+        },
+    }
+
+
+# --- /connections ------------------------------------------------------------------------
+
+#: Sort keys of ``/connections``, and whether each goes descending by default.
+CONNECTION_SORTS = {"pending": True, "messages_in": True, "bytes_in": True,
+                    "messages_out": True, "bytes_out": True, "subscriptions": True,
+                    "since": False, "peer": False}
+
+
+def _connection_key(server: Server, sort: str) -> Callable[[Connection], Any]:
+    count = server.broker.subscription_count
+    keys: dict[str, Callable[[Connection], Any]] = {
+        "pending": lambda c: c.outbox.pending,
+        "messages_in": lambda c: c.lines_in,
+        "bytes_in": lambda c: c.bytes_in,
+        "messages_out": lambda c: c.outbox.sent,
+        "bytes_out": lambda c: c.outbox.sent_bytes,
+        "subscriptions": lambda c: count(c.outbox),
+        "since": lambda c: c.since,
+        "peer": lambda c: c.peer,
+    }
+    return keys[sort]
+
+
+def connection_row(server: Server, conn: Connection) -> dict[str, Any]:
+    outbox = conn.outbox
+    grant = conn.grant
+    return {
+        "peer": conn.peer,
+        "transport": "websocket" if type(conn.transport).__name__ == "WebSocketTransport"
+        else "tcp",
+        "tls": server.ssl_context is not None,
+        "user": grant.identity if grant is not None else None,
+        "since": iso_time(conn.since),
+        "subscriptions": server.broker.subscription_count(outbox),
+        "pending_bytes": outbox.pending,
+        "messages_in": conn.lines_in,
+        "bytes_in": conn.bytes_in,
+        "messages_out": outbox.sent,
+        "bytes_out": outbox.sent_bytes,
+    }
+
+
+async def connections_view(server: Server, query: Mapping[str, str]) -> dict[str, Any]:
+    """Like NATS' ``/connz``: one page of the connections, sorted (default: the most
+    output queued first, so a slow consumer shows up before it is cut off)."""
+    page = Page.parse(query, CONNECTION_SORTS, "pending")
+    conns = list(server.connections)
+    key = _connection_key(server, page.sort)
+    # (key, position): a unique sort key, so ties cost no comparison of connections
+    keyed: list[tuple[Any, int]] = []
+    for start in range(0, len(conns), SORT_RUN):
+        if start:
+            await trio.lowlevel.checkpoint()
+        keyed.extend((key(c), start + i) for i, c in enumerate(conns[start:start + SORT_RUN]))
+    ordered = await sort_in_slices(keyed, reverse=page.descending)
+    chosen = [conns[i] for _, i in ordered[page.offset:page.offset + page.limit]]
+    rows = await _rows(chosen, lambda c: connection_row(server, c))
+    return {**page.head(len(conns)), "connections": rows}
+
+
+async def _rows(items: Iterable[T], row: Callable[[T], dict[str, Any] | None]
+                ) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        if i and i % ROWS_PER_SLICE == 0:
+            await trio.lowlevel.checkpoint()
+        made = row(item)
+        if made is not None:
+            rows.append(made)
+    return rows
+
+
+# --- /topics -----------------------------------------------------------------------------
+
+TOPIC_SORTS = {"name": False, "subscribers": True}
+
+
+def topic_row(server: Server, topic: str) -> dict[str, Any] | None:
+    """One topic's row, read live (None: gone since the name list was made)."""
+    broker = server.broker
+    subscribers = broker.subscriber_count(topic)
+    info = broker.history.topic_info(topic)
+    if info is None:
+        if subscribers == 0:
+            return None
+        return {"topic": topic, "subscribers": subscribers, "cached": 0,
+                "cached_bytes": 0, "next_index": 0}
+    return {"topic": topic, "subscribers": subscribers, "cached": info.cached,
+            "cached_bytes": info.cached_bytes, "next_index": info.next_index}
+
+
+async def topics_view(
+    server: Server, query: Mapping[str, str], names: TopicNames
+) -> dict[str, Any]:
+    """One page of the topics whose name starts with ``prefix``: by name (default), or
+    by subscribers (most first). ``total`` counts the matching topics."""
+    page = Page.parse(query, TOPIC_SORTS, "name")
+    prefix = query.get("prefix", "")
+    everything = await names.sorted_names(server)
+    low = bisect.bisect_left(everything, prefix)
+    high = _prefix_end(everything, prefix, low) if prefix else len(everything)
+    total = high - low
+    end = page.offset + page.limit
+    if page.sort == "name":
+        if page.descending:
+            chosen = everything[max(low, high - end):max(low, high - page.offset)][::-1]
+        else:
+            chosen = everything[low + min(page.offset, total):low + min(end, total)]
+    else:
+        chosen = await _by_subscribers(server, everything, low, high, page)
+    rows = await _rows(chosen, lambda t: topic_row(server, t))
+    return {"total": total, "offset": page.offset, "limit": page.limit, "sort": page.sort,
+            "order": "desc" if page.descending else "asc", "prefix": prefix, "topics": rows}
+
+
+def _prefix_end(names: list[str], prefix: str, low: int) -> int:
+    """The end of the run of ``names`` (sorted) that start with ``prefix``: cut to the
+    prefix's length, the sorted names stay sorted."""
+    size = len(prefix)
+    return bisect.bisect_right(names, prefix, low, key=lambda name: name[:size])
+
+
+async def _by_subscribers(
+    server: Server, names: list[str], low: int, high: int, page: Page
+) -> list[str]:
+    """The page of ``names[low:high]`` ordered by subscriber count, ties by name. Most
+    topics have no subscriber: only the others are sorted (in slices); the rest keep
+    their name order after (or, ascending, before) them."""
+    count = server.broker.subscriber_count
+    subscribed: list[tuple[int, str]] = []
+    unsubscribed: list[str] = []
+    for start in range(low, high, SORT_RUN):
+        if start > low:
+            await trio.lowlevel.checkpoint()
+        for name in names[start:min(high, start + SORT_RUN)]:
+            n = count(name)
+            if n:
+                subscribed.append((-n, name) if page.descending else (n, name))
+            else:
+                unsubscribed.append(name)
+    ordered = [name for _, name in await sort_in_slices(subscribed)]
+    if page.descending:
+        return _window(ordered, unsubscribed, page.offset, page.offset + page.limit)
+    return _window(unsubscribed, ordered, page.offset, page.offset + page.limit)
+
+
+def _window(first: list[str], second: list[str], start: int, end: int) -> list[str]:
+    """``(first + second)[start:end]`` without copying both lists."""
+    size = len(first)
+    return first[start:end] + second[max(0, start - size):max(0, end - size)]
