@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import attrs
@@ -26,6 +26,16 @@ from ..server import (
 )
 from ..transports import parse_origins
 from ._args import byte_size, port_number
+from ._config import (
+    CONFIG_VARIABLE,
+    SettingError,
+    Settings,
+    format_size,
+    list_type,
+    resolve,
+    settings_of,
+    track_flags,
+)
 
 log = logging.getLogger("mq_trio")
 
@@ -63,12 +73,16 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     configure(level, fmt)
 
 
-def format_size(size: int) -> str:
-    """Bytes as the README writes them: ``8MiB``, ``1GiB``, ``64KiB`` (raw if uneven)."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size and size % (1 << shift) == 0:
-            return f"{size >> shift}{unit}"
-    return str(size)
+SERVE_EPILOG = (
+    "Every setting above can also come from a TOML config file (--config FILE, or "
+    f"${CONFIG_VARIABLE}), keyed by the flag's name without '--' (port = 7000, "
+    "max-pending-bytes = \"8MiB\", accept-data-loss = true, ws-allowed-origins = [...]), "
+    "and from an environment variable: MQ_TRIO_ and the name in capitals with '_' for '-' "
+    "(MQ_TRIO_PORT=7000, MQ_TRIO_MAX_PENDING_BYTES=8MiB). A flag wins over the "
+    "environment, which wins over the file; unknown keys and unknown MQ_TRIO_ variables "
+    "are errors. --print-config shows the outcome (docs/operations.md "
+    "in the source tree)."
+)
 
 
 class ServeHelpFormatter(argparse.HelpFormatter):
@@ -100,7 +114,22 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "serve",
         help="run the server",
         description="Run the mq-trio server (protocol v1 over TCP).",
+        epilog=SERVE_EPILOG,
         formatter_class=ServeHelpFormatter,
+    )
+    track_flags(p)  # before the flags: the config layers need to know which were given
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help=f"read settings from this TOML file, one key per flag (port = 7000, "
+        f"max-pending-bytes = \"8MiB\"); default: ${CONFIG_VARIABLE} if set, else none",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings, each with where it came from (default, the "
+        "config file, an environment variable, a flag), as a config file; then exit",
     )
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=port_number, default=d.port,
@@ -352,7 +381,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         help="log lines as text, or as JSON objects (time, level, logger, message, and "
         "the client's peer on connection lines) for log collectors",
     )
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run_serve, _serve_settings=settings_of(p))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -360,6 +389,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in attrs.fields(Config)})
 
 
+@list_type  # a config file may give the origins as an array
 def _origins(text: str) -> tuple[str, ...]:
     try:
         return parse_origins(text)
@@ -367,9 +397,39 @@ def _origins(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def serve_settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None
+                   ) -> tuple[argparse.Namespace, Settings]:
+    """``args`` with every setting from its layer (flag > environment > config file >
+    default), and the layers' outcome (what came from where). Raises
+    :class:`SettingError` for an unusable file, variable or value."""
+    settings = getattr(args, "_serve_settings", None)
+    if settings is None:  # a namespace not made by the serve parser
+        serve_parser = _command_parser(build_parser(), ["serve"])
+        assert serve_parser is not None
+        settings = settings_of(serve_parser)
+    layered = resolve(settings, args, os.environ if environ is None else environ,
+                      getattr(args, "config", None))
+    return layered.apply(args), layered
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_format)
+    try:
+        args, layered = serve_settings(args)
+    except SettingError as exc:
+        print(f"mq-trio: {exc}", file=sys.stderr)
+        return 2
     config = config_from_args(args)
+    if getattr(args, "print_config", False):
+        sys.stdout.write(layered.render())
+        try:
+            config.check()
+        except ValueError as exc:
+            print(f"mq-trio: invalid settings: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    configure_logging(args.log_level, args.log_format)
+    if layered.config_file is not None:
+        log.info("settings from %s", layered.config_file)
     try:
         config.check()
     except ValueError as exc:
