@@ -2,8 +2,12 @@
 
 Modelled on ``mosquitto_pub``/``mosquitto_sub`` and ``nats pub``/``nats sub``: ``sub``
 prints one delivery per line until interrupted (or ``--count`` messages); ``pub`` sends
-one message, or one per line of stdin with ``-``. Both talk to ``--host``/``--port`` or
-a ``--url`` (``ws://`` for the WebSocket endpoint).
+one message (or several), or one per line of stdin with ``-``. Both talk to
+``--host``/``--port`` or a ``--url`` (``ws://`` for the WebSocket endpoint).
+
+``pub --job`` queues jobs for ``mq-trio work`` (or any consumer) and prints each job's
+index; ``pub --id`` names a message so that running the same command again does not
+publish it twice; ``pub --batch`` publishes all its messages as one atomic batch.
 
 With ``--token`` (or ``MQ_TRIO_TOKEN``) or ``--user`` (password from ``MQ_TRIO_PASSWORD``
 or the terminal) they authenticate first; ``--tls``/``--cafile`` connect over TLS.
@@ -24,8 +28,10 @@ import json
 import math
 import os
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, TextIO
 
 import attrs
@@ -36,10 +42,12 @@ from ..client import (
     Client,
     ConnectionEvent,
     MQError,
+    Published,
     open_client,
     parse_target,
 )
-from ..protocol import AUTH_FAILED, NOT_AUTHENTICATED
+from ..client._jobs import MAX_BATCH, MAX_ID_CHARS
+from ..protocol import AUTH_FAILED, NOT_AUTHENTICATED, Delivery
 from ._args import UsageError, add_security_args, credentials, port_number, ssl_context
 
 EXIT_OK = 0
@@ -51,9 +59,13 @@ PUB_REPLY_TIMEOUT = 10.0
 
 
 def add_pubsub_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``pub`` and ``sub`` (called from :func:`mq_trio.cli.build_parser`)."""
+    """Register ``pub``, ``sub`` and ``work`` (called from
+    :func:`mq_trio.cli.build_parser`)."""
+    from ._work import add_work_parser  # (it imports this module's helpers)
+
     add_pub_parser(commands)
     add_sub_parser(commands)
+    add_work_parser(commands)
 
 
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
@@ -82,17 +94,40 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
 def add_pub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = commands.add_parser(
         "pub",
-        help="publish a message",
-        description="Publish MSG to TOPIC and wait until the server accepted it. With MSG "
-        "'-', publish each line of stdin as one message (blank lines are skipped), in order.",
+        help="publish a message (or queue a job: --job)",
+        description="Publish MSG to TOPIC and wait until the server accepted it; several "
+        "MSGs are published one after the other, in order. With MSG '-', publish each line "
+        "of stdin as one message (blank lines are skipped), in order. With --job, --id or "
+        "--batch, each message's index is printed on stdout, one per line.",
     )
     p.add_argument("topic", metavar="TOPIC")
-    p.add_argument("msg", metavar="MSG", help="the message, or - to read lines from stdin")
+    p.add_argument("msgs", metavar="MSG", nargs="+",
+                   help="the message(s), or - (alone) to read lines from stdin")
     p.add_argument(
         "--delivery",
         choices=["all", "one"],
-        default="all",
+        default=None,
         help="all: every subscriber (default); one: a single subscriber, chosen at random",
+    )
+    p.add_argument(
+        "--job",
+        action="store_true",
+        help="queue each message as a job for one consumer (mq-trio work TOPIC), kept by "
+        "the server until a consumer acknowledges it (mq-trio servers only)",
+    )
+    p.add_argument(
+        "--id",
+        default=None,
+        metavar="ID",
+        help="name the message (1-256 characters): the server publishes an id once within "
+        "its --dedupe-window, so a retry of this command is safe (one message, or one "
+        "--batch; mq-trio servers only)",
+    )
+    p.add_argument(
+        "--batch",
+        action="store_true",
+        help="publish all the messages as one atomic batch (1 to 10000): all of them, with "
+        "consecutive indexes, or none (mq-trio servers only)",
     )
     p.add_argument(
         "--no-cache",
@@ -207,9 +242,27 @@ def _error(command: str, text: str) -> None:
     print(f"mq-trio {command}: {text}", file=sys.stderr)
 
 
-def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaitable[int]],
-         *, time_limit: float | None = None, **options: Any) -> int:
-    """Connect, run ``body``, map failures and signals to one line and an exit status."""
+@attrs.frozen
+class Connection:
+    """What ``open_client`` needs from the connection flags, checked (see ``_prepare``)."""
+
+    target: tuple[str, int | None]
+    context: ssl.SSLContext | None
+    secrets: dict[str, str]
+
+    def open(self, args: argparse.Namespace, **options: Any) -> AbstractAsyncContextManager[
+            Client]:
+        """``open_client`` for these flags (and ``options``: reconnect, on_event...)."""
+        return open_client(
+            *self.target, connect_timeout=args.connect_timeout, ssl_context=self.context,
+            token=self.secrets.get("token"), user=self.secrets.get("user"),
+            password=self.secrets.get("password"), **options,
+        )
+
+
+def _prepare(command: str, args: argparse.Namespace) -> Connection | int:
+    """The connection flags checked (a bad URL, CA file...) before any connection, or
+    exit status 2 after a line on stderr."""
     try:
         target = _target(args)
         parsed = parse_target(*target)  # report a bad URL here, before any connection
@@ -223,6 +276,16 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaita
     except (ValueError, UsageError) as exc:
         _error(command, str(exc))
         return 2
+    return Connection(target, context, secrets)
+
+
+def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaitable[int]],
+         *, time_limit: float | None = None, **options: Any) -> int:
+    """Connect, run ``body``, map failures and signals to one line and an exit status."""
+    prepared = _prepare(command, args)
+    if isinstance(prepared, int):
+        return prepared
+    secrets = prepared.secrets
 
     async def main() -> int:
         status = EXIT_OK
@@ -240,12 +303,7 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], Awaita
 
                     nursery.start_soon(watch)
                     try:
-                        async with open_client(
-                            *target, connect_timeout=args.connect_timeout,
-                            ssl_context=context, token=secrets.get("token"),
-                            user=secrets.get("user"), password=secrets.get("password"),
-                            **options,
-                        ) as client:
+                        async with prepared.open(args, **options) as client:
                             status = await body(client)
                     except MQError as exc:  # ConnectError, ConnectionLost, a failure reply
                         _error(command, _explain(exc, args, secrets))
@@ -273,19 +331,62 @@ def _explain(exc: MQError, args: argparse.Namespace, secrets: dict[str, str]) ->
 # --- pub ----------------------------------------------------------------------------------
 
 
+def _pub_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with pub's flags together (None: nothing)."""
+    if "-" in args.msgs and len(args.msgs) > 1:
+        return "MSG - (read stdin) cannot be mixed with other messages"
+    if args.job and args.delivery == "all":
+        return "--job is delivered to one consumer: --delivery all does not apply"
+    if args.id is not None:
+        if not 1 <= len(args.id) <= MAX_ID_CHARS:
+            return f"--id takes 1 to {MAX_ID_CHARS} characters"
+        if not args.batch and (len(args.msgs) > 1 or args.msgs == ["-"]):
+            return "--id names one message: give one MSG, or use --batch (one id for all)"
+    if args.batch and len(args.msgs) > MAX_BATCH:
+        return f"--batch holds at most {MAX_BATCH} messages"
+    return None
+
+
 def run_pub(args: argparse.Namespace) -> int:
-    async def send(client: Client, text: str) -> bool:
+    problem = _pub_usage(args)
+    if problem is not None:
+        _error("pub", problem)
+        return 2
+    delivery: Delivery = "one" if args.job else (args.delivery or "all")
+    # Only these replies carry the index (and only mq-trio servers accept them).
+    indexed = args.job or args.id is not None or args.batch
+    out: TextIO = sys.stdout
+
+    def report(published: Published) -> None:
+        for index in range(published.index, published.index + published.count):
+            out.write(f"{index}\n")
+        out.flush()
+        if published.duplicate:
+            _error("pub", f"id {args.id!r} was published before (index {published.index}): "
+                   "not published again")
+
+    async def publish(client: Client, texts: list[str]) -> bool:
         """Publish; False (and a line on stderr) if the server did not answer in time."""
         with trio.move_on_after(args.timeout):
-            await client.send(args.topic, text, delivery=args.delivery, cache=args.cache)
+            if args.batch:
+                report(await client.send_batch(args.topic, texts, delivery=delivery,
+                                               cache=args.cache, ack=args.job, id=args.id))
+            elif indexed:
+                report(await client.publish(args.topic, texts[0], delivery=delivery,
+                                            cache=args.cache, ack=args.job, id=args.id))
+            else:
+                await client.send(args.topic, texts[0], delivery=delivery, cache=args.cache)
             return True
         _error("pub", f"no reply from {client.target} within {args.timeout:g} s (--timeout); "
                "the message may or may not have been published")
         return False
 
-    async def body(client: Client) -> int:
-        if args.msg != "-":
-            return EXIT_OK if await send(client, args.msg) else EXIT_ERROR
+    async def texts() -> AsyncIterator[str | None]:
+        """The messages to publish; None after a line that is not UTF-8 (reported)."""
+        if args.msgs != ["-"]:
+            for text in args.msgs:
+                yield text
+            return
         line_number = 0
         async for line in _stdin_lines():
             line_number += 1
@@ -293,8 +394,25 @@ def run_pub(args: argparse.Namespace) -> int:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
                 _error("pub", f"stdin line {line_number} is not UTF-8; stopped there")
+                yield None
+                return
+            if text.strip():
+                yield text
+
+    async def body(client: Client) -> int:
+        batch: list[str] = []
+        async for text in texts():
+            if text is None:
                 return EXIT_ERROR
-            if text.strip() and not await send(client, text):
+            if args.batch:
+                batch.append(text)
+            elif not await publish(client, [text]):
+                return EXIT_ERROR
+        if args.batch:
+            if not 1 <= len(batch) <= MAX_BATCH:
+                _error("pub", f"--batch holds 1 to {MAX_BATCH} messages, not {len(batch)}")
+                return EXIT_ERROR
+            if not await publish(client, batch):
                 return EXIT_ERROR
         return EXIT_OK
 
