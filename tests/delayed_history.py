@@ -35,6 +35,7 @@ from mq_trio.broker import (
     MemoryHistory,
     Recorded,
     SendBatch,
+    StoredJob,
     Ticket,
     TopicInfo,
 )
@@ -224,3 +225,15 @@ class DelayedHistory:
 
     def stats(self) -> HistoryStats:
         return self.inner.stats()
+
+    def record_job(self, topic: str, base: bytes) -> int:
+        return self.inner.record_job(topic, base)
+
+    def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
+        pass
+
+    def job_done(self, topic: str, index: int) -> None:
+        return None
+
+    def stored_jobs(self) -> list[StoredJob]:
+        return []

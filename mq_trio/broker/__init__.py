@@ -17,6 +17,7 @@ from ._history import (
     Item,
     Recorded,
     SendBatch,
+    StoredJob,
     Ticket,
     TooManyTopics,
     TopicHistory,
@@ -25,10 +26,12 @@ from ._history import (
     new_epoch,
     nothing_lost,
 )
+from ._jobs import DEAD_PREFIX, QueueFull, QueueInfo
 from ._memory import DEFAULT_CACHE_SIZE, MemoryHistory
 
 __all__ = [
     "COMMIT_BUCKETS",
+    "DEAD_PREFIX",
     "DEFAULT_CACHE_SIZE",
     "Answer",
     "Broker",
@@ -39,8 +42,11 @@ __all__ = [
     "HistoryStats",
     "Item",
     "MemoryHistory",
+    "QueueFull",
+    "QueueInfo",
     "Recorded",
     "SendBatch",
+    "StoredJob",
     "Ticket",
     "TooManyTopics",
     "TopicHistory",

@@ -8,13 +8,26 @@ docs/protocol.md ("Semantics") are written; histories behind the
 
 from __future__ import annotations
 
+import json
+import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import attrs
 
-from ..protocol import STORAGE_UNAVAILABLE, SUCCESS, Send, encode_delivery, failure_bytes
+from ..protocol import (
+    STORAGE_UNAVAILABLE,
+    SUCCESS,
+    Batch,
+    Send,
+    SendEx,
+    encode_command,
+    encode_delivery,
+    failure_bytes,
+    index_reply,
+)
+from ._dedupe import Dedupe
 from ._history import (
     Deferred,
     EpochReply,
@@ -25,7 +38,10 @@ from ._history import (
     TopicHistory,
     epoch_reply,
 )
+from ._jobs import DEAD_PREFIX, Job, JobQueues, QueueFull, QueueInfo
 from ._memory import MemoryHistory
+
+log = logging.getLogger("mq_trio.broker")
 
 _STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
 DEFAULT_MAX_TOPICS = 1_000_000
@@ -83,6 +99,30 @@ class Broker:
     delivered: int = attrs.field(default=0, init=False)
     #: Topics with state (history or subscribers); one more is ``TooManyTopics``.
     max_topics: int = attrs.field(default=DEFAULT_MAX_TOPICS, kw_only=True)
+    #: Acknowledged jobs (docs/protocol.md): queues, consumers, deadlines.
+    jobs: JobQueues = attrs.field(init=False)
+    #: Message ids of idempotent sends, per topic, for the dedupe window.
+    dedupe: Dedupe = attrs.field(init=False, factory=Dedupe)
+
+    def __attrs_post_init__(self) -> None:
+        self.jobs = JobQueues(self.history, dead_letter=self._dead_letter)
+        for stored in self.history.stored_jobs():  # a durable history's, after a restart
+            self.jobs.add(stored.topic, stored.index, stored.base, None, stored.deliveries)
+            self._subscribers.setdefault(stored.topic, _NO_SUBS)
+
+    def configure_jobs(self, *, ack_timeout: float, max_deliveries: int, max_queue_jobs: int,
+                       max_job_bytes: int, dedupe_window: float,
+                       clock: Callable[[], float] | None = None) -> None:
+        """The server's settings for jobs and ids (and trio's clock)."""
+        jobs = self.jobs
+        jobs.ack_timeout = ack_timeout
+        jobs.max_deliveries = max_deliveries
+        jobs.max_queue_jobs = max_queue_jobs
+        jobs.max_job_bytes = max_job_bytes
+        self.dedupe.window = dedupe_window
+        if clock is not None:
+            jobs.clock = clock
+            self.dedupe.clock = clock
 
     @property
     def epoch(self) -> str:
@@ -121,6 +161,7 @@ class Broker:
         return self.history.replay(topic, last_seen)
 
     def unsubscribe(self, subscriber: Subscriber, topic: str) -> None:
+        self.jobs.unconsume(subscriber, topic)
         topics = self._topics_of.get(subscriber)
         if topics is None or topic not in topics:
             return
@@ -131,12 +172,14 @@ class Broker:
         """Remove every subscription of a departing connection."""
         for topic in self._topics_of.pop(subscriber, ()):
             self._drop(subscriber, topic)
+        self.jobs.disconnect(subscriber)
 
     def disconnect_steps(self, subscriber: Subscriber, step: int = 1000) -> Iterator[None]:
         """``disconnect`` in steps of ``step`` topics: the caller yields to other tasks at
         each ``next`` (a client with a million subscriptions must not stall the rest).
         The subscriber leaves every topic at once in ``_topics_of``; its remaining
         entries in the topics' dicts may still get deliveries until their step."""
+        self.jobs.disconnect(subscriber)
         topics = self._topics_of.pop(subscriber, None)
         if not topics:
             return
@@ -160,9 +203,11 @@ class Broker:
         subscription, so cutting off N subscribers of one fan-out is O(N) in all (it was
         a copy per eviction, O(N^2)). The fan-out in progress still pushes to the evicted
         subscribers after it in its dict (an outbox that cut off drops those); nothing
-        later reaches them, and no "one" message is given to them."""
+        later reaches them, and no "one" message is given to them. Jobs it held go back
+        to their queues."""
         for topic in self._topics_of.pop(subscriber, ()):
             self._drop(subscriber, topic)
+        self.jobs.disconnect(subscriber)
 
     def _drop(self, subscriber: Subscriber, topic: str) -> None:
         subs = self._subscribers.get(topic)
@@ -241,6 +286,108 @@ class Broker:
         if answer is True or answer is False:
             return epoch_reply(mine, answer)
         return EpochReply(mine, answer)
+
+    # --- acknowledged jobs, batches, ids (docs/protocol.md, extensions) ---
+
+    def _topic_room(self, topic: str) -> None:
+        """``TooManyTopics`` unless ``topic`` exists or one more fits."""
+        if (topic not in self._subscribers and topic not in self._unrecorded
+                and not self.history.has(topic)):
+            self._room()
+
+    def consume(self, subscriber: Subscriber, topic: str, prefetch: int
+                ) -> Callable[[], None]:
+        """Make ``subscriber`` a consumer of the topic's jobs (``TooManyTopics`` if new
+        and there is no room); returns what starts its deliveries, to call after the
+        reply."""
+        if not self.jobs.is_consumer(subscriber, topic) and topic not in self.jobs.queues:
+            self._topic_room(topic)
+        return self.jobs.consume(subscriber, topic, prefetch)
+
+    def _repeat(self, topic: str, message_id: str | None) -> tuple[bytes, int | Recorded] | None:
+        """The original's reply for a repeated id (and its pending write, or -1)."""
+        if message_id is None or not self.dedupe.enabled:
+            return None
+        seen = self.dedupe.lookup(topic, message_id)
+        if seen is None:
+            return None
+        return seen.reply, seen.ticket if seen.ticket is not None else -1  # type: ignore[return-value]
+
+    def _remember(self, topic: str, message_id: str | None, reply: bytes,
+                  recorded: int | Recorded) -> None:
+        if message_id is not None and self.dedupe.enabled:
+            self.dedupe.remember(topic, message_id, reply,
+                                 None if type(recorded) is int else recorded)  # type: ignore[arg-type]
+
+    def publish_ex(self, send: SendEx) -> tuple[bytes, int | Recorded]:
+        """A send with extension keys (a job, an id): its reply (with the index, or the
+        original's for a repeated id) and what it recorded (for a repeat: the original's
+        pending write, or -1)."""
+        repeat = self._repeat(send.topic, send.id)
+        if repeat is not None:
+            return repeat
+        if send.ack:
+            recorded = self._publish_job(send.topic, send.raw or encode_command(
+                send.topic, send.msg, "one", send.cache, True))
+        else:
+            recorded = self.publish(send)
+        index = recorded if type(recorded) is int else recorded.index  # type: ignore[union-attr]
+        self._remember(send.topic, send.id, index_reply(index, duplicate=True), recorded)
+        return index_reply(index), recorded
+
+    def _publish_job(self, topic: str, base: bytes) -> int | Recorded:
+        self.jobs.check_room(topic, 1, len(base))
+        if topic not in self._subscribers:
+            self._new_topic(topic)
+        recorded = self.history.record_job(topic, base)
+        if type(recorded) is int:
+            self.jobs.add(topic, recorded, base)
+        else:
+            self.jobs.add(topic, recorded.index, base, recorded)  # type: ignore[union-attr, arg-type]
+        return recorded
+
+    def publish_batch(self, batch: Batch) -> tuple[bytes, int | Recorded]:
+        """All of a batch's messages with consecutive indexes, or none (``QueueFull``,
+        ``TooManyTopics`` before anything changed). The reply, and the last message's
+        record: a history writes a batch in one transaction, so its ticket decides all."""
+        topic = batch.topic
+        repeat = self._repeat(topic, batch.id)
+        if repeat is not None:
+            return repeat
+        self._topic_room(topic)
+        indexes: list[int] = []
+        recorded: int | Recorded = -1
+        if batch.ack:
+            bases = [encode_command(topic, m, "one", batch.cache, True) for m in batch.msgs]
+            self.jobs.check_room(topic, len(bases), sum(map(len, bases)))
+            for base in bases:
+                recorded = self._publish_job(topic, base)
+                indexes.append(recorded if type(recorded) is int else recorded.index)  # type: ignore[union-attr]
+        else:
+            for msg in batch.msgs:
+                recorded = self.publish(Send(topic, msg, batch.delivery, batch.cache))
+                indexes.append(recorded if type(recorded) is int else recorded.index)  # type: ignore[union-attr]
+        count = len(indexes)
+        self._remember(topic, batch.id, index_reply(indexes[0], count, True), recorded)
+        return index_reply(indexes[0], count), recorded
+
+    def _dead_letter(self, job: Job) -> None:
+        """A job out of deliveries: a new job on its dead-letter topic."""
+        topic = DEAD_PREFIX + job.topic
+        try:
+            msg = json.loads(job.base).get("msg", "")
+            base = encode_command(topic, msg, "one", True, True, from_topic=job.topic,
+                                  from_index=job.index)
+            self._topic_room(topic)
+            self._publish_job(topic, base)
+        except (QueueFull, TooManyTopics) as exc:
+            self.jobs.dead_letters_dropped += 1
+            log.warning("job %d of %r dropped: its dead-letter topic %r is full (%s)",
+                        job.index, job.topic, topic, type(exc).__name__)
+
+    def queue_info(self, topic: str) -> QueueInfo:
+        """A topic's jobs: waiting, in flight, delayed, consumers, totals."""
+        return self.jobs.info(topic)
 
     # --- inspection (tests, metrics) ---
 

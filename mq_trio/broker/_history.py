@@ -184,6 +184,16 @@ class HistoryStats:
     cached_bytes: int = 0
 
 
+@attrs.frozen
+class StoredJob:
+    """A job a history kept across a restart."""
+
+    topic: str
+    index: int
+    base: bytes
+    deliveries: int
+
+
 #: Upper bounds (seconds) of the store commit latency histogram's buckets (+Inf implied).
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -231,6 +241,23 @@ class TopicHistory(Protocol):
 
     def stats(self) -> HistoryStats:
         """Availability and store counters, for health and metrics."""
+
+    # --- acknowledged jobs (docs/protocol.md; the broker's JobQueues owns their meaning)
+
+    def record_job(self, topic: str, base: bytes) -> int | Recorded:
+        """Consume the topic's next index for a job and keep the job (its command,
+        ``base``) until ``job_done``; like ``record``, a ticket when written later."""
+
+    def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
+        """The job was delivered for the ``deliveries``-th time (a durable history keeps
+        the count, so a restart marks redeliveries)."""
+
+    def job_done(self, topic: str, index: int) -> Ticket | None:
+        """The job is acknowledged (or dead-lettered): forget it; a ticket when that is
+        written later."""
+
+    def stored_jobs(self) -> list[StoredJob]:
+        """Jobs kept from before a restart, in index order per topic (durable)."""
 
 
 class TooManyTopics(Exception):

@@ -14,6 +14,7 @@ from ._history import (
     CachedMessage,
     HistoryStats,
     Item,
+    StoredJob,
     TopicInfo,
     new_epoch,
     nothing_lost,
@@ -238,3 +239,21 @@ class MemoryHistory:
 
     def stats(self) -> HistoryStats:
         return HistoryStats(cached_bytes=self.cached_bytes)
+
+    def record_job(self, topic: str, base: bytes) -> int:
+        try:
+            log = self._topics[topic]
+        except KeyError:
+            log = self._topics[topic] = TopicLog(NO_CACHE)
+        index = log.next_index
+        log.next_index = index + 1
+        return index
+
+    def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
+        pass
+
+    def job_done(self, topic: str, index: int) -> None:
+        return None
+
+    def stored_jobs(self) -> list[StoredJob]:
+        return []

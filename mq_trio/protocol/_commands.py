@@ -38,6 +38,11 @@ AUTH_TIMEOUT = "Authentication timeout"
 TOKEN_EXPIRED = "Token expired"
 #: The identity may not publish to, or subscribe to, that topic; the connection stays.
 PERMISSION_DENIED = "Permission denied"
+# Work queues (docs/protocol.md, "Acknowledged jobs").
+#: A job or batch of jobs beyond --max-queue-jobs or --max-job-bytes; nothing accepted.
+QUEUE_FULL = "Queue full"
+#: ack/nack/progress of a job this connection does not hold.
+UNKNOWN_JOB = "Unknown job"
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 #: The integers a command may hold (``last_seen``): 64-bit signed. Any integer outside is
@@ -56,6 +61,10 @@ class Subscribe:
     cache: bool = True
     #: The epoch extension (docs/protocol.md): None for a version-1 subscribe.
     epoch: str | None = None
+    #: A consumer of the topic's jobs (docs/protocol.md, "Acknowledged jobs").
+    ack: bool = False
+    #: With ``ack``: unacknowledged jobs it may hold at once.
+    prefetch: int = 1
 
 
 @attrs.frozen(slots=True)
@@ -75,6 +84,38 @@ class Send:
     # so it is cheaper and more faithful to splice the index into the bytes than to
     # re-encode. Empty for a Send built in code.
     raw: bytes = attrs.field(default=b"", repr=False, eq=False)
+
+
+@attrs.define(slots=True)
+class SendEx(Send):
+    """A ``send`` with extension keys: a job (``ack``), a message ``id``, or both. Its own
+    class, so the version-1 hot path (``type(event) is Send``) never looks at them."""
+
+    ack: bool = False
+    id: str | None = None
+
+
+@attrs.frozen(slots=True)
+class Batch:
+    """Several messages for one topic, accepted all or none (docs/protocol.md)."""
+
+    topic: str
+    msgs: tuple[str, ...]
+    delivery: Delivery
+    cache: bool = True
+    ack: bool = False
+    id: str | None = None
+
+
+@attrs.frozen(slots=True)
+class JobCommand:
+    """``ack``, ``nack`` or ``progress`` of a job this connection holds."""
+
+    command: Literal["ack", "nack", "progress"]
+    topic: str
+    index: int
+    #: ``nack`` only: seconds before the job may be delivered again.
+    delay: float = 0.0
 
 
 @attrs.frozen(slots=True)
@@ -99,9 +140,9 @@ class Quit:
 
 QUIT = Quit()
 
-Command = Subscribe | Unsubscribe | Send | Auth
+Command = Subscribe | Unsubscribe | Send | Auth | Batch | JobCommand
 #: What one processed line turns into. ``None`` is a blank line (no reply).
-LineEvent = Subscribe | Unsubscribe | Send | Auth | Failure | Quit | None
+LineEvent = Subscribe | Unsubscribe | Send | Auth | Batch | JobCommand | Failure | Quit | None
 
 
 # --- validation -------------------------------------------------------------------
@@ -110,6 +151,7 @@ _SEND_KEYS = frozenset(("command", "topic", "msg", "delivery", "cache"))
 _SUBSCRIBE_KEYS = frozenset(("command", "topic", "last_seen", "cache", "epoch"))
 _UNSUBSCRIBE_KEYS = frozenset(("command", "topic"))
 _AUTH_KEYS = frozenset(("command", "token", "user", "password"))
+_EXT_COMMANDS = frozenset(("batch", "ack", "nack", "progress"))
 _MALFORMED = Failure(MALFORMED)
 _PARSE_ERROR = Failure(PARSE_ERROR)
 _DECODE_ERROR = Failure(DECODE_ERROR)
@@ -128,6 +170,10 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
     command = obj.get("command")
     if command == "auth":
         return _validate_auth(obj)
+    if command in _EXT_COMMANDS:
+        from ._ext import validate_ext  # the work-queue commands (protocol/_ext.py)
+
+        return validate_ext(obj, command, raw)
     topic = obj.get("topic")
     if type(topic) is not str:
         return _MALFORMED
@@ -137,12 +183,12 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
     if command == "send":
         msg = obj.get("msg")
         delivery = obj.get("delivery")
-        if (
-            type(msg) is not str
-            or (delivery != "all" and delivery != "one")
-            or not _SEND_KEYS.issuperset(obj)
-        ):
+        if type(msg) is not str or (delivery != "all" and delivery != "one"):
             return _MALFORMED
+        if not _SEND_KEYS.issuperset(obj):
+            from ._ext import validate_send_ex
+
+            return validate_send_ex(obj, raw)
         try:
             encoded = raw.encode()
         except UnicodeEncodeError:
@@ -153,6 +199,10 @@ def validate(obj: object, raw: str = "") -> Command | Failure:
     if command == "subscribe":
         last_seen = obj.get("last_seen", -1)
         epoch = obj.get("epoch")
+        if "ack" in obj or "prefetch" in obj:
+            from ._ext import validate_consumer
+
+            return validate_consumer(obj)
         if (
             type(last_seen) is not int
             or not INT_MIN <= last_seen <= INT_MAX

@@ -142,3 +142,37 @@ def frame(items: list[bytes], terminator: bytes = b"\n") -> bytes:
     if not items:
         return b""
     return terminator.join([*items, b""])
+
+
+# --- the work-queue extensions (docs/protocol.md, "Acknowledged jobs") ----------------
+
+
+def index_reply(index: int, count: int | None = None, duplicate: bool = False) -> bytes:
+    """The success reply that carries the index: a job, a send with an ``id``, a batch
+    (``count``); ``duplicate`` for a repeated id."""
+    text = b'{"success": true, "index": %d' % index
+    if count is not None:
+        text += b', "count": %d' % count
+    if duplicate:
+        text += b', "duplicate": true'
+    return text + b"}"
+
+
+def encode_command(topic: str, msg: str, delivery: Delivery, cache: bool = True,
+                   ack: bool = False, **extra: object) -> bytes:
+    """A ``send`` object as the server writes one it built itself (a batch's message, a
+    dead letter): the keys of a send command, then ``extra``."""
+    obj: dict[str, object] = {"command": "send", "topic": topic, "msg": msg,
+                              "delivery": delivery}
+    if not cache:
+        obj["cache"] = False
+    if ack:
+        obj["ack"] = True
+    obj.update(extra)
+    return json.dumps(obj).encode()
+
+
+def job_delivery(base: bytes, index: int, deliveries: int) -> bytes:
+    """A job's delivery: its command (``base``, a JSON object) plus ``"index"`` and
+    ``"deliveries"``."""
+    return b'%b, "index": %d, "deliveries": %d}' % (base[:-1], index, deliveries)

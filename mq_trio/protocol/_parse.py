@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Annotated
 
 import msgspec
 
@@ -52,9 +53,31 @@ class _Flat(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     token: _Scalar = None
     user: _Scalar = None
     password: _Scalar = None
+    ack: _Scalar = None
+    id: _Scalar = None
+    prefetch: _Scalar = None
+    index: _Scalar = None
+    delay: float | int | str | bool | None = None
+
+
+#: The keys of ``_Flat``: a flat object with more members than this repeats one.
+_FLAT_KEYS = 15
+
+
+class _BatchShape(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A ``batch``: the one command with a nested value, an array of strings."""
+
+    command: _Scalar = None
+    topic: _Scalar = None
+    msgs: Annotated[list[str], msgspec.Meta(max_length=10_000)] = []
+    delivery: _Scalar = None
+    cache: _Scalar = None
+    ack: _Scalar = None
+    id: _Scalar = None
 
 
 _decode_flat = msgspec.json.Decoder(_Flat).decode
+_decode_batch = msgspec.json.Decoder(_BatchShape).decode
 _validate_json = msgspec.json.Decoder(msgspec.Raw).decode
 
 _scan_once: Callable[[str, int], tuple[object, int]]
@@ -133,6 +156,18 @@ def _is_flat(data: bytes) -> bool:
     return True
 
 
+def _is_batch(data: bytes) -> bool:
+    """Whether ``data`` has the shape of a ``batch`` (scalars, and ``msgs`` an array of
+    at most 10,000 strings), checked by msgspec without converting anything big."""
+    if data[:1] != b"{" or b'"msgs"' not in data:
+        return False
+    try:
+        _decode_batch(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
+
+
 def parse_text_stdlib(text: str) -> LineEvent:
     """Parse one decoded command with the stdlib json scanner: the reference behaviour.
 
@@ -146,15 +181,21 @@ def parse_text_stdlib(text: str) -> LineEvent:
     # "replace": only a str given to parse_text_stdlib can hold lone surrogate characters,
     # which no UTF-8 encodes; "?" instead is as valid as they are, in a string or not.
     data = text.encode("utf-8", "replace")
+    batch = False
     if not _is_flat(data) and not (
         b"\\" in data and b"\\u" in data and _is_flat(_unsurrogate(data))
     ):
-        return _MALFORMED if _is_json(data) else _PARSE_ERROR
+        batch = _is_batch(data) or (
+            b"\\" in data and b"\\u" in data and _is_batch(_unsurrogate(data))
+        )
+        if not batch:
+            return _MALFORMED if _is_json(data) else _PARSE_ERROR
     # Every member's key opens with a quote that no backslash precedes, and so does at most
-    # every member's string value: more than 40 such quotes, more than 10 members of at
-    # most 10 names: a duplicate key, refused without building the pairs.
+    # every member's string value: more such quotes than four per key name means more
+    # members than names: a duplicate key, refused without building the pairs.
     quotes = data.count(b'"')
-    if quotes > 40 and quotes - data.count(b'\\"') > 40:
+    limit = 4 * _FLAT_KEYS
+    if not batch and quotes > limit and quotes - data.count(b'\\"') > limit:
         return _MALFORMED
     try:
         pairs = _loads_pairs(text)

@@ -24,8 +24,19 @@ import attrs
 import trio
 
 from .. import protocol
-from ..broker import Broker, Item, TooManyTopics, send_reply
-from ..protocol import QUIT, SUCCESS, Auth, Failure, Send, Subscribe, Unsubscribe
+from ..broker import Broker, Held, Item, QueueFull, TooManyTopics, send_reply
+from ..protocol import (
+    QUIT,
+    SUCCESS,
+    Auth,
+    Batch,
+    Failure,
+    JobCommand,
+    Send,
+    SendEx,
+    Subscribe,
+    Unsubscribe,
+)
 from ..transports._base import Transport
 from ._outbox import Outbox, send_ready
 from ._pacer import Pacer
@@ -43,6 +54,9 @@ _TOO_MANY_TOPICS = protocol.failure_bytes(protocol.TOO_MANY_TOPICS)
 _NOT_AUTHENTICATED = protocol.failure_bytes(protocol.NOT_AUTHENTICATED)
 _PERMISSION_DENIED = protocol.failure_bytes(protocol.PERMISSION_DENIED)
 _AUTH_FAILED = protocol.failure_bytes(protocol.AUTH_FAILED)
+_QUEUE_FULL = protocol.failure_bytes(protocol.QUEUE_FULL)
+_UNKNOWN_JOB = protocol.failure_bytes(protocol.UNKNOWN_JOB)
+_STORAGE_UNAVAILABLE = protocol.failure_bytes(protocol.STORAGE_UNAVAILABLE)
 #: Subscriptions released per scheduler pass when a connection with many ends.
 _RELEASE_STEP = 2000
 #: Bytes of deliveries a reader makes before it checks whether writes wait for turns (and
@@ -56,7 +70,8 @@ _UNCOUNTED = Stats()
 _REASONS = {
     protocol.failure_bytes(r): r
     for r in (protocol.TOO_MANY_TOPICS, protocol.NOT_AUTHENTICATED,
-              protocol.PERMISSION_DENIED, protocol.AUTH_FAILED)
+              protocol.PERMISSION_DENIED, protocol.AUTH_FAILED, protocol.QUEUE_FULL,
+              protocol.UNKNOWN_JOB)
 }
 
 
@@ -557,17 +572,50 @@ class Connection:
         if cls is Auth:
             self._pending_auth = event  # type: ignore[assignment]
             return False
-        if isinstance(event, Send):
+        if isinstance(event, Send | Batch):
             denied = self.publish_refusal(event.topic)
         elif isinstance(event, Subscribe):
             denied = self._subscribe_refusal(event.topic)
-        else:  # unsubscribe
+        else:  # unsubscribe, ack, nack, progress: the connection's own
             denied = None if self._current_grant() is not None else self._no_grant_reply()
         if denied is None:
             return True
         self.outbox.queue_reply(denied)
         self._fail(denied)
         return False
+
+    def _publish_ex(self, event: SendEx | Batch) -> None:
+        """A job, a send with an id, a batch: the reply carries the index."""
+        try:
+            if type(event) is Batch:
+                reply, recorded = self.broker.publish_batch(event)
+            else:
+                reply, recorded = self.broker.publish_ex(event)  # type: ignore[arg-type]
+        except QueueFull:
+            self.outbox.queue_reply(_QUEUE_FULL)
+            self.stats.fail(protocol.QUEUE_FULL)
+            return
+        if type(recorded) is int:
+            self.outbox.queue_reply(reply)
+        else:
+            self.outbox.push_deferred(Held(reply, recorded, _STORAGE_UNAVAILABLE))  # type: ignore[arg-type]
+
+    def _job_command(self, event: JobCommand) -> None:
+        jobs = self.broker.jobs
+        ticket = None
+        if event.command == "ack":
+            held, ticket = jobs.ack(self.outbox, event.topic, event.index)
+        elif event.command == "nack":
+            held = jobs.nack(self.outbox, event.topic, event.index, event.delay)
+        else:
+            held = jobs.progress(self.outbox, event.topic, event.index)
+        if not held:
+            self.outbox.queue_reply(_UNKNOWN_JOB)
+            self.stats.fail(protocol.UNKNOWN_JOB)
+        elif ticket is None or ticket.done and not ticket.failed:
+            self.outbox.queue_reply(SUCCESS)
+        else:
+            self.outbox.push_deferred(Held(SUCCESS, ticket, _STORAGE_UNAVAILABLE))
 
     def handle_event(self, event: protocol.LineEvent) -> bool:
         """Apply one parsed line; return True when the client asked to quit."""
@@ -586,6 +634,15 @@ class Connection:
         try:
             if cls is Send:
                 self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
+            elif cls is SendEx or cls is Batch:
+                self._publish_ex(event)  # type: ignore[arg-type]
+            elif cls is JobCommand:
+                self._job_command(event)  # type: ignore[arg-type]
+            elif cls is Subscribe and event.ack:  # type: ignore[union-attr]
+                assert isinstance(event, Subscribe)
+                start = self.broker.consume(self.outbox, event.topic, event.prefetch)
+                push(protocol.SUCCESS)
+                start()  # jobs after the reply
             elif cls is Subscribe:
                 assert isinstance(event, Subscribe)
                 replay = self.broker.subscribe(

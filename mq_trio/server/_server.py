@@ -591,6 +591,8 @@ class Server:
                     if self.config.line_timeout > 0:
                         accept.start_soon(self.input_guard.sweep)
                     accept.start_soon(self.reaper.run)
+                    accept.start_soon(self._run_job_timers)
+                    accept.start_soon(self._settle_jobs)
                     assert self._ready.turns is not None
                     accept.start_soon(self._ready.turns.run)  # big fan-outs, over passes
                     task_status.started(self)
@@ -602,6 +604,46 @@ class Server:
             # Only a shutdown ends the accept scope; the connections nursery now waits
             # for the connections it was given a deadline for.
 
+
+    async def _run_job_timers(self) -> None:
+        """Job deadlines and nack delays: sleeps until the earliest is due (woken when
+        an earlier one is set), then redelivers, at most 10,000 per scheduler pass."""
+        jobs = self.broker.jobs
+        wake = trio.Event()
+
+        def poke() -> None:
+            wake.set()
+
+        jobs.on_timer = poke
+        while True:
+            due = jobs.expire(trio.current_time())
+            jobs.wake_at = due
+            if due <= trio.current_time():
+                await trio.lowlevel.checkpoint()
+                continue
+            with trio.move_on_at(due):
+                await wake.wait()
+            wake = trio.Event()
+
+    async def _settle_jobs(self) -> None:
+        """Jobs become deliverable once the history has written them (durable mode):
+        waits for the oldest undecided write, then settles everything decided."""
+        jobs = self.broker.jobs
+        wake = trio.Event()
+
+        def poke() -> None:
+            wake.set()
+
+        jobs.on_undecided = poke
+        while True:
+            if not jobs.undecided:
+                await wake.wait()
+                wake = trio.Event()
+                continue
+            ticket = jobs.undecided[0].ticket
+            if ticket is not None:
+                await ticket.wait()
+            jobs.settle()
 
     def _warn_if_open(self) -> None:
         """Loopback without auth is the embedded default; anything else without auth is
@@ -674,6 +716,11 @@ async def serve(
 
         authenticator = Authenticator.load(config.auth_file)  # AuthConfigError
     async with _open_broker(config, broker) as broker:
+        broker.configure_jobs(
+            ack_timeout=config.ack_timeout, max_deliveries=config.max_deliveries,
+            max_queue_jobs=config.max_queue_jobs, max_job_bytes=config.max_job_bytes,
+            dedupe_window=config.dedupe_window, clock=trio.current_time,
+        )
         server = Server(config, broker, listeners, ws_listeners, http_listeners,
                         authenticator=authenticator, ssl_context=ssl_context)
         try:

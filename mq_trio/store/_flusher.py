@@ -15,8 +15,11 @@ from ._ops import (
     DEFAULT_FSYNC,
     RETRY_INTERVAL,
     SYNC_INTERVAL,
+    TICKETS,
     BatchResult,
     FsyncPolicy,
+    JobDone,
+    JobRecord,
     Mark,
     Op,
     Read,
@@ -72,6 +75,20 @@ class Store:
         self._queue.append(take)
         self._wakeup.set()
         return take
+
+    def job_write(self, tid: int, index: int, payload: bytes) -> JobRecord:
+        self.last_seq = seq = self.last_seq + 1
+        record = JobRecord(seq, tid, index, payload, decider=self)
+        self._queue.append(record)
+        self._wakeup.set()
+        return record
+
+    def job_done(self, tid: int, index: int) -> JobDone:
+        self.last_seq = seq = self.last_seq + 1
+        done = JobDone(seq, tid, index, decider=self)
+        self._queue.append(done)
+        self._wakeup.set()
+        return done
 
     def mark(self) -> Mark:
         """A ticket decided once everything queued before it is (and failed with it)."""
@@ -164,7 +181,7 @@ class Store:
         """Back on the trio thread: mark records decided, fix state after a failure."""
         decided = 0
         for op in ops:
-            if isinstance(op, Record | Take | Mark):
+            if isinstance(op, TICKETS):
                 op.done = True
                 decided = max(decided, op.seq)
         if result.error is not None:
@@ -201,7 +218,7 @@ class Store:
 def _failed_batch(ops: list[Op], exc: Exception) -> BatchResult:
     """The result of a batch the worker did not finish: every op in it failed."""
     for op in ops:
-        if isinstance(op, Record | Take | Mark):
+        if isinstance(op, TICKETS):
             op.failed = True
         elif isinstance(op, Read) and op.conn is None and op.error is None:
             op.error = exc

@@ -18,6 +18,7 @@ from ..broker import (
     HistoryStats,
     Item,
     SendBatch,
+    StoredJob,
     TopicInfo,
     nothing_lost,
 )
@@ -28,6 +29,9 @@ from ._ops import (
     BatchResult,
     Bump,
     Evict,
+    JobCount,
+    JobDone,
+    JobRecord,
     Mark,
     NewTopic,
     Op,
@@ -107,9 +111,12 @@ class DurableHistory:
     _heads: list[tuple[int, int]] = attrs.field(factory=list, init=False)
     #: Topics whose window is over the window size, waiting for writes to be decided.
     _untrimmed: set[TopicState] = attrs.field(factory=set, init=False)
+    #: Jobs found at startup, until the broker takes them (``stored_jobs``).
+    _loaded_jobs: list[tuple[int, int, bytes, int]] = attrs.field(factory=list, init=False)
 
     def load(self, loaded: Loaded) -> None:
         self.epoch = loaded.epoch
+        self._loaded_jobs = loaded.jobs
         for t in loaded.topics:
             state = TopicState(t.tid, t.name, t.next_index, t.count, deque(
                 Entry(i, one, payload) for i, one, payload in t.window
@@ -137,6 +144,30 @@ class DurableHistory:
         return TopicInfo(state.next_index, state.count,
                          sum(len(e.payload) for e in state.window)
                          + ENTRY_OVERHEAD * len(state.window))
+
+    def record_job(self, topic: str, base: bytes) -> JobRecord:
+        state = self.state(topic)
+        index = state.next_index
+        state.next_index = index + 1
+        return self.store.job_write(state.tid, index, base)
+
+    def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
+        state = self.topics.get(topic)
+        if state is not None:
+            self.store.submit(JobCount(state.tid, index, deliveries))
+
+    def job_done(self, topic: str, index: int) -> JobDone | None:
+        state = self.topics.get(topic)
+        if state is None:
+            return None
+        return self.store.job_done(state.tid, index)
+
+    def stored_jobs(self) -> list[StoredJob]:
+        jobs = [StoredJob(self._by_tid[tid].name, index, payload, deliveries)
+                for tid, index, payload, deliveries in self._loaded_jobs
+                if tid in self._by_tid]
+        self._loaded_jobs = []
+        return jobs
 
     def stats(self) -> HistoryStats:
         store = self.store
@@ -321,6 +352,10 @@ class DurableHistory:
                 bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
                 if op.payload is not None and not op.taken:
                     failed.setdefault(op.tid, set()).add(id(op))
+            elif cls is JobRecord:
+                # The job is gone (its producer was told); its index stays consumed.
+                assert isinstance(op, JobRecord)
+                bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
             elif cls is Evict:
                 assert isinstance(op, Evict)
                 evicts[op.tid] = evicts.get(op.tid, 0) + op.count

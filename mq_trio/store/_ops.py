@@ -168,7 +168,44 @@ class Read:
     released: bool = False
 
 
-Op = Record | NewTopic | Evict | Take | Bump | Read | Mark
+@attrs.define(slots=True, eq=False)
+class JobRecord(_Ticket):
+    """A job on its way to disk: its index (made durable) and its command."""
+
+    seq: int
+    tid: int
+    index: int
+    payload: bytes
+    failed: bool = False
+    done: bool = False
+    decider: Decider | None = None
+
+
+@attrs.frozen(slots=True)
+class JobCount:
+    """A job was delivered for the ``deliveries``-th time (kept across a restart)."""
+
+    tid: int
+    index: int
+    deliveries: int
+
+
+@attrs.define(slots=True, eq=False)
+class JobDone(_Ticket):
+    """A job was acknowledged (or dead-lettered): it leaves the store."""
+
+    seq: int
+    tid: int
+    index: int
+    failed: bool = False
+    done: bool = False
+    decider: Decider | None = None
+
+
+#: Operations that are tickets (decided by the flusher, in ``seq`` order).
+TICKETS = (Record, Take, Mark, JobRecord, JobDone)
+
+Op = Record | NewTopic | Evict | Take | Bump | Read | Mark | JobRecord | JobCount | JobDone
 #: A cached message as read back: (index, one, payload).
 Row = tuple[int, bool, bytes]
 

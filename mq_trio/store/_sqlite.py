@@ -19,11 +19,15 @@ from ._ops import (
     ID_NAME,
     LOCK_NAME,
     RUN_NAME,
+    TICKETS,
     BatchResult,
     Bump,
     DataLossError,
     Evict,
     FsyncPolicy,
+    JobCount,
+    JobDone,
+    JobRecord,
     Mark,
     NewTopic,
     Op,
@@ -54,6 +58,13 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     PRIMARY KEY (tid, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS jobs (
+    tid INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tid, idx)
+) WITHOUT ROWID;
 """
 
 
@@ -79,6 +90,8 @@ class Loaded:
     #: The startup write failed (disk full, I/O error): the store starts unavailable
     #: and its first successful batch writes what startup could not.
     write_error: Exception | None = None
+    #: Jobs not acknowledged: (tid, index, payload, deliveries), in index order per topic.
+    jobs: list[tuple[int, int, bytes, int]] = attrs.field(factory=list)
 
 
 def _topic_name(blob: bytes) -> str:
@@ -424,7 +437,9 @@ class SqliteBackend:
             # After the database's identity is durable: a crash in between leaves a
             # database without marker, which is only treated as an older directory.
             self._write_marker(identity)
-        return Loaded(epoch, topics, total, notes, write_error)
+        jobs = [(int(t), int(i), bytes(p), int(d)) for t, i, p, d in conn.execute(
+            "SELECT tid, idx, payload, deliveries FROM jobs ORDER BY tid, idx")]
+        return Loaded(epoch, topics, total, notes, write_error, jobs)
 
     # -- writing ---------------------------------------------------------------
 
@@ -484,9 +499,23 @@ class SqliteBackend:
         evicts: dict[int, int] = {}
         takes: list[tuple[int, int]] = []
         new_topics: list[tuple[int, bytes]] = []
+        jobs: list[tuple[int, int, bytes]] = []
+        counts: list[tuple[int, int, int]] = []
+        done: list[tuple[int, int]] = []
         for op in ops:
             cls = type(op)
-            if cls is Record:
+            if cls is JobRecord:
+                assert isinstance(op, JobRecord)
+                if bumps.get(op.tid, -1) <= op.index:
+                    bumps[op.tid] = op.index + 1
+                jobs.append((op.tid, op.index, op.payload))
+            elif cls is JobCount:
+                assert isinstance(op, JobCount)
+                counts.append((op.deliveries, op.tid, op.index))
+            elif cls is JobDone:
+                assert isinstance(op, JobDone)
+                done.append((op.tid, op.index))
+            elif cls is Record:
                 assert isinstance(op, Record)
                 if bumps.get(op.tid, -1) <= op.index:
                     bumps[op.tid] = op.index + 1
@@ -523,6 +552,14 @@ class SqliteBackend:
                     conn.executemany("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts)
                 if takes:
                     conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", takes)
+                if jobs:
+                    conn.executemany("INSERT OR REPLACE INTO jobs (tid, idx, payload) "
+                                     "VALUES (?, ?, ?)", jobs)
+                if counts:
+                    conn.executemany("UPDATE jobs SET deliveries = ? WHERE tid = ? AND idx = ?",
+                                     counts)
+                if done:
+                    conn.executemany("DELETE FROM jobs WHERE tid = ? AND idx = ?", done)
                 for tid, count in evicts.items():
                     high = self._evict(tid, count)
                     if high >= 0:
@@ -552,7 +589,7 @@ class SqliteBackend:
             result.error = exc
             result.failed.extend(ops)
             for op in ops:
-                if isinstance(op, Record | Take | Mark):
+                if isinstance(op, TICKETS):
                     op.failed = True  # the trio side reads it only after the batch
         else:
             for tid, high in evicted.items():

@@ -1,0 +1,465 @@
+"""Acknowledged jobs: each topic's queue, its consumers, deadlines and redelivery.
+
+Plain synchronous Python, owned by the :class:`~mq_trio.broker.Broker` (docs/protocol.md,
+"Acknowledged jobs"). Time comes from ``clock`` and timers are kept in one heap; the
+server runs :meth:`JobQueues.expire` when the earliest is due, and :meth:`settle` when a
+history decides a job's write. Nothing here awaits.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ..protocol import job_delivery
+
+if TYPE_CHECKING:
+    from ._broker import Subscriber
+    from ._history import Ticket, TopicHistory
+
+#: The dead-letter topic of topic T is DEAD_PREFIX + T (docs/protocol.md).
+DEAD_PREFIX = "$dead."
+#: What a job costs besides its bytes, counted against ``max_job_bytes``.
+JOB_OVERHEAD = 200
+
+# A job's states.
+PENDING = 0  # its write is not decided yet: not deliverable
+WAITING = 1
+HELD = 2  # delivered, not acknowledged
+DELAYED = 3  # nacked with a delay
+
+
+class QueueFull(Exception):
+    """A job or batch of jobs beyond the queue limits: ``Queue full``, nothing accepted."""
+
+
+@attrs.define(slots=True, eq=False)
+class Job:
+    topic: str
+    index: int
+    #: The job's send command as a JSON object (its delivery adds index and deliveries).
+    base: bytes
+    deliveries: int = 0
+    state: int = PENDING
+    holder: Consumer | None = None
+    #: HELD: when it goes back unless acknowledged or extended.
+    deadline: float = 0.0
+    #: Bumped at every state change: a heap entry with an older value is stale.
+    gen: int = 0
+    #: PENDING: the history's write of it.
+    ticket: Ticket | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.base) + JOB_OVERHEAD
+
+
+@attrs.define(slots=True, eq=False)
+class Consumer:
+    subscriber: Subscriber
+    queue: TopicQueue
+    prefetch: int
+    held: dict[int, Job] = attrs.field(factory=dict)
+    #: In its queue's ``ready`` ring.
+    listed: bool = False
+
+
+@attrs.frozen
+class QueueInfo:
+    """A topic's queue for introspection (tests, ``GET /topics``, metrics)."""
+
+    waiting: int = 0
+    in_flight: int = 0
+    delayed: int = 0
+    consumers: int = 0
+    bytes: int = 0
+    delivered_total: int = 0
+    redelivered_total: int = 0
+    acked_total: int = 0
+    dead_lettered_total: int = 0
+
+
+@attrs.define(eq=False)
+class TopicQueue:
+    topic: str
+    #: Every job of the topic not yet acknowledged, by index.
+    jobs: dict[int, Job] = attrs.field(factory=dict)
+    waiting: deque[Job] = attrs.field(factory=deque)
+    consumers: dict[Subscriber, Consumer] = attrs.field(factory=dict)
+    #: Consumers with room under their prefetch, in turn (round robin).
+    ready: deque[Consumer] = attrs.field(factory=deque)
+    bytes: int = 0
+    delayed: int = 0
+    in_flight: int = 0
+    delivered: int = 0
+    redelivered: int = 0
+    acked: int = 0
+    dead_lettered: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs and not self.consumers
+
+
+@attrs.define(eq=False)
+class JobQueues:
+    history: TopicHistory
+    ack_timeout: float = 30.0
+    max_deliveries: int = 5
+    max_queue_jobs: int = 100_000
+    max_job_bytes: int = 512 << 20
+    #: The server sets trio's clock (tests: the autojump clock).
+    clock: Callable[[], float] = time.monotonic
+    #: Called when a timer is set earlier than ``wake_at`` (the server's timer task).
+    on_timer: Callable[[], None] | None = None
+    #: Called with a job to move to its dead-letter topic (the broker publishes it).
+    dead_letter: Callable[[Job], None] | None = None
+    queues: dict[str, TopicQueue] = attrs.field(factory=dict)
+    _of: dict[Subscriber, dict[str, Consumer]] = attrs.field(factory=dict)
+    #: (when, seq, job, gen): deadlines of held jobs and ends of nack delays.
+    _timers: list[tuple[float, int, Job, int]] = attrs.field(factory=list)
+    _seq: int = 0
+    #: When the server's timer task wakes next (it sets this).
+    wake_at: float = float("inf")
+    #: Jobs whose write is not decided yet, oldest first (``settle``).
+    undecided: deque[Job] = attrs.field(factory=deque)
+    on_undecided: Callable[[], None] | None = None
+    total_bytes: int = 0
+    total_jobs: int = 0
+    dead_letters_dropped: int = 0
+    #: Queues to dispatch once the dispatch under way is done (a push can evict).
+    _dispatching: bool = False
+    _again: set[TopicQueue] = attrs.field(factory=set)
+
+    # --- producing ---
+
+    def check_room(self, topic: str, count: int, size: int) -> None:
+        """Raise :class:`QueueFull` unless ``count`` more jobs of ``size`` bytes fit."""
+        queue = self.queues.get(topic)
+        held = len(queue.jobs) if queue is not None else 0
+        if (held + count > self.max_queue_jobs
+                or self.total_bytes + size + count * JOB_OVERHEAD > self.max_job_bytes):
+            raise QueueFull
+
+    def _queue(self, topic: str) -> TopicQueue:
+        queue = self.queues.get(topic)
+        if queue is None:
+            queue = self.queues[topic] = TopicQueue(topic)
+        return queue
+
+    def add(self, topic: str, index: int, base: bytes, ticket: Ticket | None = None,
+            deliveries: int = 0) -> Job:
+        """A new job (room checked by the caller); deliverable once ``ticket`` (its write)
+        is decided, at once without one."""
+        queue = self._queue(topic)
+        job = Job(topic, index, base, deliveries)
+        queue.jobs[index] = job
+        queue.bytes += job.size
+        self.total_bytes += job.size
+        self.total_jobs += 1
+        if ticket is not None and not ticket.done:
+            job.ticket = ticket
+            self.undecided.append(job)
+            if len(self.undecided) == 1 and self.on_undecided is not None:
+                self.on_undecided()
+            return job
+        job.state = WAITING
+        queue.waiting.append(job)
+        self._dispatch(queue)
+        return job
+
+    def settle(self) -> None:
+        """Jobs whose writes were decided: deliverable, or gone if the write failed."""
+        undecided = self.undecided
+        touched: set[TopicQueue] = set()
+        while undecided:
+            job = undecided[0]
+            ticket = job.ticket
+            if ticket is not None and not ticket.done:
+                break
+            undecided.popleft()
+            job.ticket = None
+            queue = self.queues.get(job.topic)
+            if queue is None or job.state != PENDING:
+                continue
+            if ticket is not None and ticket.failed:
+                self._forget(queue, job)
+                continue
+            job.state = WAITING
+            queue.waiting.append(job)
+            touched.add(queue)
+        for queue in touched:
+            self._dispatch(queue)
+
+    # --- consuming ---
+
+    def consume(self, subscriber: Subscriber, topic: str, prefetch: int
+                ) -> Callable[[], None]:
+        """Add (or update) a consumer; returns what dispatches to it (after its reply)."""
+        queue = self._queue(topic)
+        consumer = queue.consumers.get(subscriber)
+        if consumer is None:
+            consumer = queue.consumers[subscriber] = Consumer(subscriber, queue, prefetch)
+            self._of.setdefault(subscriber, {})[topic] = consumer
+        consumer.prefetch = prefetch
+        self._list(consumer)
+        return lambda: self._dispatch(queue)
+
+    def unconsume(self, subscriber: Subscriber, topic: str) -> None:
+        mine = self._of.get(subscriber)
+        if mine is None:
+            return
+        consumer = mine.pop(topic, None)
+        if not mine:
+            del self._of[subscriber]
+        if consumer is not None:
+            self._leave(consumer)
+
+    def disconnect(self, subscriber: Subscriber) -> None:
+        """A departing connection: its held jobs go back to their queues."""
+        mine = self._of.pop(subscriber, None)
+        if mine:
+            for consumer in mine.values():
+                self._leave(consumer)
+
+    def _leave(self, consumer: Consumer) -> None:
+        queue = consumer.queue
+        del queue.consumers[consumer.subscriber]
+        consumer.listed = False  # (the ring skips consumers no longer in ``consumers``)
+        held = list(consumer.held.values())
+        consumer.held.clear()
+        for job in held:
+            job.holder = None
+            queue.in_flight -= 1
+        self._return_all(queue, held)
+        self._dispatch(queue)
+        self._drop_if_idle(queue)
+
+    def _list(self, consumer: Consumer) -> None:
+        if not consumer.listed and len(consumer.held) < consumer.prefetch:
+            consumer.listed = True
+            consumer.queue.ready.append(consumer)
+
+    # --- acknowledging ---
+
+    def _held(self, subscriber: Subscriber, topic: str, index: int) -> Job | None:
+        consumer = self._of.get(subscriber, {}).get(topic)
+        if consumer is None:
+            return None
+        return consumer.held.get(index)
+
+    def ack(self, subscriber: Subscriber, topic: str, index: int) -> tuple[bool, Ticket | None]:
+        """(held, the history's removal ticket, None when already decided)."""
+        job = self._held(subscriber, topic, index)
+        if job is None:
+            return False, None
+        queue = self._release(job)
+        queue.acked += 1
+        self._forget(queue, job)
+        ticket = self.history.job_done(topic, index)
+        self._dispatch(queue)
+        self._drop_if_idle(queue)
+        if len(self._timers) > 4 * self.total_jobs + 4096:
+            self._compact_timers()
+        return True, ticket
+
+    def nack(self, subscriber: Subscriber, topic: str, index: int, delay: float) -> bool:
+        job = self._held(subscriber, topic, index)
+        if job is None:
+            return False
+        queue = self._release(job)
+        self._back(queue, job, delay, front=True)
+        self._dispatch(queue)
+        return True
+
+    def progress(self, subscriber: Subscriber, topic: str, index: int) -> bool:
+        job = self._held(subscriber, topic, index)
+        if job is None:
+            return False
+        # The heap entry stays; when it comes due it sees the later deadline (one entry
+        # per held job however often a client reports progress).
+        job.deadline = self.clock() + self.ack_timeout
+        return True
+
+    def _release(self, job: Job) -> TopicQueue:
+        """Take a held job from its consumer (who then has room)."""
+        consumer = job.holder
+        assert consumer is not None
+        del consumer.held[job.index]
+        job.holder = None
+        queue = consumer.queue
+        queue.in_flight -= 1
+        if consumer.subscriber in queue.consumers:
+            self._list(consumer)
+        return queue
+
+    def _return_all(self, queue: TopicQueue, jobs: list[Job]) -> None:
+        """Jobs taken back together: dead letters in index order, the others to the
+        front of the queue, oldest first."""
+        jobs.sort(key=lambda j: j.index)
+        rest = [job for job in jobs if not self._out_of_deliveries(job)]
+        for job in jobs:
+            if self._out_of_deliveries(job):
+                self._back(queue, job, 0.0, front=True)
+        for job in reversed(rest):
+            self._back(queue, job, 0.0, front=True)
+
+    def _out_of_deliveries(self, job: Job) -> bool:
+        return job.deliveries >= self.max_deliveries and not job.topic.startswith(DEAD_PREFIX)
+
+    def _back(self, queue: TopicQueue, job: Job, delay: float, front: bool) -> None:
+        """A job not finished: delivered again (after ``delay``), or dead-lettered."""
+        job.gen += 1
+        if self._out_of_deliveries(job):
+            queue.dead_lettered += 1
+            self._forget(queue, job)
+            self.history.job_done(job.topic, job.index)
+            if self.dead_letter is not None:
+                self.dead_letter(job)
+            return
+        queue.redelivered += 1
+        if delay > 0:
+            job.state = DELAYED
+            queue.delayed += 1
+            self._timer(self.clock() + delay, job)
+        else:
+            job.state = WAITING
+            if front:
+                queue.waiting.appendleft(job)
+            else:
+                queue.waiting.append(job)
+
+    def _forget(self, queue: TopicQueue, job: Job) -> None:
+        if queue.jobs.pop(job.index, None) is None:
+            return
+        if job.state == DELAYED:
+            queue.delayed -= 1
+        job.state = PENDING
+        job.gen += 1
+        queue.bytes -= job.size
+        self.total_bytes -= job.size
+        self.total_jobs -= 1
+
+    def _drop_if_idle(self, queue: TopicQueue) -> None:
+        if queue.idle and self.queues.get(queue.topic) is queue:
+            del self.queues[queue.topic]
+
+    # --- delivering ---
+
+    def _dispatch(self, queue: TopicQueue) -> None:
+        """Give waiting jobs to consumers with room, in turn."""
+        if self._dispatching:
+            self._again.add(queue)
+            return
+        self._dispatching = True
+        try:
+            self._deliver_all(queue)
+            while self._again:
+                self._deliver_all(self._again.pop())
+        finally:
+            self._dispatching = False
+
+    def _deliver_all(self, queue: TopicQueue) -> None:
+        waiting = queue.waiting
+        ready = queue.ready
+        deadline = self.clock() + self.ack_timeout
+        while waiting and ready:
+            consumer = ready.popleft()
+            if queue.consumers.get(consumer.subscriber) is not consumer:
+                continue  # left (the ring is cleaned lazily)
+            if len(consumer.held) >= consumer.prefetch:
+                consumer.listed = False
+                continue
+            job = waiting.popleft()
+            if job.state != WAITING or queue.jobs.get(job.index) is not job:
+                ready.appendleft(consumer)
+                continue
+            job.state = HELD
+            job.holder = consumer
+            job.deliveries += 1
+            job.deadline = deadline
+            job.gen += 1
+            consumer.held[job.index] = job
+            queue.in_flight += 1
+            queue.delivered += 1
+            self._timer(deadline, job)
+            if len(consumer.held) < consumer.prefetch:
+                ready.append(consumer)
+            else:
+                consumer.listed = False
+            self.history.job_delivered(job.topic, job.index, job.deliveries)
+            # Last: the push may cut the consumer off, which gives the job back.
+            consumer.subscriber.push(job_delivery(job.base, job.index, job.deliveries))
+
+    # --- time ---
+
+    def _timer(self, when: float, job: Job) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, job, job.gen))
+        if when < self.wake_at and self.on_timer is not None:
+            self.on_timer()
+
+    def _compact_timers(self) -> None:
+        """Drop the entries of jobs acknowledged since (each held job has at most one
+        live entry, so the heap stays within a few times the jobs held)."""
+        self._timers = [t for t in self._timers if t[3] == t[2].gen]
+        heapq.heapify(self._timers)
+
+    def next_timer(self) -> float:
+        return self._timers[0][0] if self._timers else float("inf")
+
+    def expire(self, now: float | None = None, limit: int = 10_000) -> float:
+        """Handle the timers due by ``now`` (at most ``limit``: the caller yields and
+        comes back); return when the next one is due."""
+        if now is None:
+            now = self.clock()
+        timers = self._timers
+        touched: set[TopicQueue] = set()
+        expired: list[Job] = []
+        while timers and timers[0][0] <= now and limit > 0:
+            limit -= 1
+            _, _, job, gen = heapq.heappop(timers)
+            if gen != job.gen:
+                continue  # stale: acknowledged, returned or redelivered since
+            queue = self.queues.get(job.topic)
+            if queue is None or queue.jobs.get(job.index) is not job:
+                continue
+            if job.state == HELD:
+                if job.deadline > now:  # extended by progress
+                    self._seq += 1
+                    heapq.heappush(timers, (job.deadline, self._seq, job, job.gen))
+                    continue
+                self._release(job)
+                expired.append(job)  # back in index order, below
+            elif job.state == DELAYED:
+                queue.delayed -= 1
+                job.state = WAITING
+                job.gen += 1
+                queue.waiting.appendleft(job)
+            touched.add(queue)
+        by_queue: dict[TopicQueue, list[Job]] = {}
+        for job in expired:  # timed out together: back in index order
+            by_queue.setdefault(self.queues[job.topic], []).append(job)
+        for queue, jobs in by_queue.items():
+            self._return_all(queue, jobs)
+        for queue in touched:
+            self._dispatch(queue)
+        return self.next_timer()
+
+    # --- inspection ---
+
+    def info(self, topic: str) -> QueueInfo:
+        queue = self.queues.get(topic)
+        if queue is None:
+            return QueueInfo()
+        return QueueInfo(len(queue.waiting), queue.in_flight, queue.delayed,
+                         len(queue.consumers), queue.bytes, queue.delivered,
+                         queue.redelivered, queue.acked, queue.dead_lettered)
+
+    def is_consumer(self, subscriber: Subscriber, topic: str) -> bool:
+        return topic in self._of.get(subscriber, {})
