@@ -18,8 +18,10 @@ from typing import Any
 
 import attrs
 import pytest
+from support import SEED_VARIABLE
 
 from mq_trio.cli import build_parser, config_from_args, main
+from mq_trio.cli._args import PASSWORD_VARIABLE, TOKEN_VARIABLE
 from mq_trio.cli._config import (
     DEFAULT,
     OTHER_VARIABLES,
@@ -29,6 +31,7 @@ from mq_trio.cli._config import (
     settings_of,
 )
 from mq_trio.cli._main import serve_settings
+from mq_trio.cli._stats import URL_VARIABLE
 from mq_trio.server import Config
 
 if sys.version_info >= (3, 11):
@@ -256,8 +259,7 @@ def test_bad_environment(env: dict[str, str], message: str,
 
 def test_other_commands_variables_are_not_settings_nor_errors() -> None:
     env = {name: "x" for name in OTHER_VARIABLES if name != "MQ_TRIO_CONFIG"}
-    assert {"MQ_TRIO_TOKEN", "MQ_TRIO_PASSWORD", "MQ_TRIO_HTTP_URL",
-            "MQ_TRIO_TEST_SEED"} <= set(env)
+    assert {TOKEN_VARIABLE, PASSWORD_VARIABLE, URL_VARIABLE, SEED_VARIABLE} <= set(env)
     args, layered = layers(env={**env, "PATH": "/bin", "MQ_TRIOX": "1"})
     assert config_from_args(args) == Config()
     assert set(layered.sources().values()) == {DEFAULT}

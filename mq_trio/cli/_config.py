@@ -36,11 +36,15 @@ else:  # pragma: no cover - 3.10
 PREFIX = "MQ_TRIO_"
 #: Names the config file when ``--config`` is not given.
 CONFIG_VARIABLE = "MQ_TRIO_CONFIG"
-#: ``MQ_TRIO_*`` variables that are not serve settings and must not be refused: the
-#: client commands' (credentials; ``mq-trio stats``' URL) and the test suite's (tox passes
-#: ``MQ_TRIO_*`` through, and the tests start servers).
+#: ``MQ_TRIO_*`` variables that are not serve settings and must not be refused.
 OTHER_VARIABLES = frozenset({
-    CONFIG_VARIABLE, TOKEN_VARIABLE, PASSWORD_VARIABLE, "MQ_TRIO_HTTP_URL",
+    CONFIG_VARIABLE,
+    # the client commands' credentials (cli/_args.py) and mq-trio stats' URL (cli/_stats.py)
+    TOKEN_VARIABLE, PASSWORD_VARIABLE, "MQ_TRIO_HTTP_URL",
+    # what mq-trio work gives a job's handler (cli/_work.py)
+    "MQ_TRIO_TOPIC", "MQ_TRIO_INDEX", "MQ_TRIO_DELIVERIES", "MQ_TRIO_FROM_TOPIC",
+    "MQ_TRIO_FROM_INDEX",
+    # the test suite's (tox passes MQ_TRIO_* through, and the tests start servers)
     "MQ_TRIO_TEST_SEED", "MQ_TRIO_BIG_HISTORY", "MQ_TRIO_REQUIRE_BROWSER", "MQ_TRIO_CHROMIUM",
     "MQ_TRIO_DOCS_SCREENSHOT",
 })
