@@ -39,6 +39,15 @@ Security (docs/security.md, docs/testing.md):
   client fixtures authenticate with ``mq_auth.token`` unless given other credentials
   (``mq_client_factory(token=None)`` connects without any).
 
+Work queues (docs/testing.md, "Jobs"):
+
+* ``queue_state(server, topic)``: the topic's :class:`~mq_trio.broker.QueueInfo` now
+  (``waiting``, ``in_flight``, ``delayed``, ``consumers``, ``delivered_total``,
+  ``redelivered_total``, ``acked_total``, ``dead_lettered_total``).
+* ``await wait_for_queue(server, topic, lambda q: q.acked_total == 3)``: until the
+  predicate holds, failing the test (``AssertionError`` with the last state) after
+  ``timeout`` seconds.
+
 Servers and clients live in tasks of the test's nursery rather than in the fixtures'
 own tasks: a nursery (and the client owns one) must be closed by the task that opened
 it, and the factories are called from the test's task.
@@ -63,6 +72,8 @@ from .server import Config, Server, serve
 if TYPE_CHECKING:
     import trustme
 
+    from .broker import QueueInfo
+
 __all__ = [
     "AuthFile",
     "Certificates",
@@ -74,10 +85,12 @@ __all__ = [
     "mq_server",
     "mq_server_factory",
     "mq_tls",
+    "queue_state",
     "restart_server",
     "server_config",
     "start_client",
     "start_server",
+    "wait_for_queue",
 ]
 
 MARKER = "mq_server"
@@ -427,6 +440,48 @@ async def start_client(
 
     client: Client = await nursery.start(hold)
     return client
+
+
+# --- work queues ---------------------------------------------------------------------
+
+
+def queue_state(server: Server, topic: str) -> QueueInfo:
+    """The jobs of ``topic`` on ``server`` now: waiting, in flight, delayed, consumers and
+    the totals (a topic without jobs: all zero)."""
+    return server.broker.queue_info(topic)
+
+
+#: How often ``wait_for_queue`` looks again.
+QUEUE_POLL_INTERVAL = 0.005
+
+
+async def wait_for_queue(
+    server: Server,
+    topic: str,
+    predicate: Callable[[QueueInfo], bool],
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - the failure shows the last state
+) -> QueueInfo:
+    """Wait until ``predicate(queue_state(server, topic))`` holds; return that state.
+
+    Raises ``AssertionError`` (the test fails, showing the last state) after ``timeout``
+    seconds. The broker has no change notification for queues, so this looks every
+    few milliseconds: the server runs in the test's own trio run, so each look is a
+    synchronous read between two of its steps (never a torn state), and the timeout
+    turns a condition that never comes into a failure instead of a hung test.
+    """
+    deadline = trio.current_time() + timeout
+    while True:
+        state = queue_state(server, topic)
+        if predicate(state):
+            return state
+        if trio.current_time() >= deadline:
+            name = getattr(predicate, "__name__", repr(predicate))
+            raise AssertionError(
+                f"queue {topic!r}: {name} did not hold within {timeout:g} s; last "
+                f"state: {state!r}"
+            )
+        await trio.sleep(QUEUE_POLL_INTERVAL)
 
 
 class ServerFactory(Protocol):
