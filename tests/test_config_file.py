@@ -165,7 +165,7 @@ def test_file_values_in_toml_types_and_as_command_line_strings(tmp_path: Path) -
     [
         ('port = "x"', "port: not a port number (0-65535): 'x'"),
         ("port = 70000", "port: not a port number"),
-        ("port = true", "port: expected a port, got a boolean (true)"),
+        ("port = true", "port: expected a port number (0-65535), got a boolean (true)"),
         ("cache-size = 1.5", "cache-size: invalid int value: '1.5'"),
         ("cache_size = \"many\"", "cache_size: invalid int value: 'many'"),
         ('max-pending-bytes = "12xyz"', "max-pending-bytes: not a size in bytes: '12xyz'"),

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import attrs
 
-from ._args import PASSWORD_VARIABLE, TOKEN_VARIABLE, byte_size
+from ._args import PASSWORD_VARIABLE, TOKEN_VARIABLE, byte_size, port_number
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,6 +177,8 @@ class Setting:
             return "a comma-separated string or an array of strings"
         if kind is byte_size:
             return "a size (65536, \"64k\", \"8MiB\")"
+        if kind is port_number:
+            return "a port number (0-65535)"
         what = str(self.action.metavar or self.dest).lower()
         return f"a {what}"
 
@@ -292,8 +294,8 @@ def settings_of(parser: argparse.ArgumentParser) -> list[Setting]:
     for action in parser._actions:
         if not action.option_strings or action.dest in NOT_SETTINGS:
             continue
-        flag = next(o for o in action.option_strings if o.startswith("--"))
-        settings.append(Setting(flag[2:], action))
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        settings.append(Setting((longs or action.option_strings)[0].lstrip("-"), action))
     return settings
 
 
