@@ -253,8 +253,11 @@ class JobQueues:
             return None
         return consumer.held.get(index)
 
-    def ack(self, subscriber: Subscriber, topic: str, index: int) -> tuple[bool, Ticket | None]:
-        """(held, the history's removal ticket, None when already decided)."""
+    def ack(self, subscriber: Subscriber, topic: str, index: int, dispatch: bool = True
+            ) -> tuple[bool, Ticket | None]:
+        """(held, the history's removal ticket, None when already decided). Without
+        ``dispatch`` the room made is filled by a later ``dispatch_topic`` (after the
+        reply, so that the reply comes before the next job)."""
         job = self._held(subscriber, topic, index)
         if job is None:
             return False, None
@@ -262,20 +265,30 @@ class JobQueues:
         queue.acked += 1
         self._forget(queue, job)
         ticket = self.history.job_done(topic, index)
-        self._dispatch(queue)
-        self._drop_if_idle(queue)
+        if dispatch:
+            self._dispatch(queue)
+            self._drop_if_idle(queue)
         if len(self._timers) > 4 * self.total_jobs + 4096:
             self._compact_timers()
         return True, ticket
 
-    def nack(self, subscriber: Subscriber, topic: str, index: int, delay: float) -> bool:
+    def nack(self, subscriber: Subscriber, topic: str, index: int, delay: float,
+             dispatch: bool = True) -> bool:
         job = self._held(subscriber, topic, index)
         if job is None:
             return False
         queue = self._release(job)
         self._back(queue, job, delay, front=True)
-        self._dispatch(queue)
+        if dispatch:
+            self._dispatch(queue)
         return True
+
+    def dispatch_topic(self, topic: str) -> None:
+        """Deliver what waits on ``topic`` to consumers with room."""
+        queue = self.queues.get(topic)
+        if queue is not None:
+            self._dispatch(queue)
+            self._drop_if_idle(queue)
 
     def progress(self, subscriber: Subscriber, topic: str, index: int) -> bool:
         job = self._held(subscriber, topic, index)

@@ -604,9 +604,10 @@ class Connection:
         jobs = self.broker.jobs
         ticket = None
         if event.command == "ack":
-            held, ticket = jobs.ack(self.outbox, event.topic, event.index)
+            held, ticket = jobs.ack(self.outbox, event.topic, event.index, dispatch=False)
         elif event.command == "nack":
-            held = jobs.nack(self.outbox, event.topic, event.index, event.delay)
+            held = jobs.nack(self.outbox, event.topic, event.index, event.delay,
+                             dispatch=False)
         else:
             held = jobs.progress(self.outbox, event.topic, event.index)
         if not held:
@@ -616,6 +617,8 @@ class Connection:
             self.outbox.queue_reply(SUCCESS)
         else:
             self.outbox.push_deferred(Held(SUCCESS, ticket, _STORAGE_UNAVAILABLE))
+        if held and event.command != "progress":
+            jobs.dispatch_topic(event.topic)  # the room made, after the reply
 
     def handle_event(self, event: protocol.LineEvent) -> bool:
         """Apply one parsed line; return True when the client asked to quit."""
