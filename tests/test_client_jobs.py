@@ -40,6 +40,8 @@ class _Link:
     upstream: trio.SocketStream
     #: Server-to-client bytes are dropped (the server's replies "lost in the network").
     hold: bool = False
+    #: Client-to-server bytes are dropped too (a server that never gets anything).
+    drop: bool = False
 
 
 @attrs.define(eq=False)
@@ -52,6 +54,9 @@ class Cutter:
     server_port: int
     links: list[_Link] = attrs.field(factory=list)
     accepted: int = 0
+    #: What new connections start with (see ``_Link``).
+    hold_new: bool = False
+    drop_new: bool = False
 
     @classmethod
     async def start(cls, nursery: trio.Nursery, server_port: int) -> Cutter:
@@ -73,7 +78,7 @@ class Cutter:
         except OSError:  # the server is restarting: the client tries again
             await client.aclose()
             return
-        link = _Link(client, upstream)
+        link = _Link(client, upstream, self.hold_new, self.drop_new)
         self.links.append(link)
         async with client, upstream, trio.open_nursery() as nursery:
 
@@ -81,7 +86,7 @@ class Cutter:
                            replies: bool) -> None:
                 try:
                     async for data in source:
-                        if not (replies and link.hold):
+                        if not (link.hold if replies else link.drop):
                             await sink.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
