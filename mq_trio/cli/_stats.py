@@ -271,14 +271,15 @@ def format_rate(value: float | None, unit: str = "") -> str:
 
 
 def truncate_middle(text: str, width: int) -> str:
-    """``203.0.113.5:51234`` -> ``203.0..:51234``: both ends say something (host, port)."""
+    """``203.0.113.77:51234`` -> ``203.0.~51234``: both ends say something (host, port;
+    a topic's root and leaf). ``~``, one character, marks the cut."""
     if len(text) <= width:
         return text
-    if width <= 3:
+    if width <= 2:
         return text[:width]
-    tail = (width - 2) // 2
-    head = width - 2 - tail
-    return text[:head] + ".." + text[len(text) - tail:]
+    tail = (width - 1) // 2
+    head = width - 1 - tail
+    return text[:head] + "~" + text[len(text) - tail:]
 
 
 @attrs.frozen
