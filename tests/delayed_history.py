@@ -35,6 +35,7 @@ from mq_trio.broker import (
     MemoryHistory,
     Recorded,
     SendBatch,
+    StoredId,
     StoredJob,
     Ticket,
     TopicInfo,
@@ -236,4 +237,10 @@ class DelayedHistory:
         return None
 
     def stored_jobs(self) -> list[StoredJob]:
+        return []
+
+    def remember_id(self, topic: str, message_id: str, reply: bytes, window: float) -> None:
+        pass
+
+    def stored_ids(self) -> list[StoredId]:
         return []

@@ -263,3 +263,26 @@ async def test_a_failed_batch_of_jobs_is_never_delivered(
         assert [m["msg"] for m in got] == ["a", "b", "c"]  # only the accepted batch
         assert [m["index"] for m in got] == list(range(reply["index"], reply["index"] + 3))
         assert server.broker.queue_info("q").in_flight == 3
+
+
+async def test_ids_survive_kill_9_so_a_resend_is_not_stored_twice(tmp_path: Path) -> None:
+    send = {"command": "send", "topic": "t", "msg": "m", "delivery": "all", "id": "once"}
+    batch = {"command": "batch", "topic": "t", "msgs": ["a", "b"], "delivery": "all",
+             "id": "twice"}
+    async with server_process(tmp_path) as (process, port, _):
+        producer = await LineClient.connect(port)
+        assert await producer.request(send) == {"success": True, "index": 0}
+        assert await producer.request(batch) == {"success": True, "index": 1, "count": 2}
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    async with server_process(tmp_path) as (_, port, _):
+        producer = await LineClient.connect(port)
+        # the producer never read its replies, say: it sends again after the restart
+        assert await producer.request(send) == {"success": True, "index": 0,
+                                                "duplicate": True}
+        assert await producer.request(batch) == {"success": True, "index": 1, "count": 2,
+                                                 "duplicate": True}
+        sub = await LineClient.connect(port)
+        await sub.send({"command": "subscribe", "topic": "t"})
+        got = await sub.receive_many(4)
+        assert [m["msg"] for m in got[1:]] == ["m", "a", "b"]  # each stored once

@@ -123,6 +123,8 @@ class Broker:
         if clock is not None:
             jobs.clock = clock
             self.dedupe.clock = clock
+        for stored in self.history.stored_ids():  # a durable history's, after a restart
+            self.dedupe.restore(stored.topic, stored.id, stored.reply, stored.remaining)
 
     @property
     def epoch(self) -> str:
@@ -318,6 +320,8 @@ class Broker:
         if message_id is not None and self.dedupe.enabled:
             self.dedupe.remember(topic, message_id, reply,
                                  None if type(recorded) is int else recorded)  # type: ignore[arg-type]
+            # (after the message's own write: the same transaction, never without it)
+            self.history.remember_id(topic, message_id, reply, self.dedupe.window)
 
     def publish_ex(self, send: SendEx) -> tuple[bytes, int | Recorded]:
         """A send with extension keys (a job, an id): its reply (with the index, or the

@@ -78,6 +78,17 @@ class Dedupe:
         if len(self._seen) > self.max_ids:
             self._forget_oldest()
 
+    def restore(self, topic: str, message_id: str, reply: bytes, remaining: float) -> None:
+        """An id kept from before a restart, for the rest of its window (oldest first)."""
+        if remaining <= 0:
+            return
+        key = (topic, message_id)
+        expires = self.clock() + min(remaining, self.window)
+        self._seen[key] = Seen(reply, expires)
+        self._order.append((expires, key))
+        if len(self._seen) > self.max_ids:
+            self._forget_oldest()
+
     def _expire(self) -> None:
         order = self._order
         if not order:

@@ -194,6 +194,16 @@ class StoredJob:
     deliveries: int
 
 
+@attrs.frozen
+class StoredId:
+    """A message id a history kept across a restart, with the seconds left."""
+
+    topic: str
+    id: str
+    reply: bytes
+    remaining: float
+
+
 #: Upper bounds (seconds) of the store commit latency histogram's buckets (+Inf implied).
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -258,6 +268,14 @@ class TopicHistory(Protocol):
 
     def stored_jobs(self) -> list[StoredJob]:
         """Jobs kept from before a restart, in index order per topic (durable)."""
+
+    def remember_id(self, topic: str, message_id: str, reply: bytes, window: float) -> None:
+        """Keep a message id with the reply its repeats get for ``window`` seconds,
+        written with the message (a durable history: so a resend after a crash is
+        still recognised)."""
+
+    def stored_ids(self) -> list[StoredId]:
+        """Message ids kept from before a restart, oldest first (durable)."""
 
 
 class TooManyTopics(Exception):

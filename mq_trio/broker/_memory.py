@@ -14,6 +14,7 @@ from ._history import (
     CachedMessage,
     HistoryStats,
     Item,
+    StoredId,
     StoredJob,
     TopicInfo,
     new_epoch,
@@ -256,4 +257,10 @@ class MemoryHistory:
         return None
 
     def stored_jobs(self) -> list[StoredJob]:
+        return []
+
+    def remember_id(self, topic: str, message_id: str, reply: bytes, window: float) -> None:
+        pass
+
+    def stored_ids(self) -> list[StoredId]:
         return []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import logging
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Collection
 
@@ -18,6 +19,7 @@ from ..broker import (
     HistoryStats,
     Item,
     SendBatch,
+    StoredId,
     StoredJob,
     TopicInfo,
     nothing_lost,
@@ -29,6 +31,8 @@ from ._ops import (
     BatchResult,
     Bump,
     Evict,
+    IdPurge,
+    IdRecord,
     JobCount,
     JobDone,
     JobRecord,
@@ -44,6 +48,9 @@ from ._replay import FIRST_READ_ROWS, read_rows
 from ._sqlite import Loaded
 
 log = logging.getLogger("mq_trio.store")
+
+#: Every so many ids written, the expired ones are deleted (with the next batch).
+ID_PURGE_EVERY = 10_000
 
 #: The largest index SQLite can hold (a 64-bit signed integer).
 MAX_INDEX = 2**63 - 1
@@ -113,10 +120,13 @@ class DurableHistory:
     _untrimmed: set[TopicState] = attrs.field(factory=set, init=False)
     #: Jobs found at startup, until the broker takes them (``stored_jobs``).
     _loaded_jobs: list[tuple[int, int, bytes, int]] = attrs.field(factory=list, init=False)
+    _loaded_ids: list[tuple[int, str, bytes, float]] = attrs.field(factory=list, init=False)
+    _ids_written: int = attrs.field(default=0, init=False)
 
     def load(self, loaded: Loaded) -> None:
         self.epoch = loaded.epoch
         self._loaded_jobs = loaded.jobs
+        self._loaded_ids = loaded.ids
         for t in loaded.topics:
             state = TopicState(t.tid, t.name, t.next_index, t.count, deque(
                 Entry(i, one, payload) for i, one, payload in t.window
@@ -168,6 +178,24 @@ class DurableHistory:
                 if tid in self._by_tid]
         self._loaded_jobs = []
         return jobs
+
+    def remember_id(self, topic: str, message_id: str, reply: bytes, window: float) -> None:
+        state = self.topics.get(topic)
+        if state is None:
+            return
+        now = time.time()
+        self.store.submit(IdRecord(state.tid, message_id, reply, now + window))
+        self._ids_written += 1
+        if self._ids_written % ID_PURGE_EVERY == 0:
+            self.store.submit(IdPurge(now))
+
+    def stored_ids(self) -> list[StoredId]:
+        now = time.time()
+        ids = [StoredId(self._by_tid[tid].name, message_id, reply, expires - now)
+               for tid, message_id, reply, expires in self._loaded_ids
+               if tid in self._by_tid]
+        self._loaded_ids = []
+        return ids
 
     def stats(self) -> HistoryStats:
         store = self.store
@@ -359,6 +387,8 @@ class DurableHistory:
             elif cls is Evict:
                 assert isinstance(op, Evict)
                 evicts[op.tid] = evicts.get(op.tid, 0) + op.count
+            elif cls is IdRecord:
+                pass  # its message failed: the id must not outlive it
             elif cls is not Read and cls is not Mark:
                 carry.append(op)
         carry.extend(Bump(tid, n) for tid, n in bumps.items())

@@ -202,10 +202,29 @@ class JobDone(_Ticket):
     decider: Decider | None = None
 
 
+@attrs.frozen(slots=True)
+class IdRecord:
+    """A message id and the reply its repeats get, until ``expires`` (wall clock): in
+    the same transaction as the message, so a crash keeps both or neither."""
+
+    tid: int
+    id: str
+    reply: bytes
+    expires: float
+
+
+@attrs.frozen(slots=True)
+class IdPurge:
+    """Forget the ids that expired before ``before`` (wall clock)."""
+
+    before: float
+
+
 #: Operations that are tickets (decided by the flusher, in ``seq`` order).
 TICKETS = (Record, Take, Mark, JobRecord, JobDone)
 
-Op = Record | NewTopic | Evict | Take | Bump | Read | Mark | JobRecord | JobCount | JobDone
+Op = (Record | NewTopic | Evict | Take | Bump | Read | Mark | JobRecord | JobCount | JobDone
+      | IdRecord | IdPurge)
 #: A cached message as read back: (index, one, payload).
 Row = tuple[int, bool, bytes]
 

@@ -25,6 +25,8 @@ from ._ops import (
     DataLossError,
     Evict,
     FsyncPolicy,
+    IdPurge,
+    IdRecord,
     JobCount,
     JobDone,
     JobRecord,
@@ -58,6 +60,14 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     PRIMARY KEY (tid, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ids (
+    tid INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    reply BLOB NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (tid, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ids_expires ON ids (expires);
 CREATE TABLE IF NOT EXISTS jobs (
     tid INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -92,6 +102,8 @@ class Loaded:
     write_error: Exception | None = None
     #: Jobs not acknowledged: (tid, index, payload, deliveries), in index order per topic.
     jobs: list[tuple[int, int, bytes, int]] = attrs.field(factory=list)
+    #: Message ids not expired: (tid, id, reply, expires), oldest first.
+    ids: list[tuple[int, str, bytes, float]] = attrs.field(factory=list)
 
 
 def _topic_name(blob: bytes) -> str:
@@ -439,7 +451,10 @@ class SqliteBackend:
             self._write_marker(identity)
         jobs = [(int(t), int(i), bytes(p), int(d)) for t, i, p, d in conn.execute(
             "SELECT tid, idx, payload, deliveries FROM jobs ORDER BY tid, idx")]
-        return Loaded(epoch, topics, total, notes, write_error, jobs)
+        ids = [(int(t), str(k), bytes(r), float(e)) for t, k, r, e in conn.execute(
+            "SELECT tid, id, reply, expires FROM ids WHERE expires > ? ORDER BY expires",
+            (time.time(),))]
+        return Loaded(epoch, topics, total, notes, write_error, jobs, ids)
 
     # -- writing ---------------------------------------------------------------
 
@@ -502,8 +517,18 @@ class SqliteBackend:
         jobs: list[tuple[int, int, bytes]] = []
         counts: list[tuple[int, int, int]] = []
         done: list[tuple[int, int]] = []
+        ids: list[tuple[int, str, bytes, float]] = []
+        purge = 0.0
         for op in ops:
             cls = type(op)
+            if cls is IdRecord:
+                assert isinstance(op, IdRecord)
+                ids.append((op.tid, op.id, op.reply, op.expires))
+                continue
+            if cls is IdPurge:
+                assert isinstance(op, IdPurge)
+                purge = max(purge, op.before)
+                continue
             if cls is JobRecord:
                 assert isinstance(op, JobRecord)
                 if bumps.get(op.tid, -1) <= op.index:
@@ -560,6 +585,10 @@ class SqliteBackend:
                                      counts)
                 if done:
                     conn.executemany("DELETE FROM jobs WHERE tid = ? AND idx = ?", done)
+                if ids:
+                    conn.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", ids)
+                if purge:
+                    conn.execute("DELETE FROM ids WHERE expires < ?", (purge,))
                 for tid, count in evicts.items():
                     high = self._evict(tid, count)
                     if high >= 0:
