@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import random
 import sys
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,22 @@ pytest_plugins = ["pytester"]
 from support import SEED, SEED_VARIABLE, LineClient, start_server  # noqa: E402
 
 from mq_trio.server import Server  # noqa: E402
+
+
+#: The suite's own MQ_TRIO_* variables; every other one (a developer's MQ_TRIO_PORT or
+#: MQ_TRIO_CONFIG, which tox passes through) would change the servers the tests start.
+_SUITE_VARIABLES = frozenset({
+    SEED_VARIABLE, "MQ_TRIO_BIG_HISTORY", "MQ_TRIO_REQUIRE_BROWSER", "MQ_TRIO_CHROMIUM",
+    "MQ_TRIO_DOCS_SCREENSHOT",
+})
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run on the embedded defaults whatever the environment says."""
+    for name in list(os.environ):
+        if name.startswith("MQ_TRIO_") and name not in _SUITE_VARIABLES:
+            monkeypatch.delenv(name)
 
 
 def pytest_report_header() -> str:
