@@ -325,3 +325,31 @@ async def test_websocket_auth_failure_and_timeout_close_with_1008() -> None:
                 assert closed.value.reason is not None
                 assert (closed.value.reason.code, closed.value.reason.reason) == (1008, reason)
         nursery.cancel_scope.cancel()
+
+
+async def test_work_queue_commands_follow_the_permissions() -> None:
+    """Jobs and batches need publish permission, consumers subscribe permission; ack,
+    nack and progress only an authenticated connection (docs/protocol.md)."""
+    async with trio.open_nursery() as nursery:
+        rules = {"producer": ({"jobs"}, set()), "worker": (set(), {"jobs"})}
+        server = await auth_server(nursery, FakeAuthenticator(rules))
+        job = {"command": "send", "topic": "jobs", "msg": "j", "delivery": "one",
+               "ack": True}
+        batch = {"command": "batch", "topic": "jobs", "msgs": ["x"], "delivery": "one",
+                 "ack": True}
+        consume = {"command": "subscribe", "topic": "jobs", "ack": True}
+        anonymous = await LineClient.connect(server.port)
+        for line in (job, batch, consume, {"command": "ack", "topic": "jobs", "index": 0}):
+            assert await anonymous.request(line) == NOT_AUTHENTICATED
+        producer = await LineClient.connect(server.port)
+        worker = await LineClient.connect(server.port)
+        assert await producer.request({"command": "auth", "token": "producer"}) == OK
+        assert await worker.request({"command": "auth", "token": "worker"}) == OK
+        assert await producer.request(consume) == DENIED
+        assert await worker.request(job) == DENIED
+        assert await worker.request(batch) == DENIED
+        assert await producer.request(job) == {"success": True, "index": 0}
+        assert await worker.request(consume) == OK
+        assert (await worker.receive())["index"] == 0
+        assert await worker.request({"command": "ack", "topic": "jobs", "index": 0}) == OK
+        nursery.cancel_scope.cancel()
