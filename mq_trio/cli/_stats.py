@@ -28,6 +28,7 @@ import shutil
 import socket
 import ssl
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -53,8 +54,9 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_LIMIT = 20
 
 #: ``GET /connections?sort=``: the server's keys (``pending``: bytes queued to the client).
-CONNECTION_SORTS = ("pending", "messages_in", "messages_out", "bytes_out", "subscriptions",
-                    "since", "peer")
+#: The server orders each its own way: counts largest first, since and peer ascending.
+CONNECTION_SORTS = ("pending", "messages_in", "bytes_in", "messages_out", "bytes_out",
+                    "subscriptions", "since", "peer")
 #: ``--topics --sort``: by name (the server's order) or by subscribers.
 TOPIC_SORTS = ("name", "subscribers")
 
@@ -328,14 +330,17 @@ def _number(value: Any) -> int:
 
 def _limit_value(key: str, value: Any) -> str:
     if isinstance(value, bool) or value is None:
-        return "off" if not value else "on"
+        return "on" if value else "off"
+    if isinstance(value, float) and value == int(value):
+        value = int(value)
     if key.endswith("_bytes") and isinstance(value, int):
         return format_bytes(value)
     return str(value)
 
 
-def format_summary(stats: Mapping[str, Any], url: str) -> list[str]:
-    """``/stats`` as the lines ``mq-trio stats`` prints (labels in a column)."""
+def format_summary(stats: Mapping[str, Any], url: str, width: int = 100) -> list[str]:
+    """``/stats`` as the lines ``mq-trio stats`` prints (labels in a column; the long
+    settings line wrapped at ``width``)."""
     get = stats.get
     lines: list[tuple[str, str]] = []
     max_connections = get("max_connections")
@@ -363,13 +368,19 @@ def format_summary(stats: Mapping[str, Any], url: str) -> list[str]:
     lines.append(("store", format_store(get("store"))))
     config = get("config") or {}
     if config:
-        lines.append(("limits", ", ".join(f"{key} {_limit_value(key, value)}"
+        lines.append(("settings", ", ".join(f"{key} {_limit_value(key, value)}"
                                           for key, value in sorted(config.items()))))
     up = format_duration(float(get("uptime_seconds") or 0))
     since = f" (since {format_time(str(get('started')))})" if get("started") else ""
     head = f"mq-trio {get('version', '?')} at {url}, up {up}{since}"
     label = max(len(name) for name, _ in lines)
-    return [head] + [f"  {name.ljust(label)}  {text}" for name, text in lines]
+    out = [head]
+    for name, text in lines:
+        wrapped = textwrap.wrap(text, max(20, width - label - 4), break_long_words=False,
+                                break_on_hyphens=False) or [""]
+        out.append(f"  {name.ljust(label)}  {wrapped[0]}")
+        out.extend(" " * (label + 4) + more for more in wrapped[1:])
+    return out
 
 
 def format_store(store: Any) -> str:
@@ -435,9 +446,8 @@ def connection_table(page: Mapping[str, Any], now: datetime | None,
          format_bytes(_number(c.get("bytes_out")))]
         for c in page.get("connections", [])
     ]
-    return layout_table(CONNECTION_COLUMNS, rows, width) + [
-        _shown(len(rows), page, "connection", f"by {page.get('sort', 'pending')}")
-    ]
+    note = _shown(len(rows), page, "connection", f"by {page.get('sort', 'pending')}")
+    return layout_table(CONNECTION_COLUMNS, rows, width) + [note] if rows else [note]
 
 
 TOPIC_COLUMNS = (
@@ -454,7 +464,8 @@ def topic_table(page: Mapping[str, Any], width: int | None) -> list[str]:
          str(t.get("next_index", "-"))]
         for t in page.get("topics", [])
     ]
-    return layout_table(TOPIC_COLUMNS, rows, width) + [_shown(len(rows), page, "topic", "")]
+    note = _shown(len(rows), page, "topic", "")
+    return layout_table(TOPIC_COLUMNS, rows, width) + [note] if rows else [note]
 
 
 def _shown(count: int, page: Mapping[str, Any], noun: str, order: str) -> str:
@@ -524,7 +535,8 @@ def add_stats_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "(mq-trio serve --http-port PORT): uptime; connections now, since start and "
         "refused, of the maximum; subscriptions and topics; messages and bytes in and out; "
         "deliveries; slow consumers; failure replies by reason; the durable store's state "
-        "and the limits. --connections and --topics list those instead; --json prints the "
+        "and the settings (limits, TLS, auth). --connections and --topics list those "
+        "instead; --json prints the "
         "server's JSON (for scripts and jq); --health checks /healthz (for a container "
         "HEALTHCHECK). Exit status: 0 ok, 1 no or a bad answer (--health: not healthy), "
         "2 bad arguments.",
@@ -548,8 +560,9 @@ def add_stats_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
                    help="print the server's JSON answer instead of a summary or table")
     p.add_argument(
         "--sort", default=None, metavar="KEY",
-        help=f"order of --connections: {', '.join(CONNECTION_SORTS)} (default pending, "
-        f"largest first); of --topics: {', '.join(TOPIC_SORTS)} (default name)",
+        help=f"order of --connections: {', '.join(CONNECTION_SORTS)} (default pending: "
+        "bytes queued to the client; counts go largest first, since oldest first); of "
+        f"--topics: {', '.join(TOPIC_SORTS)} (default name)",
     )
     p.add_argument("--limit", type=_count, default=DEFAULT_LIMIT, metavar="N",
                    help=f"rows listed by --connections and --topics (default {DEFAULT_LIMIT})")
@@ -558,10 +571,9 @@ def add_stats_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def connection_query(sort: str | None, limit: int) -> dict[str, str | int]:
-    """``/connections``' parameters: largest first, except peers (alphabetical)."""
-    key = sort or "pending"
-    return {"offset": 0, "limit": limit, "sort": key,
-            "order": "asc" if key == "peer" else "desc"}
+    """``/connections``' parameters; the order is left to the server, whose default for
+    each key is the useful one (largest counts first, oldest first, peers A-Z)."""
+    return {"offset": 0, "limit": limit, "sort": sort or "pending"}
 
 
 def error(command: str, text: str) -> None:
@@ -603,13 +615,13 @@ def run_stats(args: argparse.Namespace) -> int:
         elif args.topics is not None:
             query: dict[str, str | int] = {"prefix": args.topics, "offset": 0,
                                            "limit": args.limit}
-            if args.sort == "subscribers":
-                query["sort"] = "subscribers"
+            if args.sort is not None:
+                query["sort"] = args.sort
             body = get_json(endpoint, "/topics", query, timeout=args.timeout)
             lines = topic_table(body, terminal_width())
         else:
             body = get_json(endpoint, "/stats", timeout=args.timeout)
-            lines = format_summary(body, endpoint.url)
+            lines = format_summary(body, endpoint.url, terminal_width() or 100)
     except FetchError as exc:
         error("stats", str(exc))
         return EXIT_ERROR

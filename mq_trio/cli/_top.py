@@ -167,11 +167,11 @@ def render_frame(before: Sample | None, after: Sample, url: str, width: int | No
         f"{format_bytes(n(stats, 'cached_bytes'))}",
         f"in   {format_rate(rates['messages_in'], ' msg/s'):>12}  "
         f"{format_rate(rates['bytes_in'], 'B'):>13}   total "
-        f"{format_count(int(n(stats, 'messages_in')))} msgs, "
+        f"{_messages(n(stats, 'messages_in'))}, "
         f"{format_bytes(n(stats, 'bytes_in'))}",
         f"out  {format_rate(rates['messages_out'], ' msg/s'):>12}  "
         f"{format_rate(rates['bytes_out'], 'B'):>13}   total "
-        f"{format_count(int(n(stats, 'messages_out')))} msgs, "
+        f"{_messages(n(stats, 'messages_out'))}, "
         f"{format_bytes(n(stats, 'bytes_out'))}; deliveries "
         f"{format_rate(rates['deliveries'], '/s')}",
         f"slow consumers {format_count(int(n(stats, 'slow_consumers')))}; failures "
@@ -199,6 +199,10 @@ def render_frame(before: Sample | None, after: Sample, url: str, width: int | No
             format_age(conn.get("since"), now),
         ])
     return head + layout_table(TOP_COLUMNS, rows, width)
+
+
+def _messages(count: float) -> str:
+    return f"{format_count(int(count))} msg{'' if count == 1 else 's'}"
 
 
 def clip(lines: list[str], width: int) -> list[str]:
@@ -248,7 +252,8 @@ def add_top_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
                    help=f"seconds between frames (default {DEFAULT_INTERVAL:g})")
     p.add_argument("--sort", "-s", choices=CONNECTION_SORTS, default="pending", metavar="KEY",
                    help=f"order of the connections: {', '.join(CONNECTION_SORTS)} (default "
-                   "pending: bytes queued to the client, largest first)")
+                   "pending: bytes queued to the client; counts go largest first, since "
+                   "oldest first)")
     p.add_argument("-n", dest="rows", type=_rows, default=DEFAULT_ROWS, metavar="N",
                    help=f"connections shown (default {DEFAULT_ROWS}; fewer if the terminal "
                    "is shorter)")
