@@ -68,6 +68,12 @@ class Settings:
     lag: int = 2000
     #: give up on a scenario that makes no progress for this long
     stall_timeout: float = 30.0
+    #: queue: producer and consumer processes, unacknowledged jobs per consumer
+    producers: int = 2
+    consumers: int = 2
+    prefetch: int = 100
+    #: queue: jobs producers may be ahead of the acks (0: twice all windows and prefetches)
+    backlog: int = 0
 
 
 @attrs.define

@@ -21,6 +21,7 @@ from . import report
 from .base import TLS_SCENARIOS
 from .dialects import MQ, REDIS, resp_command
 from .procstat import listening_pid
+from .queue import queue_params, run_queue
 from .scenarios import (
     BenchError,
     Progress,
@@ -35,6 +36,9 @@ from .scenarios import (
 )
 
 SCENARIOS = ("rtt", "e2e", "publish", "fanout", "conns")
+#: Run only when named: not part of the pub/sub comparison (bench/compare.sh) that
+#: running every scenario makes; bench/queue_compare.sh runs it against Redis Streams.
+EXTRA_SCENARIOS = ("queue",)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -47,6 +51,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("values must be >= 1")
     return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -65,11 +79,14 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         description="Load generator for any protocol-v1 server and for Redis pub/sub. "
         "Scenarios: rtt (round-trip latency), e2e (publish-to-delivery latency at a fixed "
         "rate), publish (pipelined throughput), fanout (one publisher, S subscribers), "
-        "conns (many idle subscribed connections: setup time, RSS, delivery time).",
+        "conns (many idle subscribed connections: setup time, RSS, delivery time); and, only "
+        "when named, queue (acknowledged jobs: P producers, C consumers; against Redis: "
+        "Streams with a consumer group).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", default=[],
-                   help=f"which to run, of {', '.join(SCENARIOS)} (default: all)")
+                   help=f"which to run, of {', '.join(SCENARIOS + EXTRA_SCENARIOS)} "
+                   f"(default: {', '.join(SCENARIOS)})")
     p.add_argument("--host", default="127.0.0.1", help="server address")
     p.add_argument("--port", type=int, default=7000, help="server port")
     p.add_argument("--redis", action="store_true",
@@ -97,6 +114,15 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--subscribers", type=_int_list, default=d.subscribers, metavar="S[,S..]",
                    help="fanout: subscribers (one run per value)")
     p.add_argument("--conns", type=int, default=d.conns, help="conns: connections")
+    p.add_argument("--producers", type=_positive, default=d.producers,
+                   help="queue: producer processes (each keeps --window sends unanswered)")
+    p.add_argument("--consumers", type=_positive, default=d.consumers,
+                   help="queue: consumer processes (one connection each)")
+    p.add_argument("--prefetch", type=_positive, default=d.prefetch,
+                   help="queue: unacknowledged jobs per consumer (Redis: XREADGROUP COUNT)")
+    p.add_argument("--backlog", type=int, default=d.backlog,
+                   help="queue: jobs the producers may be ahead of the acks "
+                   "(0: twice the producers' windows plus the consumers' prefetch)")
     p.add_argument("--procs", type=int, default=d.procs,
                    help="fanout: processes the subscribers are spread over")
     p.add_argument("--json", default=None, metavar="FILE",
@@ -251,6 +277,8 @@ def run_scenario(name: str, target: Target, st: Settings, progress: ProgressBar,
             return run_publish(target, st, variant or 1, bar)
         if name == "fanout":
             return run_fanout(target, st, variant or 1, bar)
+        if name == "queue":
+            return run_queue(target, st, bar)
         return run_conns(target, st, bar)
     except (BenchError, OSError) as exc:
         params: dict[str, Any] = {}
@@ -262,6 +290,8 @@ def run_scenario(name: str, target: Target, st: Settings, progress: ProgressBar,
             params = {"conns": st.conns}
         elif name == "e2e":
             params = {"rate": st.rate, "size": st.size}
+        elif name == "queue":
+            params = queue_params(st, target)
         else:
             params = {"size": st.size}
         return Result(target.name, name, params, errors=[f"failed: {exc}"])
@@ -291,7 +321,7 @@ def run_all(targets: list[Target], scenarios: list[str], st: Settings,
 
 def run_bench(args: argparse.Namespace) -> int:
     scenarios = list(args.scenarios) or list(SCENARIOS)
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]
     if unknown:
         print(f"mq-trio bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -317,7 +347,8 @@ def run_bench(args: argparse.Namespace) -> int:
     st = Settings(
         duration=args.duration, size=args.size, window=args.window, rate=args.rate,
         publishers=args.publishers, subscribers=args.subscribers, conns=args.conns,
-        procs=args.procs,
+        procs=args.procs, producers=args.producers, consumers=args.consumers,
+        prefetch=args.prefetch, backlog=args.backlog,
     )
     progress = ProgressBar(sys.stderr.isatty() if args.progress is None else args.progress)
     json_out = None

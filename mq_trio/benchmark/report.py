@@ -32,6 +32,8 @@ def params_text(r: Result) -> str:
         return f"{p['rate']}/s"
     if r.scenario == "conns":
         return f"C={p['conns']}"
+    if r.scenario == "queue":
+        return f"P={p['producers']} C={p['consumers']} prefetch={p['prefetch']}"
     return f"{p.get('size', '')}B msg"
 
 
@@ -51,6 +53,11 @@ def result_text(r: Result) -> str:
         return f"{m['per_s']:,} acked msg/s"
     if r.scenario == "fanout":
         return f"{m['per_s']:,} delivered msg/s"
+    if r.scenario == "queue":
+        text = f"{m['per_s']:,} acked jobs/s"
+        if m.get("n"):
+            text += f", latency p50 {_num(m['p50_us'])} / p99 {_num(m['p99_us'])} µs"
+        return text
     if r.scenario == "conns":
         text = f"setup {m['setup_s']:.2f} s, delivery {m['delivery_s']:.2f} s"
         if "rss_per_conn_kib" in m:
@@ -203,6 +210,91 @@ def checks_table(checks: Sequence[Check], versus: str = "mq-trio vs Redis") -> s
     out = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in body]
     return "\n".join(out)
+
+
+# --- queue: mq-trio vs Redis Streams, per mode ---------------------------------------------
+
+#: issue 14: acknowledged jobs per second, mq-trio vs Redis Streams in the same mode
+QUEUE_TARGET = 0.5
+
+QUEUE_HEADERS = ("Redis Streams", "jobs/s", "p50", "p99", "mq-trio", "jobs/s", "p50", "p99",
+                 "mq-trio / Redis", f">= {QUEUE_TARGET}x")
+
+
+def _ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:,.1f} ms" if us >= 1000 else f"{us:,.0f} µs"
+
+
+def queue_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
+    """(Redis, mq-trio) queue results: each mq-trio one with the Redis one run just
+    before it (bench/queue_compare.sh runs them in that order, one mode after the other)."""
+    pairs = []
+    redis: Result | None = None
+    for r in results:
+        if r.scenario != "queue":
+            continue
+        if r.params.get("server") == "redis":
+            redis = r
+        elif redis is not None:
+            pairs.append((redis, r))
+            redis = None
+    return pairs
+
+
+def queue_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for rd, mq in queue_pairs(results):
+        a, b = mq.metrics.get("per_s"), rd.metrics.get("per_s")
+        if a is None or not b or not (mq.ok and rd.ok):
+            ratio, met = "-", "not measured"
+            problems = [f"{x.target}: {note_text(x)}" for x in (rd, mq) if not x.ok]
+            if problems:
+                met = "; ".join(problems)
+        else:
+            ratio = f"{a / b:.2f}x"
+            met = "met" if a / b >= QUEUE_TARGET else "NOT met"
+            if rd.saturated or mq.saturated:
+                met += " (generator saturated)"
+        rows.append((
+            rd.target, f"{b or 0:,}", _ms(rd.metrics.get("p50_us")),
+            _ms(rd.metrics.get("p99_us")), mq.target, f"{a or 0:,}",
+            _ms(mq.metrics.get("p50_us")), _ms(mq.metrics.get("p99_us")), ratio, met,
+        ))
+    return rows
+
+
+def queue_summary(results: Sequence[Result], markdown: bool = False) -> str:
+    """The table of bench/queue_compare.sh: both servers and their ratio, per mode."""
+    body = queue_rows(results)
+    if markdown:
+        return markdown_table(QUEUE_HEADERS, body)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
+              for i, h in enumerate(QUEUE_HEADERS)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(QUEUE_HEADERS, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in body]
+    return "\n".join(lines)
+
+
+def read_json_lines(path: str | os.PathLike[str]) -> list[Result]:
+    """Results written by ``--json`` (without latency samples)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            o = json.loads(line)
+            out.append(Result(o["target"], o["scenario"], o["params"], o["metrics"],
+                              o["gen_cpu_pct"], o["server_cpu_pct"], o["saturated"],
+                              o["errors"]))
+    return out
+
+
+def queue_summary_main(argv: Sequence[str]) -> int:
+    """``queue_summary_main([FILE, "--markdown"?])``: print the table of a JSON-lines file."""
+    results = read_json_lines(argv[0])
+    print(queue_summary(results, markdown="--markdown" in argv[1:]))
+    pairs = queue_pairs(results)
+    ok = bool(pairs) and all(rd.ok and mq.ok for rd, mq in pairs)
+    return 0 if ok else 1
 
 
 # --- plot -------------------------------------------------------------------------------
