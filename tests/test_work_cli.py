@@ -21,7 +21,7 @@ from support import start_server
 
 from mq_trio.client import open_client
 from mq_trio.server import Server
-from mq_trio.testing import queue_state, wait_for_queue
+from mq_trio.testing import queue_state, restart_server, wait_for_queue
 
 MQ = [sys.executable, "-m", "mq_trio"]
 
@@ -281,6 +281,30 @@ async def test_progress_keeps_a_long_job_from_the_ack_timeout(
     status, out, err = await worker.finish()
     assert (status, out) == (0, "finished 0\n"), err
     assert settled(server, "t")
+
+
+async def test_reconnect_resumes_consuming_after_a_server_restart(
+    nursery: trio.Nursery, server: Server, tmp_path: Path
+) -> None:
+    worker = await start_worker(nursery, server, "t", "--reconnect", "--max-jobs", "1",
+                                "--", sys.executable, "-c", RECORD, str(tmp_path), "0")
+    await wait_for_queue(server, "t", lambda q: q.consumers == 1, timeout=30)
+    server = await restart_server(nursery, server)
+    await wait_for_queue(server, "t", lambda q: q.consumers == 1, timeout=30)  # resumed
+    await queue_jobs(server, "t", "after the restart")
+    status, out, err = await worker.finish()
+    assert status == 0, err
+    assert [p.name for p in os_listing(tmp_path)] == ["0-1"]
+    assert settled(server, "t")
+
+
+async def test_work_without_a_server_is_status_1(tmp_path: Path) -> None:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()  # a port nobody listens on
+    result = await mq("work", "t", "--port", str(port), "--", "true")
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith(f"mq-trio work: cannot connect to 127.0.0.1:{port}")
 
 
 async def test_work_usage_errors(tmp_path: Path) -> None:
