@@ -720,3 +720,55 @@ async def test_slow_subscriber_is_told_why(nursery: trio.Nursery) -> None:
     assert reason.code in (1008, 1006), reason  # 1006: the close frame did not get through
     if reason.code == 1008:
         assert reason.reason == "slow consumer"
+
+
+# --- batched frames (docs/websocket.md) ------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_frames_are_what_wsproto_writes(size: int) -> None:
+    """The server frames deliveries itself, many per write: byte for byte what wsproto
+    would write for each one as a text message (server side: unmasked, final)."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    from mq_trio.protocol import MessageConnection
+
+    text = ("é" * (size // 2) + "a" * (size % 2)).encode()  # two-byte characters
+    assert len(text) == size
+    items = [text, b'{"success": true}']
+    reference = FrameProtocol(client=False, extensions=[])
+    expected = b"".join(reference.send_data(i.decode(), fin=True) for i in items)
+    assert MessageConnection.frame_bytes(items) == expected
+
+
+async def test_a_fan_out_is_written_in_batches_of_frames(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    messages: list[object] = []
+    real_send_frames = websocket.ServerWebSocket.send_frames
+
+    async def send_frames(self: websocket.ServerWebSocket, data: bytes) -> None:
+        writes.append(len(data))
+        await real_send_frames(self, data)
+
+    async def send_message(self: WebSocketConnection, message: str | bytes) -> None:
+        messages.append(message)
+        raise AssertionError("a delivery framed one message at a time")
+
+    monkeypatch.setattr(websocket.ServerWebSocket, "send_frames", send_frames)
+    monkeypatch.setattr(websocket.ServerWebSocket, "send_message", send_message)
+    server = await ws_server(nursery)
+    ws = await ws_connect(nursery, server)
+    assert await request(ws, {"command": "subscribe", "topic": "t"}) == SUCCESS
+    publisher = await LineClient.connect(server.port)
+    n = 2000
+    lines = b"".join(
+        json.dumps({"command": "send", "topic": "t", "msg": f"m{i}", "delivery": "all"})
+        .encode() + b"\n" for i in range(n)
+    )
+    await publisher.send_raw(lines)
+    got = [await receive(ws) for _ in range(n)]
+    assert [m["index"] for m in got] == list(range(n))  # all, in order, each its own text
+    assert not messages
+    assert len(writes) < n // 10  # many deliveries per socket write

@@ -109,3 +109,21 @@ class MessageConnection:
     def frame(items: list[bytes]) -> list[str]:
         """One text message per reply or delivery (they are UTF-8 JSON)."""
         return [item.decode("utf-8") for item in items]
+
+    @staticmethod
+    def frame_bytes(items: list[bytes]) -> bytes:
+        """The same messages as server-to-client WebSocket frames (RFC 6455: final,
+        text, unmasked, no extension), ready for one socket write: a fan-out writes
+        hundreds of deliveries per write, as over TCP, instead of a frame per send."""
+        parts: list[bytes] = []
+        append = parts.append
+        for item in items:
+            n = len(item)
+            if n < 126:
+                append(b"\x81" + bytes((n,)))
+            elif n < 65536:
+                append(b"\x81\x7e" + n.to_bytes(2, "big"))
+            else:
+                append(b"\x81\x7f" + n.to_bytes(8, "big"))
+            append(item)
+        return b"".join(parts)

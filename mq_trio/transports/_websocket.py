@@ -67,6 +67,32 @@ class ServerWebSocket(WebSocketConnection):
         if holder is not None and (not event.message_finished or holder.held):
             holder.unfinished(self._message_size)
 
+    @property
+    def frames_ok(self) -> bool:
+        """Whether frames built here may be written as they are: the connection is
+        open and no extension (compression) was negotiated, so wsproto would frame a
+        message exactly as ``MessageConnection.frame_bytes`` does."""
+        connection = self._wsproto.connection
+        if connection is None or connection.state is not ConnectionState.OPEN:
+            return False
+        # (wsproto keeps the negotiated extensions in its frame protocol; anything
+        # unexpected there: frame with wsproto, one message at a time, as before)
+        extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+        return extensions is not None and not extensions
+
+    async def send_frames(self, data: bytes) -> None:
+        """Write whole frames (``frame_bytes``) in one send, under the connection's
+        send lock, as ``send_message`` writes one."""
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        async with self._stream_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                assert self._close_reason is not None
+                raise ConnectionClosed(self._close_reason) from None
+
     def drop_partial_message(self) -> None:
         self._message_parts = []
         self._message_size = 0
@@ -256,8 +282,12 @@ class WebSocketTransport:
         if self._unsent:
             items, self._unsent = self._unsent + items, []
         try:
-            for text in self.wire.frame(items):
-                await ws.send_message(text)
+            if isinstance(ws, ServerWebSocket) and ws.frames_ok:
+                if items:
+                    await ws.send_frames(self.wire.frame_bytes(items))
+            else:
+                for text in self.wire.frame(items):
+                    await ws.send_message(text)
         except ConnectionClosed as exc:
             raise trio.BrokenResourceError("the WebSocket is closed") from exc
         except trio.Cancelled:
