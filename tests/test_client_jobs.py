@@ -354,13 +354,7 @@ async def through(client: mq_trio.Client) -> None:
     await client.unsubscribe("\x00round-trip")
 
 
-@pytest.mark.parametrize("durable", [
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "server: a durable server forgets message ids when it restarts (broker/_dedupe.py "
-        "keeps them in memory), so the resend is published again (index 2); "
-        "docs/protocol.md, 'Idempotent publishing', makes no exception for restarts"))),
-    False,
-])
+@pytest.mark.parametrize("durable", [True, False])
 async def test_a_job_resent_across_a_server_restart(
     nursery: trio.Nursery, tmp_path: Path, durable: bool
 ) -> None:
@@ -391,7 +385,8 @@ async def test_a_job_resent_across_a_server_restart(
             else:
                 server = await restart_server(nursery, server)
         assert result == [1]
-        assert producer.reconnects == 1
+        # (More than once if it reached the relay before the new server was listening.)
+        assert producer.reconnects >= 1
         assert queue_state(server, "t").waiting == 2  # not 3: the resend was recognised
         assert await producer.send_job("t", "after") == 2  # the index sequence went on
     async with open_client("127.0.0.1", server.port) as worker:

@@ -229,7 +229,7 @@ class _Worker:
         consumer = client.consume(args.topic, prefetch)
         with trio.move_on_after(args.connect_timeout):
             await consumer.start()
-        if not consumer._started:
+        if not consumer.started:
             self.say(f"no reply to the consumer subscribe from {client.target} within "
                      f"{args.connect_timeout:g} s (--connect-timeout)")
             return EXIT_ERROR

@@ -19,6 +19,11 @@ Shape (see docs/client.md):
   client off: with ``reconnect`` on, the client resumes from the last index it buffered).
   The reader never waits while a command is in flight, though: the reply may be queued
   behind deliveries, and waiting for the application there could deadlock it.
+* Jobs (deliveries with ``"ack": true``) go to a per-topic buffer of their own, bounded
+  by the consumer's prefetch; each remembers the connection it came on (``generation``),
+  since only that connection may settle it.
+* Publishes with an id are the one kind of send resent after a drop (the id makes the
+  repeat harmless), and the only kind kept in the spool (``_spool``).
 """
 
 from __future__ import annotations
@@ -370,7 +375,7 @@ class Client:
                 # In a thread: an fsync can take milliseconds the other tasks need.
                 await trio.to_thread.run_sync(fsync_and_close, spool.sync_fd())
         await self._call(command)
-        return _published(command.reply, command.line)
+        return _published(command.reply)
 
     # --- consuming jobs ---
 
@@ -980,7 +985,7 @@ _LOST_JOB = (
 )
 
 
-def _published(reply: dict[str, object] | None, line: bytes) -> Published:
+def _published(reply: dict[str, object] | None) -> Published:
     """The reply of a publish, checked: it must carry the index (docs/protocol.md)."""
     index = None if reply is None else reply.get("index")
     count = 1 if reply is None else reply.get("count", 1)
@@ -1003,6 +1008,11 @@ class Consumer:
         self.prefetch = prefetch
         self._started = False
         self._stopped = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the consumer subscription was confirmed by the server."""
+        return self._started
 
     async def start(self) -> None:
         """Subscribe as a consumer (at once: jobs may arrive before the first ``receive``)."""
