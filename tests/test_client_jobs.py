@@ -472,6 +472,22 @@ async def test_an_ack_in_flight_when_the_connection_drops_is_unknown(
             assert len(outcome) == 1  # the ack landed, but the client cannot know it
 
 
+async def test_a_redelivery_replaces_the_copy_still_buffered(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, ack_timeout=0.05)
+    async with open_client("127.0.0.1", server.port) as client:
+        await client.send_job("t", "slow")
+        async with client.consume("t", prefetch=2) as jobs:
+            first = await jobs.receive()  # held, not settled: taken back at the deadline
+            await wait_for_queue(server, "t", lambda q: q.redelivered_total >= 3)
+            await through(client)  # (its reply comes after the deliveries sent before)
+            # The server gave it to this client again (it had room) several times; one
+            # copy waits, the latest.
+            assert jobs.buffered == 1
+            again = jobs.receive_nowait()
+            assert again.index == first.index and again.deliveries >= 3
+            await again.ack()
+
+
 async def test_consume_after_close_raises_connection_lost(server: Server) -> None:
     async with open_client("127.0.0.1", server.port) as client:
         consumer = client.consume("t")

@@ -76,4 +76,4 @@ async def test_waiting_for_the_server_s_own_clock(
         state = await wait_for_queue(mq_server, "orders", lambda q: q.redelivered_total >= 1)
         assert state.in_flight == 1
         again = await jobs.receive()
-        assert (again.index, again.deliveries) == (first.index, 2)
+        assert again.index == first.index and again.deliveries >= 2

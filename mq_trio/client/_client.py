@@ -796,7 +796,15 @@ class Client:
             raise BadServer(f"malformed job: {obj!r}")
         job = Job(topic, index, msg, deliveries, from_topic, from_index,
                   client=self, generation=self._generation)
-        self._jobs.setdefault(topic, deque()).append(job)
+        jobs = self._jobs.setdefault(topic, deque())
+        if deliveries > 1:
+            # Taken back (its ack timeout passed) and given to this client again while the
+            # first copy still waits here: keep only the new one, so it is done once.
+            for i, old in enumerate(jobs):
+                if old.index == index:
+                    del jobs[i]
+                    break
+        jobs.append(job)
         self._job_arrived.unpark_all()
 
     def _reply(self, obj: dict[str, object]) -> None:
