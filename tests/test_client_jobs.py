@@ -297,6 +297,21 @@ async def test_dead_letters_say_where_they_came_from(nursery: trio.Nursery) -> N
             await job.ack()
 
 
+async def test_jobs_over_websocket(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, ws_port=0)
+    assert server.ws_port is not None
+    url = f"ws://127.0.0.1:{server.ws_port}/"
+    async with open_client(url) as client:
+        assert await client.send_batch("t", ["a", "b"], delivery="one", ack=True) == \
+            Published(0, 2, False)
+        async with client.consume("t", prefetch=2) as jobs:
+            got = [await jobs.receive() for _ in range(2)]
+            assert [(j.index, j.msg, j.deliveries) for j in got] == [(0, "a", 1), (1, "b", 1)]
+            for job in got:
+                await job.ack()
+            assert queue_state(server, "t").acked_total == 2
+
+
 # --- drops and reconnects ------------------------------------------------------------------
 
 
