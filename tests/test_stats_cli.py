@@ -7,12 +7,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fcntl
 import json
+import os
+import pty
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -172,6 +179,19 @@ def test_table_fits_the_width_by_cutting_peers_first() -> None:
         assert [line.split()[-1] for line in lines] == ["N", "7", "12345"]
 
 
+def test_table_leaves_out_droppable_columns_when_cutting_is_not_enough() -> None:
+    columns = (Column("PEER", shrink=8), Column("KIND", drop=1), Column("AGE", drop=2),
+               Column("N", right=True))
+    rows = [["203.0.113.77:51234", "ws+tls", "3m 05s", "7"]]
+    assert layout_table(columns, rows, width=40)[1] == "203.0.113.77:51234  ws+tls  3m 05s  7"
+    assert layout_table(columns, rows, width=30) == ["PEER         KIND    AGE     N",
+                                                     "203.0~51234  ws+tls  3m 05s  7"]
+    assert layout_table(columns, rows, width=22) == ["PEER         KIND    N",
+                                                     "203.0~51234  ws+tls  7"]
+    assert layout_table(columns, rows, width=12) == ["PEER       N", "203.~1234  7"]
+    assert layout_table(columns, rows, width=5) == ["PEER      N", "203.~234  7"]  # (floor)
+
+
 def test_parse_url() -> None:
     e = parse_url("http://127.0.0.1:7080")
     assert (e.scheme, e.host, e.port, e.url) == ("http", "127.0.0.1", 7080, "http://127.0.0.1:7080")
@@ -271,7 +291,13 @@ def test_frame() -> None:
     lines = render_frame(None, first, "http://127.0.0.1:7080")
     text = "\n".join(lines)
     assert lines[0] == "mq-trio 0.1.0 at http://127.0.0.1:7080: up 2h 03m, 16:03:00 UTC"
-    assert "connections 2 of 20,000, 340 since start, 2 refused; subscriptions 40" in text
+    assert lines[1:6] == [
+        "connections 2 of 20,000 (340 since start, 2 refused); subscriptions 40",
+        "topics 31, cached 2.0 KiB; slow consumers 1; failures 7",
+        "in      1.7 msg/s          0 B/s   total 12,345 msgs, 1.5 KiB",
+        "out     6.2 msg/s        426 B/s   total 45,678 msgs, 3.0 MiB",
+        "deliveries 6.2/s; store available; 1,234 commits, 0 failed, fsync everysec",
+    ]
     assert "rates per second since start (first sample); connections by pending, 2 of 2" in text
     table = lines[lines.index("") + 1:]
     assert table[0].split() == ["PEER", "KIND", "USER", "SUBS", "PENDING", "MSGS", "IN/s",
@@ -549,3 +575,100 @@ def test_fake_top_subprocess_quits_on_ctrl_c(fake: FakeAdmin) -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert err == "" and "\x1b" not in out
+
+
+# --- the live view on a terminal (a pseudo-terminal) ------------------------------------
+
+
+class Terminal:
+    """``mq-trio ARGS`` on a pseudo-terminal (stdin and stdout), 100x30."""
+
+    def __init__(self, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        self.slave = slave
+        self.saved = termios.tcgetattr(slave)
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "mq_trio", *args], stdin=slave,
+                                     stdout=slave, stderr=subprocess.PIPE, env=env)
+        self.output = b""
+
+    def read_until(self, marker: bytes, timeout: float = 20.0) -> bytes:
+        """Everything shown so far, once ``marker`` is in it."""
+
+        deadline = time.monotonic() + timeout
+        while marker not in self.output:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.master], [], [], left)[0]:
+                raise TimeoutError(f"{marker!r} not shown; got ...{self.output[-3000:]!r}")
+            self.output += os.read(self.master, 65536)
+        return self.output
+
+    def type(self, keys: bytes) -> None:
+
+        os.write(self.master, keys)
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the exit, reading the screen meanwhile (a full pty blocks the writer)."""
+
+        deadline = time.monotonic() + 20
+        while self.proc.poll() is None:
+            assert time.monotonic() < deadline, "still running"
+            if select.select([self.master], [], [], 0.1)[0]:
+                self.output += os.read(self.master, 65536)
+        while select.select([self.master], [], [], 0)[0]:
+            self.output += os.read(self.master, 65536)
+        status = self.proc.wait()
+        assert self.proc.stderr is not None
+        return status, self.proc.stderr.read().decode()
+
+    def close(self) -> None:
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def terminal() -> Iterator[Callable[..., Terminal]]:
+    opened: list[Terminal] = []
+
+    def open_terminal(*args: str) -> Terminal:
+        opened.append(Terminal(*args))
+        return opened[-1]
+
+    yield open_terminal
+    for term in opened:
+        term.close()
+
+
+@pytest.mark.parametrize("key", [b"q", None], ids=["q", "ctrl-c"])
+def test_fake_top_on_a_terminal(fake: FakeAdmin, terminal: Callable[..., Terminal],
+                                key: bytes | None) -> None:
+    """Redrawn in place on the alternate screen, cut to the terminal's width; ``q`` or
+    Ctrl-C quits with 0 and leaves the terminal as it was. (Ctrl-C is sent as the
+    SIGINT a terminal makes of it: the pty is not the child's controlling terminal.)"""
+
+    from mq_trio.cli._top import ENTER, HOME, LEAVE
+
+    uptimes = iter(range(10**6))
+    fake.routes["/stats"] = lambda q: (200, later(STATS, next(uptimes)))
+    term = terminal("top", "--url", fake.url, "--interval", "0.05")
+    shown = term.read_until(b"2h 02m\x1b[K")  # the last row of the first frame
+    assert shown.startswith(ENTER.encode() + HOME.encode())
+    assert b"mq-trio 0.1.0 at " + fake.url.encode() + b": up 2h 03m" in shown
+    frame = shown.split(HOME.encode())[1]
+    assert all(len(line.split(b"\x1b[K")[0]) <= 100 for line in frame.split(b"\r\n"))
+    term.read_until(b"rates per second over the last")  # the next frames: rates (0/s)
+    if key is None:
+        term.proc.send_signal(signal.SIGINT)
+    else:
+        term.type(key)
+    status, err = term.finish()
+    assert (status, err) == (0, "")
+    assert term.read_until(LEAVE.encode()).endswith(LEAVE.encode())
+    assert termios.tcgetattr(term.slave) == term.saved  # cbreak undone

@@ -169,10 +169,10 @@ async def test_top_once_as_a_user_runs_it(server: Server) -> None:
     assert "\x1b" not in result.stdout
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"mq-trio {__version__} at http://127.0.0.1:{http(server)}: up ")
-    assert lines[1].startswith("connections 2 of 20,000, 2 since start, 0 refused; "
-                               "subscriptions 1; topics 1")
-    assert "total 4 msgs" in lines[2]
-    assert lines[5] == "rates per second since start (first sample); connections by pending, " \
+    assert lines[1] == "connections 2 of 20,000 (2 since start, 0 refused); subscriptions 1"
+    assert lines[2].startswith("topics 1, cached ")
+    assert "total 4 msgs" in lines[3]
+    assert lines[6] == "rates per second since start (first sample); connections by pending, " \
                        "1 of 2"
     table = lines[lines.index("") + 1:]
     assert table[0].split()[0] == "PEER" and len(table) == 2

@@ -287,36 +287,46 @@ def truncate_middle(text: str, width: int) -> str:
 @attrs.frozen
 class Column:
     """A table column: numbers align right; ``shrink`` > 0 lets a too-wide table cut
-    this column (from the middle) down to that many characters."""
+    this column (from the middle) down to that many characters; ``drop`` > 0 lets it
+    leave the column out when cutting is not enough (the highest ``drop`` first)."""
 
     title: str
     right: bool = False
     shrink: int = 0
+    drop: int = 0
 
 
 def layout_table(columns: Sequence[Column], rows: Sequence[Sequence[str]],
                  width: int | None = None) -> list[str]:
     """The header line and one line per row, columns two spaces apart. When the lines
     would be wider than ``width``, the shrinkable columns give up characters, first one
-    first, down to their minimum; what still does not fit is left to the caller."""
-    widths = [len(c.title) for c in columns]
+    first, down to their minimum; then droppable columns are left out; what still does
+    not fit is left to the caller."""
+    keep = list(range(len(columns)))
+    natural = [len(c.title) for c in columns]
     for row in rows:
         for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    if width is not None:
-        excess = sum(widths) + 2 * (len(columns) - 1) - width
-        for i, column in enumerate(columns):
-            if excess <= 0:
-                break
-            if column.shrink:
+            natural[i] = max(natural[i], len(cell))
+    widths = list(natural)
+    while width is not None:
+        widths = [natural[i] for i in keep]
+        excess = sum(widths) + 2 * (len(keep) - 1) - width
+        for j, i in enumerate(keep):
+            column = columns[i]
+            if excess > 0 and column.shrink:
                 floor = max(column.shrink, len(column.title))
-                give = min(excess, max(0, widths[i] - floor))
-                widths[i] -= give
+                give = min(excess, max(0, widths[j] - floor))
+                widths[j] -= give
                 excess -= give
+        droppable = [i for i in keep if columns[i].drop]
+        if excess <= 0 or not droppable:
+            break
+        keep.remove(max(droppable, key=lambda i: columns[i].drop))
+    shown = [columns[i] for i in keep]
 
     def line(cells: Sequence[str]) -> str:
         out = []
-        for cell, column, w in zip(cells, columns, widths, strict=True):
+        for cell, column, w in zip([cells[i] for i in keep], shown, widths, strict=True):
             cell = truncate_middle(cell, w)
             out.append(cell.rjust(w) if column.right else cell.ljust(w))
         return "  ".join(out).rstrip()
@@ -426,10 +436,10 @@ def kind(conn: Mapping[str, Any]) -> str:
 
 
 CONNECTION_COLUMNS = (
-    Column("PEER", shrink=12), Column("KIND"), Column("USER", shrink=6), Column("AGE"),
-    Column("SUBS", right=True), Column("PENDING", right=True), Column("MSGS IN", right=True),
-    Column("BYTES IN", right=True), Column("MSGS OUT", right=True),
-    Column("BYTES OUT", right=True),
+    Column("PEER", shrink=12), Column("KIND", drop=2), Column("USER", shrink=6),
+    Column("AGE", drop=1), Column("SUBS", right=True), Column("PENDING", right=True),
+    Column("MSGS IN", right=True), Column("BYTES IN", right=True, drop=3),
+    Column("MSGS OUT", right=True), Column("BYTES OUT", right=True),
 )
 
 

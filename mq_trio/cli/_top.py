@@ -134,11 +134,11 @@ def connection_rates(before: Sample | None, after: Sample, conn: Mapping[str, An
 
 
 TOP_COLUMNS = (
-    Column("PEER", shrink=12), Column("KIND"), Column("USER", shrink=6),
+    Column("PEER", shrink=12), Column("KIND", drop=2), Column("USER", shrink=6),
     Column("SUBS", right=True), Column("PENDING", right=True),
     Column("MSGS IN/s", right=True), Column("MSGS OUT/s", right=True),
-    Column("BYTES IN/s", right=True), Column("BYTES OUT/s", right=True),
-    Column("AGE", right=True),
+    Column("BYTES IN/s", right=True, drop=3), Column("BYTES OUT/s", right=True),
+    Column("AGE", right=True, drop=1),
 )
 
 
@@ -159,24 +159,22 @@ def render_frame(before: Sample | None, after: Sample, url: str, width: int | No
     head = [
         f"mq-trio {stats.get('version', '?')} at {url}: up "
         f"{format_duration(n(stats, 'uptime_seconds'))}{clock}",
-        f"connections {format_count(int(n(stats, 'connections')))}{of_max}, "
-        f"{format_count(int(n(stats, 'connections_total')))} since start, "
-        f"{format_count(int(n(stats, 'refused')))} refused; subscriptions "
-        f"{format_count(int(n(stats, 'subscriptions')))}; topics "
-        f"{format_count(int(n(stats, 'topics')))}, cached "
-        f"{format_bytes(n(stats, 'cached_bytes'))}",
+        f"connections {format_count(int(n(stats, 'connections')))}{of_max} "
+        f"({format_count(int(n(stats, 'connections_total')))} since start, "
+        f"{format_count(int(n(stats, 'refused')))} refused); subscriptions "
+        f"{format_count(int(n(stats, 'subscriptions')))}",
+        f"topics {format_count(int(n(stats, 'topics')))}, cached "
+        f"{format_bytes(n(stats, 'cached_bytes'))}; slow consumers "
+        f"{format_count(int(n(stats, 'slow_consumers')))}; failures "
+        f"{format_count(sum(int(v) for v in failures.values() if isinstance(v, int)))}",
         f"in   {format_rate(rates['messages_in'], ' msg/s'):>12}  "
         f"{format_rate(rates['bytes_in'], 'B'):>13}   total "
-        f"{_messages(n(stats, 'messages_in'))}, "
-        f"{format_bytes(n(stats, 'bytes_in'))}",
+        f"{_messages(n(stats, 'messages_in'))}, {format_bytes(n(stats, 'bytes_in'))}",
         f"out  {format_rate(rates['messages_out'], ' msg/s'):>12}  "
         f"{format_rate(rates['bytes_out'], 'B'):>13}   total "
-        f"{_messages(n(stats, 'messages_out'))}, "
-        f"{format_bytes(n(stats, 'bytes_out'))}; deliveries "
-        f"{format_rate(rates['deliveries'], '/s')}",
-        f"slow consumers {format_count(int(n(stats, 'slow_consumers')))}; failures "
-        f"{format_count(sum(int(v) for v in failures.values() if isinstance(v, int)))}; "
-        f"store {format_store(stats.get('store'))}",
+        f"{_messages(n(stats, 'messages_out'))}, {format_bytes(n(stats, 'bytes_out'))}",
+        f"deliveries {format_rate(rates['deliveries'], '/s')}; store "
+        f"{format_store(stats.get('store'))}",
     ]
     conns = list(page.get("connections", []))
     total = int(n(page, "total"))
