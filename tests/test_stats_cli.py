@@ -238,6 +238,13 @@ def test_summary_says_it_all() -> None:
         "settings        cache_size 100, max_connections 20000, max_pending_bytes 8.0 MiB",
     ]:
         assert f"  {expected}\n" in text + "\n", expected
+    config = {f"max_{name}_bytes": 1 << 20 for name in "abcdefghij"}
+    narrow = format_summary(dict(STATS, config=config), "u", width=60)
+    settings = narrow[narrow.index(next(x for x in narrow if "settings" in x)):]
+    assert len(settings) > 2 and all(len(line) <= 60 for line in settings)
+    assert " ".join(" ".join(settings).split()) == "settings " + ", ".join(
+        f"max_{name}_bytes 1.0 MiB" for name in "abcdefghij")
+    assert all(line.rstrip(",").endswith("MiB") for line in settings)  # items stay whole
     memory = dict(STATS, store=None, failures={})
     text = "\n".join(format_summary(memory, "u"))
     assert "store           none (in memory, no --data-dir)" in text

@@ -378,8 +378,9 @@ def format_summary(stats: Mapping[str, Any], url: str, width: int = 100) -> list
     lines.append(("store", format_store(get("store"))))
     config = get("config") or {}
     if config:
-        lines.append(("settings", ", ".join(f"{key} {_limit_value(key, value)}"
-                                          for key, value in sorted(config.items()))))
+        # (no-break spaces inside each item: the wrapping parts items, not key and value)
+        lines.append(("settings", ", ".join(f"{key}\u00a0{_limit_value(key, value)}"
+                                            for key, value in sorted(config.items()))))
     up = format_duration(float(get("uptime_seconds") or 0))
     since = f" (since {format_time(str(get('started')))})" if get("started") else ""
     head = f"mq-trio {get('version', '?')} at {url}, up {up}{since}"
@@ -388,6 +389,7 @@ def format_summary(stats: Mapping[str, Any], url: str, width: int = 100) -> list
     for name, text in lines:
         wrapped = textwrap.wrap(text, max(20, width - label - 4), break_long_words=False,
                                 break_on_hyphens=False) or [""]
+        wrapped = [part.replace("\u00a0", " ") for part in wrapped]
         out.append(f"  {name.ljust(label)}  {wrapped[0]}")
         out.extend(" " * (label + 4) + more for more in wrapped[1:])
     return out
