@@ -365,3 +365,18 @@ def test_acknowledged_jobs_do_not_grow_the_timer_heap() -> None:
     assert len(broker.jobs._timers) <= 4 * broker.jobs.total_jobs + 4096
     assert broker.jobs.total_jobs == 0 and broker.jobs.total_bytes == 0
     assert "q" not in broker.jobs.queues or broker.queue_info("q").consumers == 1
+
+
+def test_totals_outlive_an_idle_queue() -> None:
+    broker = make_broker()
+    sub = Fake()
+    consume(broker, sub, "q")
+    [a] = publish(broker, "q", "a")
+    broker.jobs.ack(sub, "q", a)
+    broker.unsubscribe(sub, "q")
+    assert "q" not in broker.jobs.queues  # no jobs, no consumers: the queue is gone
+    info = broker.queue_info("q")
+    assert (info.delivered_total, info.acked_total, info.consumers) == (1, 1, 0)
+    publish(broker, "q", "b")  # and it continues from them
+    consume(broker, sub, "q")
+    assert broker.queue_info("q").delivered_total == 2

@@ -715,17 +715,22 @@ async def serve(
         from ..auth import Authenticator  # only --auth needs argon2 and PyJWT
 
         authenticator = Authenticator.load(config.auth_file)  # AuthConfigError
-    async with _open_broker(config, broker) as broker:
-        broker.configure_jobs(
-            ack_timeout=config.ack_timeout, max_deliveries=config.max_deliveries,
-            max_queue_jobs=config.max_queue_jobs, max_job_bytes=config.max_job_bytes,
-            dedupe_window=config.dedupe_window, clock=trio.current_time,
-        )
-        server = Server(config, broker, listeners, ws_listeners, http_listeners,
-                        authenticator=authenticator, ssl_context=ssl_context)
-        try:
+    servers: list[Server] = []  # (the one built inside the block, once it is)
+    try:
+        async with _open_broker(config, broker) as broker:
+            broker.configure_jobs(
+                ack_timeout=config.ack_timeout, max_deliveries=config.max_deliveries,
+                max_queue_jobs=config.max_queue_jobs, max_job_bytes=config.max_job_bytes,
+                dedupe_window=config.dedupe_window, clock=trio.current_time,
+            )
+            server = Server(config, broker, listeners, ws_listeners, http_listeners,
+                            authenticator=authenticator, ssl_context=ssl_context)
+            servers.append(server)
             await server.run(task_status)
-        finally:
+    finally:
+        # Only once the store is closed: a new server on the same data directory may
+        # start as soon as this one says it stopped.
+        for server in servers:
             server.stopped.set()
 
 
