@@ -474,6 +474,29 @@ def test_no_answer_within_the_timeout(capsys: pytest.CaptureFixture[str]) -> Non
             1, "", f"mq-trio stats: no answer from http://127.0.0.1:{port} within 0.2 s\n")
 
 
+def test_stats_interrupted_while_waiting() -> None:
+    """Ctrl-C while the answer is awaited: 130 and no traceback, as pub and sub."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        proc = subprocess.Popen([sys.executable, "-m", "mq_trio", "stats", "--port",
+                                 str(sock.getsockname()[1])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            sock.settimeout(20)
+            conn, _ = sock.accept()  # connected: now it waits for the answer
+            with conn:
+                conn.settimeout(20)
+                assert conn.recv(65536).startswith(b"GET /stats HTTP/1.1\r\n")
+                proc.send_signal(signal.SIGINT)
+                assert proc.communicate(timeout=20) == ("", "")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130
+
+
 def test_not_an_http_port(capsys: pytest.CaptureFixture[str]) -> None:
     """A line-protocol port answers the request line with a JSON line, not HTTP."""
     with socket.socket() as sock:
@@ -653,12 +676,15 @@ def terminal() -> Iterator[Callable[..., Terminal]]:
         term.close()
 
 
-@pytest.mark.parametrize("key", [b"q", None], ids=["q", "ctrl-c"])
+@pytest.mark.parametrize(("key", "status"), [(b"q", 0), (signal.SIGINT, 0),
+                                             (signal.SIGTERM, 128 + signal.SIGTERM)],
+                         ids=["q", "ctrl-c", "sigterm"])
 def test_fake_top_on_a_terminal(fake: FakeAdmin, terminal: Callable[..., Terminal],
-                                key: bytes | None) -> None:
+                                key: bytes | signal.Signals, status: int) -> None:
     """Redrawn in place on the alternate screen, cut to the terminal's width; ``q`` or
-    Ctrl-C quits with 0 and leaves the terminal as it was. (Ctrl-C is sent as the
-    SIGINT a terminal makes of it: the pty is not the child's controlling terminal.)"""
+    Ctrl-C quits with 0, SIGTERM with 143, each leaving the terminal as it was. (Ctrl-C
+    is sent as the SIGINT a terminal makes of it: the pty is not the child's controlling
+    terminal.)"""
 
     from mq_trio.cli._top import ENTER, HOME, LEAVE
 
@@ -671,11 +697,10 @@ def test_fake_top_on_a_terminal(fake: FakeAdmin, terminal: Callable[..., Termina
     frame = shown.split(HOME.encode())[1]
     assert all(len(line.split(b"\x1b[K")[0]) <= 100 for line in frame.split(b"\r\n"))
     term.read_until(b"rates per second over the last")  # the next frames: rates (0/s)
-    if key is None:
-        term.proc.send_signal(signal.SIGINT)
-    else:
+    if isinstance(key, bytes):
         term.type(key)
-    status, err = term.finish()
-    assert (status, err) == (0, "")
+    else:
+        term.proc.send_signal(key)
+    assert term.finish() == (status, "")
     assert term.read_until(LEAVE.encode()).endswith(LEAVE.encode())
     assert termios.tcgetattr(term.slave) == term.saved  # cbreak undone

@@ -12,7 +12,8 @@ use for it, next to 7000 (TCP) and 7001 (WebSocket); 8080 was avoided because so
 other things listen there, and a stranger's 404 explains less than "nothing listens".
 
 Exit status: 0 ok (``--health``: the server said it is healthy); 1 cannot connect, no or
-a bad answer (``--health``: not healthy); 2 bad arguments.
+a bad answer (``--health``: not healthy); 2 bad arguments; 130 for ``stats`` interrupted
+by Ctrl-C (``top`` quits with 0: Ctrl-C is how one leaves it).
 
 The formatting helpers (sizes, durations, rates, tables) are pure functions, shared with
 ``mq-trio top`` (cli/_top.py).
@@ -42,6 +43,8 @@ from ._args import UsageError, port_number
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: Ctrl-C while ``stats`` waits for an answer (128 + SIGINT, as pub and sub).
+EXIT_INTERRUPTED = 130
 
 #: Where ``--url`` comes from when not given.
 URL_VARIABLE = "MQ_TRIO_HTTP_URL"
@@ -577,7 +580,8 @@ def add_stats_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         f"--topics: {', '.join(TOPIC_SORTS)} (default name)",
     )
     p.add_argument("--limit", type=_count, default=DEFAULT_LIMIT, metavar="N",
-                   help=f"rows listed by --connections and --topics (default {DEFAULT_LIMIT})")
+                   help=f"rows listed by --connections and --topics (default {DEFAULT_LIMIT}; "
+                   "the server sends at most 1000)")
     add_endpoint_args(p)
     p.set_defaults(func=run_stats)
 
@@ -637,5 +641,7 @@ def run_stats(args: argparse.Namespace) -> int:
     except FetchError as exc:
         error("stats", str(exc))
         return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C while waiting for an answer: as pub and sub
+        return EXIT_INTERRUPTED
     print(json.dumps(body, indent=2) if args.json else "\n".join(lines))
     return EXIT_OK

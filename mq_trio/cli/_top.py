@@ -19,6 +19,7 @@ import contextlib
 import os
 import select
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -177,15 +178,14 @@ def render_frame(before: Sample | None, after: Sample, url: str, width: int | No
         f"{format_store(stats.get('store'))}",
     ]
     conns = list(page.get("connections", []))
+    if height is not None:  # room below this header, its last two lines and the table's
+        conns = conns[:max(0, height - len(head) - 3)]
     total = int(n(page, "total"))
     over = (f"over the last {seconds:.1f} s" if seconds is not None
             else "since start (first sample)")
     head.append(f"rates per second {over}; connections by {page.get('sort', 'pending')}, "
                 f"{min(len(conns), total)} of {total}")
     head.append("")
-    if height is not None:
-        room = max(0, height - len(head) - 1)  # (the table's own header line)
-        conns = conns[:room]
     rows = []
     for conn in conns:
         r = connection_rates(before, after, conn, now)
@@ -318,6 +318,8 @@ def run_top(args: argparse.Namespace) -> int:
         print("\n".join(render_frame(None, sample, endpoint.url)))
         return EXIT_OK
     live = sys.stdout.isatty()
+    if live:  # SIGTERM too leaves through the finally clauses that restore the terminal
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with keyboard(live and sys.stdin.isatty()) as wait:
             if live:
