@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python3}
 SERVER_CPU=${SERVER_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
 # The defaults of the published run; options given to the script come after, so win.
-DEFAULTS=(--duration 5 --producers 2 --consumers 2 --prefetch 100 --window 100 --size 64)
+DEFAULTS=(--duration 5 --producers 2 --consumers 2 --prefetch 300 --window 300 --size 64)
 
 if ! command -v redis-server >/dev/null; then
     echo "installing redis-server (Debian package)" >&2
