@@ -245,6 +245,10 @@ def test_summary_says_it_all() -> None:
     assert " ".join(" ".join(settings).split()) == "settings " + ", ".join(
         f"max_{name}_bytes 1.0 MiB" for name in "abcdefghij")
     assert all(line.rstrip(",").endswith("MiB") for line in settings)  # items stay whole
+    one = dict(STATS, store={"available": False, "commits": 1, "failed_commits": 3,
+                             "fsync": "always"})
+    assert "  store           UNAVAILABLE; 1 commit, 3 failed, fsync always" in format_summary(
+        one, "u")
     memory = dict(STATS, store=None, failures={})
     text = "\n".join(format_summary(memory, "u"))
     assert "store           none (in memory, no --data-dir)" in text

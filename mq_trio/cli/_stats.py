@@ -403,7 +403,8 @@ def format_store(store: Any) -> str:
     if not isinstance(store, Mapping):
         return "none (in memory, no --data-dir)"
     state = "available" if store.get("available", True) else "UNAVAILABLE"
-    parts = [f"{format_count(_number(store.get('commits')))} commits",
+    commits = _number(store.get("commits"))
+    parts = [f"{format_count(commits)} commit{'' if commits == 1 else 's'}",
              f"{format_count(_number(store.get('failed_commits')))} failed"]
     fsync = store.get("fsync")
     if isinstance(fsync, Mapping):
