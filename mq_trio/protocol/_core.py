@@ -46,6 +46,11 @@ class LineConnection:
         self._lines = LineBuffer(self._lines.max_line_bytes)
         self._closing = failure_bytes(reason)
 
+    def release(self) -> None:
+        """Drop the unfinished line now (the connection is closing); the byte count stays
+        (metrics read it when the connection is retired)."""
+        self._lines = LineBuffer(self._lines.max_line_bytes)
+
     @property
     def max_line_bytes(self) -> int:
         return self._lines.max_line_bytes

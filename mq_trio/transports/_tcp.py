@@ -275,9 +275,9 @@ class TCPTransport:
     async def aclose(self) -> None:
         # Release the input and output buffers now (an unfinished line, up to the line
         # limit; unsent bytes), not when the transport object goes: whatever still holds
-        # it (a log record, a late send_ready) holds no megabytes. A fresh wire still
-        # frames a late send, which then fails on the closed descriptor.
-        self.wire = LineConnection(self.wire.max_line_bytes)
+        # it (a log record, a late send_ready) holds no megabytes. The wire still frames
+        # a late send, which then fails on the closed descriptor.
+        self.wire.release()
         self._unsent = b""
         if self._guard is not None:
             self._guard.release(self)
