@@ -20,6 +20,7 @@ import pytest
 from mq_trio import protocol
 from mq_trio.protocol import (
     Send,
+    SendEx,
     _parse,
     parse_line,
     parse_line_stdlib,
@@ -35,7 +36,9 @@ def describe(event: protocol.LineEvent) -> tuple[Any, ...]:
         return (None,)
     if isinstance(event, Send):
         assert type(event.raw) is bytes
-        return (Send, event.topic, event.msg, event.delivery, event.cache, event.raw)
+        extra = (event.ack, event.id) if isinstance(event, SendEx) else ()
+        return (type(event), event.topic, event.msg, event.delivery, event.cache, event.raw,
+                *extra)
     return (type(event), event)
 
 
@@ -45,7 +48,7 @@ def fast_accepts(data: bytes | str) -> bool:
         decoded = _parse._decode_command(data)
     except Exception:
         return False
-    return type(decoded) is _parse._SendSchema
+    return type(decoded) in (_parse._SendSchema, _parse._Ack, _parse._Nack, _parse._Progress)
 
 
 def check(line: bytes) -> bool:
@@ -155,12 +158,17 @@ def clean_send_pairs(rng: random.Random) -> list[tuple[str, Any]]:
     ]
     if rng.random() < 0.4:
         pairs.append(("cache", rng.choice([True, False])))
+    if rng.random() < 0.25:  # the work-queue extensions: a job, a message id
+        pairs.append(("ack", rng.choice([True, True, False])))
+    if rng.random() < 0.2:
+        pairs.append(("id", rng.choice([rand_string(rng), "k" * 256, "k" * 257, ""])))
     rng.shuffle(pairs)
     if rng.random() < 0.2:
         # an earlier occurrence of a key with another valid value (refused: duplicate key)
         key, _ = rng.choice(pairs)
         other = {"command": "send", "topic": rand_string(rng), "msg": rand_string(rng),
-                 "delivery": rng.choice(["all", "one"]), "cache": rng.choice([True, False])}
+                 "delivery": rng.choice(["all", "one"]), "cache": rng.choice([True, False]),
+                 "ack": rng.choice([True, False]), "id": rand_string(rng)}
         first = next(i for i, (k, _) in enumerate(pairs) if k == key)
         pairs.insert(rng.randint(0, first), (key, other[key]))
     return pairs
@@ -207,6 +215,25 @@ def subscribe_pairs(rng: random.Random) -> list[tuple[str, Any]]:
         pairs.append(("msg", "m"))
     if rng.random() < 0.2:
         pairs.append(("delivery", "all"))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def job_command_pairs(rng: random.Random) -> list[tuple[str, Any]]:
+    """ack, nack (maybe with a delay) and progress, sometimes wrong on purpose."""
+    command = rng.choice(["ack", "nack", "progress"])
+    pairs: list[tuple[str, Any]] = [
+        ("command", command),
+        ("topic", rand_string(rng)),
+        ("index", rng.choice([0, 5, 2**63 - 1, 2**63, -1, True, 1.0, "1", None])),
+    ]
+    if rng.random() < 0.4:
+        pairs.append(("delay", rng.choice([0, 2.5, 86_400, 86_400.5, -1, True, "1", 1e400])))
+    if rng.random() < 0.1:
+        pairs.append((rng.choice(EXTRA_KEYS), "v"))
+    if rng.random() < 0.2:
+        key, value = rng.choice(pairs)
+        pairs.insert(rng.randint(0, len(pairs)), (key, rng.choice([value, 7, "x"])))
     rng.shuffle(pairs)
     return pairs
 
@@ -283,6 +310,11 @@ def generated_lines(count: int, seed: int) -> Iterator[bytes]:
         elif r < 0.78:
             text = surround(rng.choice(["quit", "", "[]", "null", '"send"', "{}", "[{}]", "0"]),
                             rng, 0.3)
+        elif r < 0.84:
+            text = surround(write_object(job_command_pairs(rng), rng, 0.0), rng, 0.1)
+            if rng.random() < 0.3:
+                yield mutate(encode(text), rng)
+                continue
         else:
             pairs = clean_send_pairs(rng) if rng.random() < 0.5 else send_pairs(rng)
             text = surround(write_object(pairs, rng, 0.0), rng, 0.1)

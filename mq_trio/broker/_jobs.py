@@ -46,6 +46,8 @@ class Job:
     base: bytes
     deliveries: int = 0
     state: int = PENDING
+    #: What it counts against ``max_job_bytes``.
+    size: int = 0
     holder: Consumer | None = None
     #: HELD: when it goes back unless acknowledged or extended.
     deadline: float = 0.0
@@ -53,10 +55,6 @@ class Job:
     gen: int = 0
     #: PENDING: the history's write of it.
     ticket: Ticket | None = None
-
-    @property
-    def size(self) -> int:
-        return len(self.base) + JOB_OVERHEAD
 
 
 @attrs.define(slots=True, eq=False)
@@ -163,7 +161,7 @@ class JobQueues:
         """A new job (room checked by the caller); deliverable once ``ticket`` (its write)
         is decided, at once without one."""
         queue = self._queue(topic)
-        job = Job(topic, index, base, deliveries)
+        job = Job(topic, index, base, deliveries, PENDING, len(base) + JOB_OVERHEAD)
         queue.jobs[index] = job
         queue.bytes += job.size
         self.total_bytes += job.size
@@ -274,7 +272,7 @@ class JobQueues:
         if dispatch:
             self._dispatch(queue)
             self._drop_if_idle(queue)
-        if len(self._timers) > 4 * self.total_jobs + 4096:
+        if len(self._timers) > 8 * self.total_jobs + 65_536:
             self._compact_timers()
         return True, ticket
 

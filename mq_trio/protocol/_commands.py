@@ -107,7 +107,8 @@ class Batch:
     id: str | None = None
 
 
-@attrs.frozen(slots=True)
+# Not frozen, as Send: one is built per line of a work queue.
+@attrs.define(slots=True)
 class JobCommand:
     """``ack``, ``nack`` or ``progress`` of a job this connection holds."""
 

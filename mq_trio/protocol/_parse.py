@@ -15,12 +15,18 @@ from ._commands import (
     _DECODE_ERROR,
     _MALFORMED,
     _PARSE_ERROR,
+    INT_MAX,
     QUIT,
     Delivery,
+    JobCommand,
     LineEvent,
     Send,
+    SendEx,
     validate,
 )
+from ._ext import MAX_ID_CHARS, MAX_NACK_DELAY
+
+UNSET = msgspec.UNSET
 
 # --- the reference path, bounded ------------------------------------------------------
 #
@@ -231,7 +237,35 @@ class _SendSchema(
     topic: str
     msg: str
     delivery: Delivery
-    cache: bool = True
+    #: UNSET when absent (true): the extensions' duplicate check counts members exactly.
+    cache: bool | msgspec.UnsetType = msgspec.UNSET
+    #: The work-queue extensions (a job, a message id): UNSET when absent, so that the
+    #: duplicate-key check knows exactly how many members the line has.
+    ack: bool | msgspec.UnsetType = msgspec.UNSET
+    id: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class _JobCommandSchema(msgspec.Struct, tag_field="command", forbid_unknown_fields=True,
+                        gc=False):
+    """``ack``, ``nack`` (with an optional ``delay``) and ``progress``: half the lines
+    of a work queue, so they are decoded and validated in one C call too."""
+
+    topic: str
+    index: Annotated[int, msgspec.Meta(ge=0, le=INT_MAX)]
+
+
+class _Ack(_JobCommandSchema, tag="ack"):
+    pass
+
+
+class _Progress(_JobCommandSchema, tag="progress"):
+    pass
+
+
+class _Nack(_JobCommandSchema, tag="nack"):
+    delay: Annotated[float, msgspec.Meta(ge=0, le=MAX_NACK_DELAY)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
 
 
 class _OtherCommand(msgspec.Struct, tag_field="command", gc=False):
@@ -252,7 +286,9 @@ class _Unsubscribe(_OtherCommand, tag="unsubscribe"):
 # Literal "command"; it spares each subscribe the exception (0.9 us), so a subscribe costs
 # about 0.3 us more than with the stdlib path alone, not 1 us. ("command" may come
 # anywhere in the object: msgspec looks ahead for the tag.)
-_decode_command = msgspec.json.Decoder(_SendSchema | _Subscribe | _Unsubscribe).decode
+_decode_command = msgspec.json.Decoder(
+    _SendSchema | _Subscribe | _Unsubscribe | _Ack | _Nack | _Progress
+).decode
 
 
 # What may surround an object msgspec accepted: JSON whitespace only (str.strip in the
@@ -290,14 +326,52 @@ def parse_line(line: bytes) -> LineEvent:
         s = _decode_command(line)
     except Exception:
         return parse_line_stdlib(line)
-    if type(s) is _SendSchema:
+    cls = type(s)
+    if cls is _SendSchema:
         # msgspec keeps the last of duplicate keys while the delivered bytes (raw) keep
         # them all: a duplicate is refused (the stdlib path tells). A line too short to
         # hold one member more than the four required has none (json.dumps' own spacing
         # fits: 7 bytes); this costs 0.05 us where counting quotes costs 0.15 us.
-        topic = s.topic
-        msg = s.msg
-        if len(line) - len(topic) - len(msg) >= _ROOM_FOR_A_MEMBER and _duplicate(line):
+        topic = s.topic  # type: ignore[union-attr]
+        msg = s.msg  # type: ignore[union-attr]
+        if s.ack is UNSET and s.id is UNSET:  # type: ignore[union-attr]
+            if len(line) - len(topic) - len(msg) >= _ROOM_FOR_A_MEMBER and _duplicate(line):
+                return parse_line_stdlib(line)
+            return Send(topic, msg, s.delivery, s.cache is not False,  # type: ignore[union-attr]
+                        line.strip(_JSON_WS))
+        return _send_ex(s, line)  # type: ignore[arg-type]
+    if cls is _Ack or cls is _Progress or cls is _Nack:
+        # (3 members, or 4 with a delay: 10 or 12 quotes outside the topic's string)
+        quotes = 10 if cls is not _Nack or s.delay is UNSET else 12  # type: ignore[union-attr]
+        if _more_quotes(line, quotes):
             return parse_line_stdlib(line)
-        return Send(topic, msg, s.delivery, s.cache, line.strip(_JSON_WS))
+        delay = 0.0 if cls is not _Nack or s.delay is UNSET else float(s.delay)  # type: ignore[union-attr]
+        return JobCommand(s.__struct_config__.tag, s.topic, s.index, delay)  # type: ignore[union-attr, arg-type]
     return parse_line_stdlib(line)
+
+
+def _more_quotes(line: bytes, structural: int) -> bool:
+    """Whether ``line`` may have more members than msgspec saw (a duplicate key): more
+    than ``structural`` quotes that no backslash escapes (when unsure, True: the stdlib
+    path decides)."""
+    quotes = line.count(b'"')
+    return quotes > structural and (b"\\\\" in line
+                                    or quotes - line.count(b'\\"') > structural)
+
+
+def _send_ex(s: _SendSchema, line: bytes) -> LineEvent:
+    """A job or a send with an id, decoded by msgspec: checked as ``validate_send_ex``
+    would (anything unusual takes the stdlib path for its exact answer)."""
+    ack = s.ack is True
+    message_id = None if s.id is UNSET else s.id
+    if (ack and s.delivery != "one") or (
+        message_id is not None and not 1 <= len(message_id) <= MAX_ID_CHARS  # type: ignore[arg-type]
+    ):
+        return parse_line_stdlib(line)
+    # Members: the four required strings (16 quotes), and "cache", "ack" (2), "id" (4).
+    raw = line.strip(_JSON_WS)
+    structural = (16 + 2 * (s.ack is not UNSET) + 4 * (message_id is not None)
+                  + 2 * (s.cache is not UNSET))
+    if _more_quotes(raw, structural):
+        return parse_line_stdlib(line)
+    return SendEx(s.topic, s.msg, s.delivery, s.cache is not False, raw, ack, message_id)  # type: ignore[arg-type]

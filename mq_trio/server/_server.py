@@ -721,7 +721,9 @@ async def serve(
             broker.configure_jobs(
                 ack_timeout=config.ack_timeout, max_deliveries=config.max_deliveries,
                 max_queue_jobs=config.max_queue_jobs, max_job_bytes=config.max_job_bytes,
-                dedupe_window=config.dedupe_window, clock=trio.current_time,
+                # (the clock's own method: trio.current_time looks up the run first)
+                dedupe_window=config.dedupe_window,
+                clock=trio.lowlevel.current_clock().current_time,
             )
             server = Server(config, broker, listeners, ws_listeners, http_listeners,
                             authenticator=authenticator, ssl_context=ssl_context)
