@@ -18,7 +18,6 @@ from support import SEED, SEED_VARIABLE, LineClient, start_server  # noqa: E402
 
 from mq_trio.server import Server  # noqa: E402
 
-
 #: The suite's own MQ_TRIO_* variables; every other one (a developer's MQ_TRIO_PORT or
 #: MQ_TRIO_CONFIG, which tox passes through) would change the servers the tests start.
 _SUITE_VARIABLES = frozenset({

@@ -424,7 +424,7 @@ def test_the_comparison_would_notice_a_wrong_raw(
             return parse_line_stdlib(line)
         if type(s) is not _parse._SendSchema:
             return parse_line_stdlib(line)
-        return Send(s.topic, s.msg, s.delivery, s.cache, breakage(line))
+        return Send(s.topic, s.msg, s.delivery, s.cache is not False, breakage(line))
 
     caught = 0
     for line in generated_lines(5_000, seed):

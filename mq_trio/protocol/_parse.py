@@ -332,21 +332,21 @@ def parse_line(line: bytes) -> LineEvent:
         # them all: a duplicate is refused (the stdlib path tells). A line too short to
         # hold one member more than the four required has none (json.dumps' own spacing
         # fits: 7 bytes); this costs 0.05 us where counting quotes costs 0.15 us.
-        topic = s.topic  # type: ignore[union-attr]
-        msg = s.msg  # type: ignore[union-attr]
-        if s.ack is UNSET and s.id is UNSET:  # type: ignore[union-attr]
+        topic = s.topic
+        msg = s.msg
+        if s.ack is UNSET and s.id is UNSET:
             if len(line) - len(topic) - len(msg) >= _ROOM_FOR_A_MEMBER and _duplicate(line):
                 return parse_line_stdlib(line)
-            return Send(topic, msg, s.delivery, s.cache is not False,  # type: ignore[union-attr]
+            return Send(topic, msg, s.delivery, s.cache is not False,
                         line.strip(_JSON_WS))
-        return _send_ex(s, line)  # type: ignore[arg-type]
+        return _send_ex(s, line)
     if cls is _Ack or cls is _Progress or cls is _Nack:
         # (3 members, or 4 with a delay: 10 or 12 quotes outside the topic's string)
-        quotes = 10 if cls is not _Nack or s.delay is UNSET else 12  # type: ignore[union-attr]
+        quotes = 10 if cls is not _Nack or s.delay is UNSET else 12
         if _more_quotes(line, quotes):
             return parse_line_stdlib(line)
-        delay = 0.0 if cls is not _Nack or s.delay is UNSET else float(s.delay)  # type: ignore[union-attr]
-        return JobCommand(s.__struct_config__.tag, s.topic, s.index, delay)  # type: ignore[union-attr, arg-type]
+        delay = 0.0 if cls is not _Nack or s.delay is UNSET else float(s.delay)
+        return JobCommand(s.__struct_config__.tag, s.topic, s.index, delay)
     return parse_line_stdlib(line)
 
 
@@ -365,7 +365,7 @@ def _send_ex(s: _SendSchema, line: bytes) -> LineEvent:
     ack = s.ack is True
     message_id = None if s.id is UNSET else s.id
     if (ack and s.delivery != "one") or (
-        message_id is not None and not 1 <= len(message_id) <= MAX_ID_CHARS  # type: ignore[arg-type]
+        message_id is not None and not 1 <= len(message_id) <= MAX_ID_CHARS
     ):
         return parse_line_stdlib(line)
     # Members: the four required strings (16 quotes), and "cache", "ack" (2), "id" (4).
@@ -374,4 +374,4 @@ def _send_ex(s: _SendSchema, line: bytes) -> LineEvent:
                   + 2 * (s.cache is not UNSET))
     if _more_quotes(raw, structural):
         return parse_line_stdlib(line)
-    return SendEx(s.topic, s.msg, s.delivery, s.cache is not False, raw, ack, message_id)  # type: ignore[arg-type]
+    return SendEx(s.topic, s.msg, s.delivery, s.cache is not False, raw, ack, message_id)
