@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -121,7 +121,11 @@ class JobQueues:
     _of: dict[Subscriber, dict[str, Consumer]] = attrs.field(factory=dict)
     #: The totals of queues that went idle (delivered, redelivered, acked, dead-lettered).
     _totals: dict[str, tuple[int, int, int, int]] = attrs.field(factory=dict)
-    #: (when, seq, job, gen): deadlines of held jobs and ends of nack delays.
+    #: Held jobs in the order of their deadlines: every deadline is "now + ack_timeout",
+    #: so delivery order is deadline order (``progress`` moves a job to the end). An
+    #: acknowledged job leaves at once: no stale entries, nothing to compact.
+    _deadlines: OrderedDict[Job, None] = attrs.field(factory=OrderedDict)
+    #: (when, seq, job, gen): the ends of nack delays (a heap: delays differ).
     _timers: list[tuple[float, int, Job, int]] = attrs.field(factory=list)
     _seq: int = 0
     #: When the server's timer task wakes next (it sets this).
@@ -237,8 +241,10 @@ class JobQueues:
         consumer.listed = False  # (the ring skips consumers no longer in ``consumers``)
         held = list(consumer.held.values())
         consumer.held.clear()
+        deadlines = self._deadlines
         for job in held:
             job.holder = None
+            del deadlines[job]
             queue.in_flight -= 1
         self._return_all(queue, held)
         self._dispatch(queue)
@@ -272,8 +278,6 @@ class JobQueues:
         if dispatch:
             self._dispatch(queue)
             self._drop_if_idle(queue)
-        if len(self._timers) > 8 * self.total_jobs + 65_536:
-            self._compact_timers()
         return True, ticket
 
     def nack(self, subscriber: Subscriber, topic: str, index: int, delay: float,
@@ -298,9 +302,8 @@ class JobQueues:
         job = self._held(subscriber, topic, index)
         if job is None:
             return False
-        # The heap entry stays; when it comes due it sees the later deadline (one entry
-        # per held job however often a client reports progress).
         job.deadline = self.clock() + self.ack_timeout
+        self._deadlines.move_to_end(job)
         return True
 
     def _release(self, job: Job) -> TopicQueue:
@@ -308,6 +311,7 @@ class JobQueues:
         consumer = job.holder
         assert consumer is not None
         del consumer.held[job.index]
+        del self._deadlines[job]
         job.holder = None
         queue = consumer.queue
         queue.in_flight -= 1
@@ -389,6 +393,9 @@ class JobQueues:
         waiting = queue.waiting
         ready = queue.ready
         deadline = self.clock() + self.ack_timeout
+        deadlines = self._deadlines
+        if not deadlines and waiting and ready and self.on_timer is not None:
+            self.on_timer()  # the first deadline: the timer task may sleep for good
         while waiting and ready:
             consumer = ready.popleft()
             if queue.consumers.get(consumer.subscriber) is not consumer:
@@ -408,7 +415,7 @@ class JobQueues:
             consumer.held[job.index] = job
             queue.in_flight += 1
             queue.delivered += 1
-            self._timer(deadline, job)
+            deadlines[job] = None
             if len(consumer.held) < consumer.prefetch:
                 ready.append(consumer)
             else:
@@ -425,14 +432,11 @@ class JobQueues:
         if when < self.wake_at and self.on_timer is not None:
             self.on_timer()
 
-    def _compact_timers(self) -> None:
-        """Drop the entries of jobs acknowledged since (each held job has at most one
-        live entry, so the heap stays within a few times the jobs held)."""
-        self._timers = [t for t in self._timers if t[3] == t[2].gen]
-        heapq.heapify(self._timers)
-
     def next_timer(self) -> float:
-        return self._timers[0][0] if self._timers else float("inf")
+        due = self._timers[0][0] if self._timers else float("inf")
+        if self._deadlines:
+            due = min(due, next(iter(self._deadlines)).deadline)
+        return due
 
     def expire(self, now: float | None = None, limit: int = 10_000) -> float:
         """Handle the timers due by ``now`` (at most ``limit``: the caller yields and
@@ -442,22 +446,23 @@ class JobQueues:
         timers = self._timers
         touched: set[TopicQueue] = set()
         expired: list[Job] = []
+        deadlines = self._deadlines
+        while deadlines and limit > 0:
+            job = next(iter(deadlines))
+            if job.deadline > now:
+                break
+            limit -= 1
+            touched.add(self._release(job))
+            expired.append(job)  # back in index order, below
         while timers and timers[0][0] <= now and limit > 0:
             limit -= 1
             _, _, job, gen = heapq.heappop(timers)
             if gen != job.gen:
-                continue  # stale: acknowledged, returned or redelivered since
+                continue  # stale: returned or forgotten since
             queue = self.queues.get(job.topic)
             if queue is None or queue.jobs.get(job.index) is not job:
                 continue
-            if job.state == HELD:
-                if job.deadline > now:  # extended by progress
-                    self._seq += 1
-                    heapq.heappush(timers, (job.deadline, self._seq, job, job.gen))
-                    continue
-                self._release(job)
-                expired.append(job)  # back in index order, below
-            elif job.state == DELAYED:
+            if job.state == DELAYED:
                 queue.delayed -= 1
                 job.state = WAITING
                 job.gen += 1

@@ -150,6 +150,8 @@ def frame(items: list[bytes], terminator: bytes = b"\n") -> bytes:
 def index_reply(index: int, count: int | None = None, duplicate: bool = False) -> bytes:
     """The success reply that carries the index: a job, a send with an ``id``, a batch
     (``count``); ``duplicate`` for a repeated id."""
+    if count is None and not duplicate:  # a job's reply: one format, no concatenation
+        return b'{"success": true, "index": %d}' % index
     text = b'{"success": true, "index": %d' % index
     if count is not None:
         text += b', "count": %d' % count
