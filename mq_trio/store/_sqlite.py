@@ -577,6 +577,12 @@ class SqliteBackend:
                     conn.executemany("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts)
                 if takes:
                     conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", takes)
+                if done and (counts or jobs):
+                    # A job acknowledged in the batch that wrote it (or counted its
+                    # delivery) needs neither the row nor the count.
+                    gone = set(done)
+                    counts = [c for c in counts if (c[1], c[2]) not in gone]
+                    jobs = [j for j in jobs if (j[0], j[1]) not in gone]
                 if jobs:
                     conn.executemany("INSERT OR REPLACE INTO jobs (tid, idx, payload) "
                                      "VALUES (?, ?, ?)", jobs)
