@@ -454,3 +454,18 @@ def test_the_comparison_would_notice_a_lax_schema(seed: int) -> None:
         describe(broken(line)) != describe(parse_line_stdlib(line))
         for line in generated_lines(5_000, seed)
     )
+
+
+@pytest.mark.parametrize("line", [
+    b'{"command":"ack","topic":"","index":0,"index":0}',  # the shortest with a fourth member
+    b'{"command":"ack","topic":"q","index":1,"index":2}',
+    b'{"command":"ack","topic":"","topic":"","index":2}',
+    b'{"command":"progress","topic":"a","index":0,"topic":""}',
+    b'{"command":"ack","index":0,"topic":"t","command":"ack"}',
+    b'{"command":"nack","topic":"t","index":0,"delay":1,"delay":2}',
+    b'{"command":"send","topic":"t","msg":"","delivery":"one","ack":true,"ack":true}',
+    b'{"command":"send","topic":"t","msg":"","delivery":"one","id":"a","id":"b"}',
+])
+def test_work_queue_lines_with_a_repeated_key_are_refused(line: bytes) -> None:
+    """The fast path's member counts for jobs and acks (a length bound, then quotes)."""
+    assert parse_line(line) == parse_line_stdlib(line) == protocol.Failure(protocol.MALFORMED)

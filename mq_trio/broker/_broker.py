@@ -105,7 +105,8 @@ class Broker:
     dedupe: Dedupe = attrs.field(init=False, factory=Dedupe)
 
     def __attrs_post_init__(self) -> None:
-        self.jobs = JobQueues(self.history, dead_letter=self._dead_letter)
+        self.jobs = JobQueues(self.history, dead_letter=self._dead_letter,
+                              keep_counts=not isinstance(self.history, MemoryHistory))
         for stored in self.history.stored_jobs():  # a durable history's, after a restart
             self.jobs.add(stored.topic, stored.index, stored.base, None, stored.deliveries)
             self._subscribers.setdefault(stored.topic, _NO_SUBS)
@@ -327,27 +328,30 @@ class Broker:
         """A send with extension keys (a job, an id): its reply (with the index, or the
         original's for a repeated id) and what it recorded (for a repeat: the original's
         pending write, or -1)."""
-        repeat = self._repeat(send.topic, send.id)
-        if repeat is not None:
-            return repeat
+        if send.id is not None:
+            repeat = self._repeat(send.topic, send.id)
+            if repeat is not None:
+                return repeat
         if send.ack:
             recorded = self._publish_job(send.topic, send.raw or encode_command(
                 send.topic, send.msg, "one", send.cache, True))
         else:
             recorded = self.publish(send)
         index = recorded if type(recorded) is int else recorded.index  # type: ignore[union-attr]
-        self._remember(send.topic, send.id, index_reply(index, duplicate=True), recorded)
+        if send.id is not None:
+            self._remember(send.topic, send.id, index_reply(index, duplicate=True), recorded)
         return index_reply(index), recorded
 
     def _publish_job(self, topic: str, base: bytes) -> int | Recorded:
-        self.jobs.check_room(topic, 1, len(base))
+        jobs = self.jobs
+        jobs.check_room(topic, 1, len(base))
         if topic not in self._subscribers:
             self._new_topic(topic)
         recorded = self.history.record_job(topic, base)
         if type(recorded) is int:
-            self.jobs.add(topic, recorded, base)
+            jobs.add(topic, recorded, base)
         else:
-            self.jobs.add(topic, recorded.index, base, recorded)  # type: ignore[union-attr, arg-type]
+            jobs.add(topic, recorded.index, base, recorded)  # type: ignore[union-attr, arg-type]
         return recorded
 
     def publish_batch(self, batch: Batch) -> tuple[bytes, int | Recorded]:

@@ -34,6 +34,10 @@ HELD = 2  # delivered, not acknowledged
 DELAYED = 3  # nacked with a delay
 
 
+#: What ``_of`` gives for a subscriber that consumes nothing (never mutated).
+_NO_CONSUMERS: dict[str, Consumer] = {}
+
+
 class QueueFull(Exception):
     """A job or batch of jobs beyond the queue limits: ``Queue full``, nothing accepted."""
 
@@ -65,6 +69,8 @@ class Consumer:
     held: dict[int, Job] = attrs.field(factory=dict)
     #: In its queue's ``ready`` ring.
     listed: bool = False
+    #: Still a consumer (the ring drops one that left when it comes to its turn).
+    active: bool = True
 
 
 @attrs.frozen
@@ -133,6 +139,9 @@ class JobQueues:
     #: Jobs whose write is not decided yet, oldest first (``settle``).
     undecided: deque[Job] = attrs.field(factory=deque)
     on_undecided: Callable[[], None] | None = None
+    #: Whether the history keeps delivery counts (``job_delivered``): a memory history
+    #: does not, and the call is skipped.
+    keep_counts: bool = True
     total_bytes: int = 0
     total_jobs: int = 0
     dead_letters_dropped: int = 0
@@ -144,10 +153,10 @@ class JobQueues:
 
     def check_room(self, topic: str, count: int, size: int) -> None:
         """Raise :class:`QueueFull` unless ``count`` more jobs of ``size`` bytes fit."""
+        if self.total_bytes + size + count * JOB_OVERHEAD > self.max_job_bytes:
+            raise QueueFull
         queue = self.queues.get(topic)
-        held = len(queue.jobs) if queue is not None else 0
-        if (held + count > self.max_queue_jobs
-                or self.total_bytes + size + count * JOB_OVERHEAD > self.max_job_bytes):
+        if queue is not None and len(queue.jobs) + count > self.max_queue_jobs:
             raise QueueFull
 
     def _queue(self, topic: str) -> TopicQueue:
@@ -178,7 +187,8 @@ class JobQueues:
             return job
         job.state = WAITING
         queue.waiting.append(job)
-        self._dispatch(queue)
+        if queue.ready:  # (a consumer may have room: else nothing to do)
+            self._dispatch(queue)
         return job
 
     def settle(self) -> None:
@@ -238,7 +248,7 @@ class JobQueues:
     def _leave(self, consumer: Consumer) -> None:
         queue = consumer.queue
         del queue.consumers[consumer.subscriber]
-        consumer.listed = False  # (the ring skips consumers no longer in ``consumers``)
+        consumer.active = consumer.listed = False  # (the ring skips it)
         held = list(consumer.held.values())
         consumer.held.clear()
         deadlines = self._deadlines
@@ -258,7 +268,7 @@ class JobQueues:
     # --- acknowledging ---
 
     def _held(self, subscriber: Subscriber, topic: str, index: int) -> Job | None:
-        consumer = self._of.get(subscriber, {}).get(topic)
+        consumer = self._of.get(subscriber, _NO_CONSUMERS).get(topic)
         if consumer is None:
             return None
         return consumer.held.get(index)
@@ -268,13 +278,29 @@ class JobQueues:
         """(held, the history's removal ticket, None when already decided). Without
         ``dispatch`` the room made is filled by a later ``dispatch_topic`` (after the
         reply, so that the reply comes before the next job)."""
-        job = self._held(subscriber, topic, index)
+        # The other half of a work queue's hot path (once per job): _held, _release and
+        # _forget written out.
+        consumer = self._of.get(subscriber, _NO_CONSUMERS).get(topic)
+        if consumer is None:
+            return False, None
+        job = consumer.held.pop(index, None)
         if job is None:
             return False, None
-        queue = self._release(job)
+        del self._deadlines[job]
+        job.holder = None
+        job.state = PENDING
+        queue = consumer.queue
+        queue.in_flight -= 1
         queue.acked += 1
-        self._forget(queue, job)
-        ticket = self.history.job_done(topic, index)
+        if consumer.active and not consumer.listed:
+            consumer.listed = True
+            queue.ready.append(consumer)
+        del queue.jobs[index]
+        size = job.size
+        queue.bytes -= size
+        self.total_bytes -= size
+        self.total_jobs -= 1
+        ticket = self.history.job_done(topic, index) if self.keep_counts else None
         if dispatch:
             self._dispatch(queue)
             self._drop_if_idle(queue)
@@ -295,8 +321,10 @@ class JobQueues:
         """Deliver what waits on ``topic`` to consumers with room."""
         queue = self.queues.get(topic)
         if queue is not None:
-            self._dispatch(queue)
-            self._drop_if_idle(queue)
+            if queue.waiting and queue.ready:
+                self._dispatch(queue)
+            elif not queue.jobs and not queue.consumers:
+                self._drop_if_idle(queue)
 
     def progress(self, subscriber: Subscriber, topic: str, index: int) -> bool:
         job = self._held(subscriber, topic, index)
@@ -315,7 +343,7 @@ class JobQueues:
         job.holder = None
         queue = consumer.queue
         queue.in_flight -= 1
-        if consumer.subscriber in queue.consumers:
+        if consumer.active:
             self._list(consumer)
         return queue
 
@@ -390,39 +418,46 @@ class JobQueues:
             self._dispatching = False
 
     def _deliver_all(self, queue: TopicQueue) -> None:
+        """The hot path of a work queue (once per job): what it reads is in locals, and
+        the waiting deque holds only WAITING jobs (nothing leaves it otherwise)."""
         waiting = queue.waiting
         ready = queue.ready
+        if not waiting or not ready:
+            return
         deadline = self.clock() + self.ack_timeout
         deadlines = self._deadlines
-        if not deadlines and waiting and ready and self.on_timer is not None:
+        if not deadlines and self.on_timer is not None:
             self.on_timer()  # the first deadline: the timer task may sleep for good
+        count = self.keep_counts
+        delivered = 0
         while waiting and ready:
             consumer = ready.popleft()
-            if queue.consumers.get(consumer.subscriber) is not consumer:
+            if not consumer.active:
                 continue  # left (the ring is cleaned lazily)
-            if len(consumer.held) >= consumer.prefetch:
+            held = consumer.held
+            room = consumer.prefetch - len(held)
+            if room <= 0:
                 consumer.listed = False
                 continue
             job = waiting.popleft()
-            if job.state != WAITING or queue.jobs.get(job.index) is not job:
-                ready.appendleft(consumer)
-                continue
             job.state = HELD
             job.holder = consumer
-            job.deliveries += 1
+            job.deliveries = n = job.deliveries + 1
             job.deadline = deadline
-            job.gen += 1
-            consumer.held[job.index] = job
-            queue.in_flight += 1
-            queue.delivered += 1
+            index = job.index
+            held[index] = job
             deadlines[job] = None
-            if len(consumer.held) < consumer.prefetch:
+            delivered += 1
+            if room > 1:
                 ready.append(consumer)
             else:
                 consumer.listed = False
-            self.history.job_delivered(job.topic, job.index, job.deliveries)
+            if count:
+                self.history.job_delivered(job.topic, index, n)
             # Last: the push may cut the consumer off, which gives the job back.
-            consumer.subscriber.push(job_delivery(job.base, job.index, job.deliveries))
+            consumer.subscriber.push(job_delivery(job.base, index, n))
+        queue.in_flight += delivered
+        queue.delivered += delivered
 
     # --- time ---
 

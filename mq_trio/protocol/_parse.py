@@ -341,10 +341,14 @@ def parse_line(line: bytes) -> LineEvent:
                         line.strip(_JSON_WS))
         return _send_ex(s, line)
     if cls is _Ack or cls is _Progress or cls is _Nack:
-        # (3 members, or 4 with a delay: 10 or 12 quotes outside the topic's string)
-        quotes = 10 if cls is not _Nack or s.delay is UNSET else 12
-        if _more_quotes(line, quotes):
-            return parse_line_stdlib(line)
+        # A line with a fourth member is at least 47 bytes longer than its topic and
+        # last index (the shortest: '{"command":"ack","topic":"","index":0,"index":0}'),
+        # so a shorter one has no duplicate; else count its quotes: 10 outside the
+        # topic's string (12 with a delay).
+        if cls is _Nack or len(line) - len(s.topic) - len(str(s.index)) > 46:
+            quotes = 10 if cls is not _Nack or s.delay is UNSET else 12
+            if _more_quotes(line, quotes):
+                return parse_line_stdlib(line)
         delay = 0.0 if cls is not _Nack or s.delay is UNSET else float(s.delay)
         return JobCommand(s.__struct_config__.tag, s.topic, s.index, delay)
     return parse_line_stdlib(line)

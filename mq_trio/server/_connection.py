@@ -539,6 +539,9 @@ class Connection:
                             self._fanning = True
                             return i + 1
                         fan_limit = broker.fanned + FANOUT_STEP
+            elif type(event) is JobCommand and refusal is None:
+                # (a work queue's other half; with --auth it goes the checked way)
+                self._job_command(event)
             elif self.handle_event(event):
                 return -1
             elif self._pending_auth is not None:
