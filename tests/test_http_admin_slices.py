@@ -40,6 +40,7 @@ async def test_sort_in_slices_is_sorted_and_yields(
     rng: random.Random, monkeypatch: pytest.MonkeyPatch, reverse: bool
 ) -> None:
     monkeypatch.setattr(_introspect, "SORT_RUN", 50)
+    monkeypatch.setattr(_introspect, "MERGE_SLICE", 30)
     items = [(rng.randrange(100), i) for i in range(2000)]  # unique, with equal firsts
     ticker = Ticker()
     async with trio.open_nursery() as nursery:
@@ -121,6 +122,8 @@ async def test_prefix_pages_match_a_plain_filter(
 ) -> None:
     monkeypatch.setattr(_introspect, "EXACT_TOPICS", 0)
     monkeypatch.setattr(_introspect, "SORT_RUN", 7)
+    monkeypatch.setattr(_introspect, "MERGE_SLICE", 5)
+    monkeypatch.setattr(_introspect, "SCAN_SLICE", 3)
     monkeypatch.setattr(_introspect, "COPY_SLICE", 13)
     server = _offline_server()
     alphabet = "ab/\u00e9\U0010ffff" + string.digits[:2]

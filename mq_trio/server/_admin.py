@@ -25,7 +25,14 @@ import trio
 
 from ..transports._http import parse_head
 from ..transports._tcp import peer_name
-from ._introspect import QueryError, TopicNames, connections_view, stats_view, topics_view
+from ._introspect import (
+    QueryError,
+    TopicNames,
+    connections_view,
+    encode_page,
+    stats_view,
+    topics_view,
+)
 from ._metrics import CONTENT_TYPE, count_traffic, render
 
 if TYPE_CHECKING:
@@ -197,11 +204,11 @@ class Admin:
         if path == "/stats":
             return json_response(200, await stats_view(server), head_only=head_only)
         if path == "/connections":
-            view = await connections_view(server, query)
-            return json_response(200, view, head_only=head_only)
+            body = await encode_page(await connections_view(server, query), "connections")
+            return response(200, body, head_only=head_only)
         if path == "/topics":
             view = await topics_view(server, query, self.topic_names)
-            return json_response(200, view, head_only=head_only)
+            return response(200, await encode_page(view, "topics"), head_only=head_only)
         return _error(404, f"No such endpoint: {path}", head_only=head_only)
 
 

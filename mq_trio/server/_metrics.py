@@ -23,9 +23,8 @@ if TYPE_CHECKING:
 
 #: The exposition format this module writes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: Live connections read per slice (a few hundred nanoseconds each): one slice is
-#: about a millisecond, then other tasks run.
-CONNECTIONS_PER_SLICE = 2000
+#: Live connections read per slice (about a microsecond each), then other tasks run.
+CONNECTIONS_PER_SLICE = 500
 PREFIX = "mq_trio_"
 
 
