@@ -38,7 +38,7 @@ from ._history import (
     TopicHistory,
     epoch_reply,
 )
-from ._jobs import DEAD_PREFIX, Job, JobQueues, QueueFull, QueueInfo
+from ._jobs import DEAD_PREFIX, JOB_OVERHEAD, Job, JobQueues, QueueFull, QueueInfo
 from ._memory import MemoryHistory
 
 log = logging.getLogger("mq_trio.broker")
@@ -344,7 +344,12 @@ class Broker:
 
     def _publish_job(self, topic: str, base: bytes) -> int | Recorded:
         jobs = self.jobs
-        jobs.check_room(topic, 1, len(base))
+        # jobs.check_room(topic, 1, len(base)), written out (once per job)
+        if jobs.total_bytes + len(base) + JOB_OVERHEAD > jobs.max_job_bytes:
+            raise QueueFull
+        queue = jobs.queues.get(topic)
+        if queue is not None and len(queue.jobs) >= jobs.max_queue_jobs:
+            raise QueueFull
         if topic not in self._subscribers:
             self._new_topic(topic)
         recorded = self.history.record_job(topic, base)
@@ -383,7 +388,7 @@ class Broker:
         """A job out of deliveries: a new job on its dead-letter topic."""
         topic = DEAD_PREFIX + job.topic
         try:
-            msg = json.loads(job.base).get("msg", "")
+            msg = json.loads(job.head + b"}").get("msg", "")
             base = encode_command(topic, msg, "one", True, True, from_topic=job.topic,
                                   from_index=job.index)
             self._topic_room(topic)

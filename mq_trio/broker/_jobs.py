@@ -46,8 +46,9 @@ class QueueFull(Exception):
 class Job:
     topic: str
     index: int
-    #: The job's send command as a JSON object (its delivery adds index and deliveries).
-    base: bytes
+    #: The job's send command as a JSON object without its closing brace: its delivery
+    #: is this, then index and deliveries (``job_delivery``), built once per delivery.
+    head: bytes
     deliveries: int = 0
     state: int = PENDING
     #: What it counts against ``max_job_bytes``.
@@ -174,7 +175,7 @@ class JobQueues:
         """A new job (room checked by the caller); deliverable once ``ticket`` (its write)
         is decided, at once without one."""
         queue = self._queue(topic)
-        job = Job(topic, index, base, deliveries, PENDING, len(base) + JOB_OVERHEAD)
+        job = Job(topic, index, base[:-1], deliveries, PENDING, len(base) + JOB_OVERHEAD)
         queue.jobs[index] = job
         queue.bytes += job.size
         self.total_bytes += job.size
@@ -455,7 +456,7 @@ class JobQueues:
             if count:
                 self.history.job_delivered(job.topic, index, n)
             # Last: the push may cut the consumer off, which gives the job back.
-            consumer.subscriber.push(job_delivery(job.base, index, n))
+            consumer.subscriber.push(job_delivery(job.head, index, n))
         queue.in_flight += delivered
         queue.delivered += delivered
 

@@ -174,7 +174,7 @@ def encode_command(topic: str, msg: str, delivery: Delivery, cache: bool = True,
     return json.dumps(obj).encode()
 
 
-def job_delivery(base: bytes, index: int, deliveries: int) -> bytes:
-    """A job's delivery: its command (``base``, a JSON object) plus ``"index"`` and
-    ``"deliveries"``."""
-    return b'%b, "index": %d, "deliveries": %d}' % (base[:-1], index, deliveries)
+def job_delivery(head: bytes, index: int, deliveries: int) -> bytes:
+    """A job's delivery: its command (a JSON object without its closing brace, ``head``)
+    plus ``"index"`` and ``"deliveries"``."""
+    return b'%b, "index": %d, "deliveries": %d}' % (head, index, deliveries)

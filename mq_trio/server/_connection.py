@@ -542,6 +542,14 @@ class Connection:
             elif type(event) is JobCommand and refusal is None:
                 # (a work queue's other half; with --auth it goes the checked way)
                 self._job_command(event)
+            elif type(event) is SendEx and refusal is None:
+                try:
+                    self._publish_ex(event)
+                except TooManyTopics:
+                    reply(_TOO_MANY_TOPICS)
+                    self.stats.fail(protocol.TOO_MANY_TOPICS)
+                except Exception:
+                    self._internal_error()
             elif self.handle_event(event):
                 return -1
             elif self._pending_auth is not None:
