@@ -48,7 +48,7 @@ def fast_accepts(data: bytes | str) -> bool:
         decoded = _parse._decode_command(data)
     except Exception:
         return False
-    return type(decoded) in (_parse._SendSchema, _parse._Ack, _parse._Nack, _parse._Progress)
+    return type(decoded) in (_parse._SendSchema, protocol.Ack, protocol.Nack, protocol.Progress)
 
 
 def check(line: bytes) -> bool:

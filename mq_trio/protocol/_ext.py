@@ -4,24 +4,27 @@ and message ids. Off the version-1 hot path: only lines that use these keys come
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import cast
+
+import msgspec
 
 from ._commands import (
     _MALFORMED,
     INT_MAX,
+    MAX_BATCH,
+    MAX_ID_CHARS,
+    MAX_NACK_DELAY,
+    MAX_PREFETCH,
+    Ack,
     Batch,
     Delivery,
     Failure,
     JobCommand,
+    Nack,
+    Progress,
     SendEx,
     Subscribe,
 )
-
-#: Bounds of the extension values (docs/protocol.md).
-MAX_ID_CHARS = 256
-MAX_PREFETCH = 10_000
-MAX_BATCH = 10_000
-MAX_NACK_DELAY = 86_400.0
 
 _SEND_EX_KEYS = frozenset(("command", "topic", "msg", "delivery", "cache", "ack", "id"))
 _CONSUMER_KEYS = frozenset(("command", "topic", "ack", "prefetch"))
@@ -99,8 +102,11 @@ def validate_ext(obj: dict[str, object], command: str, raw: str) -> Batch | JobC
     delay = obj.get("delay", 0)
     if type(delay) not in (int, float) or not 0 <= delay <= MAX_NACK_DELAY:  # type: ignore[operator]
         return _MALFORMED
-    name = cast(Literal["ack", "nack", "progress"], command)
-    return JobCommand(name, topic, index, float(delay))  # type: ignore[arg-type]
+    if command == "ack":
+        return Ack(topic, index)
+    if command == "progress":
+        return Progress(topic, index)
+    return Nack(topic, index, float(delay) if "delay" in obj else msgspec.UNSET)  # type: ignore[arg-type]
 
 
 def _validate_batch(obj: dict[str, object], topic: str) -> Batch | Failure:

@@ -15,16 +15,17 @@ from ._commands import (
     _DECODE_ERROR,
     _MALFORMED,
     _PARSE_ERROR,
-    INT_MAX,
+    MAX_ID_CHARS,
     QUIT,
+    Ack,
     Delivery,
-    JobCommand,
     LineEvent,
+    Nack,
+    Progress,
     Send,
     SendEx,
     validate,
 )
-from ._ext import MAX_ID_CHARS, MAX_NACK_DELAY
 
 UNSET = msgspec.UNSET
 
@@ -245,29 +246,6 @@ class _SendSchema(
     id: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class _JobCommandSchema(msgspec.Struct, tag_field="command", forbid_unknown_fields=True,
-                        gc=False):
-    """``ack``, ``nack`` (with an optional ``delay``) and ``progress``: half the lines
-    of a work queue, so they are decoded and validated in one C call too."""
-
-    topic: str
-    index: Annotated[int, msgspec.Meta(ge=0, le=INT_MAX)]
-
-
-class _Ack(_JobCommandSchema, tag="ack"):
-    pass
-
-
-class _Progress(_JobCommandSchema, tag="progress"):
-    pass
-
-
-class _Nack(_JobCommandSchema, tag="nack"):
-    delay: Annotated[float, msgspec.Meta(ge=0, le=MAX_NACK_DELAY)] | msgspec.UnsetType = (
-        msgspec.UNSET
-    )
-
-
 class _OtherCommand(msgspec.Struct, tag_field="command", gc=False):
     """Any other command: recognised (all else skipped) so that msgspec returns it
     instead of raising, since the exception measured 0.6 to 1 us; it goes the stdlib way.
@@ -287,7 +265,7 @@ class _Unsubscribe(_OtherCommand, tag="unsubscribe"):
 # about 0.3 us more than with the stdlib path alone, not 1 us. ("command" may come
 # anywhere in the object: msgspec looks ahead for the tag.)
 _decode_command = msgspec.json.Decoder(
-    _SendSchema | _Subscribe | _Unsubscribe | _Ack | _Nack | _Progress
+    _SendSchema | _Subscribe | _Unsubscribe | Ack | Nack | Progress
 ).decode
 
 
@@ -340,17 +318,16 @@ def parse_line(line: bytes) -> LineEvent:
             return Send(topic, msg, s.delivery, s.cache is not False,
                         line.strip(_JSON_WS))
         return _send_ex(s, line)
-    if cls is _Ack or cls is _Progress or cls is _Nack:
+    if cls is Ack or cls is Progress or cls is Nack:
         # A line with a fourth member is at least 47 bytes longer than its topic and
         # last index (the shortest: '{"command":"ack","topic":"","index":0,"index":0}'),
         # so a shorter one has no duplicate; else count its quotes: 10 outside the
         # topic's string (12 with a delay).
-        if cls is _Nack or len(line) - len(s.topic) - len(str(s.index)) > 46:
-            quotes = 10 if cls is not _Nack or s.delay is UNSET else 12
+        if cls is Nack or len(line) - len(s.topic) - len(str(s.index)) > 46:
+            quotes = 10 if cls is not Nack or s.delay is UNSET else 12
             if _more_quotes(line, quotes):
                 return parse_line_stdlib(line)
-        delay = 0.0 if cls is not _Nack or s.delay is UNSET else float(s.delay)
-        return JobCommand(s.__struct_config__.tag, s.topic, s.index, delay)
+        return s  # type: ignore[no-any-return]  # the command itself, checked by its schema
     return parse_line_stdlib(line)
 
 

@@ -26,12 +26,16 @@ import trio
 from .. import protocol
 from ..broker import Broker, Held, Item, QueueFull, TooManyTopics, send_reply
 from ..protocol import (
+    JOB_COMMANDS,
     QUIT,
     SUCCESS,
+    Ack,
     Auth,
     Batch,
     Failure,
     JobCommand,
+    Nack,
+    Progress,
     Send,
     SendEx,
     Subscribe,
@@ -539,9 +543,9 @@ class Connection:
                             self._fanning = True
                             return i + 1
                         fan_limit = broker.fanned + FANOUT_STEP
-            elif type(event) is JobCommand and refusal is None:
+            elif type(event) in JOB_COMMANDS and refusal is None:
                 # (a work queue's other half; with --auth it goes the checked way)
-                self._job_command(event)
+                self._job_command(event)  # type: ignore[arg-type]
             elif type(event) is SendEx and refusal is None:
                 try:
                     self._publish_ex(event)
@@ -614,21 +618,23 @@ class Connection:
     def _job_command(self, event: JobCommand) -> None:
         jobs = self.broker.jobs
         ticket = None
-        if event.command == "ack":
+        cls = type(event)
+        if cls is Ack:
             held, ticket = jobs.ack(self.outbox, event.topic, event.index, dispatch=False)
-        elif event.command == "nack":
-            held = jobs.nack(self.outbox, event.topic, event.index, event.delay,
-                             dispatch=False)
+        elif cls is Nack:
+            held = jobs.nack(self.outbox, event.topic, event.index,
+                             event.seconds, dispatch=False)  # type: ignore[attr-defined]
         else:
             held = jobs.progress(self.outbox, event.topic, event.index)
         if not held:
             self.outbox.queue_reply(_UNKNOWN_JOB)
             self.stats.fail(protocol.UNKNOWN_JOB)
-        elif ticket is None or ticket.done and not ticket.failed:
+            return
+        if ticket is None or ticket.done and not ticket.failed:
             self.outbox.queue_reply(SUCCESS)
         else:
             self.outbox.push_deferred(Held(SUCCESS, ticket, _STORAGE_UNAVAILABLE))
-        if held and event.command != "progress":
+        if cls is not Progress:
             jobs.dispatch_topic(event.topic)  # the room made, after the reply
 
     def handle_event(self, event: protocol.LineEvent) -> bool:
@@ -650,7 +656,7 @@ class Connection:
                 self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
             elif cls is SendEx or cls is Batch:
                 self._publish_ex(event)  # type: ignore[arg-type]
-            elif cls is JobCommand:
+            elif cls in JOB_COMMANDS:
                 self._job_command(event)  # type: ignore[arg-type]
             elif cls is Subscribe and event.ack:  # type: ignore[union-attr]
                 assert isinstance(event, Subscribe)
