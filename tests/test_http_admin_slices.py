@@ -148,3 +148,29 @@ async def test_prefix_pages_match_a_plain_filter(
         backwards = await topics_view(server, {"prefix": prefix, "order": "desc",
                                                "limit": "1000"}, names)
         assert [t["topic"] for t in backwards["topics"]] == expected[::-1]
+
+
+async def test_release_empties_a_list_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_introspect, "RELEASE_SLICE", 10)
+    items = list(range(95))
+    ticker = Ticker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker.run)
+        await _introspect.release(items)
+        nursery.cancel_scope.cancel()
+    assert items == []
+    assert ticker.ticks >= 9  # a turn for the others after each slice
+
+
+async def test_a_snapshot_in_use_is_not_emptied_by_a_rebuild(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_introspect, "EXACT_TOPICS", 0)
+    server = _offline_server()
+    server.broker.publish(Send("a", "m", "all"))
+    names = TopicNames()
+    held = await names.sorted_names(server)  # a request still paging through it
+    await trio.sleep(_introspect.TOPICS_TTL * 1.5)
+    server.broker.publish(Send("b", "m", "all"))
+    assert await names.sorted_names(server) == ["a", "b"]
+    assert held == ["a"]

@@ -21,6 +21,7 @@ import heapq
 import itertools
 import json
 import math
+import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,12 +46,14 @@ SORT_RUN = 2000
 #: Items taken from the merge of the sorted runs per slice (``heapq.merge`` is Python
 #: code: under a microsecond per item).
 MERGE_SLICE = 1000
-#: Topic names copied per slice (about half a millisecond), and names or connections
+#: Topic names copied per slice (a fraction of a millisecond), and names or connections
 #: looked at per slice (a subscriber count or a sort key each).
-COPY_SLICE = 50_000
+COPY_SLICE = 20_000
 SCAN_SLICE = 2000
 #: Connections looked at per slice (a connection's first ``peer`` is a system call).
 CONNECTION_SLICE = 500
+#: References dropped per slice when a big list is emptied (:func:`release`).
+RELEASE_SLICE = 50_000
 #: Rows rendered, or encoded as JSON, per slice (``topic_info`` sums a topic's cache).
 ROWS_PER_SLICE = 100
 #: Page sizes: the default, and the most one request may ask for.
@@ -132,7 +135,20 @@ async def sort_in_slices(items: list[S], reverse: bool = False) -> list[S]:
     while part := list(itertools.islice(merged, MERGE_SLICE)):
         result.extend(part)
         await trio.lowlevel.checkpoint()
+    per_slice = max(1, RELEASE_SLICE // SORT_RUN)
+    for start in range(0, len(runs), per_slice):
+        for run in runs[start:start + per_slice]:
+            run.clear()
+        await trio.lowlevel.checkpoint()
     return result
+
+
+async def release(items: list[Any]) -> None:
+    """Empty a big list a slice at a time: dropping a million references at once (what
+    a list going out of scope does) is milliseconds in one step."""
+    while items:
+        del items[-RELEASE_SLICE:]
+        await trio.lowlevel.checkpoint()
 
 
 async def copy_in_slices(live: Collection[str]) -> list[str]:
@@ -171,8 +187,13 @@ class TopicNames:
                 names = await copy_in_slices(broker.history.topic_names())
                 # Subscribed topics without history: few, and not in the history's keys.
                 names.extend(getattr(broker, "_unrecorded", ()))
-                self.names = await sort_in_slices(names)
+                old, self.names = self.names, await sort_in_slices(names)
                 self.built = trio.current_time()
+                await release(names)
+                # The previous list, unless a request still pages through it (then it
+                # goes, all at once, with that request).
+                if sys.getrefcount(old) <= 2:  # this frame's name and the argument
+                    await release(old)
             return self.names
 
 
@@ -390,8 +411,12 @@ async def _by_subscribers(
     start, end = page.offset, page.offset + page.limit
     if page.descending:  # the subscribed ones first
         size = len(ordered)
-        return ([name for _, name in ordered[start:end]]
-                + unsubscribed[max(0, start - size):max(0, end - size)])
-    size = len(unsubscribed)
-    return (unsubscribed[start:end]
-            + [name for _, name in ordered[max(0, start - size):max(0, end - size)]])
+        chosen = ([name for _, name in ordered[start:end]]
+                  + unsubscribed[max(0, start - size):max(0, end - size)])
+    else:
+        size = len(unsubscribed)
+        chosen = (unsubscribed[start:end]
+                  + [name for _, name in ordered[max(0, start - size):max(0, end - size)]])
+    await release(unsubscribed)
+    await release(ordered)
+    return chosen
