@@ -568,6 +568,22 @@ async def test_concurrent_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -
         assert (await request(port, "/healthz")).status == 200
 
 
+async def test_http_clients_do_not_hold_up_the_stop() -> None:
+    """With no connection left, a shutdown ends the HTTP port at once, even with a
+    client in the middle of its request (the read timeout is 10 s)."""
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(serve, make_config(http_port=0))
+        assert server.http_port is not None
+        slow = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+        await slow.send_all(b"GET /healthz HTTP/1.1\r\n")
+        assert (await request(server.http_port, "/healthz")).status == 200  # accepted
+        server.shutdown()
+        with trio.fail_after(_admin.LIMITS.read_timeout / 2):
+            await server.stopped.wait()
+        assert await read_all(slow) == b""  # closed without an answer
+        await slow.aclose()
+
+
 async def test_http_port_off_by_default() -> None:
     async with running(http_port=None) as server:
         assert server.http_port is None and server.http_listeners == []

@@ -141,22 +141,22 @@ class Admin:
             await self._reply_and_close(stream, reply)
 
     async def _reply_and_close(self, stream: trio.SocketStream, reply: bytes) -> None:
-        """Write the reply (bounded), half-close, discard input briefly (bounded), close.
-        Shielded: a shutdown's cancellation still lets the client read its answer."""
+        """Write the reply (bounded), half-close, discard input briefly (bounded: closing
+        with unread input would reset the connection, response and all), close. Not
+        shielded: the end of the shutdown grace ends it too."""
         limits = self.limits
-        with trio.CancelScope(shield=True):
-            try:
-                if reply:
-                    with trio.move_on_after(limits.write_timeout):
-                        await stream.send_all(reply)
-                        await stream.send_eof()
-                        with trio.move_on_after(limits.linger):
-                            while await stream.receive_some(_RECEIVE_BYTES):
-                                pass
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the client went away
-            finally:
-                await trio.aclose_forcefully(stream)
+        try:
+            if reply:
+                with trio.move_on_after(limits.write_timeout):
+                    await stream.send_all(reply)
+                    await stream.send_eof()
+                    with trio.move_on_after(limits.linger):
+                        while await stream.receive_some(_RECEIVE_BYTES):
+                            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _answer(self, stream: trio.SocketStream) -> bytes:
         """The response to the client's one request (or to its failure to send one)."""
