@@ -35,6 +35,7 @@ from ._ops import (
     IdRecord,
     JobCount,
     JobDone,
+    JobMark,
     JobRecord,
     Mark,
     NewTopic,
@@ -88,6 +89,10 @@ class TopicState:
     #: older than the deletion still holds them, so the others must skip them.
     disk_replays: int = 0
     disk_taken: set[int] = attrs.field(factory=set)
+    #: Work queues: the highest index of a job delivered (its first delivery), and
+    #: whether a JobMark carrying it is on its way to the store.
+    delivered_max: int = -1
+    mark_pending: bool = False
 
 
 
@@ -122,6 +127,8 @@ class DurableHistory:
     _loaded_jobs: list[tuple[int, int, bytes, int]] = attrs.field(factory=list, init=False)
     _loaded_ids: list[tuple[int, str, bytes, float]] = attrs.field(factory=list, init=False)
     _ids_written: int = attrs.field(default=0, init=False)
+    #: Topics with a JobMark submitted and not yet written.
+    _marks_pending: list[TopicState] = attrs.field(factory=list, init=False)
 
     def load(self, loaded: Loaded) -> None:
         self.epoch = loaded.epoch
@@ -163,8 +170,19 @@ class DurableHistory:
 
     def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
         state = self.topics.get(topic)
-        if state is not None:
+        if state is None:
+            return
+        if deliveries > 1:  # a redelivery: its count (rare)
             self.store.submit(JobCount(state.tid, index, deliveries))
+            return
+        # A first delivery: the topic's mark moves up (jobs go out in index order but
+        # for redeliveries, which are counted above); one row write per topic and batch.
+        if index > state.delivered_max:
+            state.delivered_max = index
+        if not state.mark_pending:
+            state.mark_pending = True
+            self._marks_pending.append(state)
+            self.store.submit(JobMark(state.tid, state))
 
     def job_done(self, topic: str, index: int) -> JobDone | None:
         state = self.topics.get(topic)
@@ -355,6 +373,11 @@ class DurableHistory:
 
     def on_result(self, ops: list[Op], result: BatchResult) -> list[Op]:
         """Apply a batch's outcome to memory; return the state changes to retry."""
+        if self._marks_pending:
+            # (a mark still queued may be submitted again: a row write, no harm)
+            for marked in self._marks_pending:
+                marked.mark_pending = False
+            self._marks_pending = []
         for tid, high in result.evicted.items():
             state = self._by_tid.get(tid)
             if state is not None and high > state.evicted:

@@ -190,6 +190,23 @@ class JobCount:
     deliveries: int
 
 
+class Marked(Protocol):
+    """What a :class:`JobMark` reads when its batch is written (a topic's state)."""
+
+    delivered_max: int
+
+
+@attrs.define(slots=True, eq=False)
+class JobMark:
+    """Jobs of the topic up to ``source.delivered_max`` have been delivered (at least
+    once): one row per topic, instead of a count per first delivery. Read when written,
+    so it carries the newest value; a job still stored at a start with an index up to it
+    counts one delivery."""
+
+    tid: int
+    source: Marked
+
+
 @attrs.define(slots=True, eq=False)
 class JobDone(_Ticket):
     """A job was acknowledged (or dead-lettered): it leaves the store."""
@@ -224,7 +241,7 @@ class IdPurge:
 TICKETS = (Record, Take, Mark, JobRecord, JobDone)
 
 Op = (Record | NewTopic | Evict | Take | Bump | Read | Mark | JobRecord | JobCount | JobDone
-      | IdRecord | IdPurge)
+      | JobMark | IdRecord | IdPurge)
 #: A cached message as read back: (index, one, payload).
 Row = tuple[int, bool, bytes]
 

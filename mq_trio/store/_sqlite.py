@@ -29,6 +29,7 @@ from ._ops import (
     IdRecord,
     JobCount,
     JobDone,
+    JobMark,
     JobRecord,
     Mark,
     NewTopic,
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS ids (
     PRIMARY KEY (tid, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ids_expires ON ids (expires);
+CREATE TABLE IF NOT EXISTS job_marks (
+    tid INTEGER PRIMARY KEY,
+    delivered INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     tid INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -449,8 +454,11 @@ class SqliteBackend:
             # After the database's identity is durable: a crash in between leaves a
             # database without marker, which is only treated as an older directory.
             self._write_marker(identity)
-        jobs = [(int(t), int(i), bytes(p), int(d)) for t, i, p, d in conn.execute(
-            "SELECT tid, idx, payload, deliveries FROM jobs ORDER BY tid, idx")]
+        marks = dict(conn.execute("SELECT tid, delivered FROM job_marks").fetchall())
+        # A job at or below its topic's mark was delivered at least once (JobMark).
+        jobs = [(int(t), int(i), bytes(p), max(int(d), int(i <= marks.get(t, -1))))
+                for t, i, p, d in conn.execute(
+                    "SELECT tid, idx, payload, deliveries FROM jobs ORDER BY tid, idx")]
         ids = [(int(t), str(k), bytes(r), float(e)) for t, k, r, e in conn.execute(
             "SELECT tid, id, reply, expires FROM ids WHERE expires > ? ORDER BY expires",
             (time.time(),))]
@@ -518,6 +526,7 @@ class SqliteBackend:
         counts: list[tuple[int, int, int]] = []
         done: list[tuple[int, int]] = []
         ids: list[tuple[int, str, bytes, float]] = []
+        marks: dict[int, int] = {}
         purge = 0.0
         for op in ops:
             cls = type(op)
@@ -528,6 +537,10 @@ class SqliteBackend:
             if cls is IdPurge:
                 assert isinstance(op, IdPurge)
                 purge = max(purge, op.before)
+                continue
+            if cls is JobMark:
+                assert isinstance(op, JobMark)
+                marks[op.tid] = max(marks.get(op.tid, -1), op.source.delivered_max)
                 continue
             if cls is JobRecord:
                 assert isinstance(op, JobRecord)
@@ -591,6 +604,11 @@ class SqliteBackend:
                                      counts)
                 if done:
                     conn.executemany("DELETE FROM jobs WHERE tid = ? AND idx = ?", done)
+                if marks:
+                    conn.executemany(
+                        "INSERT INTO job_marks VALUES (?, ?) ON CONFLICT(tid) DO UPDATE "
+                        "SET delivered = max(delivered, excluded.delivered)",
+                        list(marks.items()))
                 if ids:
                     conn.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?)", ids)
                 if purge:
