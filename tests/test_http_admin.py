@@ -587,3 +587,42 @@ async def test_http_clients_do_not_hold_up_the_stop() -> None:
 async def test_http_port_off_by_default() -> None:
     async with running(http_port=None) as server:
         assert server.http_port is None and server.http_listeners == []
+
+
+async def test_work_queues_in_stats_topics_and_metrics() -> None:
+    """Queue depth, in flight, redeliveries and dead letters (issue 14, point 6)."""
+    async with running(max_deliveries=1) as server:
+        producer = await LineClient.connect(server.port)
+        worker = await LineClient.connect(server.port)
+        job = {"command": "send", "topic": "jobs", "msg": "j", "delivery": "one", "ack": True}
+        for i in range(3):
+            assert (await producer.request(job))["index"] == i
+        await worker.send({"command": "subscribe", "topic": "jobs", "ack": True,
+                           "prefetch": 2})
+        got = await worker.receive_many(3)
+        assert [m.get("index") for m in got[1:]] == [0, 1]
+        assert await worker.request({"command": "ack", "topic": "jobs", "index": 0}) == {
+            "success": True}
+        assert (await worker.receive())["index"] == 2
+        # job 1 comes back once (nack) and, out of deliveries, goes to $dead.jobs
+        assert await worker.request({"command": "nack", "topic": "jobs", "index": 1}) == {
+            "success": True}
+        stats = await get_json(server, "/stats")
+        assert stats["jobs"] == {
+            "queues": 2, "jobs": 2, "in_flight": 1, "bytes": stats["jobs"]["bytes"],
+            "delivered": 3, "redelivered": 0, "acked": 1, "dead_lettered": 1,
+            "dead_letters_dropped": 0, "message_ids": 0,
+        }
+        topics = await get_json(server, "/topics?prefix=")
+        rows = {row["topic"]: row for row in topics["topics"]}
+        assert rows["jobs"]["jobs"] == {
+            "waiting": 0, "in_flight": 1, "delayed": 0, "consumers": 1,
+            "bytes": rows["jobs"]["jobs"]["bytes"], "delivered": 3, "redelivered": 0,
+            "acked": 1, "dead_lettered": 1,
+        }
+        assert rows["$dead.jobs"]["jobs"]["waiting"] == 1
+        out = await scrape(server)
+        assert out.value("mq_trio_jobs") == 2
+        assert out.value("mq_trio_jobs_in_flight") == 1
+        assert out.value("mq_trio_jobs_acked_total") == 1
+        assert out.value("mq_trio_dead_letters_total") == 1

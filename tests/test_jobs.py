@@ -381,3 +381,20 @@ def test_totals_outlive_an_idle_queue() -> None:
     publish(broker, "q", "b")  # and it continues from them
     consume(broker, sub, "q")
     assert broker.queue_info("q").delivered_total == 2
+
+
+def test_consumers_of_new_topics_count_toward_max_topics() -> None:
+    broker = make_broker(max_topics=2)
+    sub = Fake()
+    consume(broker, sub, "a")
+    consume(broker, sub, "b")
+    assert broker.topic_count() == 2
+    with pytest.raises(TooManyTopics):
+        broker.consume(sub, "c", 1)
+    assert "c" not in broker.jobs.queues
+    broker.unsubscribe(sub, "a")  # its queue goes: the slot is free again
+    assert broker.topic_count() == 1
+    consume(broker, sub, "c")
+    publish(broker, "c", "x")  # the topic gets history: still one slot
+    assert broker.topic_count() == 2
+    assert sorted(broker.topic_names()) == ["b", "c"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Protocol
 
 import attrs
@@ -103,10 +103,13 @@ class Broker:
     jobs: JobQueues = attrs.field(init=False)
     #: Message ids of idempotent sends, per topic, for the dedupe window.
     dedupe: Dedupe = attrs.field(init=False, factory=Dedupe)
+    #: Topics with consumers and no history yet: each takes a slot of ``max_topics``.
+    _consumed_only: set[str] = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         self.jobs = JobQueues(self.history, dead_letter=self._dead_letter,
-                              keep_counts=not isinstance(self.history, MemoryHistory))
+                              keep_counts=not isinstance(self.history, MemoryHistory),
+                              on_idle=self._consumed_only.discard)
         for stored in self.history.stored_jobs():  # a durable history's, after a restart
             self.jobs.add(stored.topic, stored.index, stored.base, None, stored.deliveries)
             self._subscribers.setdefault(stored.topic, _NO_SUBS)
@@ -134,7 +137,7 @@ class Broker:
 
     def topic_count(self) -> int:
         """Topics counted against ``max_topics``."""
-        return self.history.topic_count() + len(self._unrecorded)
+        return self.history.topic_count() + len(self._unrecorded) + len(self._consumed_only)
 
     def _room(self) -> None:
         """Raise ``TooManyTopics`` unless one more topic fits (before any change)."""
@@ -232,6 +235,8 @@ class Broker:
 
     def _new_topic(self, topic: str) -> dict[Subscriber, None]:
         """publish to a topic not in ``_subscribers``: it is about to have history."""
+        if self._consumed_only:
+            self._consumed_only.discard(topic)  # (its slot is now the history's)
         subs = self._unrecorded.pop(topic, None)
         if subs is None:
             if not self.history.has(topic):
@@ -303,8 +308,10 @@ class Broker:
         """Make ``subscriber`` a consumer of the topic's jobs (``TooManyTopics`` if new
         and there is no room); returns what starts its deliveries, to call after the
         reply."""
-        if not self.jobs.is_consumer(subscriber, topic) and topic not in self.jobs.queues:
-            self._topic_room(topic)
+        if (topic not in self.jobs.queues and topic not in self._subscribers
+                and topic not in self._unrecorded and not self.history.has(topic)):
+            self._room()
+            self._consumed_only.add(topic)  # until it has history, or no consumer
         return self.jobs.consume(subscriber, topic, prefetch)
 
     def _repeat(self, topic: str, message_id: str | None) -> tuple[bytes, int | Recorded] | None:
@@ -408,7 +415,13 @@ class Broker:
         """Every topic with state (a copy: safe to page through across awaits)."""
         names = list(self.history.topic_names())
         names.extend(self._unrecorded)
+        names.extend(self._consumed_only)
         return names
+
+    def subscribed_only_topics(self) -> Collection[str]:
+        """Topics with subscribers or consumers and no history yet (a copy); with
+        ``history.topic_names()``, every topic."""
+        return [*self._unrecorded, *self._consumed_only]
 
     def subscriber_count(self, topic: str) -> int:
         subs = self._subscribers.get(topic)

@@ -124,6 +124,8 @@ class JobQueues:
     on_timer: Callable[[], None] | None = None
     #: Called with a job to move to its dead-letter topic (the broker publishes it).
     dead_letter: Callable[[Job], None] | None = None
+    #: Called with a topic whose queue went idle (no jobs, no consumers).
+    on_idle: Callable[[str], None] | None = None
     queues: dict[str, TopicQueue] = attrs.field(factory=dict)
     _of: dict[Subscriber, dict[str, Consumer]] = attrs.field(factory=dict)
     #: The totals of queues that went idle (delivered, redelivered, acked, dead-lettered).
@@ -146,6 +148,11 @@ class JobQueues:
     total_bytes: int = 0
     total_jobs: int = 0
     dead_letters_dropped: int = 0
+    #: Totals over all topics (metrics): deliveries, redeliveries, acks, dead letters.
+    delivered_total: int = 0
+    redelivered_total: int = 0
+    acked_total: int = 0
+    dead_lettered_total: int = 0
     #: Queues to dispatch once the dispatch under way is done (a push can evict).
     _dispatching: bool = False
     _again: set[TopicQueue] = attrs.field(factory=set)
@@ -293,6 +300,7 @@ class JobQueues:
         queue = consumer.queue
         queue.in_flight -= 1
         queue.acked += 1
+        self.acked_total += 1
         if consumer.active and not consumer.listed:
             consumer.listed = True
             queue.ready.append(consumer)
@@ -367,12 +375,14 @@ class JobQueues:
         job.gen += 1
         if self._out_of_deliveries(job):
             queue.dead_lettered += 1
+            self.dead_lettered_total += 1
             self._forget(queue, job)
             self.history.job_done(job.topic, job.index)
             if self.dead_letter is not None:
                 self.dead_letter(job)
             return
         queue.redelivered += 1
+        self.redelivered_total += 1
         if delay > 0:
             job.state = DELAYED
             queue.delayed += 1
@@ -400,8 +410,11 @@ class JobQueues:
         a tuple (a few hundred bytes less per topic than the queue)."""
         if queue.idle and self.queues.get(queue.topic) is queue:
             del self.queues[queue.topic]
-            self._totals[queue.topic] = (queue.delivered, queue.redelivered, queue.acked,
-                                         queue.dead_lettered)
+            if queue.delivered:
+                self._totals[queue.topic] = (queue.delivered, queue.redelivered, queue.acked,
+                                             queue.dead_lettered)
+            if self.on_idle is not None:
+                self.on_idle(queue.topic)
 
     # --- delivering ---
 
@@ -459,6 +472,7 @@ class JobQueues:
             consumer.subscriber.push(job_delivery(job.head, index, n))
         queue.in_flight += delivered
         queue.delivered += delivered
+        self.delivered_total += delivered
 
     # --- time ---
 
@@ -526,6 +540,11 @@ class JobQueues:
         return QueueInfo(len(queue.waiting), queue.in_flight, queue.delayed,
                          len(queue.consumers), queue.bytes, queue.delivered,
                          queue.redelivered, queue.acked, queue.dead_lettered)
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs delivered and not yet acknowledged, over all topics."""
+        return len(self._deadlines)
 
     def is_consumer(self, subscriber: Subscriber, topic: str) -> bool:
         return topic in self._of.get(subscriber, {})

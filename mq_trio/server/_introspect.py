@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from .. import __version__
+from ..broker import QueueInfo
 from ._metrics import count_traffic
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class TopicNames:
             if trio.current_time() - self.built > TOPICS_TTL:
                 names = await copy_in_slices(broker.history.topic_names())
                 # Subscribed topics without history: few, and not in the history's keys.
-                names.extend(getattr(broker, "_unrecorded", ()))
+                names.extend(broker.subscribed_only_topics())
                 old, self.names = self.names, await sort_in_slices(names)
                 self.built = trio.current_time()
                 await release(names)
@@ -249,6 +250,7 @@ async def stats_view(server: Server) -> dict[str, Any]:
         "failures": dict(sorted(stats.failures.items())),
         "store": store,
         "cached_bytes": history.cached_bytes,
+        "jobs": jobs_stats(server),
         "config": {
             "cache_size": config.cache_size,
             "max_pending_bytes": config.max_pending_bytes,
@@ -260,6 +262,11 @@ async def stats_view(server: Server) -> dict[str, Any]:
             "line_timeout": config.line_timeout,
             "shutdown_grace": config.shutdown_grace,
             "memory_window": config.memory_window if config.data_dir is not None else None,
+            "ack_timeout": config.ack_timeout,
+            "max_deliveries": config.max_deliveries,
+            "max_queue_jobs": config.max_queue_jobs,
+            "max_job_bytes": config.max_job_bytes,
+            "dedupe_window": config.dedupe_window,
             "tls": server.ssl_context is not None,
             "auth": server.authenticator is not None,
         },
@@ -350,12 +357,34 @@ def topic_row(server: Server, topic: str) -> dict[str, Any] | None:
     subscribers = broker.subscriber_count(topic)
     info = broker.history.topic_info(topic)
     if info is None:
-        if subscribers == 0:
+        if subscribers == 0 and topic not in broker.jobs.queues:
             return None
-        return {"topic": topic, "subscribers": subscribers, "cached": 0,
-                "cached_bytes": 0, "next_index": 0}
-    return {"topic": topic, "subscribers": subscribers, "cached": info.cached,
-            "cached_bytes": info.cached_bytes, "next_index": info.next_index}
+        row = {"topic": topic, "subscribers": subscribers, "cached": 0,
+               "cached_bytes": 0, "next_index": 0}
+    else:
+        row = {"topic": topic, "subscribers": subscribers, "cached": info.cached,
+               "cached_bytes": info.cached_bytes, "next_index": info.next_index}
+    if topic in broker.jobs.queues:  # a work queue: its jobs (docs/protocol.md)
+        row["jobs"] = queue_row(broker.queue_info(topic))
+    return row
+
+
+def queue_row(info: QueueInfo) -> dict[str, int]:
+    return {"waiting": info.waiting, "in_flight": info.in_flight, "delayed": info.delayed,
+            "consumers": info.consumers, "bytes": info.bytes,
+            "delivered": info.delivered_total, "redelivered": info.redelivered_total,
+            "acked": info.acked_total, "dead_lettered": info.dead_lettered_total}
+
+
+def jobs_stats(server: Server) -> dict[str, int]:
+    """Work queues over all topics (``/stats``)."""
+    jobs = server.broker.jobs
+    return {"queues": len(jobs.queues), "jobs": jobs.total_jobs, "in_flight": jobs.in_flight,
+            "bytes": jobs.total_bytes, "delivered": jobs.delivered_total,
+            "redelivered": jobs.redelivered_total, "acked": jobs.acked_total,
+            "dead_lettered": jobs.dead_lettered_total,
+            "dead_letters_dropped": jobs.dead_letters_dropped,
+            "message_ids": len(server.broker.dedupe)}
 
 
 async def topics_view(

@@ -152,6 +152,27 @@ def render(server: Server, traffic: Traffic) -> str:
     out.lines.append(f"{name}_count {history.commits}")
     out.metric("cached_bytes", "gauge", "Bytes of cached messages held in memory.",
                history.cached_bytes)
+    jobs = broker.jobs
+    out.metric("jobs", "gauge", "Jobs held: waiting, delayed or in flight (all topics).",
+               jobs.total_jobs)
+    out.metric("jobs_in_flight", "gauge", "Jobs delivered and not yet acknowledged.",
+               jobs.in_flight)
+    out.metric("job_bytes", "gauge", "Bytes of the jobs held (--max-job-bytes).",
+               jobs.total_bytes)
+    out.metric("jobs_delivered_total", "counter", "Job deliveries (redeliveries included).",
+               jobs.delivered_total)
+    out.metric("jobs_redelivered_total", "counter",
+               "Jobs taken back (nack, ack timeout, consumer gone) to be delivered again.",
+               jobs.redelivered_total)
+    out.metric("jobs_acked_total", "counter", "Jobs acknowledged.", jobs.acked_total)
+    out.metric("dead_letters_total", "counter",
+               "Jobs moved to a dead-letter topic (--max-deliveries).",
+               jobs.dead_lettered_total)
+    out.metric("dead_letters_dropped_total", "counter",
+               "Jobs dropped because their dead-letter topic was full.",
+               jobs.dead_letters_dropped)
+    out.metric("message_ids", "gauge", "Message ids remembered (--dedupe-window).",
+               len(broker.dedupe))
     out.metric("uptime_seconds", "gauge", "Seconds since the server started.",
                round(max(0.0, time.time() - stats.started), 3))
     name = out.metric("build_info", "gauge", "The running version (value always 1).")
