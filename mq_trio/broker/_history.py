@@ -114,6 +114,11 @@ class Held:
         if out:
             await send(out)
 
+    async def decided(self) -> None:
+        """Return once ``ready()`` gives the outcome (the writer then sends it with the
+        items after it, in one write)."""
+        await self.ticket.wait()
+
     def discard(self) -> None:
         pass
 
@@ -141,6 +146,9 @@ class EpochReply:
     async def write(self, send: SendBatch) -> None:
         await self.answer.wait()
         await send([epoch_reply(self.epoch, self.answer.value())])
+
+    async def decided(self) -> None:
+        await self.answer.wait()
 
     def discard(self) -> None:
         pass

@@ -358,13 +358,20 @@ class Outbox:
                 else:
                     assert not isinstance(item, bytes)
                     out = item.ready()
-                    if out is not None:
-                        batch.extend(out)
-                    else:
+                    if out is None:
                         if batch:
                             await transport.send_batch(batch)
                             batch = []
-                        await item.write(transport.send_batch)
+                        decided = getattr(item, "decided", None)
+                        if decided is not None:
+                            # Wait, then write it with what follows (the items after
+                            # it are usually decided by the same commit): one write.
+                            await decided()
+                            out = item.ready()
+                        if out is None:
+                            await item.write(transport.send_batch)  # (it streams)
+                            out = []
+                    batch.extend(out)
                 done += 1
                 if size >= WRITE_BATCH_BYTES:
                     if batch:

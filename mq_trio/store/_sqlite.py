@@ -603,7 +603,10 @@ class SqliteBackend:
                     conn.executemany("UPDATE jobs SET deliveries = ? WHERE tid = ? AND idx = ?",
                                      counts)
                 if done:
-                    conn.executemany("DELETE FROM jobs WHERE tid = ? AND idx = ?", done)
+                    # Acks come mostly in index order: one range per run of indexes.
+                    conn.executemany(
+                        "DELETE FROM jobs WHERE tid = ? AND idx >= ? AND idx <= ?",
+                        _runs(done))
                 if marks:
                     conn.executemany(
                         "INSERT INTO job_marks VALUES (?, ?) ON CONFLICT(tid) DO UPDATE "
@@ -721,6 +724,22 @@ class SqliteBackend:
         """Close without marking a clean stop (startup failed); release the directory."""
         self.close_quietly()
         self._unlock()
+
+
+def _runs(keys: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(tid, first, last) for each run of consecutive indexes among ``keys``."""
+    runs: list[tuple[int, int, int]] = []
+    tid = first = last = -1
+    for t, i in sorted(keys):
+        if t == tid and i == last + 1:
+            last = i
+            continue
+        if tid >= 0:
+            runs.append((tid, first, last))
+        tid, first, last = t, i, i
+    if tid >= 0:
+        runs.append((tid, first, last))
+    return runs
 
 
 def read_chunk(conn: sqlite3.Connection, tid: int, after: int, upto: int, limit: int) -> list[Row]:
