@@ -104,6 +104,9 @@ def run(python: str, subscribers: int, messages: int) -> float:
     server = subprocess.Popen(
         ["taskset", "-c", "0", python, "-m", "mq_trio", "serve", "--port", str(port),
          "--ws-port", str(ws_port), "--log-level", "warning", "--max-pending-bytes", "64MiB"],
+        # Not this checkout's directory: "-m mq_trio" would import the package from the
+        # working directory instead of the build installed for PYTHON.
+        cwd="/",
     )
     try:
         for _ in range(100):
@@ -148,7 +151,13 @@ def run(python: str, subscribers: int, messages: int) -> float:
         if short:
             raise SystemExit(f"{len(short)} subscriber(s) got fewer than {messages} messages "
                              f"(cut off as slow consumers?): {short[:5]}")
-        return subscribers * messages / (max(end for end, _ in ends) - start)
+        elapsed = max(end for end, _ in ends) - start
+        with open(f"/proc/{server.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        print(f"  ({subscribers * messages} deliveries in {elapsed:.2f} s; server CPU "
+              f"{cpu:.2f} s since it started)", flush=True)
+        return subscribers * messages / elapsed
     finally:
         server.terminate()
         server.wait()

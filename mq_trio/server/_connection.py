@@ -168,6 +168,9 @@ class Connection:
     _auth_timer: trio.CancelScope | None = attrs.field(init=False, default=None)
     #: Lines received (metrics; counted per chunk).
     lines_in: int = attrs.field(init=False, default=0)
+    #: Topics whose jobs this chunk's acks and nacks made room for (``_handle_lines``);
+    #: None until a first ack (no set per idle connection).
+    _room_made: set[str] | None = attrs.field(init=False, default=None)
     #: The server's counters (shared; a throwaway one without a registry).
     stats: Stats = attrs.field(init=False)
     #: When it connected (``time.time()``), for introspection.
@@ -481,6 +484,19 @@ class Connection:
         return None if grant.may_subscribe(topic) else _PERMISSION_DENIED
 
     def _handle_lines(self, lines: list[bytes], start: int) -> int:
+        """``_apply_lines``, then deliver the jobs that this chunk's acks and nacks made
+        room for: once per topic and chunk rather than once per ack (after the replies,
+        as docs/protocol.md says)."""
+        done = self._apply_lines(lines, start)
+        room_made = self._room_made
+        if room_made:
+            jobs = self.broker.jobs
+            for topic in room_made:
+                jobs.dispatch_topic(topic)
+            room_made.clear()
+        return done
+
+    def _apply_lines(self, lines: list[bytes], start: int) -> int:
         """Apply ``lines[start:]``; return how many lines are done, or -1 to stop reading.
 
         Returns early (with the count so far) when the outbox is over its high-water
@@ -634,8 +650,10 @@ class Connection:
             self.outbox.queue_reply(SUCCESS)
         else:
             self.outbox.push_deferred(Held(SUCCESS, ticket, _STORAGE_UNAVAILABLE))
-        if cls is not Progress:
-            jobs.dispatch_topic(event.topic)  # the room made, after the reply
+        if cls is not Progress:  # the room is filled at the end of the chunk
+            if self._room_made is None:
+                self._room_made = set()
+            self._room_made.add(event.topic)
 
     def handle_event(self, event: protocol.LineEvent) -> bool:
         """Apply one parsed line; return True when the client asked to quit."""
