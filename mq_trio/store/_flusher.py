@@ -30,6 +30,7 @@ from ._sqlite import SqliteBackend
 
 log = logging.getLogger("mq_trio.store")
 
+_TICKET_TYPES = frozenset(TICKETS)
 #: Operations that write nothing: a batch of only these commits nothing.
 _NOT_WRITES = (Read, Mark)
 
@@ -180,10 +181,16 @@ class Store:
     def _settle(self, ops: list[Op], result: BatchResult) -> None:
         """Back on the trio thread: mark records decided, fix state after a failure."""
         decided = 0
-        for op in ops:
-            if isinstance(op, TICKETS):
-                op.done = True
-                decided = max(decided, op.seq)
+        reads: list[Read] = []
+        tickets = _TICKET_TYPES
+        for op in ops:  # (three ops a job on a work queue: one pass, no isinstance)
+            cls = type(op)
+            if cls in tickets:
+                op.done = True  # type: ignore[union-attr]
+                if op.seq > decided:  # type: ignore[union-attr]
+                    decided = op.seq  # type: ignore[union-attr]
+            elif cls is Read:
+                reads.append(op)  # type: ignore[arg-type]
         if result.error is not None:
             if self.available:
                 log.error(
@@ -200,12 +207,11 @@ class Store:
         if decided > self.decided_seq:  # (retried takes carry older numbers)
             self.decided_seq = decided
             self._decided.unpark_all()
-        for op in ops:
-            if isinstance(op, Read):
-                if op.released and op.conn is not None:
-                    op.conn.close()  # its subscriber left before the snapshot opened
-                    op.conn = None
-                op.done.set()
+        for read in reads:
+            if read.released and read.conn is not None:
+                read.conn.close()  # its subscriber left before the snapshot opened
+                read.conn = None
+            read.done.set()
 
     async def aclose(self) -> None:
         """Write what is queued, wait for the flusher, then close the database."""
