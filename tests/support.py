@@ -6,8 +6,10 @@ import errno
 import json
 import os
 import random
+import sqlite3
 from typing import Any
 
+import pytest
 import trio
 
 from mq_trio.broker import Deferred
@@ -169,3 +171,21 @@ def parsed_send(
     event = parse_line(json.dumps(obj).encode())
     assert isinstance(event, Send)
     return event
+
+
+class FailingCommits:
+    """The store's commits fail (a disk I/O error, raised where SQLite's would be) while
+    ``failing`` is true: the real failure path of a durable server, switched by a test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, failing: bool = True) -> None:
+        from mq_trio.store._sqlite import SqliteBackend
+
+        self.failing = failing
+        real_commit = SqliteBackend._commit
+
+        def commit(backend: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
+            if self.failing:
+                raise sqlite3.OperationalError("disk I/O error")
+            real_commit(backend, conn, sync)
+
+        monkeypatch.setattr(SqliteBackend, "_commit", commit)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,10 +13,9 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from support import LineClient, make_config
+from support import FailingCommits, LineClient, make_config
 
 from mq_trio.server import Server, _admin, serve
-from mq_trio.store._sqlite import SqliteBackend
 
 SUCCESS = {"success": True}
 GUARD_SECONDS = 60
@@ -332,14 +330,6 @@ async def test_healthz_ok_then_stopping_while_connections_drain() -> None:
 async def test_healthz_storage_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    failing = True
-    real_commit = SqliteBackend._commit
-
-    def commit(self: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
-        if failing:
-            raise sqlite3.OperationalError("disk I/O error")
-        real_commit(self, conn, sync)
-
     async with running(data_dir=str(tmp_path)) as server:
         pub = await LineClient.connect(server.port)
         assert (await pub.request(send("t", "ok")))["success"] is True
@@ -350,7 +340,7 @@ async def test_healthz_storage_unavailable(
         stats = await get_json(server, "/stats")
         assert stats["store"]["available"] is True
         assert stats["store"]["fsync"] == server.config.fsync
-        monkeypatch.setattr(SqliteBackend, "_commit", commit)
+        commits = FailingCommits(monkeypatch)
         assert (await pub.request(send("t", "lost")))["success"] is False
         assert server.http_port is not None
         reply = await request(server.http_port, "/healthz")
@@ -359,7 +349,7 @@ async def test_healthz_storage_unavailable(
         assert sick.value("mq_trio_store_available") == 0
         assert sick.value("mq_trio_store_commit_failures_total") >= 1
         assert (await get_json(server, "/stats"))["store"]["available"] is False
-        failing = False
+        commits.failing = False
         assert (await pub.request(send("t", "back")))["success"] is True
         reply = await request(server.http_port, "/healthz")
         assert (reply.status, reply.json()) == (200, {"status": "ok"})

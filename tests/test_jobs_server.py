@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from support import LineClient, start_server
+from support import FailingCommits, LineClient, start_server
 from test_durability import running, server_process
-
-from mq_trio.store._sqlite import SqliteBackend
 
 SUCCESS = {"success": True}
 MALFORMED = {"success": False, "reason": "Malformed json message"}
@@ -239,23 +236,15 @@ async def test_a_graceful_restart_keeps_waiting_jobs(tmp_path: Path) -> None:
 async def test_a_failed_batch_of_jobs_is_never_delivered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    failing = True
-    real_commit = SqliteBackend._commit
-
-    def commit(self: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
-        if failing:
-            raise sqlite3.OperationalError("disk I/O error")
-        real_commit(self, conn, sync)
-
     async with running(tmp_path) as server:
         worker = await LineClient.connect(server.port)
         assert await worker.request(consumer("q", 10)) == SUCCESS
         producer = await LineClient.connect(server.port)
-        monkeypatch.setattr(SqliteBackend, "_commit", commit)
+        commits = FailingCommits(monkeypatch)
         batch = {"command": "batch", "topic": "q", "msgs": ["a", "b", "c"],
                  "delivery": "one", "ack": True, "id": "b1"}
         assert await producer.request(batch) == STORAGE_UNAVAILABLE
-        failing = False
+        commits.failing = False
         # the retry (same id) is a new attempt, not a "duplicate" of the failed one
         reply = await producer.request(batch)
         assert reply["success"] and "duplicate" not in reply and reply["count"] == 3

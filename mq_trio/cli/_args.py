@@ -24,6 +24,28 @@ def port_number(text: str) -> int:
     return port
 
 
+def positive_seconds(text: str) -> float:
+    """A number of seconds > 0 (and finite): timeouts and intervals of every command."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds > 0: {text!r}")
+    return value
+
+
+def positive_count(text: str) -> int:
+    """A whole number >= 1 (limits, rows, concurrency)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 1: {text!r}")
+    return value
+
+
 def byte_size(text: str) -> int:
     """Parse ``1048576``, ``64k``, ``8MiB``, ``1G`` (binary units) into bytes."""
     m = _SIZE.match(text)

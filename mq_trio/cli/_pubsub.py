@@ -48,7 +48,14 @@ from ..client import (
 )
 from ..client._jobs import MAX_BATCH, MAX_ID_CHARS
 from ..protocol import AUTH_FAILED, NOT_AUTHENTICATED, Delivery
-from ._args import UsageError, add_security_args, credentials, port_number, ssl_context
+from ._args import (
+    UsageError,
+    add_security_args,
+    credentials,
+    port_number,
+    positive_seconds,
+    ssl_context,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -137,7 +144,7 @@ def add_pub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     )
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=PUB_REPLY_TIMEOUT,
         metavar="SECONDS",
         help="give up (status 1) when the server has not accepted a message this long "
@@ -205,7 +212,7 @@ def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument(
         "-W",
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help=f"exit with status {EXIT_TIMEOUT} after SECONDS (connecting included) unless "
@@ -215,14 +222,6 @@ def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     p.set_defaults(func=run_sub)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds > 0: {text!r}")
-    return value
 
 
 def _target(args: argparse.Namespace) -> tuple[str, int | None]:

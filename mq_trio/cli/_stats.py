@@ -38,7 +38,7 @@ from urllib.parse import urlencode, urlsplit
 import attrs
 
 from .. import __version__
-from ._args import UsageError, port_number
+from ._args import UsageError, port_number, positive_count, positive_seconds
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -511,28 +511,12 @@ def add_endpoint_args(p: argparse.ArgumentParser) -> None:
                    help="the HTTP port's URL, http://HOST:PORT (https:// if it serves TLS)")
     g.add_argument("--port", type=port_number, default=None, metavar="PORT",
                    help="shorthand for --url http://127.0.0.1:PORT")
-    g.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    g.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"give up on an answer after this long (default {DEFAULT_TIMEOUT:g})")
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive count: {text!r}")
-    return value
 
 
 def add_stats_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -559,7 +543,7 @@ def add_stats_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     )
     view = p.add_mutually_exclusive_group()
     view.add_argument(
-        "--connections", nargs="?", type=_count, const=0, default=None, metavar="N",
+        "--connections", nargs="?", type=positive_count, const=0, default=None, metavar="N",
         help=f"list the connections, most pending bytes first (see --sort), N of them "
         f"(default: --limit, {DEFAULT_LIMIT})",
     )
@@ -580,7 +564,7 @@ def add_stats_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "bytes queued to the client; counts go largest first, since oldest first); of "
         f"--topics: {', '.join(TOPIC_SORTS)} (default name)",
     )
-    p.add_argument("--limit", type=_count, default=DEFAULT_LIMIT, metavar="N",
+    p.add_argument("--limit", type=positive_count, default=DEFAULT_LIMIT, metavar="N",
                    help=f"rows listed by --connections and --topics (default {DEFAULT_LIMIT}; "
                    "the server sends at most 1000)")
     add_endpoint_args(p)

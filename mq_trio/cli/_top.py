@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 
-from ._args import UsageError
+from ._args import UsageError, positive_count, positive_seconds
 from ._stats import (
     CONNECTION_SORTS,
     EXIT_ERROR,
@@ -211,24 +211,8 @@ def clip(lines: list[str], width: int) -> list[str]:
 # --- the command --------------------------------------------------------------------------
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
-    return value
 
 
-def _rows(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a positive count: {text!r}")
-    return value
 
 
 def add_top_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -245,14 +229,14 @@ def add_top_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "Exit status: 0 when quit, 1 when the server cannot be read at start, 2 bad "
         "arguments; while running, a lost server is shown and retried.",
     )
-    p.add_argument("--interval", "-i", type=_interval, default=DEFAULT_INTERVAL,
+    p.add_argument("--interval", "-i", type=positive_seconds, default=DEFAULT_INTERVAL,
                    metavar="SECONDS",
                    help=f"seconds between frames (default {DEFAULT_INTERVAL:g})")
     p.add_argument("--sort", "-s", choices=CONNECTION_SORTS, default="pending", metavar="KEY",
                    help=f"order of the connections: {', '.join(CONNECTION_SORTS)} (default "
                    "pending: bytes queued to the client; counts go largest first, since "
                    "oldest first)")
-    p.add_argument("-n", dest="rows", type=_rows, default=DEFAULT_ROWS, metavar="N",
+    p.add_argument("-n", dest="rows", type=positive_count, default=DEFAULT_ROWS, metavar="N",
                    help=f"connections shown (default {DEFAULT_ROWS}; fewer if the terminal "
                    "is shorter)")
     p.add_argument("--once", action="store_true",

@@ -37,7 +37,7 @@ import trio
 
 from ..client import Client, ConnectionLost, Job, MQError, UnknownJob
 from ..client._jobs import MAX_NACK_DELAY, MAX_PREFETCH
-from ._args import PASSWORD_VARIABLE, TOKEN_VARIABLE
+from ._args import PASSWORD_VARIABLE, TOKEN_VARIABLE, positive_count, positive_seconds
 from ._pubsub import EXIT_ERROR, EXIT_OK, _add_connection_args, _error, _explain, _prepare
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -90,14 +90,14 @@ def add_work_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
                    "not taken for the worker's)")
     p.add_argument(
         "--concurrency",
-        type=_positive,
+        type=positive_count,
         default=1,
         metavar="N",
         help="run up to N children at once (default 1)",
     )
     p.add_argument(
         "--prefetch",
-        type=_positive,
+        type=positive_count,
         default=None,
         metavar="N",
         help=f"jobs held from the server at once, running or waiting (1-{MAX_PREFETCH}; "
@@ -106,7 +106,7 @@ def add_work_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     )
     p.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help=f"a child running longer is terminated (SIGTERM, SIGKILL {KILL_GRACE:g} s "
@@ -121,7 +121,7 @@ def add_work_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     )
     p.add_argument(
         "--progress-interval",
-        type=_seconds,
+        type=positive_seconds,
         default=PROGRESS_INTERVAL,
         metavar="SECONDS",
         help="tell the server every SECONDS that a running job is still being worked on, "
@@ -130,7 +130,7 @@ def add_work_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     )
     p.add_argument(
         "--max-jobs",
-        type=_positive,
+        type=positive_count,
         default=None,
         metavar="N",
         help="exit (status 0) once N jobs have been run (default: run until stopped)",
@@ -152,24 +152,8 @@ def add_work_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     p.set_defaults(func=run_work)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a whole number >= 1: {text!r}")
-    return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == math.inf:
-        raise argparse.ArgumentTypeError(f"not a number of seconds > 0: {text!r}")
-    return value
 
 
 def _delay(text: str) -> float:
