@@ -275,3 +275,24 @@ async def test_ids_survive_kill_9_so_a_resend_is_not_stored_twice(tmp_path: Path
         await sub.send({"command": "subscribe", "topic": "t"})
         got = await sub.receive_many(4)
         assert [m["msg"] for m in got[1:]] == ["m", "a", "b"]  # each stored once
+
+
+async def test_a_failed_batch_reaches_no_subscriber(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path) as server:
+        subs = [await LineClient.connect(server.port) for _ in range(3)]
+        for sub in subs:
+            assert await sub.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        producer = await LineClient.connect(server.port)
+        commits = FailingCommits(monkeypatch)
+        batch = {"command": "batch", "topic": "t", "msgs": ["a", "b"], "delivery": "all"}
+        assert await producer.request(batch) == STORAGE_UNAVAILABLE
+        commits.failing = False
+        batch["msgs"] = ["c", "d"]
+        reply = await producer.request(batch)
+        assert reply["success"] is True
+        for sub in subs:  # only the accepted batch, in order, as separate deliveries
+            got = await sub.receive_many(2)
+            assert [(m["msg"], m["index"]) for m in got] == [
+                ("c", reply["index"]), ("d", reply["index"] + 1)]

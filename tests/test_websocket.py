@@ -772,3 +772,17 @@ async def test_a_fan_out_is_written_in_batches_of_frames(
     assert [m["index"] for m in got] == list(range(n))  # all, in order, each its own text
     assert not messages
     assert len(writes) < n // 10  # many deliveries per socket write
+
+
+async def test_a_batch_reaches_a_websocket_subscriber_as_separate_messages(
+    nursery: trio.Nursery,
+) -> None:
+    server = await ws_server(nursery)
+    ws = await ws_connect(nursery, server)
+    assert await request(ws, {"command": "subscribe", "topic": "t"}) == SUCCESS
+    publisher = await LineClient.connect(server.port)
+    batch = {"command": "batch", "topic": "t", "msgs": ["a", "b", "c"], "delivery": "all"}
+    assert await publisher.request(batch) == {"success": True, "index": 0, "count": 3}
+    got = [await receive(ws) for _ in range(3)]
+    assert got == [{"command": "send", "topic": "t", "msg": m, "delivery": "all", "index": i}
+                   for i, m in enumerate("abc")]

@@ -32,6 +32,7 @@ from ._history import (
     Deferred,
     EpochReply,
     Held,
+    HeldMany,
     Item,
     Recorded,
     TooManyTopics,
@@ -383,13 +384,43 @@ class Broker:
             for base in bases:
                 recorded = self._publish_job(topic, base)
                 indexes.append(recorded if type(recorded) is int else recorded.index)  # type: ignore[union-attr]
-        else:
+        elif batch.delivery == "all":
+            recorded = self._publish_all_batch(batch, indexes)
+        else:  # "one": each message to one subscriber, as sent alone
             for msg in batch.msgs:
                 recorded = self.publish(Send(topic, msg, batch.delivery, batch.cache))
                 indexes.append(recorded if type(recorded) is int else recorded.index)  # type: ignore[union-attr]
         count = len(indexes)
         self._remember(topic, batch.id, index_reply(indexes[0], count, True), recorded)
         return index_reply(indexes[0], count), recorded
+
+    def _publish_all_batch(self, batch: Batch, indexes: list[int]) -> int | Recorded:
+        """A batch to every subscriber: each message indexed and cached as if sent
+        alone, and the deliveries pushed as one shared item per subscriber
+        (``HeldMany``). Returns the last message's record."""
+        topic = batch.topic
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._new_topic(topic)
+        record = self.history.record
+        payloads: list[bytes] = []
+        recorded: int | Recorded = -1
+        for msg in batch.msgs:
+            send = Send(topic, msg, "all", batch.cache)
+            recorded = record(topic, send, False, batch.cache)
+            index = recorded if type(recorded) is int else recorded.index  # type: ignore[union-attr]
+            indexes.append(index)
+            payloads.append(encode_delivery(send, index))
+        if subs:
+            size = sum(map(len, payloads))
+            item = HeldMany(payloads, size,
+                            None if type(recorded) is int else recorded)  # type: ignore[arg-type]
+            self._fanout = subs  # a push may evict (a slow consumer): _drop copies
+            self.fanned += len(subs) * size
+            self.delivered += len(subs) * len(payloads)
+            for subscriber in subs:
+                subscriber.push_deferred(item)
+        return recorded
 
     def _dead_letter(self, job: Job) -> None:
         """A job out of deliveries: a new job on its dead-letter topic."""

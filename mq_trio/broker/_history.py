@@ -123,6 +123,43 @@ class Held:
         pass
 
 
+@attrs.define(slots=True, eq=False)
+class HeldMany:
+    """A batch's deliveries to one subscriber, as one outbox item that every subscriber
+    shares: one push per subscriber instead of one per message each (a batch of 10,000
+    messages to 6,000 subscribers was 60 million pushes, a 10 s stall). With a
+    ``ticket`` (a durable batch: one transaction) they leave once it is decided, and not
+    at all if it failed."""
+
+    payloads: list[bytes]
+    size: int
+    ticket: Ticket | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def ready(self) -> list[bytes] | None:
+        ticket = self.ticket
+        if ticket is None:
+            return self.payloads
+        if not ticket.done:
+            return None
+        return [] if ticket.failed else self.payloads
+
+    async def write(self, send: SendBatch) -> None:
+        await self.decided()
+        out = self.ready()
+        if out:
+            await send(out)
+
+    async def decided(self) -> None:
+        if self.ticket is not None:
+            await self.ticket.wait()
+
+    def discard(self) -> None:
+        pass
+
+
 def epoch_reply(epoch: str, recovered: bool) -> bytes:
     """The reply to a subscribe that carries an epoch (docs/protocol.md, epoch extension)."""
     return json.dumps({"success": True, "epoch": epoch, "recovered": recovered}).encode()

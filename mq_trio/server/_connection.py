@@ -576,6 +576,12 @@ class Connection:
                 return i + 1  # the reader verifies it, then handles the rest
             elif self._stopping:
                 return -1
+            elif broker.fanned > fan_limit:  # (a batch to many subscribers, as above)
+                assert turns is not None
+                if turns.busy:
+                    self._fanning = True
+                    return i + 1
+                fan_limit = broker.fanned + FANOUT_STEP
             if outbox.overflowed:
                 return -1
             if outbox.pending > high_water:
