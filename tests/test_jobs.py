@@ -424,3 +424,18 @@ def test_a_batch_is_one_push_per_subscriber() -> None:
     for sub in subs:
         assert sub.indexes == list(range(200))
     assert broker.delivered == 50 * 200
+
+
+def test_a_consumer_of_many_topics_leaves_in_steps() -> None:
+    broker = make_broker(max_topics=10_000)
+    sub, other = Fake(), Fake()
+    for i in range(5_000):
+        consume(broker, sub, f"q{i}")
+    consume(broker, other, "q0")
+    publish(broker, "q0", "a")
+    assert broker.subscription_count(sub) == 5_000
+    steps = list(broker.disconnect_steps(sub, 1_000))
+    assert len(steps) == 5  # the caller yields to other tasks between them
+    assert broker.subscription_count(sub) == 0
+    assert jobs_of(other) == [("a", 2)]  # "a" went to sub first (its turn came first)
+    assert broker.topic_count() == 1  # the other topics' queues went with it

@@ -186,7 +186,7 @@ class Broker:
         each ``next`` (a client with a million subscriptions must not stall the rest).
         The subscriber leaves every topic at once in ``_topics_of``; its remaining
         entries in the topics' dicts may still get deliveries until their step."""
-        self.jobs.disconnect(subscriber)
+        yield from self.jobs.disconnect_steps(subscriber, step)
         topics = self._topics_of.pop(subscriber, None)
         if not topics:
             return
@@ -201,7 +201,8 @@ class Broker:
                 yield
 
     def subscription_count(self, subscriber: Subscriber) -> int:
-        return len(self._topics_of.get(subscriber, ()))
+        """Subscriptions and consumers of the subscriber (what leaving releases)."""
+        return len(self._topics_of.get(subscriber, ())) + self.jobs.consumer_count(subscriber)
 
     def evict(self, subscriber: Subscriber) -> None:
         """Remove every subscription now, even from inside a fan-out to this subscriber

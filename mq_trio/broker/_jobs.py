@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -252,6 +252,21 @@ class JobQueues:
         if mine:
             for consumer in mine.values():
                 self._leave(consumer)
+
+    def disconnect_steps(self, subscriber: Subscriber, step: int) -> Iterator[None]:
+        """``disconnect`` in steps of ``step`` consumers (the caller yields to other
+        tasks at each ``next``): a client consuming many topics must not stall the rest
+        when it leaves."""
+        mine = self._of.pop(subscriber, None)
+        if not mine:
+            return
+        for n, consumer in enumerate(list(mine.values()), 1):
+            self._leave(consumer)
+            if n % step == 0:
+                yield
+
+    def consumer_count(self, subscriber: Subscriber) -> int:
+        return len(self._of.get(subscriber, _NO_CONSUMERS))
 
     def _leave(self, consumer: Consumer) -> None:
         queue = consumer.queue
