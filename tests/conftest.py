@@ -2,8 +2,12 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import socket
+import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,9 @@ pytest_plugins = ["pytester"]
 
 from support import SEED, SEED_VARIABLE, LineClient, start_server  # noqa: E402
 
+from mq_trio.benchmark.cli import started_server  # noqa: E402
+from mq_trio.benchmark.dialects import MQ, REDIS  # noqa: E402
+from mq_trio.benchmark.scenarios import Target  # noqa: E402
 from mq_trio.server import Server  # noqa: E402
 
 #: The suite's own MQ_TRIO_* variables; every other one (a developer's MQ_TRIO_PORT or
@@ -65,3 +72,38 @@ def connect(server: Server) -> Callable[[], Awaitable[LineClient]]:
         return await LineClient.connect(server.port)
 
     return _connect
+
+
+# --- the benchmark's targets (tests/test_bench*.py) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def mq() -> Iterator[Target]:
+    """A real ``mq-trio serve`` (a process) for the load generator, one per module."""
+    with started_server("127.0.0.1", None) as (port, pid):
+        yield Target("mq-trio", "127.0.0.1", port, MQ, pid)
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Target]:
+    """Debian's redis-server on a free loopback port (installed by bench/compare.sh)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        yield Target("redis", "127.0.0.1", port, REDIS, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)

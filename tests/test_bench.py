@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mq_trio.benchmark import report
-from mq_trio.benchmark.cli import started_server
 from mq_trio.benchmark.dialects import MQ, REDIS, StampReader, TokenCounter, resp_command
 from mq_trio.benchmark.scenarios import (
     Result,
@@ -36,36 +32,6 @@ from mq_trio.benchmark.scenarios import (
 from mq_trio.cli import main
 
 QUICK = Settings(duration=0.3, window=64, rate=2000, conns=40, procs=2, stall_timeout=10)
-
-
-@pytest.fixture(scope="module")
-def mq() -> Iterator[Target]:
-    with started_server("127.0.0.1", None) as (port, pid):
-        yield Target("mq-trio", "127.0.0.1", port, MQ, pid)
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[Target]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-        yield Target("redis", "127.0.0.1", port, REDIS, proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def assert_latencies(r: Result) -> None:
