@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from .dialects import Dialect
+from .dialects import NATS_CONNECT_VERBOSE, Dialect
 from .procstat import CPUMeter
 
 #: A generator process above this share of one CPU is considered saturated.
@@ -48,6 +48,9 @@ class Target:
     auth: bytes = attrs.field(default=b"", repr=False)
     #: TLS (rtt and publish only: the other scenarios multiplex non-blocking sockets)
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, repr=False)
+    #: subscribers of fanout and e2e connect here over WebSocket (None: over TCP, to
+    #: ``port``); publishers always use TCP
+    ws_port: int | None = None
 
 
 @attrs.frozen
@@ -156,6 +159,12 @@ def connect(target: Target, blocking: bool = True) -> socket.socket:
             sock = target.ssl_context.wrap_socket(sock, server_hostname=target.host)
         if target.auth:
             authenticate(sock, target.auth)
+        if target.dialect.name == "nats":
+            read_lines(sock, 1)  # INFO, sent before anything is asked
+            sock.sendall(NATS_CONNECT_VERBOSE)
+            reply = read_lines(sock, 1)
+            if not reply.startswith(b"+OK"):
+                raise BenchError(f"NATS refused CONNECT: {reply[:200].decode(errors='replace')}")
     except BaseException:
         sock.close()
         raise

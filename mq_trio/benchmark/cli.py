@@ -1,4 +1,5 @@
-"""``mq-trio bench``: run scenarios against a protocol-v1 server and/or Redis."""
+"""``mq-trio bench``: run scenarios against a protocol-v1 server, Redis or NATS (TCP or,
+for subscribers, WebSocket)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..cli._args import UsageError, add_security_args, credentials, ssl_context
 from ..protocol import encode_auth, frame
 from . import report
 from .base import TLS_SCENARIOS
-from .dialects import MQ, REDIS, resp_command
+from .dialects import MQ, NATS, REDIS, resp_command
 from .procstat import listening_pid
 from .queue import queue_params, run_queue
 from .scenarios import (
@@ -39,6 +40,8 @@ SCENARIOS = ("rtt", "e2e", "publish", "fanout", "conns")
 #: Run only when named: not part of the pub/sub comparison (bench/compare.sh) that
 #: running every scenario makes; bench/queue_compare.sh runs it against Redis Streams.
 EXTRA_SCENARIOS = ("queue",)
+#: What ``--ws`` applies to: the scenarios with subscribers (publishers stay on TCP).
+WS_SCENARIOS = ("fanout", "e2e")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -91,6 +94,17 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--port", type=int, default=7000, help="server port")
     p.add_argument("--redis", action="store_true",
                    help="the server at --host/--port is Redis (PUBLISH/SUBSCRIBE over RESP)")
+    p.add_argument("--nats", action="store_true",
+                   help="the server at --host/--port is NATS (PUB/SUB in its text protocol, "
+                   "verbose: each PUB acknowledged by +OK); fanout, e2e, rtt and publish only")
+    p.add_argument("--ws", action="store_true",
+                   help=f"subscribers of {' and '.join(WS_SCENARIOS)} connect over WebSocket "
+                   "to --ws-port (raw sockets: frame headers parsed, nothing decoded); the "
+                   "publisher stays on TCP; results are labelled 'over WebSocket' "
+                   f"(default scenarios: {', '.join(WS_SCENARIOS)})")
+    p.add_argument("--ws-port", type=int, default=None, metavar="PORT",
+                   help="the server's WebSocket port for --ws (with --start-server: the "
+                   "started server gets a free one)")
     p.add_argument("--name", default=None,
                    help="label of the server in the output (default mq-trio or redis)")
     p.add_argument("--server-pid", type=int, default=None,
@@ -210,6 +224,19 @@ def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes]) -> None
     raise BenchError("the server did not start listening")
 
 
+def _wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    """Until something listens on ``port`` (a started server's second listener)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing listens on port {port}") from None
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def started_server(host: str, cpu: int | None, *extra: str) -> Iterator[tuple[int, int]]:
     """Run ``mq-trio serve`` in a subprocess; yield (port, pid); stop it with SIGINT.
@@ -320,7 +347,7 @@ def run_all(targets: list[Target], scenarios: list[str], st: Settings,
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    scenarios = list(args.scenarios) or list(SCENARIOS)
+    scenarios = list(args.scenarios) or list(WS_SCENARIOS if args.ws else SCENARIOS)
     unknown = [s for s in scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]
     if unknown:
         print(f"mq-trio bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
@@ -333,6 +360,23 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.compare_auth and (secrets or context is not None or args.redis):
             raise UsageError("--compare-auth starts both servers itself: no --token, "
                              "--user, --tls, --cafile or --redis with it")
+        if args.redis and args.nats:
+            raise UsageError("--redis and --nats: one server at a time")
+        if args.nats and (secrets or context is not None or args.start_server
+                          or args.compare_auth):
+            raise UsageError("--nats: no --token, --user, --tls, --cafile, --start-server "
+                             "or --compare-auth with it")
+        if args.ws:
+            if args.redis:
+                raise UsageError("--ws: Redis has no WebSocket listener")
+            if args.compare_auth or context is not None:
+                raise UsageError("--ws runs without --compare-auth, --tls and --cafile")
+            if args.ws_port is None and not args.start_server:
+                raise UsageError("--ws needs --ws-port (or --start-server)")
+            other = [s for s in scenarios if s not in WS_SCENARIOS]
+            if other:
+                raise UsageError(f"--ws: only {', '.join(WS_SCENARIOS)} have subscribers "
+                                 f"(not {', '.join(other)})")
         if args.redis and (secrets or context is not None):
             raise UsageError("--token, --user, --tls and --cafile are for mq-trio, not Redis")
         if args.plot and not report.plot_available():
@@ -368,7 +412,15 @@ def run_bench(args: argparse.Namespace) -> int:
             if args.redis:
                 print("mq-trio bench: --start-server starts mq-trio, not Redis", file=sys.stderr)
                 return 2
-            port, pid = stack.enter_context(started_server(args.host, args.server_cpu))
+            ws_args: tuple[str, ...] = ()
+            if args.ws:
+                args.ws_port = args.ws_port or _free_port(args.host)
+                ws_args = ("--ws-port", str(args.ws_port))
+            port, pid = stack.enter_context(
+                started_server(args.host, args.server_cpu, *ws_args)
+            )
+            if args.ws:
+                _wait_port(args.host, args.ws_port)
         else:
             port, pid = args.port, args.server_pid
         targets = []
@@ -380,9 +432,12 @@ def run_bench(args: argparse.Namespace) -> int:
                 extra["redis"] = info["redis_version"]
         if pid is None:
             pid = listening_pid(port)
-        targets.append(Target(args.name or ("redis" if args.redis else report.MQ_NAME),
-                              args.host, port, REDIS if args.redis else MQ, pid,
-                              auth=auth, ssl_context=context))
+        name = args.name or ("redis" if args.redis else "nats" if args.nats
+                             else report.MQ_NAME)
+        kind = REDIS if args.redis else NATS if args.nats else MQ
+        targets.append(Target(name + (" over WebSocket" if args.ws else ""), args.host,
+                              port, kind, pid, auth=auth, ssl_context=context,
+                              ws_port=args.ws_port if args.ws else None))
         if args.compare_auth:
             auth_file, token = _auth_file_for_run(stack)
             aport, apid = stack.enter_context(

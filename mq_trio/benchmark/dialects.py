@@ -1,5 +1,5 @@
-"""The two wire dialects the generator speaks: protocol v1 (mq-trio and its family) and
-Redis pub/sub over RESP.
+"""The wire dialects the generator speaks: protocol v1 (mq-trio and its family), Redis
+pub/sub over RESP, and NATS's text protocol (issue 16 compares WebSocket fan-out with it).
 
 The generator never decodes a reply it only has to count. Both dialects have replies and
 deliveries of a fixed number of lines for the topics and messages the benchmark uses (no
@@ -60,12 +60,17 @@ class Dialect:
         """One publish to ``topic``, ready to write (``cmd * n`` pipelines n of them)."""
         if self.name == "redis":
             return resp_command("PUBLISH", topic, msg)
+        if self.name == "nats":
+            data = msg.encode()
+            return b"PUB %s %d\r\n%s\r\n" % (topic.encode(), len(data), data)
         return frame([encode_send(topic, msg)])
 
     def subscribe(self, topic: str) -> bytes:
         """One subscribe to ``topic`` (no replay options: the benchmark never resumes)."""
         if self.name == "redis":
             return resp_command("SUBSCRIBE", topic)
+        if self.name == "nats":
+            return b"SUB %s 1\r\n" % topic.encode()
         return frame([encode_subscribe(topic)])
 
 
@@ -94,8 +99,29 @@ REDIS = Dialect(
 )
 
 
+#: NATS with ``verbose`` on: the server answers every command with ``+OK``, the same
+#: one-line acknowledgement per publish as the other two dialects (the generator's
+#: pipelining window counts acks). Its connections start with ``INFO`` and need a
+#: ``CONNECT`` (``base.connect`` does both).
+NATS = Dialect(
+    name="nats",
+    ack_lines=1,  # +OK
+    sub_confirm_lines=1,  # +OK
+    delivery_lines=2,  # MSG subject sid n, payload
+    delivery_token=b"MSG ",
+    error_token=b"-ERR",
+    sub_token=b"+OK",
+    stamp_re=re.compile(rb"MSG [^ \r\n]+ \d+ \d+\r\n(\d{20})"),
+)
+
+#: The CONNECT of a NATS connection that only subscribes: no +OK for every command.
+NATS_CONNECT_QUIET = b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n'
+#: The CONNECT of a NATS connection that publishes: +OK acknowledges each PUB.
+NATS_CONNECT_VERBOSE = b'CONNECT {"verbose":true,"pedantic":false,"protocol":1}\r\n'
+
+
 def dialect(name: str) -> Dialect:
-    return REDIS if name == "redis" else MQ
+    return {"redis": REDIS, "nats": NATS}.get(name, MQ)
 
 
 @attrs.define

@@ -39,6 +39,8 @@ from .base import (
 )
 from .dialects import Dialect, StampReader, TokenCounter
 from .procstat import CPUMeter, rss_bytes
+from .ws import WsReader, ws_connect, ws_subscribe
+from .ws import deliveries as ws_deliveries
 
 __all__ = [
     "RECV",
@@ -102,13 +104,18 @@ def run_rtt(target: Target, st: Settings, progress: Progress = no_progress) -> R
 def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> Result:
     """A paced publisher and one subscriber: publish-to-delivery latency.
 
+    With ``target.ws_port`` the subscriber is a WebSocket client (the stamps are read from
+    its frames' payloads), the publisher still TCP.
+
     Both sockets live in this process, so one monotonic clock stamps the send (carried in
     ``msg``) and the arrival. ``select.select`` is used for its microsecond timeout; the
     epoll-based selectors round to milliseconds, which would turn the pacing into bursts.
     """
     d = target.dialect
     size = max(st.size, 20)
-    topic = "bench.e2e"
+    # A topic of its own: a second run on the same server must not get the first one's
+    # history replayed on subscribing (taken for deliveries, or early frames over WebSocket).
+    topic = f"bench.e2e.{os.getpid()}.{time.monotonic_ns()}"
     result = Result(target.name, "e2e", {"rate": st.rate, "size": size})
     total = max(1, int(st.rate * st.duration))
     warm = min(total // 10, st.rate // 2)
@@ -117,9 +124,21 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
     reader = StampReader(d.stamp_re)
     errors = TokenCounter(d.error_token)
     latencies: list[int] = []
-    with connect(target) as sub, connect(target) as pub:
-        sub.sendall(d.subscribe(topic))
-        read_lines(sub, d.sub_confirm_lines)
+    ws: WsReader | None = None
+    if target.ws_port is not None:
+        sub, first_bytes = ws_connect(target)
+        try:
+            ws = ws_subscribe(sub, first_bytes, d, topic)
+        except BaseException:
+            sub.close()
+            raise
+        ws.keep_payload = True
+    else:
+        sub = connect(target)
+    with sub, connect(target) as pub:
+        if ws is None:
+            sub.sendall(d.subscribe(topic))
+            read_lines(sub, d.sub_confirm_lines)
         sub.setblocking(False)
         pub.setblocking(False)
         interval = 1e9 / st.rate
@@ -145,6 +164,10 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
                     data = recv(sock)
                     if sock is sub:
                         arrived = time.perf_counter_ns()
+                        if ws is not None:
+                            ws.feed(data)
+                            data = bytes(ws.payload)
+                            ws.payload.clear()
                         stamps = reader.feed(data)
                         received += len(stamps)
                         latencies.extend(arrived - s for s in stamps)
@@ -322,13 +345,22 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
     """A group of subscribers: count deliveries by lines, report when each has ``goal``."""
     d = target.dialect
     try:
-        socks = [connect(target) for _ in range(count)]
-        for sock in socks:
-            sock.sendall(d.subscribe(topic))
-        for sock in socks:
-            extra = read_lines(sock, d.sub_confirm_lines).count(b"\n") - d.sub_confirm_lines
-            if extra:
-                raise BenchError("delivery before the publisher started")
+        readers: list[WsReader] = []
+        if target.ws_port is not None:
+            socks = []
+            for _ in range(count):
+                sock, first_bytes = ws_connect(target)
+                socks.append(sock)
+                readers.append(ws_subscribe(sock, first_bytes, d, topic))
+        else:
+            socks = [connect(target) for _ in range(count)]
+            for sock in socks:
+                sock.sendall(d.subscribe(topic))
+            for sock in socks:
+                extra = read_lines(sock, d.sub_confirm_lines).count(b"\n") - d.sub_confirm_lines
+                if extra:
+                    raise BenchError("delivery before the publisher started")
+        frames = [0] * count
         with ready.get_lock():
             ready.value += count
         sel = selectors.DefaultSelector()
@@ -351,8 +383,17 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
                     sel.unregister(key.fileobj)
                     left.discard(i)
                     continue
-                lines[i] += data.count(b"\n")
-                got = lines[i] // d.delivery_lines
+                if readers:
+                    f, n = readers[i].feed(data)
+                    frames[i] += f
+                    lines[i] += n
+                    got = ws_deliveries(d, frames[i], lines[i])
+                    if readers[i].closed:
+                        problems.append(f"subscriber {first + i}: WebSocket closed by the "
+                                        "server")
+                else:
+                    lines[i] += data.count(b"\n")
+                    got = lines[i] // d.delivery_lines
                 counts[first + i] = got
                 if 0 <= target_n <= got:
                     finished[first + i] = time.perf_counter()
@@ -378,7 +419,11 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
 
 def run_fanout(target: Target, st: Settings, subscribers: int,
                progress: Progress = no_progress) -> Result:
-    """One publisher, S subscribers of one topic; every delivery is counted per subscriber."""
+    """One publisher, S subscribers of one topic; every delivery is counted per subscriber.
+
+    With ``target.ws_port`` the subscribers are WebSocket clients (frame headers parsed,
+    nothing decoded), the publisher still TCP.
+    """
     d = target.dialect
     topic = f"bench.fanout.{subscribers}.{os.getpid()}.{time.monotonic_ns()}"
     result = Result(target.name, "fanout",
