@@ -8,6 +8,7 @@ skipped without it, as the Redis ones are without redis-server.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import socket
@@ -16,8 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
+from mq_trio.benchmark import ws_report
 from mq_trio.benchmark.cli import _free_port, started_server
 from mq_trio.benchmark.dialects import MQ, NATS, StampReader
 from mq_trio.benchmark.scenarios import Settings, Target, run_e2e, run_fanout
@@ -195,6 +198,15 @@ def test_nats_fanout_counts_every_delivery(nats: tuple[Target, Target], over: st
     assert m["delivered"] == subscribers * m["published"]
 
 
+@pytest.mark.parametrize("over", ["tcp", "ws"])
+def test_nats_pings_are_answered_not_counted(nats: tuple[Target, Target], over: str) -> None:
+    # nats-server PINGs each client ~2 s after it connected: a run longer than that once
+    # waited forever for an ack that a PING had been counted as
+    r = run_fanout(nats[over == "ws"], attrs.evolve(QUICK, duration=2.6), 2)
+    assert r.ok, r.errors
+    assert r.metrics["delivered"] == 2 * r.metrics["published"] > 0
+
+
 def test_nats_count_matches_an_independent_subscriber(nats: tuple[Target, Target]) -> None:
     # A plain NATS client of its own (TCP, quiet) counts the MSGs of the published topic:
     # the generator's count over WebSocket must be that number, not just self-consistent.
@@ -237,3 +249,30 @@ def test_cli_nats_over_websocket(nats: tuple[Target, Target],
                  "--no-progress"])
     assert code == 0
     assert "nats over WebSocket" in capsys.readouterr().out
+
+
+# --- bench/ws_compare.sh's table ------------------------------------------------------
+
+
+def test_ws_report_ratios_and_targets(tmp_path: Path) -> None:
+    def row(target: str, scenario: str, metrics: dict[str, float], s: int | None = None
+            ) -> str:
+        params = {"subscribers": s} if s is not None else {"rate": 5000}
+        return json.dumps({"target": target, "scenario": scenario, "params": params,
+                           "metrics": metrics, "ok": True, "errors": []})
+
+    lines = [
+        row(ws_report.MQ_TCP, "fanout", {"per_s": 4_000_000}, 100),
+        row(ws_report.MQ_WS, "fanout", {"per_s": 1_000_000}, 100),
+        row(ws_report.NATS_WS, "fanout", {"per_s": 2_000_000}, 100),
+        row(ws_report.MQ_TCP, "e2e", {"p99_us": 100.0}),
+        row(ws_report.MQ_WS, "e2e", {"p99_us": 140.0}),
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    text = ws_report.markdown(ws_report.load([str(path)]))
+    assert "| S=100 | 4,000,000 | 1,000,000 | 2,000,000 | - | 0.25x | 0.50x |" in text
+    assert "| >= 0.5x mq-trio's TCP fan-out | 0.25x | no |" not in text
+    assert "TCP fan-out | 0.25x | no |" in text
+    assert "NATS over WebSocket | 0.50x | no |" in text
+    assert "within 1.5x" not in text and "<= 1.5x TCP | 1.40x | yes |" in text

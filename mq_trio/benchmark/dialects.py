@@ -120,6 +120,12 @@ NATS_CONNECT_QUIET = b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r
 NATS_CONNECT_VERBOSE = b'CONNECT {"verbose":true,"pedantic":false,"protocol":1}\r\n'
 
 
+#: nats-server PINGs every client about 2 s after it connected (whatever ping_interval
+#: says), and then every ping_interval: a subscriber must answer and not count it.
+NATS_PING = b"PING\r\n"
+NATS_PONG = b"PONG\r\n"
+
+
 def dialect(name: str) -> Dialect:
     return {"redis": REDIS, "nats": NATS}.get(name, MQ)
 

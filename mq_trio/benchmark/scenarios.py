@@ -37,10 +37,9 @@ from .base import (
     read_lines,
     recv,
 )
-from .dialects import Dialect, StampReader, TokenCounter
+from .dialects import NATS_PING, NATS_PONG, Dialect, StampReader, TokenCounter
 from .procstat import CPUMeter, rss_bytes
-from .ws import WsReader, ws_connect, ws_subscribe
-from .ws import deliveries as ws_deliveries
+from .ws import DeliveryCounter, WsReader, client_frame, ws_connect, ws_subscribe
 
 __all__ = [
     "RECV",
@@ -124,6 +123,8 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
     reader = StampReader(d.stamp_re)
     errors = TokenCounter(d.error_token)
     latencies: list[int] = []
+    pub_pings = TokenCounter(NATS_PING) if d.name == "nats" else None
+    pongs = 0
     ws: WsReader | None = None
     if target.ws_port is not None:
         sub, first_bytes = ws_connect(target)
@@ -173,6 +174,10 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
                         latencies.extend(arrived - s for s in stamps)
                     else:
                         ack_lines += data.count(b"\n")
+                        if pub_pings is not None and pub_pings.feed(data):
+                            ack_lines -= pub_pings.count - pongs  # not acks
+                            pub.send(NATS_PONG * (pub_pings.count - pongs))
+                            pongs = pub_pings.count
                         errors.feed(data)
                 if now - last_progress > 200_000_000:
                     last_progress = now
@@ -208,6 +213,8 @@ def _pipelined_publisher(
     within reach of the slowest subscriber).
     """
     errors = TokenCounter(d.error_token)
+    pings = TokenCounter(NATS_PING) if d.name == "nats" else None
+    answered = 0
     min_chunk = max(1, window // 8)
     outstanding = sent = lines = 0
     t0 = time.perf_counter()
@@ -228,6 +235,12 @@ def _pipelined_publisher(
             continue
         data = recv(sock)
         lines += data.count(b"\n")
+        if pings is not None and pings.feed(data):
+            # nats-server PINGs a connection ~2 s after it connected: a line but no ack
+            # (counted as one, the run would wait forever for a last ack never due)
+            lines -= pings.count - answered
+            sock.sendall(NATS_PONG * (pings.count - answered))
+            answered = pings.count
         errors.feed(data)
         outstanding = sent - lines // d.ack_lines
     return sent, errors.count, t0, time.perf_counter()
@@ -345,13 +358,13 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
     """A group of subscribers: count deliveries by lines, report when each has ``goal``."""
     d = target.dialect
     try:
-        readers: list[WsReader] = []
+        readers: list[DeliveryCounter] = []
         if target.ws_port is not None:
             socks = []
             for _ in range(count):
                 sock, first_bytes = ws_connect(target)
                 socks.append(sock)
-                readers.append(ws_subscribe(sock, first_bytes, d, topic))
+                readers.append(DeliveryCounter(d, ws_subscribe(sock, first_bytes, d, topic)))
         else:
             socks = [connect(target) for _ in range(count)]
             for sock in socks:
@@ -360,7 +373,8 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
                 extra = read_lines(sock, d.sub_confirm_lines).count(b"\n") - d.sub_confirm_lines
                 if extra:
                     raise BenchError("delivery before the publisher started")
-        frames = [0] * count
+        nats = d.name == "nats"
+        pings = [TokenCounter(NATS_PING) for _ in range(count)]
         with ready.get_lock():
             ready.value += count
         sel = selectors.DefaultSelector()
@@ -384,15 +398,18 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
                     left.discard(i)
                     continue
                 if readers:
-                    f, n = readers[i].feed(data)
-                    frames[i] += f
-                    lines[i] += n
-                    got = ws_deliveries(d, frames[i], lines[i])
+                    before = readers[i].pings.count
+                    got = readers[i].feed(data)
+                    if readers[i].pings.count != before:
+                        key.fileobj.send(client_frame(NATS_PONG))  # type: ignore[union-attr]
                     if readers[i].closed:
                         problems.append(f"subscriber {first + i}: WebSocket closed by the "
                                         "server")
                 else:
                     lines[i] += data.count(b"\n")
+                    if nats and pings[i].feed(data):
+                        key.fileobj.send(NATS_PONG)  # type: ignore[union-attr]
+                        lines[i] -= 1
                     got = lines[i] // d.delivery_lines
                 counts[first + i] = got
                 if 0 <= target_n <= got:
@@ -461,6 +478,8 @@ def run_fanout(target: Target, st: Settings, subscribers: int,
         cpu0 = time.process_time()
         server.start()
         with connect(target) as pub:
+            # A server that stops acknowledging fails the run instead of hanging it.
+            pub.settimeout(st.stall_timeout)
             sent, errs, t0, _ = _pipelined_publisher(pub, d, cmd, st.window, st.duration, limit)
         own = time.process_time() - cpu0
         goal.value = sent
