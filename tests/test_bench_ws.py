@@ -153,6 +153,8 @@ def test_cli_ws_needs_a_port_and_subscribers(capsys: pytest.CaptureFixture[str])
     assert main(["bench", "--ws", "--ws-port", "1", "publish"]) == 2
     assert "only fanout, e2e" in capsys.readouterr().err
     assert main(["bench", "--ws", "--redis", "--ws-port", "1"]) == 2
+    assert main(["bench", "--nats", "conns"]) == 2
+    assert "only rtt, e2e, publish, fanout" in capsys.readouterr().err
 
 
 # --- against a real nats-server -------------------------------------------------------

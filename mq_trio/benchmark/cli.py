@@ -42,6 +42,8 @@ SCENARIOS = ("rtt", "e2e", "publish", "fanout", "conns")
 EXTRA_SCENARIOS = ("queue",)
 #: What ``--ws`` applies to: the scenarios with subscribers (publishers stay on TCP).
 WS_SCENARIOS = ("fanout", "e2e")
+#: What ``--nats`` runs: conns and queue speak without NATS's CONNECT handshake.
+NATS_SCENARIOS = ("rtt", "e2e", "publish", "fanout")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -96,10 +98,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
                    help="the server at --host/--port is Redis (PUBLISH/SUBSCRIBE over RESP)")
     p.add_argument("--nats", action="store_true",
                    help="the server at --host/--port is NATS (PUB/SUB in its text protocol, "
-                   "verbose: each PUB acknowledged by +OK); fanout, e2e, rtt and publish only")
+                   "verbose: each PUB acknowledged by +OK); rtt, e2e, publish and fanout only")
     p.add_argument("--ws", action="store_true",
                    help=f"subscribers of {' and '.join(WS_SCENARIOS)} connect over WebSocket "
-                   "to --ws-port (raw sockets: frame headers parsed, nothing decoded); the "
+                   "to --ws-port (raw sockets, nothing decoded: deliveries counted by token or by "
+                   "frame headers); the "
                    "publisher stays on TCP; results are labelled 'over WebSocket' "
                    f"(default scenarios: {', '.join(WS_SCENARIOS)})")
     p.add_argument("--ws-port", type=int, default=None, metavar="PORT",
@@ -347,7 +350,9 @@ def run_all(targets: list[Target], scenarios: list[str], st: Settings,
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    scenarios = list(args.scenarios) or list(WS_SCENARIOS if args.ws else SCENARIOS)
+    scenarios = list(args.scenarios) or list(
+        WS_SCENARIOS if args.ws else NATS_SCENARIOS if args.nats else SCENARIOS
+    )
     unknown = [s for s in scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]
     if unknown:
         print(f"mq-trio bench: unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
@@ -366,6 +371,11 @@ def run_bench(args: argparse.Namespace) -> int:
                           or args.compare_auth):
             raise UsageError("--nats: no --token, --user, --tls, --cafile, --start-server "
                              "or --compare-auth with it")
+        if args.nats:
+            other = [s for s in scenarios if s not in NATS_SCENARIOS]
+            if other:
+                raise UsageError(f"--nats: only {', '.join(NATS_SCENARIOS)} "
+                                 f"(not {', '.join(other)})")
         if args.ws:
             if args.redis:
                 raise UsageError("--ws: Redis has no WebSocket listener")
