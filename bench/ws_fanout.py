@@ -22,6 +22,8 @@ import time
 from multiprocessing import get_context
 from typing import Any
 
+from mq_trio.benchmark.ws import WsReader, client_frame
+
 MSG = "x" * 64
 
 
@@ -45,57 +47,24 @@ def ws_connect(port: int) -> socket.socket:
 
 
 def ws_send(sock: socket.socket, text: str) -> None:
-    data = text.encode()
-    mask = os.urandom(4)
-    n = len(data)
-    header = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-    sock.sendall(header + mask + masked)
-
-
-def count_frames(buf: bytearray) -> int:
-    """Drop the whole frames at the start of ``buf``; return how many."""
-    n = 0
-    pos = 0
-    end = len(buf)
-    while pos + 2 <= end:
-        length = buf[pos + 1] & 0x7F
-        head = 2
-        if length == 126:
-            if pos + 4 > end:
-                break
-            length = int.from_bytes(buf[pos + 2:pos + 4], "big")
-            head = 4
-        elif length == 127:
-            if pos + 10 > end:
-                break
-            length = int.from_bytes(buf[pos + 2:pos + 10], "big")
-            head = 10
-        if pos + head + length > end:
-            break
-        pos += head + length
-        n += 1
-    del buf[:pos]
-    return n
+    sock.sendall(client_frame(text.encode()))
 
 
 def subscriber(port: int, expected: int, ready: Any, done: Any) -> None:
     os.sched_setaffinity(0, {1})
     sock = ws_connect(port)
     ws_send(sock, json.dumps({"command": "subscribe", "topic": "t", "cache": False}))
-    buf = bytearray()
+    reader = WsReader()
     got = 0
     while got < 1:  # the subscribe's reply
-        buf += sock.recv(65536)
-        got += count_frames(buf)
+        got += reader.feed(sock.recv(65536))[0]
     ready.release()
     got = 0
     while got < expected:
         data = sock.recv(1 << 20)
         if not data:
             break
-        buf += data
-        got += count_frames(buf)
+        got += reader.feed(data)[0]
     done.put((time.perf_counter(), got))
 
 
