@@ -35,7 +35,7 @@ from typing import Any
 
 import attrs
 
-from ..client._jobs import encode_consume, encode_job_command, encode_publish
+from ..protocol import encode_consume, encode_job_command, encode_publish
 from .base import (
     BenchError,
     Progress,

@@ -46,8 +46,7 @@ from ..client import (
     open_client,
     parse_target,
 )
-from ..client._jobs import MAX_BATCH, MAX_ID_CHARS
-from ..protocol import AUTH_FAILED, NOT_AUTHENTICATED, Delivery
+from ..protocol import AUTH_FAILED, MAX_BATCH, MAX_ID_CHARS, NOT_AUTHENTICATED, Delivery
 from ._args import (
     UsageError,
     add_security_args,

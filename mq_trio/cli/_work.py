@@ -36,7 +36,7 @@ import attrs
 import trio
 
 from ..client import Client, ConnectionLost, Job, MQError, UnknownJob
-from ..client._jobs import MAX_NACK_DELAY, MAX_PREFETCH
+from ..protocol import MAX_NACK_DELAY, MAX_PREFETCH
 from ._args import PASSWORD_VARIABLE, TOKEN_VARIABLE, positive_count, positive_seconds
 from ._pubsub import EXIT_ERROR, EXIT_OK, _add_connection_args, _error, _explain, _prepare
 

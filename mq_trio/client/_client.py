@@ -48,24 +48,20 @@ from ..protocol import (
     AUTH_TIMEOUT,
     MALFORMED,
     PARSE_ERROR,
+    QUEUE_FULL,
     TOKEN_EXPIRED,
+    UNKNOWN_JOB,
     Delivery,
+    check_prefetch,
     encode_auth,
+    encode_batch,
+    encode_consume,
+    encode_publish,
     encode_send,
     encode_subscribe,
     encode_unsubscribe,
 )
-from ._jobs import (
-    QUEUE_FULL,
-    UNKNOWN_JOB,
-    Job,
-    Published,
-    check_prefetch,
-    encode_batch,
-    encode_consume,
-    encode_publish,
-    new_id,
-)
+from ._jobs import Job, Published, new_id
 from ._spool import DEFAULT_SPOOL_MAX_BYTES, Spool, fsync_and_close
 from ._values import (
     DEFAULT_HOST,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii
 
 from ._commands import (
@@ -10,6 +11,10 @@ from ._commands import (
     INTERNAL_ERROR,
     LINE_TOO_LONG,
     MALFORMED,
+    MAX_BATCH,
+    MAX_ID_CHARS,
+    MAX_NACK_DELAY,
+    MAX_PREFETCH,
     PARSE_ERROR,
     STORAGE_UNAVAILABLE,
     Delivery,
@@ -178,3 +183,76 @@ def job_delivery(head: bytes, index: int, deliveries: int) -> bytes:
     """A job's delivery: its command (a JSON object without its closing brace, ``head``)
     plus ``"index"`` and ``"deliveries"``."""
     return b'%b, "index": %d, "deliveries": %d}' % (head, index, deliveries)
+
+
+# --- the work-queue extensions' commands (the client's side) ---------------------------
+# Checked here, so that a caller is told at once rather than getting "Malformed json
+# message" back; written as json.dumps writes the command's dict, like the others.
+
+
+def check_id(id: str) -> str:
+    if type(id) is not str or not 1 <= len(id) <= MAX_ID_CHARS:
+        raise ValueError(f"an id is a string of 1 to {MAX_ID_CHARS} characters, not {id!r}")
+    return id
+
+
+def check_prefetch(prefetch: int) -> int:
+    if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
+        raise ValueError(f"prefetch is an integer from 1 to {MAX_PREFETCH}, not {prefetch!r}")
+    return prefetch
+
+
+def _check_delivery(delivery: Delivery, ack: bool) -> None:
+    if delivery != "all" and delivery != "one":
+        raise ValueError(f"delivery must be 'all' or 'one', not {delivery!r}")
+    if ack and delivery != "one":
+        raise ValueError("a job (ack=True) needs delivery='one'")
+
+
+def encode_publish(topic: str, msg: str, delivery: Delivery = "all", cache: bool = True,
+                   ack: bool = False, id: str | None = None) -> bytes:
+    """A ``send`` with the extensions' keys (``ack``, ``id``) when given."""
+    _check_delivery(delivery, ack)
+    if id is None:
+        return encode_command(topic, msg, delivery, cache, ack)
+    return encode_command(topic, msg, delivery, cache, ack, id=check_id(id))
+
+
+def encode_batch(topic: str, msgs: Sequence[str], delivery: Delivery = "all",
+                 cache: bool = True, ack: bool = False, id: str | None = None) -> bytes:
+    """A ``batch``: 1 to 10,000 messages accepted (or refused) together."""
+    _check_delivery(delivery, ack)
+    if isinstance(msgs, str):
+        raise TypeError("msgs is a sequence of strings, not one string")
+    msgs = list(msgs)
+    if not 1 <= len(msgs) <= MAX_BATCH:
+        raise ValueError(f"a batch holds 1 to {MAX_BATCH} messages, not {len(msgs)}")
+    if any(type(m) is not str for m in msgs):
+        raise TypeError("every message of a batch is a string")
+    obj: dict[str, object] = {"command": "batch", "topic": topic, "msgs": msgs,
+                              "delivery": delivery}
+    if not cache:
+        obj["cache"] = False
+    if ack:
+        obj["ack"] = True
+    if id is not None:
+        obj["id"] = check_id(id)
+    return json.dumps(obj).encode("ascii")
+
+
+def encode_consume(topic: str, prefetch: int = 1) -> bytes:
+    """A consumer's ``subscribe``: ``"ack": true`` and its prefetch."""
+    obj = {"command": "subscribe", "topic": topic, "ack": True,
+           "prefetch": check_prefetch(prefetch)}
+    return json.dumps(obj).encode("ascii")
+
+
+def encode_job_command(command: str, topic: str, index: int,
+                       delay: float | None = None) -> bytes:
+    """``ack``, ``nack`` (``delay`` in seconds, left out when 0) or ``progress``."""
+    obj: dict[str, object] = {"command": command, "topic": topic, "index": index}
+    if delay:
+        if not 0 <= delay <= MAX_NACK_DELAY or delay != delay:
+            raise ValueError(f"a nack delay is 0 to {MAX_NACK_DELAY:g} seconds, not {delay!r}")
+        obj["delay"] = delay
+    return json.dumps(obj).encode("ascii")
