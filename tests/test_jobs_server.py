@@ -14,6 +14,8 @@ import trio
 from support import FailingCommits, LineClient, start_server
 from test_durability import running, server_process
 
+from mq_trio.store import _sqlite
+
 SUCCESS = {"success": True}
 MALFORMED = {"success": False, "reason": "Malformed json message"}
 UNKNOWN_JOB = {"success": False, "reason": "Unknown job"}
@@ -296,3 +298,24 @@ async def test_a_failed_batch_reaches_no_subscriber(
             got = await sub.receive_many(2)
             assert [(m["msg"], m["index"]) for m in got] == [
                 ("c", reply["index"]), ("d", reply["index"] + 1)]
+
+
+async def test_a_restart_restores_only_the_newest_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More ids within the window than the broker keeps (a flood): a start loads only
+    the newest of them, as many as the bound, never all the rows."""
+    monkeypatch.setattr(_sqlite, "ID_LOAD_LIMIT", 2)
+    async with running(tmp_path) as server:
+        producer = await LineClient.connect(server.port)
+        for i in range(4):
+            send = {"command": "send", "topic": "t", "msg": "m", "delivery": "all",
+                    "id": f"k{i}"}
+            assert (await producer.request(send))["index"] == i
+    async with running(tmp_path) as server:
+        assert len(server.broker.dedupe) == 2
+        producer = await LineClient.connect(server.port)
+        newest = {"command": "send", "topic": "t", "msg": "m", "delivery": "all", "id": "k3"}
+        assert (await producer.request(newest))["duplicate"] is True
+        oldest = {**newest, "id": "k0"}
+        assert await producer.request(oldest) == {"success": True, "index": 4}

@@ -6,6 +6,7 @@ cache, ``one``, replay, epoch); a history (memory, SQLite, ...) is one implement
 """
 
 from ._broker import Broker, Subscriber, send_reply
+from ._dedupe import DEFAULT_MAX_IDS
 from ._history import (
     COMMIT_BUCKETS,
     Answer,
@@ -31,6 +32,7 @@ from ._jobs import DEAD_PREFIX, QueueFull, QueueInfo
 from ._memory import DEFAULT_CACHE_SIZE, MemoryHistory
 
 __all__ = [
+    "DEFAULT_MAX_IDS",
     "COMMIT_BUCKETS",
     "DEAD_PREFIX",
     "DEFAULT_CACHE_SIZE",

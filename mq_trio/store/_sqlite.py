@@ -12,7 +12,7 @@ from pathlib import Path
 
 import attrs
 
-from ..broker import new_epoch
+from ..broker import DEFAULT_MAX_IDS, new_epoch
 from ._ops import (
     ACCEPT_FLAG,
     DB_NAME,
@@ -43,6 +43,9 @@ from ._ops import (
 from ._wal import scan_wal
 
 log = logging.getLogger("mq_trio.store")
+
+#: Message ids restored at start, at most (the broker's bound: broker/_dedupe.py).
+ID_LOAD_LIMIT = DEFAULT_MAX_IDS
 
 _SYNCHRONOUS = {"always": "FULL", "everysec": "NORMAL", "never": "OFF"}
 
@@ -459,9 +462,12 @@ class SqliteBackend:
         jobs = [(int(t), int(i), bytes(p), max(int(d), int(i <= marks.get(t, -1))))
                 for t, i, p, d in conn.execute(
                     "SELECT tid, idx, payload, deliveries FROM jobs ORDER BY tid, idx")]
+        # The newest ids only, as many as the broker keeps (a flood of ids within the
+        # window leaves more rows than that until they expire), oldest first.
         ids = [(int(t), str(k), bytes(r), float(e)) for t, k, r, e in conn.execute(
-            "SELECT tid, id, reply, expires FROM ids WHERE expires > ? ORDER BY expires",
-            (time.time(),))]
+            "SELECT tid, id, reply, expires FROM ids WHERE expires > ? "
+            "ORDER BY expires DESC LIMIT ?", (time.time(), ID_LOAD_LIMIT))]
+        ids.reverse()
         return Loaded(epoch, topics, total, notes, write_error, jobs, ids)
 
     # -- writing ---------------------------------------------------------------
