@@ -266,8 +266,6 @@ class Server:
     _tls_log: LogThrottle = attrs.field(
         init=False, factory=lambda: LogThrottle(_ACCEPT_LOG_INTERVAL)
     )
-    #: Clients refused as too many (logged at a bounded rate).
-    refused: int = attrs.field(init=False, default=0)
     _refused_log: LogThrottle = attrs.field(
         init=False, factory=lambda: LogThrottle(_ACCEPT_LOG_INTERVAL)
     )
@@ -314,6 +312,11 @@ class Server:
         return self.connections.stats
 
     @property
+    def refused(self) -> int:
+        """Clients refused as too many (``Too many connections``)."""
+        return self.connections.stats.refused
+
+    @property
     def healthy(self) -> bool:
         """Serving: not stopping, and the history can write (``GET /healthz``)."""
         return not self.stopping and self.broker.history.stats().available
@@ -327,11 +330,10 @@ class Server:
         """Whether one more client may be served; logs refusals at a bounded rate."""
         if self.open_connections < self.config.max_connections:
             return True
-        self.refused += 1
-        self.connections.stats.refused += 1
+        self.stats.refused += 1
         if self._refused_log.allow() is not None:
             log.warning("refusing clients: %d connections open (--max-connections); "
-                        "%d refused so far", self.open_connections, self.refused)
+                        "%d refused so far", self.open_connections, self.stats.refused)
         return False
 
     @property
