@@ -1,4 +1,5 @@
-"""A trio client for mq-trio (and any protocol-v1 server), over TCP or WebSocket, with
+"""A trio client for mq-trio (and any protocol-v1 server), over TCP or WebSocket (to one
+server, or to the first that answers of several: ``open_client(["a:7000", "b:7000"])``), with
 optional authentication (``token=``, ``user=``/``password=``) and TLS (``ssl_context=``),
 and mq-trio's work-queue extensions: jobs (``send_job``, ``consume``), batches, idempotent
 ``publish`` and a spool file that keeps unacknowledged publishes across restarts."""
@@ -9,6 +10,7 @@ from ._spool import DEFAULT_SPOOL_MAX_BYTES, SpoolError
 from ._values import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    Addresses,
     AuthError,
     Backoff,
     ConnectError,
@@ -22,6 +24,7 @@ from ._values import (
     Target,
     UnknownJob,
     parse_target,
+    parse_targets,
 )
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_SPOOL_MAX_BYTES",
     "PROBE_TOPIC",
+    "Addresses",
     "AuthError",
     "Backoff",
     "Client",
@@ -48,4 +52,5 @@ __all__ = [
     "UnknownJob",
     "open_client",
     "parse_target",
+    "parse_targets",
 ]

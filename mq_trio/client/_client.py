@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import random
 import ssl
 import sys
 from collections import deque
@@ -65,6 +66,7 @@ from ._jobs import Job, Published, new_id
 from ._spool import DEFAULT_SPOOL_MAX_BYTES, Spool, fsync_and_close
 from ._values import (
     DEFAULT_HOST,
+    Addresses,
     AuthError,
     Backoff,
     ConnectError,
@@ -76,7 +78,7 @@ from ._values import (
     QueueFull,
     Target,
     UnknownJob,
-    parse_target,
+    parse_targets,
 )
 from ._wire import BadServer, Wire, describe, open_wire
 
@@ -196,7 +198,7 @@ class Client:
 
     def __init__(
         self,
-        target: Target,
+        target: Target | Sequence[Target],
         *,
         reconnect: Backoff | None,
         max_buffered: int,
@@ -209,10 +211,21 @@ class Client:
     ) -> None:
         if max_buffered < 1:
             raise ValueError("max_buffered must be >= 1")
-        if ssl_context is not None and target.url is not None and not target.url.lower(
-        ).startswith("wss:"):
-            raise ValueError("a ws:// URL is not encrypted: use wss:// with ssl_context")
-        self.target = target
+        targets = (target,) if isinstance(target, Target) else tuple(target)
+        if not targets:
+            raise ValueError("no server address given")
+        for one in targets:
+            if ssl_context is not None and one.url is not None and not one.url.lower(
+            ).startswith("wss:"):
+                raise ValueError("a ws:// URL is not encrypted: use wss:// with ssl_context")
+        #: Every server address, in the order given (one, or the nodes of a cluster).
+        self.targets = targets
+        #: The address of the connection in use (or the last one used; before the first
+        #: connection, the first address).
+        self.target = targets[0]
+        #: The order of the next attempts: the address in use first; one that failed or
+        #: dropped goes last.
+        self._order = deque(targets)
         #: The encoded ``auth`` command sent first on every connection (None: no auth).
         #: Private, and in no repr or log: it holds the token or the password.
         self._auth = auth
@@ -563,28 +576,40 @@ class Client:
     # --- the connection task ---
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, serve, and (with a backoff) reconnect until cancelled or giving up."""
+        """Connect, serve, and (with a backoff) reconnect until cancelled or giving up.
+
+        Every attempt goes to the first address of ``_order``; one that fails, or whose
+        connection drops, goes last. A round (every address tried once, without waiting
+        between them) is what the backoff spaces and ``max_attempts`` counts.
+        """
         first = True
-        failed_attempts = 0  # consecutive failed connects: what max_attempts counts
-        streak = 0  # ... and connections that dropped at once: what the delay grows with
+        order = self._order
+        failed_rounds = 0  # consecutive rounds without a connection: what max_attempts counts
+        failed_attempts = 0  # ... and the attempts in them (an event tells it)
+        tried = 0  # addresses tried in this round
+        streak = 0  # failed rounds and connections that dropped at once: the delay grows
+        first_errors: list[ConnectError] = []
         preamble: list[_Command] = []
         while True:
             served = False
+            target = order[0]
             # Connecting, the TLS handshake and authenticating: all within the timeout.
             deadline = trio.current_time() + self._connect_timeout
             try:
-                async with open_wire(self.target, self._connect_timeout, self._ssl) as wire:
+                async with open_wire(target, self._connect_timeout, self._ssl) as wire:
                     # Credentials first, on every connection: nothing else (not even the
                     # resumes) goes out before the server accepted them.
-                    await self._authenticate(wire, deadline)
+                    await self._authenticate(wire, deadline, target)
+                    self.target = target
                     if first:
                         task_status.started()
                         first = False
                     else:
                         self.reconnects += 1
-                        log.info("reconnected to %s", self.target)
-                        self._event(ConnectionEvent("reconnected", attempts=failed_attempts + 1))
-                    failed_attempts = 0
+                        log.info("reconnected to %s", target)
+                        self._event(ConnectionEvent("reconnected", attempts=failed_attempts + 1,
+                                                    target=target))
+                    failed_attempts = failed_rounds = tried = 0
                     self._generation += 1
                     connected_at = trio.current_time()
                     self.connected = True
@@ -603,27 +628,46 @@ class Client:
                 ):
                     streak = 0
             except ConnectError as exc:
-                if first:
-                    raise
+                if isinstance(exc, AuthError):
+                    # The same credentials would be refused again (the nodes of a cluster
+                    # share them too): never retry them, at this address or another.
+                    if first:
+                        raise
+                    log.warning("reconnecting to %s: %s; giving up", target, exc.reason)
+                    self._give_up(f"{exc.reason} (on reconnecting)", preamble)
+                    return
                 reason = exc.reason
                 failed_attempts += 1
-                if isinstance(exc, AuthError):
-                    # The same credentials would be refused again: never retry them.
-                    log.warning("reconnecting to %s: %s; giving up", self.target, reason)
-                    self._give_up(f"{reason} (on reconnecting)", preamble)
-                    return
+                tried += 1
+                order.rotate(-1)  # the one that failed goes last
+                if first:
+                    first_errors.append(exc)
+                    if tried < len(order):
+                        log.info("%s; trying %s", reason, order[0])
+                        continue
+                    if len(first_errors) == 1:
+                        raise
+                    raise _none_reached(first_errors) from exc
+                if tried < len(order):
+                    log.info("reconnecting: %s; trying %s", reason, order[0])
+                    continue  # the next address of this round, at once
+                tried = 0
+                failed_rounds += 1
             streak += 1
             backoff = self._backoff
             if backoff is None or (
-                backoff.max_attempts is not None and failed_attempts >= backoff.max_attempts
+                backoff.max_attempts is not None and failed_rounds >= backoff.max_attempts
             ):
                 self._give_up(reason, [] if served else preamble)
                 return
-            log.info("connection to %s lost (%s); reconnecting", self.target, reason)
             if served:
-                self._event(ConnectionEvent("lost", reason=reason))
+                order.rotate(-1)  # the next attempt goes to the next address
+                log.info("connection to %s lost (%s); reconnecting", target, reason)
+                self._event(ConnectionEvent("lost", reason=reason, target=target))
                 # (After a failed attempt the preamble still waits to be sent: keep it.)
                 preamble = self._after_drop(reason)
+            else:
+                log.info("cannot connect (%s); reconnecting", reason)
             await trio.sleep(backoff.delay(streak))
 
     def _give_up(self, reason: str, unsent: list[_Command]) -> None:
@@ -631,7 +675,7 @@ class Client:
             command.fail(ConnectionLost(reason))
         self._shut(reason)
 
-    async def _authenticate(self, wire: Wire, deadline: float) -> None:
+    async def _authenticate(self, wire: Wire, deadline: float, target: Target) -> None:
         """Send the credentials and read the verdict; raise AuthError if refused."""
         line = self._auth
         if line is None:
@@ -644,7 +688,7 @@ class Client:
                     items = await wire.receive()
                     if items is None:
                         raise ConnectError(
-                            f"{self.target} closed the connection during authentication"
+                            f"{target} closed the connection during authentication"
                         )
                     for item in items:
                         if item.strip():
@@ -652,19 +696,19 @@ class Client:
                             break
         except trio.TooSlowError:
             raise ConnectError(
-                f"{self.target}: not authenticated within {self._connect_timeout:g} s of "
+                f"{target}: not authenticated within {self._connect_timeout:g} s of "
                 "connecting (no reply to the auth command)"
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectError(
-                f"{self.target}: connection broken during authentication ({describe(exc)})"
+                f"{target}: connection broken during authentication ({describe(exc)})"
             ) from exc
         try:
             obj = json.loads(reply)
         except ValueError:
             obj = None
         if type(obj) is not dict or "success" not in obj:
-            raise AuthError(f"{self.target}: unexpected reply to authentication: {reply[:80]!r}")
+            raise AuthError(f"{target}: unexpected reply to authentication: {reply[:80]!r}")
         if obj["success"] is True:
             return
         reason = obj.get("reason")
@@ -672,7 +716,7 @@ class Client:
             raise AuthError(AUTH_FAILED)
         if reason in (MALFORMED, PARSE_ERROR):
             raise AuthError(
-                f"{self.target} does not support authentication (it answered {reason!r})"
+                f"{target} does not support authentication (it answered {reason!r})"
             )
         raise AuthError(str(reason) if reason else f"authentication refused: {obj!r}")
 
@@ -949,7 +993,7 @@ class Client:
         level = logging.INFO if self._on_event is not None else logging.WARNING
         log.log(level, "resume of %r after index %d: %s", gap.topic, gap.last_seen, gap.reason)
         self.gaps.append(gap)
-        self._event(ConnectionEvent("gap", gap=gap))
+        self._event(ConnectionEvent("gap", gap=gap, target=self.target))
 
     def _shut(self, reason: str) -> None:
         """No connection any more: fail everything waiting, wake every receiver."""
@@ -981,6 +1025,12 @@ class Client:
     def subscriptions(self) -> Sequence[str]:
         """Topics with a confirmed subscription."""
         return list(self._topics)
+
+
+def _none_reached(errors: list[ConnectError]) -> ConnectError:
+    """The first connection failed at every address (several): one error saying so."""
+    return ConnectError(f"no server of {len(errors)} could be reached: "
+                        + "; ".join(e.reason for e in errors))
 
 
 _LOST_JOB = (
@@ -1100,10 +1150,11 @@ class _Messages:
 
 @asynccontextmanager
 async def open_client(
-    host_or_url: str = DEFAULT_HOST,
+    host_or_url: Addresses = DEFAULT_HOST,
     port: int | None = None,
     *,
     reconnect: bool | Backoff = False,
+    shuffle: bool = False,
     max_buffered: int = DEFAULT_MAX_BUFFERED,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     epoch: bool = False,
@@ -1120,7 +1171,16 @@ async def open_client(
 
     ``open_client("127.0.0.1", 7000)``, ``open_client("ws://127.0.0.1:7001/")``.
     ``reconnect=True`` (or a :class:`Backoff`) reconnects after a drop and resumes every
-    subscription. ``epoch=True`` (mq-trio servers only: version-1 servers reject the key)
+    subscription.
+
+    Several servers (the nodes of a cluster): a list, ``open_client(["10.0.0.1:7000",
+    "10.0.0.2:7000"])``, or one string with commas, ``"10.0.0.1:7000,10.0.0.2:7000"``;
+    each address is ``host:port``, a host (``port``, else 7000), or a ``tcp://``,
+    ``ws://``, ``wss://`` URL. The first that accepts the connection is used, in order
+    (``shuffle=True``: in a random order, which spreads many clients over the nodes);
+    after a drop the next one is tried first, the one that dropped going last; the
+    backoff is between rounds of the whole list. ``client.target`` is the address in
+    use. ``epoch=True`` (mq-trio servers only: version-1 servers reject the key)
     uses the epoch extension to notice lost history on resume: see ``Client.gaps``.
 
     ``token=...``, or ``user=...`` and ``password=...``: the ``auth`` command is sent
@@ -1140,17 +1200,20 @@ async def open_client(
     ``spool_fsync=True`` fsyncs every publish (else a write per publish, which survives
     the process being killed but not the machine crashing). See docs/client.md.
 
-    Raises :class:`ConnectError` if the first connection fails (:class:`AuthError` if
-    the credentials are refused).
+    Raises :class:`ConnectError` if the first connection fails at every address
+    (:class:`AuthError` if the credentials are refused: the other addresses are not
+    tried), ValueError for a malformed address.
     """
-    target = parse_target(host_or_url, port)
+    targets = list(parse_targets(host_or_url, port))
+    if shuffle:
+        random.shuffle(targets)
     backoff = Backoff() if reconnect is True else (reconnect or None)
     opened: Spool | None = None
     if spool is not None:
         opened = Spool(spool, spool_max_bytes, spool_fsync)
         opened.open()  # SpoolError: locked by another process, unreadable
     try:
-        async with _open_client(target, backoff, max_buffered, connect_timeout, epoch,
+        async with _open_client(targets, backoff, max_buffered, connect_timeout, epoch,
                                 auth_line(token, user, password), ssl_context, on_event,
                                 opened) as client:
             yield client
@@ -1161,7 +1224,7 @@ async def open_client(
 
 @asynccontextmanager
 async def _open_client(
-    target: Target,
+    targets: Sequence[Target],
     backoff: Backoff | None,
     max_buffered: int,
     connect_timeout: float,
@@ -1172,7 +1235,7 @@ async def _open_client(
     spool: Spool | None,
 ) -> AsyncIterator[Client]:
     client = Client(
-        target,
+        targets,
         reconnect=backoff,
         max_buffered=max_buffered,
         connect_timeout=connect_timeout,

@@ -7,7 +7,8 @@ Kept apart from the connection machinery (``_client``) so that the byte carriers
 from __future__ import annotations
 
 import random
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, TypeAlias
 from urllib.parse import urlsplit
 
 import attrs
@@ -100,15 +101,19 @@ class ConnectionEvent:
     """What ``open_client(..., on_event=...)`` is told while it reconnects.
 
     ``"lost"``: a connection that was up ended and the client will try again (``reason``
-    says why). ``"reconnected"``: a new connection is up (``attempts`` it took), before
-    the subscriptions are resumed. ``"gap"``: a resume could not cover everything
-    (``gap``; only with ``epoch=True``).
+    says why). ``"reconnected"``: a new connection is up (``attempts`` it took, every
+    address tried counting one), before the subscriptions are resumed. ``"gap"``: a
+    resume could not cover everything (``gap``; only with ``epoch=True``).
+
+    ``target``: the server's address: the one lost, the one reconnected to (with several
+    addresses, maybe another one), the one resumed on.
     """
 
     kind: Literal["lost", "reconnected", "gap"]
     reason: str = ""
     attempts: int = 0
     gap: Gap | None = None
+    target: Target | None = None
 
 
 @attrs.frozen
@@ -120,6 +125,9 @@ class Backoff:
     the delay up to ``maximum``, with jitter. After ``max_attempts`` consecutive failed
     attempts to connect (``None``: never) the client gives up and every waiting call
     raises :class:`ConnectionLost`.
+
+    With several server addresses an attempt is a round: every address tried once, one
+    after the other without waiting; the delay is between rounds.
     """
 
     initial: float = 0.05
@@ -137,37 +145,101 @@ class Backoff:
 
 @attrs.frozen
 class Target:
-    """Where to connect: ``host:port`` over TCP, or a ``ws://``/``wss://`` URL."""
+    """Where to connect: ``host:port`` over TCP, or a ``ws://``/``wss://`` URL.
+
+    ``str()`` gives ``host:port`` (``[v6 address]:port``) or the URL."""
 
     host: str
     port: int
     url: str | None = None
 
     def __str__(self) -> str:
-        return self.url if self.url is not None else f"{self.host}:{self.port}"
+        if self.url is not None:
+            return self.url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+#: The forms ``open_client`` takes for its address(es): one string (which may hold
+#: several addresses separated by commas), or a sequence of them.
+Addresses: TypeAlias = "str | Sequence[str]"
+
+
+def _check_port(port: int, text: str) -> int:
+    if not 0 < port <= 65535:
+        raise ValueError(f"bad port in {text!r} (1-65535)")
+    return port
+
+
+def _parse_address(text: str, default_port: int | None) -> tuple[Target, bool]:
+    """One address: a URL, ``host:port``, ``[v6]:port``, or a host (``default_port``, else
+    7000). Also says whether the address named its own port (or is a URL)."""
+    if "://" in text:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        try:
+            url_port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port in {text!r}") from exc
+        host = parts.hostname or DEFAULT_HOST
+        if scheme in ("ws", "wss"):
+            default = 443 if scheme == "wss" else 80
+            return Target(host, url_port or default, url=text), True
+        if scheme == "tcp":
+            return Target(host, url_port or DEFAULT_PORT), True
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {text!r} (use ws://, wss:// "
+                         "or tcp://)")
+    host, port_text = text, None
+    if text.startswith("["):  # [IPv6] or [IPv6]:port
+        end = text.find("]")
+        if end < 0 or (text[end + 1:] and not text[end + 1:].startswith(":")):
+            raise ValueError(f"bad address {text!r}: an IPv6 address in brackets is "
+                             "[ADDRESS] or [ADDRESS]:PORT")
+        host, rest = text[1:end], text[end + 1:]
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:  # (a bare IPv6 address has more than one: no port)
+        host, port_text = text.split(":")
+    if port_text is not None:
+        if not port_text.isdigit():
+            raise ValueError(f"bad port in {text!r}")
+        return Target(host or DEFAULT_HOST, _check_port(int(port_text), text)), True
+    port = DEFAULT_PORT if default_port is None else default_port
+    return Target(host or DEFAULT_HOST, port), False
 
 
 def parse_target(host_or_url: str, port: int | None = None) -> Target:
-    """``("127.0.0.1", 7000)``, ``"ws://127.0.0.1:7001/"`` or ``"tcp://127.0.0.1:7000"``."""
-    if "://" not in host_or_url:
-        if host_or_url.count(":") == 1:  # (an IPv6 address has more than one)
-            raise ValueError(
-                f"{host_or_url!r} is not a host name: give the port apart, or a URL "
-                f"(tcp://{host_or_url} or ws://{host_or_url}/)"
-            )
-        return Target(host_or_url or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
-    if port is not None:
-        raise ValueError("give either a URL or a host and a port, not both")
-    parts = urlsplit(host_or_url)
-    scheme = parts.scheme.lower()
-    try:
-        url_port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in {host_or_url!r}") from exc
-    host = parts.hostname or DEFAULT_HOST
-    if scheme in ("ws", "wss"):
-        default = 443 if scheme == "wss" else 80
-        return Target(host, url_port or default, url=host_or_url)
-    if scheme == "tcp":
-        return Target(host, url_port or DEFAULT_PORT)
-    raise ValueError(f"unsupported URL scheme {scheme!r} (use ws://, wss:// or tcp://)")
+    """One address: ``("127.0.0.1", 7000)``, ``"127.0.0.1:7000"``, ``"[::1]:7000"``,
+    ``"ws://127.0.0.1:7001/"``, ``"wss://..."`` or ``"tcp://127.0.0.1:7000"``. ``port``
+    only goes with a bare host (default 7000)."""
+    target, own_port = _parse_address(host_or_url.strip(), port)
+    if own_port and port is not None:
+        raise ValueError(f"{host_or_url!r} names its port: give either an address with "
+                         "its port (or a URL) or a host and a port, not both")
+    return target
+
+
+def parse_targets(addresses: Addresses, port: int | None = None) -> tuple[Target, ...]:
+    """The addresses ``open_client`` is given, in order: one string, where commas
+    separate several (``"127.0.0.1:7000,127.0.0.1:7002"``), or a sequence of strings
+    (each may hold several too). Each address is what :func:`parse_target` takes; in a
+    list of several, ``port`` is the port of the hosts that name none (else 7000).
+
+    A string without a comma is one address under :func:`parse_target`'s rules (a URL
+    or ``host:port`` and a ``port`` together are an error). ValueError for an empty list,
+    an empty entry or a bad address; TypeError for something else than strings."""
+    if isinstance(addresses, str):
+        if "," not in addresses:
+            return (parse_target(addresses, port),)
+        items = [addresses]
+    elif isinstance(addresses, Sequence) and all(isinstance(a, str) for a in addresses):
+        items = list(addresses)
+        if not items:
+            raise ValueError("no server address given (an empty list)")
+    else:
+        raise TypeError(f"server addresses are a string or a list of strings, not "
+                        f"{addresses!r}")
+    texts = [part.strip() for item in items for part in item.split(",")]
+    if "" in texts:
+        raise ValueError(f"an empty address in {','.join(items)!r} (two commas in a row, "
+                         "or one at an end?)")
+    return tuple(_parse_address(text, port)[0] for text in texts)
