@@ -1,0 +1,31 @@
+"""Cluster mode (``mq-trio serve --cluster redis://...``): several nodes as one broker
+over Redis. Imported only when cluster mode is asked for (it needs ``hiredis``: the
+``cluster`` extra)."""
+
+from ._resp import (
+    Command,
+    RedisAddress,
+    RedisConnection,
+    RedisError,
+    RedisUnavailable,
+    Script,
+    Subscription,
+    load_scripts,
+    open_redis,
+    open_subscription,
+    parse_redis_url,
+)
+
+__all__ = [
+    "Command",
+    "RedisAddress",
+    "RedisConnection",
+    "RedisError",
+    "RedisUnavailable",
+    "Script",
+    "Subscription",
+    "load_scripts",
+    "open_redis",
+    "open_subscription",
+    "parse_redis_url",
+]
