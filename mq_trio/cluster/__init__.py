@@ -15,8 +15,11 @@ from ._resp import (
     open_subscription,
     parse_redis_url,
 )
+from ._slots import ClusterConnections, ClusterMap, key_slot, open_cluster, slot_tags
 
 __all__ = [
+    "ClusterConnections",
+    "ClusterMap",
     "Command",
     "RedisAddress",
     "RedisConnection",
@@ -24,8 +27,11 @@ __all__ = [
     "RedisUnavailable",
     "Script",
     "Subscription",
+    "key_slot",
     "load_scripts",
+    "open_cluster",
     "open_redis",
     "open_subscription",
     "parse_redis_url",
+    "slot_tags",
 ]
