@@ -14,7 +14,7 @@ from support import make_config
 
 from mq_trio import open_client
 from mq_trio.broker import Broker, MemoryHistory
-from mq_trio.client import parse_target
+from mq_trio.client import Target, parse_target
 from mq_trio.server import Config, Server, serve
 
 COMMAND = [sys.executable, "-m", "mq_trio"]
@@ -60,10 +60,13 @@ async def test_url_without_a_scheme_is_refused_with_a_hint(command: list[str]) -
     assert err.count("\n") == 1
 
 
-def test_client_refuses_host_colon_port_as_a_host() -> None:
-    with pytest.raises(ValueError, match="tcp://127.0.0.1:7000"):
-        parse_target("127.0.0.1:7000")
+def test_client_takes_host_colon_port_as_an_address_not_a_host() -> None:
+    # (It used to be refused; since several addresses can be given, host:port is one.)
+    assert parse_target("127.0.0.1:7000") == Target("127.0.0.1", 7000)
+    with pytest.raises(ValueError, match="not both"):
+        parse_target("127.0.0.1:7000", 7001)
     assert parse_target("::1", 7000).host == "::1"  # IPv6 addresses still work
+    assert parse_target("[::1]:7002") == Target("::1", 7002)
     assert parse_target("localhost", 7001).port == 7001
 
 

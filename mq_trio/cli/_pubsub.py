@@ -3,7 +3,10 @@
 Modelled on ``mosquitto_pub``/``mosquitto_sub`` and ``nats pub``/``nats sub``: ``sub``
 prints one delivery per line until interrupted (or ``--count`` messages); ``pub`` sends
 one message (or several), or one per line of stdin with ``-``. Both talk to
-``--host``/``--port`` or a ``--url`` (``ws://`` for the WebSocket endpoint).
+``--host``/``--port`` or a ``--url`` (``ws://`` for the WebSocket endpoint); both flags
+take several servers (the nodes of a cluster: ``--host a:7000,b:7000``, or the flag
+repeated), of which the first that answers is used (``--shuffle``: in a random order),
+and with ``--reconnect`` the next one after a drop.
 
 ``pub --job`` queues jobs for ``mq-trio work`` (or any consumer) and prints each job's
 index; ``pub --id`` names a message so that running the same command again does not
@@ -44,7 +47,7 @@ from ..client import (
     MQError,
     Published,
     open_client,
-    parse_target,
+    parse_targets,
 )
 from ..protocol import AUTH_FAILED, MAX_BATCH, MAX_ID_CHARS, NOT_AUTHENTICATED, Delivery
 from ._args import (
@@ -75,16 +78,37 @@ def add_pubsub_parsers(commands: argparse._SubParsersAction) -> None:  # type: i
 
 
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default=None, help="server host (default 127.0.0.1)")
+    g = p.add_argument_group(
+        "server", "Several servers (the nodes of a cluster): a comma-separated list, or the "
+        "flag repeated. The first that answers is used, in order; after a lost connection "
+        "(with --reconnect) the next one, the one lost going last."
+    )
     g.add_argument(
-        "--port", type=port_number, default=None, help="server TCP port (default 7000)"
+        "--host",
+        action="append",
+        default=None,
+        metavar="HOST[:PORT][,...]",
+        help="server host, or HOST:PORT ([IPv6]:PORT); several: "
+        "--host 10.0.0.1:7000,10.0.0.2:7000 (default 127.0.0.1)",
+    )
+    g.add_argument(
+        "--port", type=port_number, default=None,
+        help="server TCP port, for the hosts that give none (default 7000)",
     )
     g.add_argument(
         "--url",
+        action="append",
         default=None,
+        metavar="URL[,...]",
         help="server URL instead of --host/--port: ws://HOST:PORT/ or wss://HOST:PORT/ "
-        "(WebSocket, wss: over TLS) or tcp://HOST:PORT",
+        "(WebSocket, wss: over TLS) or tcp://HOST:PORT; several: comma-separated or "
+        "repeated",
+    )
+    g.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="with several servers: try them in a random order (spreads many clients, "
+        "e.g. workers, over the nodes) rather than in the order given",
     )
     g.add_argument(
         "--connect-timeout",
@@ -223,17 +247,27 @@ def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 
-def _target(args: argparse.Namespace) -> tuple[str, int | None]:
+def _target(args: argparse.Namespace) -> tuple[tuple[str, ...], int | None]:
+    """The server addresses (for ``open_client``) and the port of hosts that give none."""
     if args.url is not None:
         if args.host is not None or args.port is not None:
             raise ValueError("give either --url or --host/--port, not both")
-        if "://" not in args.url:
-            raise ValueError(
-                f"--url {args.url}: a URL needs a scheme: tcp://{args.url} (TCP) or "
-                f"ws://{args.url}/ (WebSocket); or use --host/--port"
-            )
-        return args.url, None
-    return args.host or "127.0.0.1", args.port if args.port is not None else 7000
+        for url in (part.strip() for item in args.url for part in item.split(",")):
+            if url and "://" not in url:
+                raise ValueError(
+                    f"--url {url}: a URL needs a scheme: tcp://{url} (TCP) or "
+                    f"ws://{url}/ (WebSocket); or use --host/--port"
+                )
+        return tuple(args.url), None
+    return tuple(args.host or ["127.0.0.1"]), args.port
+
+
+def several_servers(args: argparse.Namespace) -> bool:
+    """Whether the flags name more than one server (checked later, by ``_prepare``)."""
+    try:
+        return len(parse_targets(*_target(args))) > 1
+    except ValueError:
+        return False
 
 
 def _error(command: str, text: str) -> None:
@@ -244,7 +278,7 @@ def _error(command: str, text: str) -> None:
 class Connection:
     """What ``open_client`` needs from the connection flags, checked (see ``_prepare``)."""
 
-    target: tuple[str, int | None]
+    target: tuple[tuple[str, ...], int | None]
     context: ssl.SSLContext | None
     secrets: dict[str, str]
 
@@ -252,7 +286,8 @@ class Connection:
             Client]:
         """``open_client`` for these flags (and ``options``: reconnect, on_event...)."""
         return open_client(
-            *self.target, connect_timeout=args.connect_timeout, ssl_context=self.context,
+            *self.target, shuffle=args.shuffle, connect_timeout=args.connect_timeout,
+            ssl_context=self.context,
             token=self.secrets.get("token"), user=self.secrets.get("user"),
             password=self.secrets.get("password"), **options,
         )
@@ -263,10 +298,10 @@ def _prepare(command: str, args: argparse.Namespace) -> Connection | int:
     exit status 2 after a line on stderr."""
     try:
         target = _target(args)
-        parsed = parse_target(*target)  # report a bad URL here, before any connection
+        parsed = parse_targets(*target)  # report a bad URL here, before any connection
         context = ssl_context(args)
-        if context is not None and parsed.url is not None and parsed.url.lower().startswith(
-            "ws:"
+        if context is not None and any(
+            one.url is not None and one.url.lower().startswith("ws:") for one in parsed
         ):
             raise UsageError("--tls/--cafile need a wss:// URL, not ws://")
         # Last: it may prompt for a password, which is pointless if something else is wrong.
@@ -457,6 +492,8 @@ def run_sub(args: argparse.Namespace) -> int:
         _error("sub", "--count must be >= 0")
         return 2
     out: TextIO = sys.stdout
+    # Which server: said only when there are several to choose from.
+    several = several_servers(args)
 
     async def body(client: Client) -> int:
         # A server that accepted the connection but does not answer: as for connecting.
@@ -487,11 +524,12 @@ def run_sub(args: argparse.Namespace) -> int:
 
     def report(event: ConnectionEvent) -> None:
         out.flush()  # what was printed before the event comes first in a shared terminal
+        where = f" to {event.target}" if several and event.target is not None else ""
         if event.kind == "lost":
-            _error("sub", f"connection lost ({event.reason}); reconnecting")
+            _error("sub", f"connection{where} lost ({event.reason}); reconnecting")
         elif event.kind == "reconnected":
             tries = "" if event.attempts == 1 else f" after {event.attempts} attempts"
-            _error("sub", f"reconnected{tries}; resuming")
+            _error("sub", f"reconnected{where}{tries}; resuming")
         elif event.gap is not None:
             gap = event.gap
             if gap.reason == "evicted":
