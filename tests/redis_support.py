@@ -4,7 +4,9 @@ Everything binds 127.0.0.1 on free ports and keeps its files in a temporary dire
 The helpers are synchronous (subprocess); the fixtures are ``redis_server`` (one per
 module), ``fresh_redis`` (one per test: for tests that kill or restart it) and
 ``redis_cluster`` (one per session). Without Debian's redis-server (tests/install-servers.sh
-installs it) they skip, loudly. Use them with ``pytest_plugins = ["redis_support"]``.
+installs it) they skip, loudly. Use them with ``pytest_plugins = ["redis_support"]``, and
+import this module's names only under TYPE_CHECKING or inside functions: imported before
+pytest registers the plugin, it would not get pytest's assertion rewriting (a warning).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def ping(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=1) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            reply = s.recv(64)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")  # not LOADING
     except OSError:
         return False
 
