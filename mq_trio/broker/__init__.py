@@ -30,8 +30,28 @@ from ._history import (
 )
 from ._jobs import DEAD_PREFIX, QueueFull, QueueInfo
 from ._memory import DEFAULT_CACHE_SIZE, MemoryHistory
+from ._shared import (
+    AfterJoin,
+    FrameSink,
+    Gate,
+    Join,
+    JoinResult,
+    NotInCluster,
+    SharedHistory,
+    SharedTopics,
+    SharedWrite,
+)
 
 __all__ = [
+    "AfterJoin",
+    "FrameSink",
+    "Gate",
+    "Join",
+    "JoinResult",
+    "NotInCluster",
+    "SharedHistory",
+    "SharedTopics",
+    "SharedWrite",
     "DEFAULT_MAX_IDS",
     "COMMIT_BUCKETS",
     "DEAD_PREFIX",

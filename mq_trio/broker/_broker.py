@@ -26,6 +26,7 @@ from ..protocol import (
     encode_delivery,
     failure_bytes,
     index_reply,
+    splice_index,
 )
 from ._dedupe import Dedupe
 from ._history import (
@@ -41,6 +42,7 @@ from ._history import (
 )
 from ._jobs import DEAD_PREFIX, JOB_OVERHEAD, Job, JobQueues, QueueFull, QueueInfo
 from ._memory import MemoryHistory
+from ._shared import Gate, Join, NotInCluster, SharedHistory, SharedTopics
 
 log = logging.getLogger("mq_trio.broker")
 
@@ -48,11 +50,14 @@ _STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
 DEFAULT_MAX_TOPICS = 1_000_000
 
 
-def send_reply(recorded: int | Recorded) -> Item:
+def send_reply(recorded: int | Recorded | Gate) -> Item:
     """The sender's reply to a send: success once the message is as durable as it will
-    be; ``Storage unavailable`` if its write failed."""
+    be; ``Storage unavailable`` if its write failed. (A shared history's send is its
+    own reply: a :class:`Gate`.)"""
     if type(recorded) is int:
         return SUCCESS
+    if type(recorded) is Gate:
+        return recorded
     return Held(SUCCESS, recorded, _STORAGE_UNAVAILABLE)  # type: ignore[arg-type]
 
 
@@ -106,8 +111,16 @@ class Broker:
     dedupe: Dedupe = attrs.field(init=False, factory=Dedupe)
     #: Topics with consumers and no history yet: each takes a slot of ``max_topics``.
     _consumed_only: set[str] = attrs.field(init=False, factory=set)
+    #: With a shared history (cluster): the gates and joins of docs/cluster.md.
+    shared: SharedTopics | None = attrs.field(init=False, default=None)
+    _shared_history: SharedHistory | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
+        if getattr(self.history, "shared", False):
+            history: SharedHistory = self.history  # type: ignore[assignment]
+            self._shared_history = history
+            self.shared = SharedTopics(history.node.encode(), self._random)
+            history.attach(self)
         self.jobs = JobQueues(self.history, dead_letter=self._dead_letter,
                               keep_counts=not isinstance(self.history, MemoryHistory),
                               on_idle=self._consumed_only.discard)
@@ -218,6 +231,9 @@ class Broker:
         self.jobs.disconnect(subscriber)
 
     def _drop(self, subscriber: Subscriber, topic: str) -> None:
+        if self.shared is not None:
+            self._shared_drop(subscriber, topic)
+            return
         subs = self._subscribers.get(topic)
         if subs is not None:
             if subs is self._fanout:  # maybe being iterated: leave it to the fan-out
@@ -233,6 +249,25 @@ class Broker:
                 subs = self._unrecorded[topic] = dict(subs)
             del subs[subscriber]
             if not subs:  # no history, no subscribers: the topic is gone
+                del self._unrecorded[topic]
+
+    def _shared_drop(self, subscriber: Subscriber, topic: str) -> None:
+        """``_drop`` with a shared history: the node's count goes to Redis."""
+        subs = self._subscribers.get(topic)
+        where = self._subscribers if subs is not None else self._unrecorded
+        if subs is None:
+            subs = self._unrecorded[topic]
+        if subs is self._fanout:
+            self._fanout = None
+            subs = where[topic] = dict(subs)
+        del subs[subscriber]
+        assert self.shared is not None and self._shared_history is not None
+        self.shared.drop(subscriber, topic)
+        self._shared_history.leave(topic, len(subs))
+        if not subs:
+            if where is self._subscribers:
+                self._subscribers[topic] = _NO_SUBS
+            else:
                 del self._unrecorded[topic]
 
     def _new_topic(self, topic: str) -> dict[Subscriber, None]:
@@ -309,7 +344,9 @@ class Broker:
                 ) -> Callable[[], None]:
         """Make ``subscriber`` a consumer of the topic's jobs (``TooManyTopics`` if new
         and there is no room); returns what starts its deliveries, to call after the
-        reply."""
+        reply. ``NotInCluster`` with a shared history."""
+        if self.shared is not None:
+            raise NotInCluster
         if (topic not in self.jobs.queues and topic not in self._subscribers
                 and topic not in self._unrecorded and not self.history.has(topic)):
             self._room()
@@ -341,6 +378,8 @@ class Broker:
             repeat = self._repeat(send.topic, send.id)
             if repeat is not None:
                 return repeat
+        if send.ack and self.shared is not None:
+            raise NotInCluster
         if send.ack:
             recorded = self._publish_job(send.topic, send.raw or encode_command(
                 send.topic, send.msg, "one", send.cache, True))
@@ -440,6 +479,103 @@ class Broker:
     def queue_info(self, topic: str) -> QueueInfo:
         """A topic's jobs: waiting, in flight, delayed, consumers, totals."""
         return self.jobs.info(topic)
+
+    # --- a shared history (cluster mode, docs/cluster.md) ---
+
+    def publish_shared(self, sender: Subscriber, send: Send) -> Gate:
+        """``publish`` with a shared history: the message goes to the history; its
+        deliveries come back through ``deliver_frame``; the sender's reply is the
+        returned gate (``TooManyTopics`` as for ``publish``)."""
+        topic = send.topic
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._new_topic(topic)
+        one = send.delivery == "one"
+        assert self._shared_history is not None and self.shared is not None
+        write, offset = self._shared_history.publish_shared(
+            topic, send.raw or encode_command(topic, send.msg, send.delivery, send.cache),
+            one, send.cache)
+        gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE)
+        if sender in subs:
+            self.shared.gate(sender, topic, gate)
+        return gate
+
+    def publish_ex_shared(self, sender: Subscriber, event: SendEx | Batch) -> Gate:
+        """A send with an id, or a batch, with a shared history: the id is kept in
+        Redis for the window (a repeat on any node gets the original's index); a batch
+        is one write, so all or none. Jobs: ``NotInCluster``."""
+        if event.ack:
+            raise NotInCluster
+        topic = event.topic
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._new_topic(topic)
+        history = self._shared_history
+        assert history is not None and self.shared is not None
+        if type(event) is Batch:
+            commands = [encode_command(topic, m, event.delivery, event.cache)
+                        for m in event.msgs]
+            write, offset = history.publish_many(
+                topic, commands, event.delivery == "one", event.cache, event.id)
+            count = len(commands)
+
+            def reply(index: int, counted: int, repeated: bool) -> bytes:
+                return index_reply(index, counted if repeated else count, repeated)
+        else:
+            assert isinstance(event, SendEx)
+            write, offset = history.publish_shared(
+                topic, event.raw or encode_command(topic, event.msg, event.delivery,
+                                                   event.cache),
+                event.delivery == "one", event.cache, event.id)
+
+            def reply(index: int, counted: int, repeated: bool) -> bytes:
+                return index_reply(index, duplicate=True) if repeated else index_reply(index)
+        gate = Gate(write, offset, reply, _STORAGE_UNAVAILABLE)
+        if sender in subs:
+            self.shared.gate(sender, topic, gate)
+        return gate
+
+    def join(self, subscriber: Subscriber, topic: str, last_seen: int = -1,
+             cache: bool = True, epoch: str | None = None) -> Join:
+        """``subscribe`` with a shared history: the reply (with ``epoch``: the epoch
+        extension's) and the replay, as one item decided once the subscription counts
+        in Redis. If that fails, the reply is ``Storage unavailable`` and the
+        subscription is undone."""
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._unrecorded.get(topic)
+            if subs is None:
+                if self.history.has(topic):
+                    subs = self._subscribers[topic] = {}
+                else:
+                    self._room()
+                    subs = self._unrecorded[topic] = {}
+        elif subs is _NO_SUBS:
+            subs = self._subscribers[topic] = {}
+        subs[subscriber] = None
+        self._topics_of.setdefault(subscriber, set()).add(topic)
+        assert self._shared_history is not None and self.shared is not None
+        result = self._shared_history.join(
+            topic, len(subs), last_seen, cache,
+            on_fail=lambda: self.unsubscribe(subscriber, topic))
+        item = Join(result, last_seen, epoch, _STORAGE_UNAVAILABLE)
+        if not result.done:  # (failed at once: already undone)
+            self.shared.join(subscriber, topic, item)
+        return item
+
+    def deliver_frame(self, topic: str, first: int, entries: list[tuple[bytes, bytes]]
+                      ) -> None:
+        """Messages of ``topic`` from index ``first`` (``(target, command)``), as the
+        shared history's intake received them: to this node's subscribers."""
+        subs = self._subscribers.get(topic)
+        if subs is None:
+            subs = self._unrecorded.get(topic)
+            if subs is None:
+                return
+        if not subs:
+            return
+        assert self.shared is not None
+        self.delivered += self.shared.deliver(subs, topic, first, entries, splice_index)
 
     # --- inspection (tests, metrics) ---
 

@@ -195,6 +195,14 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "long drops the client (0: no pings)",
     )
     p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="URL",
+        help="cluster mode: share topics with every node started with the same Redis, "
+        "redis://[[user]:password@]host[:port][/db] or rediss:// for TLS (needs the "
+        "'cluster' extra: pip install 'mq-trio[cluster]'); see docs/cluster.md",
+    )
+    p.add_argument(
         "--data-dir",
         default=None,
         metavar="DIR",
@@ -463,6 +471,11 @@ def run_serve(args: argparse.Namespace) -> int:
         except TLSConfigError as exc:
             print(f"mq-trio: {exc}", file=sys.stderr)
             return 2
+    if config.cluster is not None:
+        problem = _cluster_problem(config.cluster)
+        if problem is not None:
+            print(f"mq-trio: {problem}", file=sys.stderr)
+            return 2
     raise_open_file_limit()
     tune_gc()
     try:
@@ -476,6 +489,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"mq-trio: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:
+        unreachable = _find_cluster_error(exc)
+        if unreachable is not None:
+            print(f"mq-trio: {unreachable}", file=sys.stderr)
+            return 1
         from ..store import find_store_error  # only durable mode needs sqlite3
 
         store_error = find_store_error(exc)
@@ -484,6 +501,31 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"mq-trio: {store_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cluster_problem(url: str) -> str | None:
+    """Why ``--cluster URL`` cannot work here (no hiredis, a bad URL), if it cannot."""
+    try:
+        from ..cluster import parse_redis_url
+    except ImportError as exc:
+        return (f"--cluster needs the 'cluster' extra ({exc.name} is missing): "
+                "pip install 'mq-trio[cluster]'")
+    try:
+        parse_redis_url(url)
+    except ValueError as exc:
+        return f"--cluster: {exc}"
+    return None
+
+
+def _find_cluster_error(exc: BaseException) -> BaseException | None:
+    """The node's "cannot reach Redis at start" error inside ``exc`` (maybe a group)."""
+    if type(exc).__name__ == "ClusterUnavailable":
+        return exc
+    for inner in getattr(exc, "exceptions", ()):  # nurseries' exception groups
+        found = _find_cluster_error(inner)
+        if found is not None:
+            return found
+    return None
 
 
 async def serve_until_signalled(config: Config) -> None:

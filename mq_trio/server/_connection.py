@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from .. import protocol
-from ..broker import Broker, Held, Item, QueueFull, TooManyTopics, send_reply
+from ..broker import Broker, Held, Item, NotInCluster, QueueFull, TooManyTopics, send_reply
 from ..protocol import (
     JOB_COMMANDS,
     QUIT,
@@ -59,6 +60,7 @@ _NOT_AUTHENTICATED = protocol.failure_bytes(protocol.NOT_AUTHENTICATED)
 _PERMISSION_DENIED = protocol.failure_bytes(protocol.PERMISSION_DENIED)
 _AUTH_FAILED = protocol.failure_bytes(protocol.AUTH_FAILED)
 _QUEUE_FULL = protocol.failure_bytes(protocol.QUEUE_FULL)
+_NOT_IN_CLUSTER = protocol.failure_bytes(protocol.NOT_IN_CLUSTER)
 _UNKNOWN_JOB = protocol.failure_bytes(protocol.UNKNOWN_JOB)
 _STORAGE_UNAVAILABLE = protocol.failure_bytes(protocol.STORAGE_UNAVAILABLE)
 #: Subscriptions released per scheduler pass when a connection with many ends.
@@ -509,7 +511,8 @@ class Connection:
         high_water = outbox.high_water
         parse_line = protocol.parse_line
         broker = self.broker
-        publish = broker.publish
+        publish = broker.publish if broker.shared is None else partial(
+            broker.publish_shared, outbox)
         reply = outbox.queue_reply
         # With --auth, each send is checked: a lookup in the grant's memo of allowed
         # topics, and the full check only on a miss. The grant is current for the whole
@@ -594,6 +597,10 @@ class Connection:
         else:
             self.outbox.push_deferred(item)  # type: ignore[arg-type]  # a Deferred
 
+    def _not_in_cluster(self) -> None:
+        self.outbox.queue_reply(_NOT_IN_CLUSTER)
+        self.stats.fail(protocol.NOT_IN_CLUSTER)
+
     def _internal_error(self) -> None:
         # A bug must cost this one command, not the connection or the server.
         log.exception("internal error handling a command from %s", self.peer,
@@ -624,6 +631,9 @@ class Connection:
     def _publish_ex(self, event: SendEx | Batch) -> None:
         """A job, a send with an id, a batch: the reply carries the index."""
         try:
+            if self.broker.shared is not None:
+                self.outbox.push_deferred(self.broker.publish_ex_shared(self.outbox, event))
+                return
             if type(event) is Batch:
                 reply, recorded = self.broker.publish_batch(event)
             else:
@@ -631,6 +641,9 @@ class Connection:
         except QueueFull:
             self.outbox.queue_reply(_QUEUE_FULL)
             self.stats.fail(protocol.QUEUE_FULL)
+            return
+        except NotInCluster:
+            self._not_in_cluster()
             return
         if type(recorded) is int:
             self.outbox.queue_reply(reply)
@@ -677,7 +690,11 @@ class Connection:
             return False
         try:
             if cls is Send:
-                self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
+                if self.broker.shared is not None:
+                    self.outbox.push_deferred(
+                        self.broker.publish_shared(self.outbox, event))  # type: ignore[arg-type]
+                else:
+                    self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
             elif cls is SendEx or cls is Batch:
                 self._publish_ex(event)  # type: ignore[arg-type]
             elif cls in JOB_COMMANDS:
@@ -687,6 +704,10 @@ class Connection:
                 start = self.broker.consume(self.outbox, event.topic, event.prefetch)
                 push(protocol.SUCCESS)
                 start()  # jobs after the reply
+            elif cls is Subscribe and self.broker.shared is not None:
+                assert isinstance(event, Subscribe)
+                self.outbox.push_deferred(self.broker.join(
+                    self.outbox, event.topic, event.last_seen, event.cache, event.epoch))
             elif cls is Subscribe:
                 assert isinstance(event, Subscribe)
                 replay = self.broker.subscribe(
@@ -708,6 +729,8 @@ class Connection:
         except TooManyTopics:
             push(_TOO_MANY_TOPICS)
             self.stats.fail(protocol.TOO_MANY_TOPICS)
+        except NotInCluster:
+            self._not_in_cluster()
         except Exception:
             self._internal_error()
         return False

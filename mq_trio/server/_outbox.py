@@ -121,6 +121,15 @@ class Outbox:
         if self._waiter is not None and not self._listed:
             self._notify()
 
+    def grow(self, size: int) -> None:
+        """``size`` more bytes went into an item already queued (a cluster gate takes
+        the deliveries that must precede its reply): counted like a push."""
+        pending = self.pending + size
+        if pending > self._limit or self._closed:
+            self._refuse(pending)
+            return
+        self.pending = pending
+
     def queue_reply(self, payload: bytes) -> None:
         """Queue one of the reader's own replies without waking the writer: the reader
         writes or wakes at the end of its chunk (``write_inline``, ``wait_drained``), and
@@ -364,7 +373,6 @@ class Outbox:
                     size += len(payload)
                     batch.append(payload)
                 else:
-                    size += len(item)
                     assert not isinstance(item, bytes)
                     out = item.ready()
                     if out is None:
@@ -380,6 +388,8 @@ class Outbox:
                         if out is None:
                             await item.write(transport.send_batch)  # (it streams)
                             out = []
+                    # (counted once decided: a cluster gate grows until then)
+                    size += len(item)
                     batch.extend(out)
                 done += 1
                 if size >= WRITE_BATCH_BYTES:

@@ -32,7 +32,7 @@ from ._connection import (
     LogThrottle,
     Registry,
 )
-from ._outbox import Ready
+from ._outbox import Ready, send_ready
 from ._pacer import CUTOFFS_PER_PASS, Pacer, WriteTurns
 from ._stats import Stats
 from ._ws_listener import handle_stream
@@ -100,6 +100,8 @@ class Config:
     ws_ping_interval: float = DEFAULT_PING_INTERVAL
     #: Durable topics (docs/durability.md): None keeps everything in memory.
     data_dir: str | None = None
+    #: Cluster mode (docs/cluster.md): the Redis URL the nodes share; None: one node.
+    cluster: str | None = None
     #: With data_dir: "always", "everysec" or "never" (when the store fsyncs).
     fsync: str = "everysec"
     #: With data_dir: cached messages per topic kept in RAM (older ones stay on disk).
@@ -208,6 +210,9 @@ class Config:
             raise ValueError("max queue jobs must be >= 1")
         if self.max_job_bytes < self.max_line_bytes:
             raise ValueError("max job bytes must be at least max line bytes")
+        if self.cluster is not None and self.data_dir is not None:
+            raise ValueError("--cluster and --data-dir do not combine: in cluster mode "
+                             "the history is in Redis (make Redis durable: appendonly)")
 
 
 async def open_listeners(config: Config) -> list[trio.SocketListener]:
@@ -597,6 +602,12 @@ class Server:
                     accept.start_soon(self._settle_jobs)
                     assert self._ready.turns is not None
                     accept.start_soon(self._ready.turns.run)  # big fan-outs, over passes
+                    if self.broker.shared is not None:
+                        # A cluster's intake writes what it delivered, as a reader does
+                        # at the end of its chunk.
+                        ready = self._ready
+                        self.broker.history.after_deliveries = (  # type: ignore[attr-defined]
+                            lambda: send_ready(ready))
                     task_status.started(self)
             # Stop accepting at the socket level too: a listening socket left open would
             # still complete handshakes into its backlog, for clients nobody will serve.
@@ -742,7 +753,16 @@ async def serve(
 async def _open_broker(
     config: Config, broker: Broker | None
 ) -> AsyncIterator[Broker]:
-    """The broker over its history: in memory, or the durable store."""
+    """The broker over its history: in memory, the durable store, or Redis (cluster)."""
+    if config.cluster is not None:
+        if broker is not None:
+            raise ValueError("a broker cannot be passed together with cluster")
+        from ..cluster._node import open_node  # only cluster mode needs hiredis
+
+        async with open_node(config.cluster, cache_size=config.cache_size,
+                             dedupe_window=config.dedupe_window) as history:
+            yield Broker(history, max_topics=config.max_topics)
+        return
     if config.data_dir is None:
         yield broker or Broker(
             MemoryHistory(config.cache_size, max_cache_bytes=config.max_cache_bytes),

@@ -1,0 +1,513 @@
+"""The Redis history: one more implementation of the broker's history seam, shared by
+every node of a cluster (docs/cluster.md).
+
+What the broker asks of it goes into a queue and leaves in group commits: one pipeline
+of script calls per round trip, one call per run of a topic's messages (``_scripts``).
+Every message comes back through the intake, the node's one subscription to the
+frames channel, in index order, and is delivered from there (``Broker.deliver_frame``);
+a write is decided once its reply is in and the intake has passed it (so a sender
+subscribed to its topic gets its own delivery before its success). Nothing here
+awaits on the broker's behalf: the flusher and the intake are this object's tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable, Collection
+from typing import Any
+
+import attrs
+import trio
+
+from ..broker import (
+    CachedMessage,
+    FrameSink,
+    HistoryStats,
+    Item,
+    StoredId,
+    StoredJob,
+    TopicInfo,
+    new_epoch,
+)
+from ..protocol import Send, splice_index
+from . import _scripts as lua
+from ._resp import (
+    RedisAddress,
+    RedisConnection,
+    RedisError,
+    Script,
+    load_scripts,
+    open_redis,
+    open_subscription,
+)
+
+log = logging.getLogger("mq_trio.cluster")
+
+PUBLISH = Script(lua.PUBLISH)
+JOIN = Script(lua.JOIN)
+RENEW = Script(lua.RENEW)
+READ = Script(lua.READ)
+SCRIPTS = (PUBLISH, JOIN, RENEW, READ)
+
+#: How long a node's subscriber counts stay valid without renewal (a dead node's
+#: subscribers stop receiving "one" messages after at most this), and how often a
+#: live node renews them.
+LEASE_SECONDS = 15.0
+RENEW_SECONDS = 5.0
+#: Bytes of messages queued for Redis beyond which sends fail at once.
+MAX_QUEUED_BYTES = 64 << 20
+#: Keys per lease renewal call.
+RENEW_CHUNK = 500
+
+
+def _flags(one: bool, cached: bool, rest: bool = False, count: int = 0) -> int:
+    return (1 if one else 0) | (2 if cached else 0) | (4 if rest else 0) | count << 4
+
+
+@attrs.define(eq=False, slots=True)
+class _Decided:
+    """The decided/failed/wait part of a ticket."""
+
+    done: bool = False
+    failed: bool = False
+    _event: trio.Event | None = None
+
+    def _decide(self, failed: bool = False) -> None:
+        if self.done:
+            return
+        self.failed = failed
+        self.done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        if self.done:
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+
+@attrs.define(eq=False, slots=True)
+class Write(_Decided):
+    """One script call's messages of one topic (a :class:`SharedWrite`)."""
+
+    topic: str = ""
+    #: ARGV triples per message: flags, id, command.
+    args: list[bytes | str | int] = attrs.field(factory=list)
+    size: int = 0
+    seq: int = -1
+    first: int = -1
+    results: list[bytes] | None = None
+    replied: bool = False
+    passed: bool = False
+    #: The intake will pass it (it was flushed while the intake was subscribed).
+    awaits_intake: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(self.args) // 3
+
+    def result(self, offset: int) -> tuple[int, int, bool]:
+        """(index, count, repeated) of the message at ``offset``: a repeated id gives
+        the original's index and batch size."""
+        results = self.results
+        if results is None:
+            return self.first + offset, 1, False
+        text = results[offset]
+        if text[:1] == b"d":
+            index, _, count = text[1:].partition(b":")
+            return int(index), int(count or 1), True
+        return int(text), 1, False
+
+    def _settle(self) -> None:
+        if self.replied and (self.passed or not self.awaits_intake):
+            self._decide()
+
+
+@attrs.define(eq=False, slots=True)
+class JoinOp(_Decided):
+    """A subscribe's (or a leave's) remote step (a :class:`JoinResult`)."""
+
+    topic: str = ""
+    count: int = 0
+    last_seen: int = -1
+    replay: bool = False
+    next_index: int = 0
+    evicted: int = -1
+    epoch: str = ""
+    entries: list[tuple[int, bytes]] = attrs.field(factory=list)
+    on_fail: Callable[[], None] | None = None
+
+
+def _entry(raw: bytes) -> tuple[int, bytes]:
+    """A cache entry (``<flag><index> <command>``) as (index, delivery)."""
+    space = raw.index(b" ")
+    index = int(raw[1:space])
+    return index, splice_index(raw[space + 1 :], index)
+
+
+@attrs.define(eq=False)
+class RedisHistory:
+    """Indexes, caches and subscriber counts in Redis; see the module's docstring."""
+
+    address: RedisAddress
+    cache_size: int = 100
+    dedupe_window: float = 120.0
+    #: This node's id in Redis (counts, frames): random per process.
+    node: str = attrs.field(factory=lambda: os.urandom(8).hex())
+    epoch: str = attrs.field(factory=new_epoch)
+    shared: bool = attrs.field(default=True, init=False)
+    #: Called after the intake delivered a batch of frames (the server writes the
+    #: outboxes it filled, as a reader does at the end of its chunk).
+    after_deliveries: Callable[[], None] | None = None
+    _sink: FrameSink | None = None
+    _ops: list[Write | JoinOp] = attrs.field(factory=list)
+    _open: dict[str, Write] = attrs.field(factory=dict)
+    _queued_bytes: int = 0
+    _wake: trio.Event = attrs.field(factory=trio.Event)
+    _seq: int = 0
+    _in_flight: dict[int, Write] = attrs.field(factory=dict)
+    _intake_up: bool = False
+    #: Topics this node published to or has subscribers of: what it counts as its own.
+    _topics: set[str] = attrs.field(factory=set)
+    #: Local subscriber counts per topic (renewed as leases).
+    _counts: dict[str, int] = attrs.field(factory=dict)
+    #: The last index the intake delivered per topic with local subscribers (resync).
+    _last: dict[str, int] = attrs.field(factory=dict)
+    available: bool = False
+    _epoch_known: bool = False
+    #: Times the intake subscribed (the first, and every resubscription).
+    subscriptions: int = 0
+    commits: int = 0
+    failed_commits: int = 0
+    _random: random.Random = attrs.field(factory=random.Random)
+
+    # --- the seam (broker side) ---
+
+    def attach(self, sink: FrameSink) -> None:
+        self._sink = sink
+
+    def publish_shared(self, topic: str, command: bytes, one: bool, cached: bool,
+                       message_id: str | None = None) -> tuple[Write, int]:
+        """Queue one message; its write (shared with the topic's other messages in the
+        same commit) and its place in it."""
+        write = self._open.get(topic) or self._new_write(topic)
+        offset = write.count
+        write.args += (_flags(one, cached), message_id or "", command)
+        self._account(write, len(command))
+        return write, offset
+
+    def publish_many(self, topic: str, commands: list[bytes], one: bool, cached: bool,
+                     message_id: str | None = None) -> tuple[Write, int]:
+        """Queue a batch: in one script call, so all or none of it is written."""
+        write = self._open.get(topic) or self._new_write(topic)
+        offset = write.count
+        args = write.args
+        args += (_flags(one, cached, count=len(commands)), message_id or "", commands[0])
+        rest = _flags(one, cached, rest=True)
+        for command in commands[1:]:
+            args += (rest, "", command)
+        self._account(write, sum(map(len, commands)))
+        return write, offset
+
+    def _new_write(self, topic: str) -> Write:
+        write = self._open[topic] = Write(topic=topic)
+        self._topics.add(topic)
+        self._queue(write)
+        return write
+
+    def _account(self, write: Write, size: int) -> None:
+        write.size += size
+        self._queued_bytes += size
+        if not self.available or self._queued_bytes > MAX_QUEUED_BYTES:
+            # Redis is down, or far behind: fail now rather than queue without bound.
+            self._fail_queued()
+
+    def join(self, topic: str, count: int, last_seen: int, replay: bool,
+             on_fail: Callable[[], None] | None = None) -> JoinOp:
+        """This node now has ``count`` subscribers of ``topic``; read the cache after
+        ``last_seen`` if ``replay``. ``on_fail``: called if it could not be done."""
+        self._topics.add(topic)
+        self._set_count(topic, count)
+        op = JoinOp(topic=topic, count=count, last_seen=last_seen, replay=replay,
+                    on_fail=on_fail)
+        self._open.pop(topic, None)  # later sends: after it, in a new write
+        self._queue(op)
+        if not self.available:
+            self._fail_queued()
+        return op
+
+    def leave(self, topic: str, count: int) -> None:
+        """This node now has ``count`` subscribers of ``topic``."""
+        self._set_count(topic, count)
+        if self.available:
+            self._open.pop(topic, None)
+            self._queue(JoinOp(topic=topic, count=count))
+
+    def _set_count(self, topic: str, count: int) -> None:
+        if count:
+            self._counts[topic] = count
+        else:
+            self._counts.pop(topic, None)
+            self._last.pop(topic, None)
+
+    def _queue(self, op: Write | JoinOp) -> None:
+        self._ops.append(op)
+        self._wake.set()
+
+    def _fail_queued(self) -> None:
+        ops, self._ops = self._ops, []
+        self._open.clear()
+        self._queued_bytes = 0
+        for op in ops:
+            self._fail(op)
+
+    def _fail(self, op: Write | JoinOp) -> None:
+        op._decide(failed=True)
+        if type(op) is JoinOp and op.on_fail is not None:
+            op.on_fail()
+
+    # --- the rest of the seam: a node's own view ---
+
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> int:
+        raise NotImplementedError("a shared history is published to by publish_shared")
+
+    def replay(self, topic: str, last_seen: int) -> list[Item]:
+        raise NotImplementedError("a shared history replays through join")
+
+    def recovered(self, topic: str, last_seen: int) -> bool:
+        raise NotImplementedError("a shared history answers through join")
+
+    def cached(self, topic: str) -> list[CachedMessage]:
+        return []  # in Redis: read it there (docs/cluster.md)
+
+    def has(self, topic: str) -> bool:
+        return topic in self._topics
+
+    def topic_count(self) -> int:
+        return len(self._topics)
+
+    def topic_names(self) -> Collection[str]:
+        return self._topics
+
+    def topic_info(self, topic: str) -> TopicInfo | None:
+        if topic not in self._topics:
+            return None
+        return TopicInfo(self._last.get(topic, -1) + 1, 0, 0)
+
+    def stats(self) -> HistoryStats:
+        return HistoryStats(available=self.available, commits=self.commits,
+                            failed_commits=self.failed_commits)
+
+    def record_job(self, topic: str, base: bytes) -> int:
+        raise NotImplementedError("jobs are not available in cluster mode")
+
+    def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
+        pass
+
+    def job_done(self, topic: str, index: int) -> None:
+        return None
+
+    def stored_jobs(self) -> list[StoredJob]:
+        return []
+
+    def remember_id(self, topic: str, message_id: str, reply: bytes, window: float) -> None:
+        pass
+
+    def stored_ids(self) -> list[StoredId]:
+        return []
+
+    # --- the tasks ---
+
+    def _command(self, op: Write | JoinOp, seed: int) -> Any:
+        meta, cache, subs = lua.topic_keys(op.topic)
+        keys = (meta, cache, subs, lua.EPOCH_KEY)
+        if type(op) is Write:
+            return PUBLISH.command(keys, [
+                self.epoch, seed, self.node, op.seq, self.cache_size, lua.CHANNEL,
+                op.topic, int(self.dedupe_window * 1000), *op.args])
+        assert type(op) is JoinOp
+        return JOIN.command(keys, [
+            self.epoch, seed, self.node, op.count, int(LEASE_SECONDS * 1000),
+            op.last_seen, 1 if op.replay else 0])
+
+    async def run_flusher(self, conn: RedisConnection) -> None:
+        """Group commits until the connection breaks (then RedisUnavailable)."""
+        self.available = True
+        try:
+            while True:
+                if not self._ops:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                ops, self._ops = self._ops, []
+                self._open.clear()
+                self._queued_bytes = 0
+                commands = []
+                rand = self._random.randrange
+                for op in ops:
+                    if type(op) is Write:
+                        op.seq = self._seq
+                        self._seq += 1
+                        op.awaits_intake = self._intake_up
+                        if op.awaits_intake:
+                            self._in_flight[op.seq] = op
+                    commands.append(self._command(op, rand(1 << 30)))
+                try:
+                    replies = await conn.pipeline(commands)
+                except BaseException:
+                    for op in ops:
+                        self._fail(op)
+                        if type(op) is Write:
+                            self._in_flight.pop(op.seq, None)
+                    raise
+                self.commits += 1
+                for op, reply in zip(ops, replies, strict=True):
+                    self._settle(op, reply)
+        finally:
+            self.available = False
+            self._fail_queued()
+
+    def _settle(self, op: Write | JoinOp, reply: Any) -> None:
+        if isinstance(reply, RedisError):
+            log.error("cluster: %s of %r failed in Redis: %s",
+                      "publish" if type(op) is Write else "subscribe", op.topic, reply)
+            self.failed_commits += 1
+            if type(op) is Write:
+                self._in_flight.pop(op.seq, None)
+            self._fail(op)
+            return
+        epoch = reply[1] if type(op) is Write else reply[2]
+        self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+        if type(op) is Write:
+            op.first = int(reply[0])
+            if len(reply) > 3:
+                op.results = list(reply[3:])
+            if not reply[2]:  # every message a repeat: nothing was published
+                op.awaits_intake = False
+                self._in_flight.pop(op.seq, None)
+            op.replied = True
+            op._settle()
+            if op.done:
+                self._in_flight.pop(op.seq, None)
+            return
+        assert type(op) is JoinOp
+        op.next_index = int(reply[0])
+        op.evicted = int(reply[1])
+        op.epoch = self.epoch
+        op.entries = [_entry(raw) for raw in reply[3:]]
+        op._decide()
+
+    def _check_epoch(self, epoch: str) -> None:
+        if not self._epoch_known:  # (the first answer: the cluster's, adopted)
+            self._epoch_known = True
+            self.epoch = epoch
+        elif epoch != self.epoch:
+            log.warning("cluster: the epoch in Redis is %s, was %s: Redis lost its data "
+                        "(restarted without it?); indexes start again", epoch, self.epoch)
+            self.epoch = epoch
+            self._last.clear()
+
+    async def run_intake(self, address: RedisAddress,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """Deliver every frame, in channel order; RedisUnavailable when cut off."""
+        async with open_subscription(address) as sub:
+            await sub.subscribe(lua.CHANNEL)
+            self._intake_up = True
+            self.subscriptions += 1
+            task_status.started()
+            try:
+                await self._resync()
+                while True:
+                    for _, data in await sub.receive():
+                        self._frame(data)
+                    if self.after_deliveries is not None:
+                        self.after_deliveries()
+            finally:
+                self._intake_up = False
+                # Writes whose frames will not come: decided by their replies alone.
+                for write in list(self._in_flight.values()):
+                    write.awaits_intake = False
+                    write._settle()
+                self._in_flight.clear()
+
+    def _frame(self, data: bytes) -> None:
+        end = data.index(b"\n")
+        origin, seq, first_, count_, length = data[:end].split(b" ")
+        first = int(first_)
+        count = int(count_)
+        pos = end + 1 + int(length)
+        topic = data[end + 1 : pos].decode()
+        if topic in self._counts:
+            entries = []
+            index = data.index
+            for _ in range(count):
+                end = index(b"\n", pos)
+                target, size = data[pos:end].split(b" ")
+                pos = end + 1 + int(size)
+                entries.append((target, data[end + 1 : pos]))
+            self._last[topic] = first + count - 1
+            if self._sink is not None:
+                self._sink.deliver_frame(topic, first, entries)
+        if origin == self._node_bytes:
+            write = self._in_flight.pop(int(seq), None)
+            if write is not None:
+                write.first = first if write.first < 0 else write.first
+                write.passed = True
+                write._settle()
+
+    @property
+    def _node_bytes(self) -> bytes:
+        return self.node.encode()
+
+    async def _resync(self) -> None:
+        """After the intake was down: deliver what the caches hold beyond the last index
+        delivered per topic (what was evicted meanwhile is a gap, as for any subscriber
+        that falls behind the cache)."""
+        if not self._last:
+            return
+        async with open_redis(self.address) as conn:
+            topics = list(self._last.items())
+            commands = []
+            for topic, last in topics:
+                meta, cache, _ = lua.topic_keys(topic)
+                commands.append(READ.command((meta, cache, lua.EPOCH_KEY), [last]))
+            replies = await conn.pipeline(commands)
+        for (topic, _), reply in zip(topics, replies, strict=True):
+            if isinstance(reply, RedisError) or self._sink is None:
+                continue
+            for raw in reply[3:]:
+                if raw[:1] != b"0":
+                    continue  # a "one" message nobody took: it waits for a subscriber
+                space = raw.index(b" ")
+                index = int(raw[1:space])
+                if topic in self._counts:
+                    self._sink.deliver_frame(topic, index, [(b"*", raw[space + 1 :])])
+                    self._last[topic] = index
+
+    async def run_renewals(self, conn: RedisConnection) -> None:
+        """Renew this node's subscriber counts before their leases end."""
+        while True:
+            counts = list(self._counts.items())
+            lease = int(LEASE_SECONDS * 1000)
+            for i in range(0, len(counts), RENEW_CHUNK):
+                chunk = counts[i : i + RENEW_CHUNK]
+                keys = [lua.topic_keys(topic)[2] for topic, _ in chunk]
+                await RENEW.run(conn, keys, [self.node, lease, *(n for _, n in chunk)])
+            await trio.sleep(RENEW_SECONDS)
+
+
+async def start_epoch(conn: RedisConnection, candidate: str) -> str:
+    """The cluster's epoch: the one in Redis, or ``candidate`` if there is none."""
+    await conn.call("SET", lua.EPOCH_KEY, candidate, "NX")
+    epoch = await conn.call("GET", lua.EPOCH_KEY)
+    return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+
+async def prepare(conn: RedisConnection, history: RedisHistory) -> None:
+    """Scripts loaded and the epoch known: what a (re)connected node does first."""
+    await load_scripts(conn, SCRIPTS)
+    history._check_epoch(await start_epoch(conn, history.epoch))

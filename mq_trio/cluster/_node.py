@@ -1,0 +1,101 @@
+"""A node's connection to the cluster: the Redis history's tasks, kept running.
+
+The flusher's connection and the intake's subscription reconnect by themselves
+(backoff up to ``MAX_BACKOFF``); while the flusher is down every send fails at once with
+``Storage unavailable`` and subscribers stay connected. Only the first connection must
+succeed: a node that cannot reach Redis at start does not start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ._history import RedisHistory, prepare
+from ._resp import RedisAddress, RedisUnavailable, open_redis, parse_redis_url
+
+log = logging.getLogger("mq_trio.cluster")
+
+MAX_BACKOFF = 2.0
+
+
+class ClusterUnavailable(Exception):
+    """Redis could not be reached when the node started."""
+
+
+@asynccontextmanager
+async def open_node(url: str, *, cache_size: int, dedupe_window: float
+                       ) -> AsyncIterator[RedisHistory]:
+    """The node's shared history over the Redis at ``url``, its tasks running."""
+    address = parse_redis_url(url)
+    history = RedisHistory(address, cache_size=cache_size, dedupe_window=dedupe_window)
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(_keep_flushing, history)
+            await nursery.start(_keep_intake, history)
+        except RedisUnavailable as exc:
+            raise ClusterUnavailable(f"cannot reach Redis at {url}: {exc}") from exc
+        log.info("cluster: node %s on %s, epoch %s", history.node, url, history.epoch)
+        try:
+            yield history
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _backoff(delay: float) -> float:
+    await trio.sleep(delay)
+    return min(delay * 2, MAX_BACKOFF)
+
+
+async def _keep_flushing(history: RedisHistory,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+    started = False
+    delay = 0.05
+    while True:
+        try:
+            async with open_redis(history.address) as conn:
+                await prepare(conn, history)
+                if not started:
+                    started = True
+                    task_status.started()
+                elif delay > 0.05:
+                    log.warning("cluster: Redis at %s is back", _where(history.address))
+                delay = 0.05
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(history.run_renewals, conn)
+                    await history.run_flusher(conn)
+        except RedisUnavailable as exc:
+            if not started:
+                raise
+            if delay == 0.05:
+                log.warning("cluster: Redis at %s unavailable (%s): sends fail until it "
+                            "is back", _where(history.address), exc)
+        delay = await _backoff(delay)
+
+
+async def _keep_intake(history: RedisHistory,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                       ) -> None:
+    first = True
+    delay = 0.05
+    while True:
+        subscribed = history.subscriptions
+        try:
+            await history.run_intake(history.address,
+                                     task_status if first else trio.TASK_STATUS_IGNORED)
+        except RedisUnavailable as exc:
+            if first and history.subscriptions == subscribed:
+                raise
+            log.warning("cluster: lost the frames channel (%s); resubscribing", exc)
+        if history.subscriptions != subscribed:
+            first = False
+            delay = 0.05
+        delay = await _backoff(delay)
+
+
+def _where(address: RedisAddress) -> str:
+    return f"{address.host}:{address.port}"

@@ -1,0 +1,210 @@
+"""The Lua scripts a cluster node runs in Redis (docs/cluster.md, "Design").
+
+Every script takes a topic's keys plus the epoch key, so one topic's index, cache and
+subscriber counts change in one atomic step, and its frame is published in that step:
+the channel's order is the order of the indexes. Per topic (``T`` is the topic's name,
+hex-encoded, so any string is a safe key):
+
+* ``mq:{T}:m`` hash: ``next`` (the next index), ``evicted`` (the highest index the
+  cache-size rule dropped);
+* ``mq:{T}:c`` list: the cache, oldest first; an entry is ``<flag><index> <command>``
+  with flag ``1`` for a "one" message, ``0`` otherwise;
+* ``mq:{T}:s`` hash: node id -> ``<subscribers>:<lease end, ms>`` (for "one").
+
+``mq:epoch`` holds the epoch: a script that finds it missing (Redis lost its data)
+sets the candidate the node passed, and every reply carries the current one.
+
+A frame (the payload published on the channel) for a batch of messages:
+``<origin> <seq> <first index> <count> <topic length>\\n<topic>`` followed, per message,
+by ``<target> <length>\\n<command>``: target ``*`` (everyone), ``-`` (a "one" message
+nobody could take: cached or dropped) or the id of the node that delivers it.
+"""
+
+from __future__ import annotations
+
+#: Shared preamble: the epoch (KEYS[4], candidate ARGV[1]) and a small deterministic
+#: random generator seeded by the node (ARGV[2]), for the choice of a "one" target.
+_PREAMBLE = r"""
+local epoch = redis.call('GET', KEYS[4])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[4], epoch)
+end
+local seed = tonumber(ARGV[2])
+local function rand(n)
+  seed = (seed * 1103515245 + 12345) % 2147483648
+  return seed % n
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+#: Live subscriber counts per node (expired leases removed), for "one" targets.
+_LIVE = r"""
+local function live()
+  local fields = redis.call('HGETALL', KEYS[3])
+  local nodes, counts, total = {}, {}, 0
+  for i = 1, #fields, 2 do
+    local c, e = string.match(fields[i + 1], '^(%d+):(%d+)$')
+    c = tonumber(c); e = tonumber(e)
+    if (not e) or e < now then
+      redis.call('HDEL', KEYS[3], fields[i])
+    elseif c > 0 then
+      table.insert(nodes, fields[i]); table.insert(counts, c); total = total + c
+    end
+  end
+  return nodes, counts, total
+end
+local function pick(nodes, counts, total)
+  local r = rand(total)
+  for i = 1, #nodes do
+    if r < counts[i] then return nodes[i] end
+    r = r - counts[i]
+  end
+  return nodes[#nodes]
+end
+"""
+
+#: Publish messages of one topic (one script call per batch of them).
+#: KEYS: meta, cache, subs, epoch. ARGV: candidate epoch, seed, origin node, seq,
+#: cache size, channel, topic, id window (ms), then per message three values: flags,
+#: id ("" if none), command. Flags: 1 "one", 2 cache, 4 the rest of a batch (skipped
+#: with its head if that is a repeat), and the batch's size times 16 on its head.
+#: Returns {first index, epoch, messages published} and, if any message had an id, one
+#: result per message:
+#: "<index>", "d<first>:<count>" (a repeated id: the original's), or "s" (skipped).
+PUBLISH = _PREAMBLE + _LIVE + r"""
+local size = tonumber(ARGV[5])
+local window = tonumber(ARGV[8])
+local n = (#ARGV - 8) / 3
+local nodes, counts, total = nil, nil, 0
+local parts, results = {}, {}
+local ids, skipping, fresh, pushed = false, false, 0, 0
+local first = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
+for i = 1, n do
+  local flags = tonumber(ARGV[6 + 3 * i])
+  local id = ARGV[7 + 3 * i]
+  local cmd = ARGV[8 + 3 * i]
+  local take = true
+  if flags % 8 >= 4 then
+    if skipping then take = false; results[i] = 's' end
+  else
+    skipping = false
+    if id ~= '' then
+      ids = true
+      local key = KEYS[1] .. ':id:' .. id
+      local seen = redis.call('GET', key)
+      if seen then
+        take = false; skipping = true; results[i] = 'd' .. seen
+      else
+        local count = math.floor(flags / 16)
+        if count < 1 then count = 1 end
+        redis.call('SET', key, (first + fresh) .. ':' .. count, 'PX', window)
+      end
+    end
+  end
+  if take then
+    local index = first + fresh
+    fresh = fresh + 1
+    results[i] = tostring(index)
+    local one = flags % 2 == 1
+    local cache = flags % 4 >= 2
+    local target = '*'
+    if one then
+      if nodes == nil then nodes, counts, total = live() end
+      if total > 0 then target = pick(nodes, counts, total) else target = '-' end
+    end
+    if cache and (not one or target == '-') and size > 0 then
+      redis.call('RPUSH', KEYS[2], (one and '1' or '0') .. index .. ' ' .. cmd)
+      pushed = pushed + 1
+    end
+    parts[#parts + 1] = target .. ' ' .. #cmd .. '\n' .. cmd
+  end
+end
+if fresh > 0 then
+  redis.call('HSET', KEYS[1], 'next', first + fresh)
+  if pushed > 0 then
+    local len = redis.call('LLEN', KEYS[2])
+    if len > size then
+      local last = redis.call('LINDEX', KEYS[2], len - size - 1)
+      redis.call('LTRIM', KEYS[2], len - size, -1)
+      redis.call('HSET', KEYS[1], 'evicted', string.match(last, '^%d(%d+)'))
+    end
+  end
+  local topic = ARGV[7]
+  redis.call('PUBLISH', ARGV[6], ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. first .. ' ' .. fresh
+    .. ' ' .. #topic .. '\n' .. topic .. table.concat(parts))
+end
+local out = {first, epoch, fresh}
+if ids then
+  for i = 1, n do out[#out + 1] = results[i] end
+end
+return out
+"""
+
+#: A node's subscriber count for a topic, and a subscribe's replay, in one step.
+#: KEYS: meta, cache, subs, epoch. ARGV: candidate epoch, seed, node, count, lease (ms),
+#: last_seen, replay (1/0). Returns {next index, evicted, epoch, entries...}; the "one"
+#: messages among the entries leave the cache.
+JOIN = _PREAMBLE + r"""
+local count = tonumber(ARGV[4])
+if count > 0 then
+  redis.call('HSET', KEYS[3], ARGV[3], count .. ':' .. (now + tonumber(ARGV[5])))
+else
+  redis.call('HDEL', KEYS[3], ARGV[3])
+end
+local out = {tonumber(redis.call('HGET', KEYS[1], 'next') or '0'),
+             tonumber(redis.call('HGET', KEYS[1], 'evicted') or '-1'), epoch}
+if ARGV[7] == '1' then
+  local last_seen = tonumber(ARGV[6])
+  local entries = redis.call('LRANGE', KEYS[2], 0, -1)
+  for _, e in ipairs(entries) do
+    if tonumber(string.match(e, '^%d(%d+)')) > last_seen then
+      out[#out + 1] = e
+      if string.sub(e, 1, 1) == '1' then redis.call('LREM', KEYS[2], 1, e) end
+    end
+  end
+end
+return out
+"""
+
+#: Lease renewal of a node's counts: KEYS: subs of each topic; ARGV: node, lease (ms),
+#: then one count per key (0: remove). No reply worth reading.
+RENEW = r"""
+local t = redis.call('TIME')
+local until_ = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[2 + i])
+  if count > 0 then
+    redis.call('HSET', key, ARGV[1], count .. ':' .. until_)
+  else
+    redis.call('HDEL', key, ARGV[1])
+  end
+end
+return #KEYS
+"""
+
+#: A topic's state for introspection and the resync after a lost channel: KEYS: meta,
+#: cache, epoch; ARGV: after (entries with a greater index). Returns {next, evicted,
+#: epoch, entries...} without changing anything.
+READ = r"""
+local epoch = redis.call('GET', KEYS[3]) or ''
+local out = {tonumber(redis.call('HGET', KEYS[1], 'next') or '0'),
+             tonumber(redis.call('HGET', KEYS[1], 'evicted') or '-1'), epoch}
+local after = tonumber(ARGV[1])
+for _, e in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  if tonumber(string.match(e, '^%d(%d+)')) > after then out[#out + 1] = e end
+end
+return out
+"""
+
+
+def topic_keys(topic: str) -> tuple[str, str, str]:
+    """The keys of a topic: meta, cache, subscriber counts. Hex in a hash tag: any
+    topic string is a valid key, and all three land in one Redis Cluster slot."""
+    tag = topic.encode().hex()
+    return f"mq:{{{tag}}}:m", f"mq:{{{tag}}}:c", f"mq:{{{tag}}}:s"
+
+
+EPOCH_KEY = "mq:epoch"
+CHANNEL = "mq:frames"
