@@ -221,9 +221,10 @@ def add_sub_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument(
         "--reconnect",
         action="store_true",
-        help="after a lost connection, reconnect and resume from the last message "
-        "printed (default: exit with status 1); disconnects, reconnects and messages a "
-        "resume could not cover are reported on stderr",
+        help="after a lost connection, reconnect (with several servers: to the next one) "
+        "and resume from the last message printed (default: exit with status 1); "
+        "disconnects, reconnects and messages a resume could not cover are reported on "
+        "stderr",
     )
     p.add_argument(
         "--no-epoch",

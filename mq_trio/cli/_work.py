@@ -14,6 +14,10 @@ only: the first SIGINT or SIGTERM stops taking jobs and waits for the running ch
 jobs unsettled (the server delivers them again). The worker's credentials
 (``MQ_TRIO_TOKEN``, ``MQ_TRIO_PASSWORD``) are not passed on to the children.
 
+The server: ``--host``/``--port`` or ``--url``, as for ``pub`` and ``sub``, several of
+them for the nodes of a cluster (``--host a:7000,b:7000``; ``--shuffle`` spreads many
+workers over them).
+
 Exit status: 0 after ``--max-jobs`` jobs; 1 when the server is unreachable, refuses the
 consumer subscription or the connection is lost (without ``--reconnect``; running
 children are then terminated); 2 for bad arguments; 126 or 127 when CMD cannot be run
@@ -138,9 +142,10 @@ def add_work_parser(commands: argparse._SubParsersAction) -> None:  # type: igno
     p.add_argument(
         "--reconnect",
         action="store_true",
-        help="after a lost connection, reconnect and consume again (default: exit with "
-        "status 1); the jobs of running children are then no longer this worker's: the "
-        "server delivers them again, and their result is reported but not acknowledged",
+        help="after a lost connection, reconnect (with several servers: to the next one) and "
+        "consume again (default: exit with status 1); the jobs of running children are "
+        "then no longer this worker's: the server delivers them again, and their result is "
+        "reported but not acknowledged",
     )
     p.add_argument(
         "-v",
