@@ -263,7 +263,7 @@ def _target(args: argparse.Namespace) -> tuple[tuple[str, ...], int | None]:
     return tuple(args.host or ["127.0.0.1"]), args.port
 
 
-def several_servers(args: argparse.Namespace) -> bool:
+def _several_servers(args: argparse.Namespace) -> bool:
     """Whether the flags name more than one server (checked later, by ``_prepare``)."""
     try:
         return len(parse_targets(*_target(args))) > 1
@@ -494,7 +494,7 @@ def run_sub(args: argparse.Namespace) -> int:
         return 2
     out: TextIO = sys.stdout
     # Which server: said only when there are several to choose from.
-    several = several_servers(args)
+    several = _several_servers(args)
 
     async def body(client: Client) -> int:
         # A server that accepted the connection but does not answer: as for connecting.
