@@ -51,6 +51,24 @@ class Target:
     #: subscribers of fanout and e2e connect here over WebSocket (None: over TCP, to
     #: ``port``); publishers always use TCP
     ws_port: int | None = None
+    #: subscribers of fanout and e2e connect to this server instead (another node of a
+    #: cluster: publisher on one node, subscribers on the other); None: ``host``/``port``
+    sub_host: str | None = None
+    sub_port: int | None = None
+    #: more processes whose CPU is measured with the server's, by name (the subscribers'
+    #: node, a cluster's Redis): ``Result.cpu_s``
+    cpu_pids: dict[str, int] = attrs.field(factory=dict)
+
+    def subscriber_side(self) -> Target:
+        """Where subscribers connect: this target, or its ``sub_host``/``sub_port``."""
+        if self.sub_host is None and self.sub_port is None:
+            return self
+        return attrs.evolve(self, host=self.sub_host or self.host,
+                            port=self.sub_port or self.port, sub_host=None, sub_port=None)
+
+    def meter(self) -> CPUMeter:
+        """A CPU meter of the server and of ``cpu_pids``."""
+        return CPUMeter(self.pid, others=dict(self.cpu_pids))
 
 
 @attrs.frozen
@@ -91,6 +109,9 @@ class Result:
     errors: list[str] = attrs.field(factory=list)
     #: latency samples in microseconds (for plots; not written to JSON)
     samples_us: list[float] = attrs.field(factory=list, repr=False)
+    #: CPU seconds of the measured processes over the measured window: "server" and the
+    #: target's ``cpu_pids`` (empty when unknown)
+    cpu_s: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -105,6 +126,7 @@ class Result:
             "gen_cpu_pct": _round(self.gen_cpu_pct),
             "server_cpu_pct": _round(self.server_cpu_pct),
             "saturated": self.saturated,
+            "cpu_s": self.cpu_s,
             "ok": self.ok,
             "errors": self.errors,
         }
@@ -201,12 +223,13 @@ def read_lines(sock: socket.socket, lines: int) -> bytes:
 def measuring(result: Result, target: Target, gen_pids_cpu: list[float] | None = None
               ) -> Iterator[CPUMeter]:
     """Server CPU via /proc, this process's CPU via process_time, around a block."""
-    server = CPUMeter(target.pid)
+    server = target.meter()
     cpu0 = time.process_time()
     server.start()
     yield server
     server.stop()
     result.server_cpu_pct = server.percent
+    result.cpu_s = server.seconds()
     own = time.process_time() - cpu0
     result.gen_cpu_pct = 100 * own / server.wall if server.wall > 0 else None
     if result.gen_cpu_pct is not None and result.gen_cpu_pct >= 100 * SATURATED:

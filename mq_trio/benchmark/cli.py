@@ -42,6 +42,9 @@ SCENARIOS = ("rtt", "e2e", "publish", "fanout", "conns")
 EXTRA_SCENARIOS = ("queue",)
 #: What ``--ws`` applies to: the scenarios with subscribers (publishers stay on TCP).
 WS_SCENARIOS = ("fanout", "e2e")
+#: What ``--sub-port`` applies to (subscribers on another server; publish and rtt have
+#: none and run against --port, with the other server's CPU measured too).
+SUB_SCENARIOS = ("e2e", "publish", "fanout")
 #: What ``--nats`` runs: conns and queue speak without NATS's CONNECT handshake.
 NATS_SCENARIOS = ("rtt", "e2e", "publish", "fanout")
 
@@ -76,6 +79,16 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
 
 
+def _named_pid(text: str) -> tuple[str, int]:
+    name, sep, pid = text.rpartition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, int(pid)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not NAME=PID: {text!r}") from None
+
+
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d = Settings()
     p = commands.add_parser(
@@ -108,6 +121,24 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--ws-port", type=int, default=None, metavar="PORT",
                    help="the server's WebSocket port for --ws (with --start-server: the "
                    "started server gets a free one)")
+    p.add_argument("--sub-port", type=int, default=None, metavar="PORT",
+                   help="subscribers of fanout and e2e connect to the server on this port "
+                   "instead of --port, publishers stay on --port: a cluster's cross-node path "
+                   "(publisher on node A, subscribers on node B, both 'serve --cluster' "
+                   "with the same Redis); publish and rtt have no subscribers and run "
+                   "against --port, with the subscribers' server's CPU measured beside; "
+                   "with --ws, --ws-port is that server's "
+                   f"(default scenarios: {', '.join(SUB_SCENARIOS)}; not conns or queue)")
+    p.add_argument("--sub-host", default=None, metavar="HOST",
+                   help="address of the --sub-port server (default: --host)")
+    p.add_argument("--sub-pid", type=int, default=None, metavar="PID",
+                   help="pid of the --sub-port server, for its CPU figures (reported as "
+                   "'sub server' in the JSON's cpu_s; default: found via /proc)")
+    p.add_argument("--cpu-pid", type=_named_pid, action="append", default=[],
+                   metavar="NAME=PID",
+                   help="also measure this process's CPU during each scenario (e.g. "
+                   "redis=PID, the Redis of a cluster): CPU seconds under NAME in the "
+                   "JSON's cpu_s (repeatable)")
     p.add_argument("--name", default=None,
                    help="label of the server in the output (default mq-trio or redis)")
     p.add_argument("--server-pid", type=int, default=None,
@@ -350,8 +381,10 @@ def run_all(targets: list[Target], scenarios: list[str], st: Settings,
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    cross = args.sub_port is not None or args.sub_host is not None
     scenarios = list(args.scenarios) or list(
-        WS_SCENARIOS if args.ws else NATS_SCENARIOS if args.nats else SCENARIOS
+        WS_SCENARIOS if args.ws else NATS_SCENARIOS if args.nats
+        else SUB_SCENARIOS if cross else SCENARIOS
     )
     unknown = [s for s in scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]
     if unknown:
@@ -387,6 +420,15 @@ def run_bench(args: argparse.Namespace) -> int:
             if other:
                 raise UsageError(f"--ws: only {', '.join(WS_SCENARIOS)} have subscribers "
                                  f"(not {', '.join(other)})")
+        if cross:
+            if args.start_server or args.compare_auth:
+                raise UsageError("--sub-port/--sub-host name a server that shares topics "
+                                 "with the one at --port: not with --start-server or "
+                                 "--compare-auth")
+            other = [s for s in scenarios if s in ("conns", "queue")]
+            if other:
+                raise UsageError(f"--sub-port/--sub-host: not with {', '.join(other)} "
+                                 "(its connections both publish and subscribe)")
         if args.redis and (secrets or context is not None):
             raise UsageError("--token, --user, --tls and --cafile are for mq-trio, not Redis")
         if args.plot and not report.plot_available():
@@ -445,9 +487,25 @@ def run_bench(args: argparse.Namespace) -> int:
         name = args.name or ("redis" if args.redis else "nats" if args.nats
                              else report.MQ_NAME)
         kind = REDIS if args.redis else NATS if args.nats else MQ
+        cpu_pids = dict(args.cpu_pid)
+        if cross:
+            sub_host = args.sub_host or args.host
+            sub_port = args.sub_port or port
+            if args.name is None:
+                name += f" (subscribers on {sub_host}:{sub_port})"
+            sub_pid = args.sub_pid
+            if sub_pid is None and sub_port != port:
+                sub_pid = listening_pid(sub_port)
+            if sub_pid is not None:
+                cpu_pids = {report.SUB_SERVER: sub_pid, **cpu_pids}
+            else:
+                print("mq-trio bench: pid of the --sub-port server unknown: no CPU "
+                      "figures for it", file=sys.stderr)
         targets.append(Target(name + (" over WebSocket" if args.ws else ""), args.host,
                               port, kind, pid, auth=auth, ssl_context=context,
-                              ws_port=args.ws_port if args.ws else None))
+                              ws_port=args.ws_port if args.ws else None,
+                              sub_host=args.sub_host, sub_port=args.sub_port,
+                              cpu_pids=cpu_pids))
         if args.compare_auth:
             auth_file, token = _auth_file_for_run(stack)
             aport, apid = stack.enter_context(

@@ -79,9 +79,19 @@ class CPUMeter:
     _wall0: float = 0.0
     cpu: float | None = None
     wall: float = 0.0
+    #: more processes measured over the same window, by name (a cluster's other node,
+    #: its Redis); their CPU seconds end up in ``others_cpu``
+    others: dict[str, int] = attrs.field(factory=dict, kw_only=True)
+    _others0: dict[str, float] = attrs.field(factory=dict, kw_only=True)
+    others_cpu: dict[str, float] = attrs.field(factory=dict, kw_only=True)
 
     def start(self) -> None:
         self._cpu0 = cpu_seconds(self.pid) if self.pid else None
+        self._others0 = {}
+        for name, pid in self.others.items():
+            cpu = cpu_seconds(pid)
+            if cpu is not None:
+                self._others0[name] = cpu
         self._wall0 = time.perf_counter()
 
     def stop(self) -> None:
@@ -89,6 +99,17 @@ class CPUMeter:
         if self.pid and self._cpu0 is not None:
             now = cpu_seconds(self.pid)
             self.cpu = None if now is None else now - self._cpu0
+        self.others_cpu = {}
+        for name, cpu0 in self._others0.items():
+            now = cpu_seconds(self.others[name])
+            if now is not None:
+                self.others_cpu[name] = now - cpu0
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds of every measured process over the window ("server": the pid)."""
+        out = {} if self.cpu is None else {"server": round(self.cpu, 3)}
+        out.update((name, round(cpu, 3)) for name, cpu in self.others_cpu.items())
+        return out
 
     @property
     def percent(self) -> float | None:

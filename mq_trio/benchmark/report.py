@@ -18,6 +18,8 @@ MQ_NAME = "mq-trio"
 #: The second server of ``mq-trio bench --compare-auth``: the same, with --auth.
 AUTH_NAME = "mq-trio+auth"
 REDIS_NAME = "redis"
+#: The name of the ``--sub-port`` server's CPU figures in ``Result.cpu_s``.
+SUB_SERVER = "sub server"
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 

@@ -126,8 +126,9 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
     pub_pings = TokenCounter(NATS_PING) if d.name == "nats" else None
     pongs = 0
     ws: WsReader | None = None
+    sub_side = target.subscriber_side()
     if target.ws_port is not None:
-        sub, first_bytes = ws_connect(target)
+        sub, first_bytes = ws_connect(sub_side)
         try:
             ws = ws_subscribe(sub, first_bytes, d, topic)
         except BaseException:
@@ -135,7 +136,7 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
             raise
         ws.keep_payload = True
     else:
-        sub = connect(target)
+        sub = connect(sub_side)
     with sub, connect(target) as pub:
         if ws is None:
             sub.sendall(d.subscribe(topic))
@@ -328,11 +329,12 @@ def run_publish(target: Target, st: Settings, publishers: int = 1,
                 p.kill()
         raise BenchError("; ".join(dict.fromkeys(reasons)) or "publishers did not start"
                          ) from None
-    server = CPUMeter(target.pid)
+    server = target.meter()
     server.start()
     cpu0 = time.process_time()
     replies = _wait_workers(procs, pipes, st.duration, progress, st)
     server.stop()
+    result.cpu_s = server.seconds()
     own = time.process_time() - cpu0
     failed = [r[1] for r in replies if r[0] != "ok"]
     if failed:
@@ -357,6 +359,7 @@ def _subscriber_worker(target: Target, topic: str, first: int, count: int, count
                        finished: Any, ready: Any, goal: Any, out: Connection) -> None:
     """A group of subscribers: count deliveries by lines, report when each has ``goal``."""
     d = target.dialect
+    target = target.subscriber_side()
     try:
         readers: list[DeliveryCounter] = []
         if target.ws_port is not None:
@@ -474,7 +477,7 @@ def run_fanout(target: Target, st: Settings, subscribers: int,
         def limit(sent: int) -> int:
             return int(min(counts)) + st.lag - sent
 
-        server = CPUMeter(target.pid)
+        server = target.meter()
         cpu0 = time.process_time()
         server.start()
         with connect(target) as pub:
@@ -512,6 +515,7 @@ def run_fanout(target: Target, st: Settings, subscribers: int,
     if errs:
         result.errors.append(f"{errs} error replies")
     result.server_cpu_pct = server.percent
+    result.cpu_s = server.seconds()
     mark_workers(result, wall, own, [r[1] for r in replies], [r[2] for r in replies])
     return result
 
