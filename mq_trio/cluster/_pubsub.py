@@ -163,7 +163,7 @@ class Subscription:
                 if not data:
                     self._fail(f"connection to {self.address} lost")
                     return
-                reader.feed(data)
+                reader.feed(data)  # type: ignore[arg-type]  # any buffer (the stub says bytes)
         except RedisUnavailable as exc:  # a protocol error from the parser
             self._fail(str(exc))
 
@@ -289,7 +289,7 @@ async def _handshake(sub: Subscription, commands: list[Command]) -> None:
         data = await wire.receive()
         if not data:
             raise RedisUnavailable(f"connection to {sub.address} lost")
-        sub._reader.feed(data)
+        sub._reader.feed(data)  # type: ignore[arg-type]  # any buffer (the stub says bytes)
         while (reply := sub._reader.gets()) is not NOTHING:
             replies.append(reply)
     for reply in replies:
