@@ -1,8 +1,9 @@
 """One semantic suite for every history behind the broker's seam (issue #10: "prove the
-seam"): memory, SQLite (``data_dir``) and :class:`delayed_history.DelayedHistory`, which
+seam"): memory, SQLite (``data_dir``), :class:`delayed_history.DelayedHistory`, which
 decides every write, replay and ``recovered`` answer a random number of scheduler passes
-late. Each test runs against a real server through real TCP clients on 127.0.0.1 and
-checks docs/protocol.md; replies are the only synchronisation points.
+late, and Redis (``cluster``: one node of a cluster, over a real redis-server). Each
+test runs against a real server through real TCP clients on 127.0.0.1 and checks
+docs/protocol.md; replies are the only synchronisation points.
 
 A failure names the history and the seam's random seed (rerun with MQ_TRIO_TEST_SEED).
 """
@@ -27,7 +28,8 @@ from support import SEED, SEED_VARIABLE, LineClient, make_config
 from mq_trio.broker import Broker, MemoryHistory
 from mq_trio.server import Server, serve
 
-HISTORIES = ["memory", "sqlite", "delayed"]
+HISTORIES = ["memory", "sqlite", "delayed", "cluster"]
+pytest_plugins = ["redis_support"]
 CACHE_SIZE = 4
 GUARD_SECONDS = 60
 SUCCESS: dict[str, Any] = {"success": True}
@@ -76,6 +78,9 @@ async def env(
     overrides: dict[str, Any] = {"cache_size": CACHE_SIZE}
     if kind == "sqlite":
         overrides["data_dir"] = str(tmp_path / "data")
+    elif kind == "cluster":
+        pytest.importorskip("hiredis", reason="the 'cluster' extra is not installed")
+        overrides["cluster"] = request.getfixturevalue("fresh_redis").url
     elif kind == "delayed":
         decider = Decider(random.Random(seed))
         nursery.start_soon(decider.run)

@@ -42,7 +42,7 @@ from ._history import (
 )
 from ._jobs import DEAD_PREFIX, JOB_OVERHEAD, Job, JobQueues, QueueFull, QueueInfo
 from ._memory import MemoryHistory
-from ._shared import Gate, Join, NotInCluster, SharedHistory, SharedTopics
+from ._shared import Gate, Join, NotInCluster, SharedHistory, SharedTopics, SharedWrite
 
 log = logging.getLogger("mq_trio.broker")
 
@@ -251,8 +251,9 @@ class Broker:
             if not subs:  # no history, no subscribers: the topic is gone
                 del self._unrecorded[topic]
 
-    def _shared_drop(self, subscriber: Subscriber, topic: str) -> None:
-        """``_drop`` with a shared history: the node's count goes to Redis."""
+    def _shared_drop(self, subscriber: Subscriber, topic: str, tell: bool = True) -> None:
+        """``_drop`` with a shared history: the node's count goes to Redis (unless
+        ``tell`` is false: an unsubscribe sent it already)."""
         subs = self._subscribers.get(topic)
         where = self._subscribers if subs is not None else self._unrecorded
         if subs is None:
@@ -263,7 +264,8 @@ class Broker:
         del subs[subscriber]
         assert self.shared is not None and self._shared_history is not None
         self.shared.drop(subscriber, topic)
-        self._shared_history.leave(topic, len(subs))
+        if tell:
+            self._shared_history.leave(topic, len(subs) - self.shared.departing.get(topic, 0))
         if not subs:
             if where is self._subscribers:
                 self._subscribers[topic] = _NO_SUBS
@@ -496,7 +498,7 @@ class Broker:
             topic, send.raw or encode_command(topic, send.msg, send.delivery, send.cache),
             one, send.cache)
         gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE)
-        if sender in subs:
+        if sender in subs and (sender, topic) not in self.shared.leaving:
             self.shared.gate(sender, topic, gate)
         return gate
 
@@ -531,7 +533,7 @@ class Broker:
             def reply(index: int, counted: int, repeated: bool) -> bytes:
                 return index_reply(index, duplicate=True) if repeated else index_reply(index)
         gate = Gate(write, offset, reply, _STORAGE_UNAVAILABLE)
-        if sender in subs:
+        if sender in subs and (sender, topic) not in self.shared.leaving:
             self.shared.gate(sender, topic, gate)
         return gate
 
@@ -555,16 +557,49 @@ class Broker:
         subs[subscriber] = None
         self._topics_of.setdefault(subscriber, set()).add(topic)
         assert self._shared_history is not None and self.shared is not None
+        self.shared.stay((subscriber, topic))
         result = self._shared_history.join(
-            topic, len(subs), last_seen, cache,
+            topic, len(subs) - self.shared.departing.get(topic, 0), last_seen, cache,
             on_fail=lambda: self.unsubscribe(subscriber, topic))
         item = Join(result, last_seen, epoch, _STORAGE_UNAVAILABLE)
         if not result.done:  # (failed at once: already undone)
             self.shared.join(subscriber, topic, item)
         return item
 
-    def deliver_frame(self, topic: str, first: int, entries: list[tuple[bytes, bytes]]
-                      ) -> None:
+    def leave(self, subscriber: Subscriber, topic: str) -> Item:
+        """``unsubscribe`` with a shared history: the reply once every message sent
+        before the unsubscribe reached Redis has been delivered (they come first);
+        the subscription ends then."""
+        topics = self._topics_of.get(subscriber)
+        assert self._shared_history is not None and self.shared is not None
+        if topics is None or topic not in topics or (subscriber, topic) in self.shared.leaving:
+            return SUCCESS
+        subs = self._subscribers.get(topic) or self._unrecorded.get(topic) or {}
+        token = self.shared.leave(subscriber, topic)
+
+        def left() -> None:
+            if self.shared is not None and self.shared.left(subscriber, topic, token):
+                self._end_subscription(subscriber, topic, tell=False)
+
+        staying = len(subs) - self.shared.departing.get(topic, 0)
+        ticket = self._shared_history.leave(topic, staying, drains=True,
+                                            on_done=left)
+        if ticket is None or ticket.done:
+            self._end_subscription(subscriber, topic, tell=ticket is None)
+            return SUCCESS
+        gate = Gate(ticket, 0, SUCCESS, SUCCESS)
+        self.shared.gate(subscriber, topic, gate)
+        return gate
+
+    def _end_subscription(self, subscriber: Subscriber, topic: str, tell: bool) -> None:
+        topics = self._topics_of.get(subscriber)
+        if topics is None or topic not in topics:
+            return
+        topics.discard(topic)
+        self._shared_drop(subscriber, topic, tell)
+
+    def deliver_frame(self, topic: str, first: int, entries: list[tuple[bytes, bytes]],
+                      own: SharedWrite | None = None) -> None:
         """Messages of ``topic`` from index ``first`` (``(target, command)``), as the
         shared history's intake received them: to this node's subscribers."""
         subs = self._subscribers.get(topic)
@@ -575,7 +610,7 @@ class Broker:
         if not subs:
             return
         assert self.shared is not None
-        self.delivered += self.shared.deliver(subs, topic, first, entries, splice_index)
+        self.delivered += self.shared.deliver(subs, topic, first, entries, splice_index, own)
 
     # --- inspection (tests, metrics) ---
 

@@ -73,8 +73,9 @@ class JoinResult(Ticket, Protocol):
 class FrameSink(Protocol):
     """What a shared history's intake delivers to (the broker)."""
 
-    def deliver_frame(self, topic: str, first: int, entries: list[tuple[bytes, bytes]]
-                      ) -> None: ...
+    def deliver_frame(self, topic: str, first: int, entries: list[tuple[bytes, bytes]],
+                      own: SharedWrite | None = None) -> None:
+        """``own``: the frame is of this node's write."""
 
 
 class SharedHistory(TopicHistory, Protocol):
@@ -101,8 +102,11 @@ class SharedHistory(TopicHistory, Protocol):
         """The node has ``count`` subscribers of ``topic`` now; with ``replay``, the
         cache after ``last_seen``. ``on_fail``: called if it cannot be done."""
 
-    def leave(self, topic: str, count: int) -> None:
-        """The node has ``count`` subscribers of ``topic`` now."""
+    def leave(self, topic: str, count: int, drains: bool = False,
+              on_done: Callable[[], None] | None = None) -> SharedWrite | None:
+        """The node has ``count`` subscribers of ``topic`` now. ``drains`` (an
+        unsubscribe): a ticket decided once every message before the change was
+        delivered here, then ``on_done`` is called (None: nothing to wait for)."""
 
 
 class Receiver(Protocol):
@@ -128,6 +132,9 @@ class Gate:
     #: id, a batch; a repeated id gives the original's index and count).
     reply: Callable[[int, int, bool], bytes] | bytes
     failure: bytes
+    #: The subscription's join that was pending when the gate was queued: deliveries
+    #: into the gate are filtered by it (the replay covers what came before it).
+    after: Join | None = None
     #: Deliveries, or the :class:`AfterJoin` of a subscription whose join was pending
     #: (decided before this gate: the join's write went to Redis first).
     prefix: list[bytes | AfterJoin] = attrs.field(factory=list)
@@ -261,13 +268,22 @@ class SharedTopics:
     joins: dict[Key, Join] = attrs.field(factory=dict)
     gated: dict[str, int] = attrs.field(factory=dict)
     joining: dict[str, int] = attrs.field(factory=dict)
+    #: Unsubscribes waiting for the intake to pass their mark.
+    leaving: dict[Key, object] = attrs.field(factory=dict)
+    #: How many of a topic's subscribers are leaving (not counted in Redis any more).
+    departing: dict[str, int] = attrs.field(factory=dict)
     #: "one" messages this node was picked for when none of its subscribers was left
     #: (they left in the moment between the pick and the delivery).
     ones_lost: int = 0
+    #: While ``deliver`` walks this node's own write: the write and the offset of the
+    #: message at hand (the gates of its earlier messages are passed).
+    _own: SharedWrite | None = None
+    _offset: int = 0
 
     def gate(self, subscriber: object, topic: str, gate: Gate) -> None:
         """``gate`` is the reply of a subscriber subscribed to ``topic``."""
         key = (subscriber, topic)
+        gate.after = self._settle(subscriber, topic)
         queue = self.gates.get(key)
         if queue is None:
             queue = self.gates[key] = deque()
@@ -278,15 +294,34 @@ class SharedTopics:
         queue.append(gate)
 
     def join(self, subscriber: object, topic: str, join: Join) -> None:
+        """A (re)subscribe: deliveries from now on wait for ``join`` and are filtered
+        by it; gates already queued keep theirs. A pending unsubscribe is called off."""
         key = (subscriber, topic)
-        self.drop(subscriber, topic)
+        self.stay(key)
+        if self.joins.get(key) is None:
+            self.joining[topic] = self.joining.get(topic, 0) + 1
         self.joins[key] = join
-        self.joining[topic] = self.joining.get(topic, 0) + 1
+
+    def leave(self, subscriber: object, topic: str) -> object:
+        """An unsubscribe is under way: the token ``left`` must match."""
+        token = self.leaving[(subscriber, topic)] = object()
+        self.departing[topic] = self.departing.get(topic, 0) + 1
+        return token
+
+    def stay(self, key: Key) -> None:
+        """A pending unsubscribe is called off (a subscribe came after it)."""
+        if self.leaving.pop(key, None) is not None:
+            self._uncount(self.departing, key[1])
+
+    def left(self, subscriber: object, topic: str, token: object) -> bool:
+        """Whether the unsubscribe of ``token`` still stands (no subscribe since)."""
+        return self.leaving.get((subscriber, topic)) is token
 
     def drop(self, subscriber: object, topic: str) -> None:
-        """The subscription ends (or starts again): its gates and join are forgotten
-        (they still decide and write as queued)."""
+        """The subscription ended: its gates and join are forgotten (they still decide
+        and write as queued)."""
         key = (subscriber, topic)
+        self.stay(key)
         if self.gates.pop(key, None) is not None:
             self._uncount(self.gated, topic)
         if self.joins.pop(key, None) is not None:
@@ -311,41 +346,58 @@ class SharedTopics:
         return join
 
     def _to(self, subscriber: Receiver, topic: str, index: int, payload: bytes) -> None:
-        """One delivery to a subscriber with a gate or a join on ``topic``."""
-        item: bytes | AfterJoin = payload
-        if topic in self.joining:
-            join = self._settle(subscriber, topic)
-            if join is not None:
-                item = AfterJoin(payload, index, join)
+        """One delivery to a subscriber with a gate or a join on ``topic``: into its
+        first gate not yet passed, if any (filtered by the join pending when that gate
+        was queued), else at the end (filtered by the join pending now)."""
         if topic in self.gated:
             key = (subscriber, topic)
             queue = self.gates.get(key)
             if queue is not None:
-                while queue and (queue[0].ticket.passed or queue[0].ticket.done):
+                own = self._own
+                while queue:
+                    ticket = queue[0].ticket
+                    if not (ticket.passed or ticket.done
+                            or ticket is own and queue[0].offset < self._offset):
+                        break
                     queue.popleft()
                 if queue:
                     gate = queue[0]
-                    gate.prefix.append(item)
+                    after = gate.after
+                    gate.prefix.append(
+                        payload if after is None else AfterJoin(payload, index, after))
                     gate.size += len(payload)
                     subscriber.grow(len(payload))
                     return
                 del self.gates[key]
                 self._uncount(self.gated, topic)
-        if type(item) is bytes:
-            subscriber.push(item)
-        else:
-            subscriber.push_deferred(item)
+        if topic in self.joining:
+            join = self._settle(subscriber, topic)
+            if join is not None:
+                subscriber.push_deferred(AfterJoin(payload, index, join))
+                return
+        subscriber.push(payload)
 
     def deliver(self, subs: Iterable[Any], topic: str, first: int,
-                entries: list[tuple[bytes, bytes]], splice: Callable[[bytes, int], bytes]
-                ) -> int:
+                entries: list[tuple[bytes, bytes]], splice: Callable[[bytes, int], bytes],
+                own: SharedWrite | None = None) -> int:
         """Deliver a frame's messages (``(target, command)`` from index ``first``) to
-        this node's subscribers ``subs`` of the topic; returns the deliveries made."""
-        receivers: list[Receiver] = list(subs)  # (a push may end a subscription)
+        this node's subscribers ``subs`` of the topic; returns the deliveries made.
+        ``own``: the frame is this node's write (each message's delivery goes into its
+        own sender's gate, not the gate of an earlier message of the same write)."""
+        try:
+            self._own = own
+            return self._deliver(list(subs), topic, first, entries, splice)
+        finally:
+            self._own = None
+
+    def _deliver(self, receivers: list[Receiver], topic: str, first: int,
+                 entries: list[tuple[bytes, bytes]], splice: Callable[[bytes, int], bytes]
+                 ) -> int:
         node = self.node
         made = 0
         plain = topic not in self.gated and topic not in self.joining
         for offset, (target, command) in enumerate(entries):
+            self._offset = offset
             if target == b"*":
                 if not receivers:
                     continue

@@ -200,7 +200,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         metavar="URL",
         help="cluster mode: share topics with every node started with the same Redis, "
         "redis://[[user]:password@]host[:port][/db] or rediss:// for TLS (needs the "
-        "'cluster' extra: pip install 'mq-trio[cluster]'); see docs/cluster.md",
+        "'cluster' extra: pip install 'mq-trio[cluster]'); see docs/cluster.md in the "
+        "source tree",
     )
     p.add_argument(
         "--data-dir",

@@ -140,6 +140,31 @@ class JoinOp(_Decided):
     epoch: str = ""
     entries: list[tuple[int, bytes]] = attrs.field(factory=list)
     on_fail: Callable[[], None] | None = None
+    #: Every join and leave marks its place in the channel (an empty frame) and is
+    #: decided once the intake passed the mark, i.e. delivered every message before
+    #: it: a subscribe's replay then joins the live deliveries exactly; an
+    #: unsubscribe ends deliveries exactly there.
+    #: Called at the mark (or failed): an unsubscribe ends the subscription then.
+    on_done: Callable[[], None] | None = None
+    seq: int = -1
+    replied: bool = False
+    passed: bool = False
+    awaits_intake: bool = False
+
+    def result(self, offset: int) -> tuple[int, int, bool]:
+        return self.next_index, 0, False
+
+    def _settle(self) -> None:
+        if self.passed:
+            self._ended()  # at the mark: nothing after it may still be delivered
+        if self.replied and (self.passed or not self.awaits_intake):
+            self._decide()
+            self._ended()
+
+    def _ended(self) -> None:
+        then, self.on_done = self.on_done, None
+        if then is not None:
+            then()
 
 
 def _entry(raw: bytes) -> tuple[int, bytes]:
@@ -169,12 +194,14 @@ class RedisHistory:
     _queued_bytes: int = 0
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _seq: int = 0
-    _in_flight: dict[int, Write] = attrs.field(factory=dict)
+    _in_flight: dict[int, Write | JoinOp] = attrs.field(factory=dict)
     _intake_up: bool = False
     #: Topics this node published to or has subscribers of: what it counts as its own.
     _topics: set[str] = attrs.field(factory=set)
     #: Local subscriber counts per topic (renewed as leases).
     _counts: dict[str, int] = attrs.field(factory=dict)
+    #: Topics with unsubscribes waiting for their mark (deliveries go on until then).
+    _draining: dict[str, int] = attrs.field(factory=dict)
     #: The last index the intake delivered per topic with local subscribers (resync).
     _last: dict[str, int] = attrs.field(factory=dict)
     available: bool = False
@@ -240,12 +267,30 @@ class RedisHistory:
             self._fail_queued()
         return op
 
-    def leave(self, topic: str, count: int) -> None:
-        """This node now has ``count`` subscribers of ``topic``."""
+    def leave(self, topic: str, count: int, drains: bool = False,
+              on_done: Callable[[], None] | None = None) -> JoinOp | None:
+        """This node now has ``count`` subscribers of ``topic``. ``marked`` (an
+        unsubscribe): until its mark passes, the topic's frames are still delivered
+        (None: Redis is down, nothing to wait for)."""
         self._set_count(topic, count)
-        if self.available:
-            self._open.pop(topic, None)
-            self._queue(JoinOp(topic=topic, count=count))
+        if not self.available:
+            return None
+        self._open.pop(topic, None)
+        op = JoinOp(topic=topic, count=count, on_done=on_done)
+        if drains:  # its subscriber still gets what comes before the mark
+            self._draining[topic] = self._draining.get(topic, 0) + 1
+            op.on_done = lambda: self._drained(topic, on_done)
+        self._queue(op)
+        return op
+
+    def _drained(self, topic: str, then: Callable[[], None] | None) -> None:
+        n = self._draining[topic] - 1
+        if n:
+            self._draining[topic] = n
+        else:
+            del self._draining[topic]
+        if then is not None:
+            then()
 
     def _set_count(self, topic: str, count: int) -> None:
         if count:
@@ -267,8 +312,10 @@ class RedisHistory:
 
     def _fail(self, op: Write | JoinOp) -> None:
         op._decide(failed=True)
-        if type(op) is JoinOp and op.on_fail is not None:
-            op.on_fail()
+        if type(op) is JoinOp:
+            if op.on_fail is not None:
+                op.on_fail()
+            op._ended()
 
     # --- the rest of the seam: a node's own view ---
 
@@ -330,9 +377,11 @@ class RedisHistory:
                 self.epoch, seed, self.node, op.seq, self.cache_size, lua.CHANNEL,
                 op.topic, int(self.dedupe_window * 1000), *op.args])
         assert type(op) is JoinOp
-        return JOIN.command(keys, [
+        args: list[bytes | str | int] = [
             self.epoch, seed, self.node, op.count, int(LEASE_SECONDS * 1000),
-            op.last_seen, 1 if op.replay else 0])
+            op.last_seen, 1 if op.replay else 0]
+        args += (op.seq, lua.CHANNEL, op.topic)
+        return JOIN.command(keys, args)
 
     async def run_flusher(self, conn: RedisConnection) -> None:
         """Group commits until the connection breaks (then RedisUnavailable)."""
@@ -348,20 +397,19 @@ class RedisHistory:
                 commands = []
                 rand = self._random.randrange
                 for op in ops:
-                    if type(op) is Write:
-                        op.seq = self._seq
-                        self._seq += 1
-                        op.awaits_intake = self._intake_up
-                        if op.awaits_intake:
-                            self._in_flight[op.seq] = op
+                    # (every op is passed by the intake: its frame, or its mark)
+                    op.seq = self._seq
+                    self._seq += 1
+                    op.awaits_intake = self._intake_up
+                    if op.awaits_intake:
+                        self._in_flight[op.seq] = op
                     commands.append(self._command(op, rand(1 << 30)))
                 try:
                     replies = await conn.pipeline(commands)
                 except BaseException:
                     for op in ops:
                         self._fail(op)
-                        if type(op) is Write:
-                            self._in_flight.pop(op.seq, None)
+                        self._in_flight.pop(op.seq, None)
                     raise
                 self.commits += 1
                 for op, reply in zip(ops, replies, strict=True):
@@ -375,8 +423,7 @@ class RedisHistory:
             log.error("cluster: %s of %r failed in Redis: %s",
                       "publish" if type(op) is Write else "subscribe", op.topic, reply)
             self.failed_commits += 1
-            if type(op) is Write:
-                self._in_flight.pop(op.seq, None)
+            self._in_flight.pop(op.seq, None)
             self._fail(op)
             return
         epoch = reply[1] if type(op) is Write else reply[2]
@@ -398,7 +445,10 @@ class RedisHistory:
         op.evicted = int(reply[1])
         op.epoch = self.epoch
         op.entries = [_entry(raw) for raw in reply[3:]]
-        op._decide()
+        op.replied = True
+        op._settle()
+        if op.done:
+            self._in_flight.pop(op.seq, None)
 
     def _check_epoch(self, epoch: str) -> None:
         if not self._epoch_known:  # (the first answer: the cluster's, adopted)
@@ -441,7 +491,10 @@ class RedisHistory:
         count = int(count_)
         pos = end + 1 + int(length)
         topic = data[end + 1 : pos].decode()
-        if topic in self._counts:
+        write = None
+        if origin == self._node_bytes:
+            write = self._in_flight.pop(int(seq), None)
+        if topic in self._counts or topic in self._draining:
             entries = []
             index = data.index
             for _ in range(count):
@@ -449,15 +502,15 @@ class RedisHistory:
                 target, size = data[pos:end].split(b" ")
                 pos = end + 1 + int(size)
                 entries.append((target, data[end + 1 : pos]))
-            self._last[topic] = first + count - 1
-            if self._sink is not None:
-                self._sink.deliver_frame(topic, first, entries)
-        if origin == self._node_bytes:
-            write = self._in_flight.pop(int(seq), None)
-            if write is not None:
-                write.first = first if write.first < 0 else write.first
-                write.passed = True
-                write._settle()
+            if count:
+                self._last[topic] = first + count - 1
+            if self._sink is not None and entries:
+                self._sink.deliver_frame(topic, first, entries, write)  # type: ignore[arg-type]
+        if write is not None:
+            if type(write) is Write and write.first < 0:
+                write.first = first
+            write.passed = True
+            write._settle()
 
     @property
     def _node_bytes(self) -> bytes:

@@ -144,8 +144,10 @@ return out
 
 #: A node's subscriber count for a topic, and a subscribe's replay, in one step.
 #: KEYS: meta, cache, subs, epoch. ARGV: candidate epoch, seed, node, count, lease (ms),
-#: last_seen, replay (1/0). Returns {next index, evicted, epoch, entries...}; the "one"
-#: messages among the entries leave the cache.
+#: last_seen, replay (1/0), then for a leave a seq and the channel: an empty frame is
+#: published, so the node's intake knows when every message before it has passed.
+#: Returns {next index, evicted, epoch, entries...}; the "one" messages among the
+#: entries leave the cache.
 JOIN = _PREAMBLE + r"""
 local count = tonumber(ARGV[4])
 if count > 0 then
@@ -155,6 +157,11 @@ else
 end
 local out = {tonumber(redis.call('HGET', KEYS[1], 'next') or '0'),
              tonumber(redis.call('HGET', KEYS[1], 'evicted') or '-1'), epoch}
+if ARGV[8] then
+  local topic = ARGV[10]
+  redis.call('PUBLISH', ARGV[9], ARGV[3] .. ' ' .. ARGV[8] .. ' -1 0 ' .. #topic .. '\n'
+    .. topic)
+end
 if ARGV[7] == '1' then
   local last_seen = tonumber(ARGV[6])
   local entries = redis.call('LRANGE', KEYS[2], 0, -1)

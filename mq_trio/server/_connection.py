@@ -720,6 +720,9 @@ class Connection:
                         self.broker.subscribe_reply(event.topic, event.last_seen, event.epoch)
                     )
                 self.outbox.queue_replay(replay)
+            elif cls is Unsubscribe and self.broker.shared is not None:
+                assert isinstance(event, Unsubscribe)
+                self._reply(self.broker.leave(self.outbox, event.topic))
             elif cls is Unsubscribe:
                 assert isinstance(event, Unsubscribe)
                 self.broker.unsubscribe(self.outbox, event.topic)
