@@ -21,6 +21,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trustme
 
 HOST = "127.0.0.1"
 START_SECONDS = 10.0
@@ -145,6 +146,23 @@ def start_redis(directory: Path, *, aof: bool = False, extra: tuple[str, ...] = 
     redis = RedisProcess(free_port(), directory, aof=aof, extra=extra)
     redis.start()
     return redis
+
+
+def start_tls_redis(directory: Path, ca: trustme.CA) -> tuple[RedisProcess, int]:
+    """A redis-server with a TLS port (a certificate for 127.0.0.1 from ``ca``; clients
+    need no certificate) besides its plain one (which the start-up PING uses)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert(HOST)
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    tls_port = free_port()
+    redis = start_redis(directory, extra=(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(directory / "cert.pem"),
+        "--tls-key-file", str(directory / "key.pem"),
+        "--tls-ca-cert-file", str(directory / "ca.pem"), "--tls-auth-clients", "no",
+    ))
+    return redis, tls_port
 
 
 @attrs.define

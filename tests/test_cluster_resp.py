@@ -291,6 +291,48 @@ async def test_script_with_noscript_fallback(redis_server: RedisProcess) -> None
             await load_scripts(conn, [Script("this is not lua")])
 
 
+async def test_tls(tmp_path: Path) -> None:
+    """rediss://: the same client over trio's SSLStream (a reader task reads for it)."""
+    import ssl
+
+    import trustme
+    from redis_support import start_tls_redis
+
+    ca = trustme.CA()
+    redis, tls_port = await trio.to_thread.run_sync(start_tls_redis, tmp_path / "tls", ca)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    secure = RedisAddress("127.0.0.1", tls_port, tls=True)
+    try:
+        with trio.fail_after(GUARD):
+            async with open_redis(secure, ssl_context=context) as conn, \
+                    open_subscription(secure, ssl_context=context) as sub:
+                assert await conn.call("ECHO", "over tls") == b"over tls"
+                assert await conn.pipeline([("SET", "t:tls", 1), ("INCR", "t:tls")]) == [b"OK", 2]
+
+                async def echo(i: int) -> None:
+                    assert await conn.call("ECHO", str(i)) == str(i).encode()
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(200):
+                        nursery.start_soon(echo, i)
+                await sub.subscribe("t:tls")
+                total = 20_000
+                assert await conn.pipeline(
+                    [("PUBLISH", "t:tls", b"%08d" % i) for i in range(total)]
+                ) == [1] * total
+                got: list[tuple[bytes, bytes]] = []
+                while len(got) < total:
+                    got += await sub.receive()
+                assert got == [(b"t:tls", b"%08d" % i) for i in range(total)]
+            # the default context does not trust the test CA
+            with pytest.raises(RedisUnavailable, match="cannot connect"):
+                async with open_redis(secure):
+                    pass
+    finally:
+        await trio.to_thread.run_sync(redis.kill)
+
+
 # --- lost connections -------------------------------------------------------------------
 
 
