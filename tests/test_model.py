@@ -26,6 +26,7 @@ CLIENTS = 4
 STEPS = 300
 TOPICS = ["a", "b", "", "é \"q\""]
 SYNC = {"command": "unsubscribe", "topic": "never used: sync marker"}
+BARRIER = {"command": "subscribe", "topic": "never sent to: barrier", "cache": False}
 
 
 @attrs.define
@@ -126,12 +127,19 @@ async def read_until_successes(client: LineClient, n: int) -> list[Any]:
     return lines
 
 
-async def check_model(seed: int) -> None:
+async def check_model(seed: int, cluster: str | None = None) -> None:
+    """The model against one server, or (``cluster``: a Redis URL) against two nodes
+    of a cluster with the clients spread over them."""
     rng = random.Random(seed)
     where = f"(seed {seed}; rerun with {SEED_VARIABLE}={seed})"
     async with trio.open_nursery() as nursery:
-        server = await start_server(nursery, cache_size=CACHE_SIZE)
-        clients = [await LineClient.connect(server.port) for _ in range(CLIENTS)]
+        if cluster is None:
+            ports = [(await start_server(nursery, cache_size=CACHE_SIZE)).port]
+        else:
+            ports = [(await start_server(nursery, cache_size=CACHE_SIZE, cluster=cluster)).port
+                     for _ in range(2)]
+        clients = [await LineClient.connect(ports[c % len(ports)]) for c in range(CLIENTS)]
+        _sync = _cluster_sync if cluster is not None else _local_sync
         model = Model(CACHE_SIZE)
         for step in range(STEPS):
             actor = rng.randrange(CLIENTS)
@@ -141,7 +149,9 @@ async def check_model(seed: int) -> None:
                 assert await clients[actor].read_to_eof() == b"", f"step {step} {where}"
                 await clients[actor].aclose()
                 model.disconnect(actor)
-                clients[actor] = await LineClient.connect(server.port)
+                clients[actor] = await LineClient.connect(ports[actor % len(ports)])
+                if cluster is not None:  # (its node's count is in Redis before the next)
+                    assert await _sync(clients[actor]) == [], f"step {step} {where}"
                 continue
             cmd = random_command(rng, model)
             expected: list[list[Any]] = [[] for _ in range(CLIENTS)]
@@ -186,12 +196,23 @@ async def check_model(seed: int) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _sync(client: LineClient) -> list[Any]:
+async def _local_sync(client: LineClient) -> list[Any]:
     """What the client received before a no-op round trip (its reply is dropped)."""
     await client.send(SYNC)
     lines = await read_until_successes(client, 1)
     assert lines[-1] == {"success": True}
     return lines[:-1]
+
+
+async def _cluster_sync(client: LineClient) -> list[Any]:
+    """``_local_sync`` on a cluster node: first a subscribe to a topic nobody uses, whose
+    reply comes once the node delivered everything Redis had before it (docs/cluster.md:
+    a subscribe marks its place in the channel), so every other node's deliveries of
+    the step are here too."""
+    await client.send(BARRIER)
+    lines = await read_until_successes(client, 1)
+    assert lines[-1] == {"success": True}
+    return lines[:-1] + await _local_sync(client)
 
 
 def _by_client(got: list[list[Any]], actor: int) -> list[list[Any]]:

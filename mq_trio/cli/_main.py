@@ -204,6 +204,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
         "source tree",
     )
     p.add_argument(
+        "--cluster-lease",
+        type=float,
+        default=d.cluster_lease,
+        metavar="SECONDS",
+        help="with --cluster: how long a node's subscriber counts outlive it in Redis (a "
+        "node killed without a goodbye is picked for 'one' messages at most this long; "
+        "renewed three times per lease)",
+    )
+    p.add_argument(
         "--data-dir",
         default=None,
         metavar="DIR",

@@ -52,10 +52,9 @@ READ = Script(lua.READ)
 SCRIPTS = (PUBLISH, JOIN, RENEW, READ)
 
 #: How long a node's subscriber counts stay valid without renewal (a dead node's
-#: subscribers stop receiving "one" messages after at most this), and how often a
-#: live node renews them.
+#: subscribers stop being picked for "one" messages after at most this); a live node
+#: renews them three times per lease.
 LEASE_SECONDS = 15.0
-RENEW_SECONDS = 5.0
 #: Bytes of messages queued for Redis beyond which sends fail at once.
 MAX_QUEUED_BYTES = 64 << 20
 #: Keys per lease renewal call.
@@ -181,6 +180,8 @@ class RedisHistory:
     address: RedisAddress
     cache_size: int = 100
     dedupe_window: float = 120.0
+    #: Seconds this node's subscriber counts stay valid without renewal.
+    lease: float = LEASE_SECONDS
     #: This node's id in Redis (counts, frames): random per process.
     node: str = attrs.field(factory=lambda: os.urandom(8).hex())
     epoch: str = attrs.field(factory=new_epoch)
@@ -206,6 +207,9 @@ class RedisHistory:
     _last: dict[str, int] = attrs.field(factory=dict)
     available: bool = False
     _epoch_known: bool = False
+    #: Set in Redis by whichever script finds the epoch missing (Redis lost its data):
+    #: never an epoch any client has seen.
+    _candidate: str = attrs.field(factory=new_epoch)
     #: Times the intake subscribed (the first, and every resubscription).
     subscriptions: int = 0
     commits: int = 0
@@ -374,11 +378,11 @@ class RedisHistory:
         keys = (meta, cache, subs, lua.EPOCH_KEY)
         if type(op) is Write:
             return PUBLISH.command(keys, [
-                self.epoch, seed, self.node, op.seq, self.cache_size, lua.CHANNEL,
+                self._candidate, seed, self.node, op.seq, self.cache_size, lua.CHANNEL,
                 op.topic, int(self.dedupe_window * 1000), *op.args])
         assert type(op) is JoinOp
         args: list[bytes | str | int] = [
-            self.epoch, seed, self.node, op.count, int(LEASE_SECONDS * 1000),
+            self._candidate, seed, self.node, op.count, int(self.lease * 1000),
             op.last_seen, 1 if op.replay else 0]
         args += (op.seq, lua.CHANNEL, op.topic)
         return JOIN.command(keys, args)
@@ -459,6 +463,8 @@ class RedisHistory:
                         "(restarted without it?); indexes start again", epoch, self.epoch)
             self.epoch = epoch
             self._last.clear()
+        if epoch == self._candidate:
+            self._candidate = new_epoch()
 
     async def run_intake(self, address: RedisAddress,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -545,12 +551,15 @@ class RedisHistory:
         """Renew this node's subscriber counts before their leases end."""
         while True:
             counts = list(self._counts.items())
-            lease = int(LEASE_SECONDS * 1000)
+            lease = int(self.lease * 1000)
             for i in range(0, len(counts), RENEW_CHUNK):
                 chunk = counts[i : i + RENEW_CHUNK]
                 keys = [lua.topic_keys(topic)[2] for topic, _ in chunk]
-                await RENEW.run(conn, keys, [self.node, lease, *(n for _, n in chunk)])
-            await trio.sleep(RENEW_SECONDS)
+                try:
+                    await RENEW.run(conn, keys, [self.node, lease, *(n for _, n in chunk)])
+                except RedisError as exc:  # (the next renewal tries again)
+                    log.error("cluster: renewing subscriber counts failed: %s", exc)
+            await trio.sleep(self.lease / 3)
 
 
 async def start_epoch(conn: RedisConnection, candidate: str) -> str:
@@ -563,4 +572,4 @@ async def start_epoch(conn: RedisConnection, candidate: str) -> str:
 async def prepare(conn: RedisConnection, history: RedisHistory) -> None:
     """Scripts loaded and the epoch known: what a (re)connected node does first."""
     await load_scripts(conn, SCRIPTS)
-    history._check_epoch(await start_epoch(conn, history.epoch))
+    history._check_epoch(await start_epoch(conn, history._candidate))

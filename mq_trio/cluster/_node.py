@@ -9,13 +9,19 @@ succeed: a node that cannot reach Redis at start does not start.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
-from ._history import RedisHistory, prepare
-from ._resp import RedisAddress, RedisUnavailable, open_redis, parse_redis_url
+from ._history import LEASE_SECONDS, RedisHistory, prepare
+from ._resp import (
+    RedisAddress,
+    RedisConnection,
+    RedisUnavailable,
+    open_redis,
+    parse_redis_url,
+)
 
 log = logging.getLogger("mq_trio.cluster")
 
@@ -27,11 +33,12 @@ class ClusterUnavailable(Exception):
 
 
 @asynccontextmanager
-async def open_node(url: str, *, cache_size: int, dedupe_window: float
-                       ) -> AsyncIterator[RedisHistory]:
+async def open_node(url: str, *, cache_size: int, dedupe_window: float,
+                    lease: float = LEASE_SECONDS) -> AsyncIterator[RedisHistory]:
     """The node's shared history over the Redis at ``url``, its tasks running."""
     address = parse_redis_url(url)
-    history = RedisHistory(address, cache_size=cache_size, dedupe_window=dedupe_window)
+    history = RedisHistory(address, cache_size=cache_size, dedupe_window=dedupe_window,
+                           lease=lease)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(_keep_flushing, history)
@@ -66,8 +73,9 @@ async def _keep_flushing(history: RedisHistory,
                     log.warning("cluster: Redis at %s is back", _where(history.address))
                 delay = 0.05
                 async with trio.open_nursery() as tasks:
-                    tasks.start_soon(history.run_renewals, conn)
-                    await history.run_flusher(conn)
+                    tasks.start_soon(_until_broken, history.run_renewals, conn,
+                                     tasks.cancel_scope)
+                    await _until_broken(history.run_flusher, conn, tasks.cancel_scope)
         except RedisUnavailable as exc:
             if not started:
                 raise
@@ -75,6 +83,17 @@ async def _keep_flushing(history: RedisHistory,
                 log.warning("cluster: Redis at %s unavailable (%s): sends fail until it "
                             "is back", _where(history.address), exc)
         delay = await _backoff(delay)
+
+
+async def _until_broken(run: Callable[[RedisConnection], Awaitable[None]],
+                        conn: RedisConnection, scope: trio.CancelScope) -> None:
+    """Run one of a connection's tasks; when the connection breaks, end the others
+    (bare, not in an exception group: the caller reconnects)."""
+    try:
+        await run(conn)
+    except RedisUnavailable as exc:
+        log.debug("cluster: connection broke: %s", exc)
+        scope.cancel()
 
 
 async def _keep_intake(history: RedisHistory,

@@ -22,18 +22,19 @@ nobody could take: cached or dropped) or the id of the node that delivers it.
 
 from __future__ import annotations
 
-#: Shared preamble: the epoch (KEYS[4], candidate ARGV[1]) and a small deterministic
-#: random generator seeded by the node (ARGV[2]), for the choice of a "one" target.
+#: Shared preamble: the epoch (KEYS[4], candidate ARGV[1]) and a small random generator
+#: seeded by the node (ARGV[2]), for the choice of a "one" target.
 _PREAMBLE = r"""
 local epoch = redis.call('GET', KEYS[4])
 if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[4], epoch)
 end
-local seed = tonumber(ARGV[2])
+local seed = tonumber(ARGV[2]) % 2147483646 + 1
 local function rand(n)
-  seed = (seed * 1103515245 + 12345) % 2147483648
-  return seed % n
+  -- MINSTD: every product stays below 2^53, where Lua's doubles are exact
+  seed = (seed * 48271) % 2147483647
+  return math.floor(seed / 2147483647 * n)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

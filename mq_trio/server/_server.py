@@ -102,6 +102,9 @@ class Config:
     data_dir: str | None = None
     #: Cluster mode (docs/cluster.md): the Redis URL the nodes share; None: one node.
     cluster: str | None = None
+    #: With cluster: seconds a node's subscriber counts outlive it (a node killed
+    #: without a goodbye is picked for "one" messages at most this long).
+    cluster_lease: float = 15.0
     #: With data_dir: "always", "everysec" or "never" (when the store fsyncs).
     fsync: str = "everysec"
     #: With data_dir: cached messages per topic kept in RAM (older ones stay on disk).
@@ -210,6 +213,8 @@ class Config:
             raise ValueError("max queue jobs must be >= 1")
         if self.max_job_bytes < self.max_line_bytes:
             raise ValueError("max job bytes must be at least max line bytes")
+        if self.cluster_lease <= 0:
+            raise ValueError("cluster lease must be > 0")
         if self.cluster is not None and self.data_dir is not None:
             raise ValueError("--cluster and --data-dir do not combine: in cluster mode "
                              "the history is in Redis (make Redis durable: appendonly)")
@@ -760,7 +765,8 @@ async def _open_broker(
         from ..cluster._node import open_node  # only cluster mode needs hiredis
 
         async with open_node(config.cluster, cache_size=config.cache_size,
-                             dedupe_window=config.dedupe_window) as history:
+                             dedupe_window=config.dedupe_window,
+                             lease=config.cluster_lease) as history:
             yield Broker(history, max_topics=config.max_topics)
         return
     if config.data_dir is None:

@@ -1,0 +1,288 @@
+"""Cluster mode (issue #15, docs/cluster.md): several nodes over one real redis-server.
+
+Nodes run in-process (``serve(cluster=...)``) unless a test kills one, which then runs as
+its own ``mq-trio serve`` process. Replies are the synchronisation points; a barrier
+(``settle``) is a subscribe, whose reply comes once its node delivered everything Redis
+had before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from support import LineClient, start_server
+from test_model import check_model
+
+from mq_trio.client import open_client
+from mq_trio.server import Server
+
+if TYPE_CHECKING:
+    from redis_support import RedisProcess
+
+pytest_plugins = ["redis_support"]
+pytest.importorskip("hiredis", reason="the 'cluster' extra is not installed")
+
+Obj = dict[str, Any]
+SUCCESS: Obj = {"success": True}
+GUARD = 30
+BARRIER: Obj = {"command": "subscribe", "topic": "\x00barrier", "cache": False}
+
+
+def send(topic: str, msg: str, delivery: str = "all", **extra: Any) -> Obj:
+    return {"command": "send", "topic": topic, "msg": msg, "delivery": delivery, **extra}
+
+
+async def settle(client: LineClient) -> list[Obj]:
+    """Everything delivered to ``client`` from what Redis had before this call."""
+    await client.send(BARRIER)
+    out: list[Obj] = []
+    while True:
+        line = await client.receive()
+        if line == SUCCESS:
+            break
+        out.append(line)
+    await client.send({"command": "unsubscribe", "topic": "\x00never"})
+    while True:
+        line = await client.receive()
+        if line == SUCCESS:
+            return out
+        out.append(line)
+
+
+@pytest.fixture
+async def nodes(nursery: trio.Nursery, fresh_redis: RedisProcess) -> AsyncIterator[list[Server]]:
+    """Two nodes over one Redis (cache size 4)."""
+    yield [await start_server(nursery, cluster=fresh_redis.url, cache_size=4)
+           for _ in range(2)]
+
+
+async def test_the_family_model_holds_with_clients_over_two_nodes(
+        fresh_redis: RedisProcess) -> None:
+    """The randomised differential test of docs/protocol.md, clients spread over two
+    nodes (test_model.py's model, unchanged)."""
+    for seed in (0, 1):
+        await check_model(seed, cluster=fresh_redis.url)
+        fresh_redis.cli("FLUSHALL")  # (the next run starts from an empty Redis)
+
+
+async def test_one_index_sequence_and_fanout_across_nodes(nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        subs = [await LineClient.connect(nodes[i % 2].port) for i in range(4)]
+        for sub in subs:
+            assert await sub.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        pubs = [await LineClient.connect(node.port) for node in nodes]
+        # Both nodes publish, interleaved and pipelined: one sequence of indexes.
+        for i in range(50):
+            await pubs[i % 2].send(send("t", f"m{i}"))
+        for pub in pubs:
+            assert [await pub.receive() for _ in range(25)] == [SUCCESS] * 25
+        seen = [await settle(sub) for sub in subs]
+        assert [d["index"] for d in seen[0]] == list(range(50))
+        assert all(s == seen[0] for s in seen)  # same order everywhere
+        assert sorted(d["msg"] for d in seen[0]) == sorted(f"m{i}" for i in range(50))
+
+
+async def test_sender_gets_its_own_delivery_before_its_reply(nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        other = await LineClient.connect(nodes[1].port)
+        assert await other.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        me = await LineClient.connect(nodes[0].port)
+        assert await me.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        commands = [send("t", f"m{i}") for i in range(30)]
+        await me.send_raw(b"".join(json.dumps(c).encode() + b"\n" for c in commands))
+        got = [await me.receive() for _ in range(60)]
+        assert got == [x for i, c in enumerate(commands)
+                       for x in ({**c, "index": i}, SUCCESS)]
+
+
+async def test_one_goes_to_exactly_one_subscriber_cluster_wide(nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        subs = [await LineClient.connect(nodes[i % 2].port) for i in range(4)]
+        for sub in subs:
+            assert await sub.request({"command": "subscribe", "topic": "jobs"}) == SUCCESS
+        pub = await LineClient.connect(nodes[0].port)
+        for i in range(200):
+            await pub.send(send("jobs", f"j{i}", "one"))
+        assert [await pub.receive() for _ in range(200)] == [SUCCESS] * 200
+        got = [await settle(sub) for sub in subs]
+        indexes = sorted(d["index"] for g in got for d in g)
+        assert indexes == list(range(200))  # each exactly once
+        assert all(len(g) > 10 for g in got), [len(g) for g in got]  # spread over both nodes
+
+
+async def test_cache_replay_resume_and_epoch_on_another_node(nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        pub = await LineClient.connect(nodes[0].port)
+        for i in range(6):
+            assert await pub.request(send("c", f"m{i}")) == SUCCESS
+        assert await pub.request(send("c", "taken", "one")) == SUCCESS  # index 6, cached
+        late = await LineClient.connect(nodes[1].port)
+        reply = await late.request({"command": "subscribe", "topic": "c", "last_seen": 3,
+                                    "epoch": ""})
+        epoch = reply["epoch"]
+        assert reply == {"success": True, "epoch": epoch, "recovered": False}
+        assert epoch == nodes[0].broker.epoch == nodes[1].broker.epoch
+        # cache size 4: indexes 3..6 are cached; after last_seen 3: 4, 5, 6 (the "one")
+        assert [d["index"] for d in await settle(late)] == [4, 5, 6]
+        again = await LineClient.connect(nodes[0].port)
+        reply = await again.request({"command": "subscribe", "topic": "c", "last_seen": 5,
+                                     "epoch": epoch})
+        assert reply == {"success": True, "epoch": epoch, "recovered": True}
+        assert await settle(again) == []  # the "one" left the cache with its replay
+
+
+async def test_batches_and_ids_across_nodes(nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        a = await LineClient.connect(nodes[0].port)
+        b = await LineClient.connect(nodes[1].port)
+        batch = {"command": "batch", "topic": "b", "msgs": ["x", "y", "z"],
+                 "delivery": "all", "id": "batch-1"}
+        assert await a.request(batch) == {"success": True, "index": 0, "count": 3}
+        # The same id on the other node: the original's reply, nothing published again.
+        assert await b.request(batch) == {"success": True, "index": 0, "count": 3,
+                                          "duplicate": True}
+        one = send("b", "w", id="msg-1")
+        assert await b.request(one) == {"success": True, "index": 3}
+        assert await a.request(one) == {"success": True, "index": 3, "duplicate": True}
+        reader = await LineClient.connect(nodes[0].port)
+        assert await reader.request({"command": "subscribe", "topic": "b"}) == SUCCESS
+        assert [d["msg"] for d in await settle(reader)] == ["x", "y", "z", "w"]
+
+
+async def test_jobs_are_refused_with_a_clear_reason(nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        client = await LineClient.connect(nodes[0].port)
+        refused = {"success": False, "reason": "Not available in cluster mode"}
+        assert await client.request(send("q", "x", "one", ack=True)) == refused
+        assert await client.request({"command": "subscribe", "topic": "q", "ack": True}) == refused
+        assert await client.request(send("q", "still fine")) == SUCCESS
+
+
+async def test_redis_down_sends_fail_subscribers_stay_and_service_resumes(
+        nursery: trio.Nursery, fresh_redis: RedisProcess) -> None:
+    with trio.fail_after(GUARD):
+        node = await start_server(nursery, cluster=fresh_redis.url)
+        sub = await LineClient.connect(node.port)
+        assert await sub.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        pub = await LineClient.connect(node.port)
+        assert await pub.request(send("t", "before")) == SUCCESS
+        assert [d["msg"] for d in await settle(sub)] == ["before"]
+        await trio.to_thread.run_sync(fresh_redis.stop)
+        unavailable = {"success": False, "reason": "Storage unavailable"}
+        # Once the node noticed, every send fails at once (it may take one attempt).
+        while (reply := await pub.request(send("t", "lost"))) == SUCCESS:
+            await trio.sleep(0.01)
+        assert reply == unavailable
+        assert not node.broker.history.stats().available
+        await trio.to_thread.run_sync(fresh_redis.start)  # with its data (AOF off: none)
+        while (reply := await pub.request(send("t", "after"))) != SUCCESS:
+            assert reply == unavailable
+            await trio.sleep(0.05)
+        # The subscriber never left, and gets what was sent once Redis was back.
+        got = await settle(sub)
+        assert [d["msg"] for d in got][-1:] == ["after"]
+
+
+async def test_redis_restarted_without_data_is_a_new_epoch(
+        nursery: trio.Nursery, fresh_redis: RedisProcess) -> None:
+    with trio.fail_after(GUARD):
+        node = await start_server(nursery, cluster=fresh_redis.url)
+        client = await LineClient.connect(node.port)
+        assert await client.request(send("t", "m0")) == SUCCESS
+        old = node.broker.epoch
+        await trio.to_thread.run_sync(lambda: fresh_redis.restart(keep_data=False))
+        while (reply := await client.request(send("t", "m1"))) != SUCCESS:
+            await trio.sleep(0.05)
+        assert node.broker.epoch != old
+        resumed = await LineClient.connect(node.port)
+        reply = await resumed.request({"command": "subscribe", "topic": "t", "last_seen": 0,
+                                       "epoch": old})
+        assert reply == {"success": True, "epoch": node.broker.epoch, "recovered": False}
+
+
+def _node_process(redis: RedisProcess, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mq_trio", "serve", "--host", "127.0.0.1", "--port",
+         str(port), "--cluster", redis.url, "--log-level", "warning", *extra],
+        cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def _wait_listening(port: int) -> None:
+    while True:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.05)
+            continue
+        await stream.aclose()
+        return
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_killed_nodes_clients_resume_on_another_without_gap_or_duplicate(
+        nursery: trio.Nursery, fresh_redis: RedisProcess) -> None:
+    survivor = await start_server(nursery, cluster=fresh_redis.url)
+    port = _free_port()
+    doomed = _node_process(fresh_redis, port)
+    try:
+        with trio.fail_after(GUARD):
+            await _wait_listening(port)
+            targets = [f"127.0.0.1:{port}", f"127.0.0.1:{survivor.port}"]
+            async with open_client(targets, reconnect=True, epoch=True) as client:
+                await client.subscribe("t")
+                pub = await LineClient.connect(survivor.port)
+                for i in range(5):
+                    assert await pub.request(send("t", f"m{i}")) == SUCCESS
+                got = [(await client.receive()).index for _ in range(5)]
+                doomed.send_signal(signal.SIGKILL)
+                for i in range(5, 8):  # while the client is away
+                    assert await pub.request(send("t", f"m{i}")) == SUCCESS
+                got += [(await client.receive()).index for _ in range(3)]
+                assert got == list(range(8))  # no gap, no duplicate
+                assert client.gaps == []
+                assert client.target is not None and client.target.port == survivor.port
+    finally:
+        doomed.kill()
+        doomed.wait()
+
+
+async def test_a_dead_nodes_counts_expire(nursery: trio.Nursery,
+                                          fresh_redis: RedisProcess) -> None:
+    """A node killed without a goodbye keeps its subscribers counted for "one" only
+    until its lease ends (``--cluster-lease``); then "one" goes to the living."""
+    live = await start_server(nursery, cluster=fresh_redis.url, cluster_lease=1.0)
+    port = _free_port()
+    doomed = _node_process(fresh_redis, port, "--cluster-lease", "1")
+    try:
+        with trio.fail_after(GUARD):
+            await _wait_listening(port)
+            ghost = await LineClient.connect(port)
+            assert await ghost.request({"command": "subscribe", "topic": "w"}) == SUCCESS
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+            worker = await LineClient.connect(live.port)
+            assert await worker.request({"command": "subscribe", "topic": "w"}) == SUCCESS
+            pub = await LineClient.connect(live.port)
+            await trio.sleep(1.2)  # the dead node's lease (1 s) runs out: no event for that
+            for i in range(20):
+                assert await pub.request(send("w", f"j{i}", "one")) == SUCCESS
+            assert len(await settle(worker)) == 20
+    finally:
+        doomed.kill()
+        doomed.wait()
