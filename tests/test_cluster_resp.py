@@ -30,6 +30,7 @@ from mq_trio.cluster import (  # noqa: E402
     RedisError,
     RedisUnavailable,
     Script,
+    is_noscript,
     key_slot,
     load_scripts,
     open_cluster,
@@ -38,7 +39,6 @@ from mq_trio.cluster import (  # noqa: E402
     parse_redis_url,
     slot_tags,
 )
-from mq_trio.cluster._resp import is_noscript  # noqa: E402
 
 pytest_plugins = ["redis_support"]
 
@@ -625,6 +625,52 @@ async def test_cluster_script_on_one_slot(redis_cluster: RedisCluster) -> None:
             assert await cluster.call_slot(slot, "LRANGE", keys[1], 0, -1) == [b"m:1", b"m:2"]
             with pytest.raises(RedisError, match="CROSSSLOT|different slot|cross"):
                 await cluster.run_script(script, ["{topic-a}:n", "{topic-b}:log"], ["m"])
+
+
+async def test_cluster_ask_during_a_slot_migration(redis_cluster: RedisCluster) -> None:
+    """A key of a migrating slot that its old master no longer has: ASK, then the
+    command goes to the importing node after ASKING."""
+    seed = parse_redis_url(redis_cluster.url)
+    cluster_map = await ClusterMap.discover(seed)
+    source, target = cluster_map.masters()[:2]
+    slot = cluster_map.slots_of(source)[7]
+    key = "{" + slot_tags()[slot] + "}:asked"
+    with trio.fail_after(GUARD):
+        async with open_redis(source) as old, open_redis(target) as new:
+            source_id = await old.call("CLUSTER", "MYID")
+            target_id = await new.call("CLUSTER", "MYID")
+            assert await new.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id) == b"OK"
+            assert await old.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id) == b"OK"
+            try:
+                (asked,) = await old.pipeline([("SET", key, "v")])
+                assert isinstance(asked, RedisError) and str(asked).startswith("ASK ")
+                async with open_cluster(seed) as cluster:
+                    assert await cluster.call_slot(slot, "SET", key, "v") == b"OK"
+                    assert await cluster.pipeline([(slot, ("GET", key))]) == [b"v"]
+                assert await new.pipeline([("ASKING",), ("GET", key)]) == [b"OK", b"v"]
+            finally:
+                await new.pipeline([("ASKING",), ("DEL", key)])
+                await old.call("CLUSTER", "SETSLOT", slot, "STABLE")
+                await new.call("CLUSTER", "SETSLOT", slot, "STABLE")
+
+
+async def test_cluster_reconnects_a_lost_master(redis_cluster: RedisCluster) -> None:
+    """A master's connection killed: the call that finds it raises RedisUnavailable (no
+    reconnect inside a RedisConnection), the next one reconnects."""
+    seed = parse_redis_url(redis_cluster.url)
+    with trio.fail_after(GUARD):
+        async with open_cluster(seed) as cluster:
+            master = cluster.map.address_for_slot(0)
+            assert await cluster.call_slot(0, "PING") == b"PONG"
+            async with open_redis(master) as admin:
+                assert await admin.call("CLIENT", "KILL", "TYPE", "normal") >= 1
+            with pytest.raises(RedisUnavailable):
+                await cluster.call_slot(0, "PING")
+            assert await cluster.call_slot(0, "PING") == b"PONG"
+            other = next(s for s in range(16384) if cluster.map.address_for_slot(s) != master)
+            assert await cluster.pipeline([(0, ("ECHO", "a")), (other, ("ECHO", "b"))]) == [
+                b"a", b"b"
+            ]
 
 
 async def test_sharded_subscription(redis_cluster: RedisCluster) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "RedisUnavailable",
     "Script",
     "Subscription",
+    "is_noscript",
     "load_scripts",
     "open_redis",
     "open_subscription",
