@@ -625,6 +625,11 @@ async def test_cluster_script_on_one_slot(redis_cluster: RedisCluster) -> None:
             assert await cluster.call_slot(slot, "LRANGE", keys[1], 0, -1) == [b"m:1", b"m:2"]
             with pytest.raises(RedisError, match="CROSSSLOT|different slot|cross"):
                 await cluster.run_script(script, ["{topic-a}:n", "{topic-b}:log"], ["m"])
+            other = Script("return 7")
+            await cluster.load_scripts([script, other])
+            for master in cluster.map.masters():
+                conn = await cluster.connection(master)
+                assert await conn.call("SCRIPT", "EXISTS", script.sha, other.sha) == [1, 1]
 
 
 async def test_cluster_ask_during_a_slot_migration(redis_cluster: RedisCluster) -> None:

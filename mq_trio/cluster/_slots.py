@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ._address import RedisAddress
-from ._resp import RedisConnection, Script, is_noscript, open_redis
+from ._resp import RedisConnection, Script, is_noscript, load_scripts, open_redis
 from ._wire import Command, RedisError, RedisUnavailable, hosted
 
 SLOTS = 16384
@@ -292,6 +292,11 @@ class ClusterConnections:
         if isinstance(reply, RedisError):
             raise reply
         return reply
+
+    async def load_scripts(self, scripts: Sequence[Script]) -> None:
+        """SCRIPT LOAD each one on every master (pipelined per master)."""
+        for master in self.map.masters():
+            await load_scripts(await self.connection(master), scripts)
 
     def close(self) -> None:
         """Close every connection (their tasks end)."""
