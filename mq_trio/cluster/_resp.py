@@ -1,8 +1,8 @@
 """A small Redis client on trio: pipelined command connections and Lua scripts.
 
-Why our own: coredis under trio cost 250-340 µs per awaited round trip and its pub/sub
-reader took about 35k messages/s; a trio socket speaking RESP through ``hiredis.Reader``
-did 48 µs and about 965k/s (docs/cluster-clients.md). The pub/sub side is ``_pubsub.py``.
+Why our own: coredis under trio costs about 270 µs per awaited round trip and its pub/sub
+reader takes 10-20k messages/s; this client does about 52 µs and about 1M messages/s
+(docs/cluster-clients.md). The pub/sub side is ``_pubsub.py``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ class RedisConnection:
     thus reads its own reply in the scheduler pass that sees it, as a plain socket would;
     a reader task, then waking the caller, was a second pass (about 20 µs of a 70 µs
     round trip). Over TLS a reader task does it (a cancelled read could break the stream).
+
+    So on a plain socket nothing reads while no caller waits: a connection Redis dropped
+    while idle is noticed by the next call (RedisUnavailable, and ``closed`` turns True).
     """
 
     def __init__(self, address: RedisAddress, wire: Wire) -> None:
@@ -94,6 +97,7 @@ class RedisConnection:
         self._drained = trio.Event()
         self._broken: str | None = None
         self._scope: trio.CancelScope | None = None
+        #: closed, or found broken: every call raises RedisUnavailable
         self.closed = False
 
     @property
