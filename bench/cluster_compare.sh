@@ -20,7 +20,8 @@
 # default python3), CLUSTER_REDIS_PORT (6497), REDIS_PORT (6498), SINGLE_PORT (7490),
 # NODE_A_PORT (7491), NODE_B_PORT (7492), SERVER_CPU (0), GEN_CPU (1), WRITE_DOCS (1; 0:
 # leave the docs alone), DOCS (docs/benchmarks.md), RESULTS
-# (bench/results/cluster-latest.jsonl).
+# (bench/results/cluster-latest.jsonl), ROUNDS (1: how often every scenario runs against
+# every target, all in turn; the tables take the median).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -34,6 +35,7 @@ NODE_B_PORT=${NODE_B_PORT:-7492}
 SERVER_CPU=${SERVER_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
 WRITE_DOCS=${WRITE_DOCS:-1}
+ROUNDS=${ROUNDS:-1}
 DOCS=${DOCS:-$root/docs/benchmarks.md}
 RESULTS=${RESULTS:-$root/bench/results/cluster-latest.jsonl}
 
@@ -114,6 +116,7 @@ bench() {
     cat "$work/run.jsonl" >>"$out"
 }
 status=0
+for _ in $(seq "$ROUNDS"); do
 for scenario in publish fanout e2e; do
     bench --name "single node" --port "$SINGLE_PORT" --server-pid "$single_pid" \
         "$@" "$scenario"
@@ -121,6 +124,7 @@ for scenario in publish fanout e2e; do
         --sub-port "$NODE_B_PORT" --sub-pid "$b_pid" --cpu-pid "redis=$cluster_redis_pid" \
         "$@" "$scenario"
     bench --name redis --redis --port "$REDIS_PORT" "$@" "$scenario"
+done
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -137,7 +141,11 @@ print(f"CPython {platform.python_version()}, trio {v('trio')}, msgspec {v('msgsp
 EOF
 )
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-header="Run of $(date -u '+%Y-%m-%d %H:%M UTC') at \`$(git rev-parse --short HEAD 2>/dev/null || echo '?')\`: \`bench/cluster_compare.sh $*\`
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+if [ -n "$(git status --porcelain -- mq_trio 2>/dev/null)" ]; then
+    commit="$commit (mq_trio/ with uncommitted changes)"
+fi
+header="Run of $(date -u '+%Y-%m-%d %H:%M UTC') at \`$commit\`: \`ROUNDS=$ROUNDS bench/cluster_compare.sh $*\`
 (\`mq-trio bench\` per scenario and target, in turn: \`--name 'single node' --port $SINGLE_PORT\`;
 \`--name 'cluster A->B' --port $NODE_A_PORT --sub-port $NODE_B_PORT --sub-pid B --cpu-pid redis=PID\`;
 \`--name redis --redis --port $REDIS_PORT\`; each with \`--subscribers 1,10,100\`).

@@ -196,3 +196,15 @@ def test_report_ratios_costs_and_targets(tmp_path: Path) -> None:
     after = doc.read_text()
     assert after.count(cluster_report.SECTION) == 1 and "first" not in after
     assert after.startswith("# Benchmarks\n\nprose\n") and "second" in after
+
+
+def test_report_takes_the_median_of_rounds() -> None:
+    c = cluster_report.CLUSTER
+    rows = [_row(c, "publish", {"acked": n, "per_s": n, "seconds": 1.0}, {"server": 1.0})
+            for n in (300, 100, 200)]
+    assert cluster_report.rounds(rows) == 3
+    median = cluster_report.find(rows, c, "publish")
+    assert median is not None and median["metrics"]["per_s"] == 200
+    text = cluster_report.markdown(rows)
+    assert text.startswith("Each figure is the median of 3 rounds")
+    assert "| publish (acked msg/s) | - | 200 | - |" in text
