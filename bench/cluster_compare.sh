@@ -21,7 +21,9 @@
 # NODE_A_PORT (7491), NODE_B_PORT (7492), SERVER_CPU (0), GEN_CPU (1), WRITE_DOCS (1; 0:
 # leave the docs alone), DOCS (docs/benchmarks.md), RESULTS
 # (bench/results/cluster-latest.jsonl), ROUNDS (1: how often every scenario runs against
-# every target, all in turn; the tables take the median).
+# every target, all in turn; the tables take the median), COMMIT (what the header names
+# as the code measured; default: git's HEAD, and whether mq_trio/ has uncommitted changes;
+# for a run from an exported tree, e.g. git archive HEAD | tar -x -C DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -141,8 +143,8 @@ print(f"CPython {platform.python_version()}, trio {v('trio')}, msgspec {v('msgsp
 EOF
 )
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
-if [ -n "$(git status --porcelain -- mq_trio 2>/dev/null)" ]; then
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}
+if [ -z "${COMMIT:-}" ] && [ -n "$(git status --porcelain -- mq_trio 2>/dev/null)" ]; then
     commit="$commit (mq_trio/ with uncommitted changes)"
 fi
 header="Run of $(date -u '+%Y-%m-%d %H:%M UTC') at \`$commit\`: \`ROUNDS=$ROUNDS bench/cluster_compare.sh $*\`
