@@ -186,7 +186,8 @@ def test_report_ratios_costs_and_targets(tmp_path: Path) -> None:
     # CPU µs per published message: 1 s / 200,000 = 5 µs on A, 2.5 on B, 10 in Redis
     assert "| publish | 100,000 | 5.00 | 2.50 | 10.00 | 17.50 | - | 2.00 |" in text
     assert "| fanout S=1 | 100,000 | 5.00 | 2.50 | 10.00 | 17.50 | 2.50 | 3.33 |" in text
-    assert "100,000 vs 300,000 = 0.33x | yes |" in text  # 1/3 exactly is enough
+    # 1/3 exactly is enough; per CPU second: 200,000 / 3.5 s vs 600,000 / 2 s
+    assert "100,000 vs 300,000 = 0.33x | yes | 57,143 vs 300,000 = 0.19x | **no** |" in text
     assert "| cross-node e2e p99 < 2 ms | 2,500.0 µs | **no** |" in text
 
     doc = tmp_path / "benchmarks.md"
