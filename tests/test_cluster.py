@@ -26,7 +26,7 @@ from mq_trio.client import open_client
 from mq_trio.server import Server
 
 if TYPE_CHECKING:
-    from redis_support import RedisProcess
+    from redis_support import RedisCluster, RedisProcess
 
 pytest_plugins = ["redis_support"]
 pytest.importorskip("hiredis", reason="the 'cluster' extra is not installed")
@@ -211,10 +211,7 @@ async def test_redis_restarted_without_data_is_a_new_epoch(
 
 
 def _node_process(redis: RedisProcess, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mq_trio", "serve", "--host", "127.0.0.1", "--port",
-         str(port), "--cluster", redis.url, "--log-level", "warning", *extra],
-        cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return _node_process_url(redis.url, port, *extra)
 
 
 async def _wait_listening(port: int) -> None:
@@ -287,3 +284,91 @@ async def test_a_dead_nodes_counts_expire(nursery: trio.Nursery,
     finally:
         doomed.kill()
         doomed.wait()
+
+
+# --- Redis Cluster: three masters, sharded pub/sub (redis+cluster://) ---
+
+
+@pytest.fixture
+async def sharded_nodes(nursery: trio.Nursery, redis_cluster: RedisCluster
+                        ) -> AsyncIterator[list[Server]]:
+    """Two nodes over a three-master Redis Cluster (a clean one: FLUSHALL each)."""
+    for node in redis_cluster.nodes:
+        node.cli("FLUSHALL")
+    yield [await start_server(nursery, cluster=redis_cluster.url, cache_size=4)
+           for _ in range(2)]
+
+
+async def settle_topic(client: LineClient, topic: str) -> list[Obj]:
+    """``settle`` for one topic: with Redis Cluster the channels are per slot, so the
+    barrier is a subscribe to that topic itself (no replay)."""
+    await client.send({"command": "subscribe", "topic": topic, "cache": False})
+    out: list[Obj] = []
+    while (line := await client.receive()) != SUCCESS:
+        out.append(line)
+    await client.send({"command": "unsubscribe", "topic": "\x00never"})
+    while (line := await client.receive()) != SUCCESS:
+        out.append(line)
+    return out
+
+
+async def test_redis_cluster_topics_in_every_shard(sharded_nodes: list[Server]) -> None:
+    """Topics spread over the three masters: one index sequence each, fan-out across
+    nodes in order, "one" exactly once, replay and resume on the other node."""
+    with trio.fail_after(GUARD):
+        a, b = sharded_nodes
+        topics = [f"topic-{i}" for i in range(12)]  # (they land on all three masters)
+        sub = await LineClient.connect(b.port)
+        for topic in topics:
+            assert await sub.request({"command": "subscribe", "topic": topic}) == SUCCESS
+        pubs = [await LineClient.connect(a.port), await LineClient.connect(b.port)]
+        for i in range(60):
+            await pubs[i % 2].send(send(topics[i % 12], f"m{i}", "all" if i % 3 else "one"))
+        for pub in pubs:
+            assert [await pub.receive() for _ in range(30)] == [SUCCESS] * 30
+        got: dict[str, list[int]] = {}
+        for topic in topics:
+            for delivery in await settle_topic(sub, topic):
+                got.setdefault(delivery["topic"], []).append(delivery["index"])
+        assert got == {topic: list(range(5)) for topic in topics}
+        late = await LineClient.connect(a.port)
+        # (topics[1] got m1, m13, m25, ...: all "all" messages, so all cached)
+        reply = await late.request({"command": "subscribe", "topic": topics[1],
+                                    "last_seen": 2, "epoch": a.broker.epoch})
+        assert reply == {"success": True, "epoch": a.broker.epoch, "recovered": True}
+        assert [d["index"] for d in await settle_topic(late, topics[1])] == [3, 4]
+        assert a.broker.epoch == b.broker.epoch
+
+
+async def test_redis_cluster_three_nodes_as_processes(redis_cluster: RedisCluster) -> None:
+    """Three ``mq-trio serve --cluster redis+cluster://...`` processes: a message sent
+    on each reaches the subscribers on all three, in one index order."""
+    for node in redis_cluster.nodes:
+        node.cli("FLUSHALL")
+    ports = [_free_port() for _ in range(3)]
+    procs = [_node_process_url(redis_cluster.url, port) for port in ports]
+    try:
+        with trio.fail_after(GUARD):
+            for port in ports:
+                await _wait_listening(port)
+            subs = [await LineClient.connect(port) for port in ports]
+            for sub in subs:
+                assert await sub.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+            for i, port in enumerate(ports):
+                pub = await LineClient.connect(port)
+                assert await pub.request(send("t", f"from {i}")) == SUCCESS
+            for sub in subs:
+                got = await settle_topic(sub, "t")
+                assert [(d["index"], d["msg"]) for d in got] == [
+                    (0, "from 0"), (1, "from 1"), (2, "from 2")]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _node_process_url(url: str, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mq_trio", "serve", "--host", "127.0.0.1", "--port",
+         str(port), "--cluster", url, "--log-level", "warning", *extra],
+        cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -33,15 +33,8 @@ from ..broker import (
 )
 from ..protocol import Send, splice_index
 from . import _scripts as lua
-from ._resp import (
-    RedisAddress,
-    RedisConnection,
-    RedisError,
-    Script,
-    load_scripts,
-    open_redis,
-    open_subscription,
-)
+from ._links import MOVE_EPOCH, Layout, Links, move_epoch, read_epoch, start_epoch
+from ._resp import RedisAddress, RedisError, Script, open_subscription
 
 log = logging.getLogger("mq_trio.cluster")
 
@@ -49,7 +42,10 @@ PUBLISH = Script(lua.PUBLISH)
 JOIN = Script(lua.JOIN)
 RENEW = Script(lua.RENEW)
 READ = Script(lua.READ)
-SCRIPTS = (PUBLISH, JOIN, RENEW, READ)
+#: With Redis Cluster: the same, publishing with SPUBLISH.
+PUBLISH_SHARDED = Script(lua.sharded(lua.PUBLISH))
+JOIN_SHARDED = Script(lua.sharded(lua.JOIN))
+SCRIPTS = (PUBLISH, JOIN, RENEW, READ, PUBLISH_SHARDED, JOIN_SHARDED, MOVE_EPOCH)
 
 #: How long a node's subscriber counts stay valid without renewal (a dead node's
 #: subscribers stop being picked for "one" messages after at most this); a live node
@@ -186,6 +182,16 @@ class RedisHistory:
     node: str = attrs.field(factory=lambda: os.urandom(8).hex())
     epoch: str = attrs.field(factory=new_epoch)
     shared: bool = attrs.field(default=True, init=False)
+    layout: Layout = attrs.field(init=False)
+    #: The command links while connected (the intake's resync reads through them).
+    _links: Links | None = attrs.field(default=None, init=False)
+    #: Intake subscriptions needed (one per server) and up now.
+    intakes: int = attrs.field(default=1, init=False)
+    _intakes_up: int = attrs.field(default=0, init=False)
+    #: A script found the epoch missing and set this one (history was lost): the
+    #: flusher moves the cluster to it. ``_reread``: another node moved it.
+    _moving: str | None = attrs.field(default=None, init=False)
+    _reread: bool = attrs.field(default=False, init=False)
     #: Called after the intake delivered a batch of frames (the server writes the
     #: outboxes it filled, as a reader does at the end of its chunk).
     after_deliveries: Callable[[], None] | None = None
@@ -196,7 +202,6 @@ class RedisHistory:
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _seq: int = 0
     _in_flight: dict[int, Write | JoinOp] = attrs.field(factory=dict)
-    _intake_up: bool = False
     #: Topics this node published to or has subscribers of: what it counts as its own.
     _topics: set[str] = attrs.field(factory=set)
     #: Local subscriber counts per topic (renewed as leases).
@@ -217,6 +222,13 @@ class RedisHistory:
     _random: random.Random = attrs.field(factory=random.Random)
 
     # --- the seam (broker side) ---
+
+    def __attrs_post_init__(self) -> None:
+        self.layout = Layout(sharded=self.address.cluster)
+
+    @property
+    def _intake_up(self) -> bool:
+        return self._intakes_up == self.intakes
 
     def attach(self, sink: FrameSink) -> None:
         self._sink = sink
@@ -373,28 +385,35 @@ class RedisHistory:
 
     # --- the tasks ---
 
-    def _command(self, op: Write | JoinOp, seed: int) -> Any:
+    def _command(self, op: Write | JoinOp, seed: int) -> tuple[int, Any]:
+        layout = self.layout
+        slot = layout.slot(op.topic)
         meta, cache, subs = lua.topic_keys(op.topic)
-        keys = (meta, cache, subs, lua.EPOCH_KEY)
+        keys = (meta, cache, subs, layout.epoch_key(slot))
+        channel = layout.channel(slot)
         if type(op) is Write:
-            return PUBLISH.command(keys, [
-                self._candidate, seed, self.node, op.seq, self.cache_size, lua.CHANNEL,
+            script = PUBLISH_SHARDED if layout.sharded else PUBLISH
+            return slot, script.command(keys, [
+                self._candidate, seed, self.node, op.seq, self.cache_size, channel,
                 op.topic, int(self.dedupe_window * 1000), *op.args])
         assert type(op) is JoinOp
-        args: list[bytes | str | int] = [
+        script = JOIN_SHARDED if layout.sharded else JOIN
+        return slot, script.command(keys, [
             self._candidate, seed, self.node, op.count, int(self.lease * 1000),
-            op.last_seen, 1 if op.replay else 0]
-        args += (op.seq, lua.CHANNEL, op.topic)
-        return JOIN.command(keys, args)
+            op.last_seen, 1 if op.replay else 0, op.seq, channel, op.topic])
 
-    async def run_flusher(self, conn: RedisConnection) -> None:
+    async def run_flusher(self, links: Links) -> None:
         """Group commits until the connection breaks (then RedisUnavailable)."""
         self.available = True
+        self._links = links
         try:
             while True:
+                if self._moving is not None or self._reread:
+                    await self._follow_epoch(links)
                 if not self._ops:
                     self._wake = trio.Event()
                     await self._wake.wait()
+                    continue
                 ops, self._ops = self._ops, []
                 self._open.clear()
                 self._queued_bytes = 0
@@ -409,7 +428,7 @@ class RedisHistory:
                         self._in_flight[op.seq] = op
                     commands.append(self._command(op, rand(1 << 30)))
                 try:
-                    replies = await conn.pipeline(commands)
+                    replies = await links.pipeline(commands)
                 except BaseException:
                     for op in ops:
                         self._fail(op)
@@ -420,7 +439,18 @@ class RedisHistory:
                     self._settle(op, reply)
         finally:
             self.available = False
+            self._links = None
             self._fail_queued()
+
+    async def _follow_epoch(self, links: Links) -> None:
+        """Move the cluster to the epoch a script set (history was lost), or take the
+        one another node moved it to."""
+        moving, self._moving, self._reread = self._moving, None, False
+        if moving is not None:
+            epoch = await move_epoch(links, self.epoch, moving)
+        else:
+            epoch = await read_epoch(links)
+        self._adopt(epoch)
 
     def _settle(self, op: Write | JoinOp, reply: Any) -> None:
         if isinstance(reply, RedisError):
@@ -431,11 +461,12 @@ class RedisHistory:
             self._fail(op)
             return
         epoch = reply[1] if type(op) is Write else reply[2]
-        self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+        self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch),
+                          bool(reply[3] if type(op) is Write else reply[3]))
         if type(op) is Write:
             op.first = int(reply[0])
-            if len(reply) > 3:
-                op.results = list(reply[3:])
+            if len(reply) > 4:
+                op.results = list(reply[4:])
             if not reply[2]:  # every message a repeat: nothing was published
                 op.awaits_intake = False
                 self._in_flight.pop(op.seq, None)
@@ -448,42 +479,59 @@ class RedisHistory:
         op.next_index = int(reply[0])
         op.evicted = int(reply[1])
         op.epoch = self.epoch
-        op.entries = [_entry(raw) for raw in reply[3:]]
+        op.entries = [_entry(raw) for raw in reply[4:]]
         op.replied = True
         op._settle()
         if op.done:
             self._in_flight.pop(op.seq, None)
 
-    def _check_epoch(self, epoch: str) -> None:
-        if not self._epoch_known:  # (the first answer: the cluster's, adopted)
-            self._epoch_known = True
-            self.epoch = epoch
-        elif epoch != self.epoch:
-            log.warning("cluster: the epoch in Redis is %s, was %s: Redis lost its data "
-                        "(restarted without it?); indexes start again", epoch, self.epoch)
-            self.epoch = epoch
-            self._last.clear()
+    def _check_epoch(self, epoch: str, created: bool = False) -> None:
+        """A script's view of the epoch. ``created``: it found none and set the node's
+        candidate, so history was lost (Redis, or one shard, lost its data)."""
+        if created and self.layout.sharded and self._epoch_known:
+            self._moving = epoch  # every slot must move to it, and the flusher does
+            self._wake.set()
+        elif epoch != self.epoch and self._epoch_known and self.layout.sharded:
+            self._reread = True  # another node moved it (or is moving it)
+            self._wake.set()
+        else:
+            self._adopt(epoch)
         if epoch == self._candidate:
             self._candidate = new_epoch()
 
-    async def run_intake(self, address: RedisAddress,
+    def _adopt(self, epoch: str) -> None:
+        if not self._epoch_known:  # (the first answer: the cluster's, adopted)
+            self._epoch_known = True
+        elif epoch != self.epoch:
+            log.warning("cluster: the epoch in Redis is %s, was %s: Redis lost data "
+                        "(restarted without it?); indexes start again", epoch, self.epoch)
+            self._last.clear()
+        self.epoch = epoch
+
+    async def run_intake(self, address: RedisAddress, channels: list[str],
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
-        """Deliver every frame, in channel order; RedisUnavailable when cut off."""
-        async with open_subscription(address) as sub:
-            await sub.subscribe(lua.CHANNEL)
-            self._intake_up = True
+        """Deliver every frame of ``channels`` (on the server at ``address``), in channel
+        order; RedisUnavailable when cut off."""
+        async with open_subscription(address, sharded=self.layout.sharded) as sub:
+            if self.layout.sharded:  # (SSUBSCRIBE takes the channels of one slot)
+                for channel in channels:
+                    await sub.subscribe(channel)
+            else:
+                await sub.subscribe(*channels)
+            self._intakes_up += 1
             self.subscriptions += 1
             task_status.started()
             try:
-                await self._resync()
+                if self._intake_up:
+                    await self._resync()
                 while True:
                     for _, data in await sub.receive():
                         self._frame(data)
                     if self.after_deliveries is not None:
                         self.after_deliveries()
             finally:
-                self._intake_up = False
+                self._intakes_up -= 1
                 # Writes whose frames will not come: decided by their replies alone.
                 for write in list(self._in_flight.values()):
                     write.awaits_intake = False
@@ -526,15 +574,17 @@ class RedisHistory:
         """After the intake was down: deliver what the caches hold beyond the last index
         delivered per topic (what was evicted meanwhile is a gap, as for any subscriber
         that falls behind the cache)."""
-        if not self._last:
+        links = self._links
+        if not self._last or links is None:
             return
-        async with open_redis(self.address) as conn:
-            topics = list(self._last.items())
-            commands = []
-            for topic, last in topics:
-                meta, cache, _ = lua.topic_keys(topic)
-                commands.append(READ.command((meta, cache, lua.EPOCH_KEY), [last]))
-            replies = await conn.pipeline(commands)
+        topics = list(self._last.items())
+        commands = []
+        for topic, last in topics:
+            meta, cache, _ = lua.topic_keys(topic)
+            slot = self.layout.slot(topic)
+            commands.append((slot, READ.command((meta, cache, self.layout.epoch_key(slot)),
+                                                [last])))
+        replies = await links.pipeline(commands)
         for (topic, _), reply in zip(topics, replies, strict=True):
             if isinstance(reply, RedisError) or self._sink is None:
                 continue
@@ -547,29 +597,32 @@ class RedisHistory:
                     self._sink.deliver_frame(topic, index, [(b"*", raw[space + 1 :])])
                     self._last[topic] = index
 
-    async def run_renewals(self, conn: RedisConnection) -> None:
-        """Renew this node's subscriber counts before their leases end."""
+    async def run_renewals(self, links: Links) -> None:
+        """Renew this node's subscriber counts before their leases end (one call per
+        slot's worth of topics: a script touches one slot)."""
         while True:
-            counts = list(self._counts.items())
+            by_slot: dict[int, list[tuple[str, int]]] = {}
+            for topic, count in self._counts.items():
+                by_slot.setdefault(self.layout.slot(topic), []).append((topic, count))
             lease = int(self.lease * 1000)
-            for i in range(0, len(counts), RENEW_CHUNK):
-                chunk = counts[i : i + RENEW_CHUNK]
-                keys = [lua.topic_keys(topic)[2] for topic, _ in chunk]
-                try:
-                    await RENEW.run(conn, keys, [self.node, lease, *(n for _, n in chunk)])
-                except RedisError as exc:  # (the next renewal tries again)
-                    log.error("cluster: renewing subscriber counts failed: %s", exc)
+            commands = []
+            for slot, counts in by_slot.items():
+                for i in range(0, len(counts), RENEW_CHUNK):
+                    chunk = counts[i : i + RENEW_CHUNK]
+                    keys = [lua.topic_keys(topic)[2] for topic, _ in chunk]
+                    commands.append((slot, RENEW.command(
+                        keys, [self.node, lease, *(n for _, n in chunk)])))
+            if commands:
+                for reply in await links.pipeline(commands):
+                    if isinstance(reply, RedisError):  # (the next renewal tries again)
+                        log.error("cluster: renewing subscriber counts failed: %s", reply)
             await trio.sleep(self.lease / 3)
 
 
-async def start_epoch(conn: RedisConnection, candidate: str) -> str:
-    """The cluster's epoch: the one in Redis, or ``candidate`` if there is none."""
-    await conn.call("SET", lua.EPOCH_KEY, candidate, "NX")
-    epoch = await conn.call("GET", lua.EPOCH_KEY)
-    return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-
-
-async def prepare(conn: RedisConnection, history: RedisHistory) -> None:
+async def prepare(links: Links, history: RedisHistory) -> None:
     """Scripts loaded and the epoch known: what a (re)connected node does first."""
-    await load_scripts(conn, SCRIPTS)
-    history._check_epoch(await start_epoch(conn, history._candidate))
+    await links.load(SCRIPTS)
+    epoch = await start_epoch(links, history._candidate)
+    history._adopt(epoch)
+    if epoch == history._candidate:
+        history._candidate = new_epoch()

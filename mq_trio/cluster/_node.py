@@ -15,13 +15,8 @@ from contextlib import asynccontextmanager
 import trio
 
 from ._history import LEASE_SECONDS, RedisHistory, prepare
-from ._resp import (
-    RedisAddress,
-    RedisConnection,
-    RedisUnavailable,
-    open_redis,
-    parse_redis_url,
-)
+from ._links import Links, intake_channels, open_links
+from ._resp import RedisAddress, RedisError, RedisUnavailable, parse_redis_url
 
 log = logging.getLogger("mq_trio.cluster")
 
@@ -42,9 +37,12 @@ async def open_node(url: str, *, cache_size: int, dedupe_window: float,
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(_keep_flushing, history)
-            await nursery.start(_keep_intake, history)
-        except RedisUnavailable as exc:
-            raise ClusterUnavailable(f"cannot reach Redis at {url}: {exc}") from exc
+            intakes = await intake_channels(address)
+            history.intakes = len(intakes)
+            for server, channels in intakes:
+                await nursery.start(_keep_intake, history, server, channels)
+        except (RedisUnavailable, RedisError) as exc:
+            raise ClusterUnavailable(f"cannot use Redis at {url}: {exc}") from exc
         log.info("cluster: node %s on %s, epoch %s", history.node, url, history.epoch)
         try:
             yield history
@@ -64,8 +62,8 @@ async def _keep_flushing(history: RedisHistory,
     delay = 0.05
     while True:
         try:
-            async with open_redis(history.address) as conn:
-                await prepare(conn, history)
+            async with open_links(history.address) as links:
+                await prepare(links, history)
                 if not started:
                     started = True
                     task_status.started()
@@ -73,9 +71,9 @@ async def _keep_flushing(history: RedisHistory,
                     log.warning("cluster: Redis at %s is back", _where(history.address))
                 delay = 0.05
                 async with trio.open_nursery() as tasks:
-                    tasks.start_soon(_until_broken, history.run_renewals, conn,
+                    tasks.start_soon(_until_broken, history.run_renewals, links,
                                      tasks.cancel_scope)
-                    await _until_broken(history.run_flusher, conn, tasks.cancel_scope)
+                    await _until_broken(history.run_flusher, links, tasks.cancel_scope)
         except RedisUnavailable as exc:
             if not started:
                 raise
@@ -85,18 +83,18 @@ async def _keep_flushing(history: RedisHistory,
         delay = await _backoff(delay)
 
 
-async def _until_broken(run: Callable[[RedisConnection], Awaitable[None]],
-                        conn: RedisConnection, scope: trio.CancelScope) -> None:
+async def _until_broken(run: Callable[[Links], Awaitable[None]],
+                        links: Links, scope: trio.CancelScope) -> None:
     """Run one of a connection's tasks; when the connection breaks, end the others
     (bare, not in an exception group: the caller reconnects)."""
     try:
-        await run(conn)
+        await run(links)
     except RedisUnavailable as exc:
         log.debug("cluster: connection broke: %s", exc)
         scope.cancel()
 
 
-async def _keep_intake(history: RedisHistory,
+async def _keep_intake(history: RedisHistory, server: RedisAddress, channels: list[str],
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                        ) -> None:
     first = True
@@ -104,12 +102,13 @@ async def _keep_intake(history: RedisHistory,
     while True:
         subscribed = history.subscriptions
         try:
-            await history.run_intake(history.address,
+            await history.run_intake(server, channels,
                                      task_status if first else trio.TASK_STATUS_IGNORED)
         except RedisUnavailable as exc:
             if first and history.subscriptions == subscribed:
                 raise
-            log.warning("cluster: lost the frames channel (%s); resubscribing", exc)
+            log.warning("cluster: lost the frames channel on %s (%s); resubscribing",
+                        _where(server), exc)
         if history.subscriptions != subscribed:
             first = False
             delay = 0.05

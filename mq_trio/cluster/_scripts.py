@@ -26,8 +26,10 @@ from __future__ import annotations
 #: seeded by the node (ARGV[2]), for the choice of a "one" target.
 _PREAMBLE = r"""
 local epoch = redis.call('GET', KEYS[4])
+local created = 0
 if not epoch then
   epoch = ARGV[1]
+  created = 1
   redis.call('SET', KEYS[4], epoch)
 end
 local seed = tonumber(ARGV[2]) % 2147483646 + 1
@@ -71,8 +73,8 @@ end
 #: cache size, channel, topic, id window (ms), then per message three values: flags,
 #: id ("" if none), command. Flags: 1 "one", 2 cache, 4 the rest of a batch (skipped
 #: with its head if that is a repeat), and the batch's size times 16 on its head.
-#: Returns {first index, epoch, messages published} and, if any message had an id, one
-#: result per message:
+#: Returns {first index, epoch, messages published, epoch created (Redis had none: it
+#: lost its data)} and, if any message had an id, one result per message:
 #: "<index>", "d<first>:<count>" (a repeated id: the original's), or "s" (skipped).
 PUBLISH = _PREAMBLE + _LIVE + r"""
 local size = tonumber(ARGV[5])
@@ -136,7 +138,7 @@ if fresh > 0 then
   redis.call('PUBLISH', ARGV[6], ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. first .. ' ' .. fresh
     .. ' ' .. #topic .. '\n' .. topic .. table.concat(parts))
 end
-local out = {first, epoch, fresh}
+local out = {first, epoch, fresh, created}
 if ids then
   for i = 1, n do out[#out + 1] = results[i] end
 end
@@ -147,8 +149,8 @@ return out
 #: KEYS: meta, cache, subs, epoch. ARGV: candidate epoch, seed, node, count, lease (ms),
 #: last_seen, replay (1/0), then for a leave a seq and the channel: an empty frame is
 #: published, so the node's intake knows when every message before it has passed.
-#: Returns {next index, evicted, epoch, entries...}; the "one" messages among the
-#: entries leave the cache.
+#: Returns {next index, evicted, epoch, epoch created, entries...}; the "one" messages
+#: among the entries leave the cache.
 JOIN = _PREAMBLE + r"""
 local count = tonumber(ARGV[4])
 if count > 0 then
@@ -157,7 +159,7 @@ else
   redis.call('HDEL', KEYS[3], ARGV[3])
 end
 local out = {tonumber(redis.call('HGET', KEYS[1], 'next') or '0'),
-             tonumber(redis.call('HGET', KEYS[1], 'evicted') or '-1'), epoch}
+             tonumber(redis.call('HGET', KEYS[1], 'evicted') or '-1'), epoch, created}
 if ARGV[8] then
   local topic = ARGV[10]
   redis.call('PUBLISH', ARGV[9], ARGV[3] .. ' ' .. ARGV[8] .. ' -1 0 ' .. #topic .. '\n'
@@ -207,6 +209,18 @@ return out
 """
 
 
+#: Move the epoch from ``ARGV[1]`` to ``ARGV[2]`` unless another node already moved it;
+#: returns the epoch now. KEYS: the epoch key (the one of slot 0, with Redis Cluster).
+MOVE_EPOCH = r"""
+local now = redis.call('GET', KEYS[1])
+if (not now) or now == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return ARGV[2]
+end
+return now
+"""
+
+
 def topic_keys(topic: str) -> tuple[str, str, str]:
     """The keys of a topic: meta, cache, subscriber counts. Hex in a hash tag: any
     topic string is a valid key, and all three land in one Redis Cluster slot."""
@@ -214,5 +228,23 @@ def topic_keys(topic: str) -> tuple[str, str, str]:
     return f"mq:{{{tag}}}:m", f"mq:{{{tag}}}:c", f"mq:{{{tag}}}:s"
 
 
+def sharded(script: str) -> str:
+    """The script for Redis Cluster: frames go out with SPUBLISH (sharded pub/sub, on
+    the slot's own channel)."""
+    return script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+
+
 EPOCH_KEY = "mq:epoch"
 CHANNEL = "mq:frames"
+
+
+def slot_epoch_key(tag: str) -> str:
+    """With Redis Cluster: the epoch's copy in the slot of ``{tag}`` (a script may only
+    touch keys of its own slot). Every slot holds the same epoch; a shard that lost its
+    data has lost these copies, which is how a script notices."""
+    return f"mq:{{{tag}}}:epoch"
+
+
+def slot_channel(tag: str) -> str:
+    """With Redis Cluster: the frames channel of the slot of ``{tag}``."""
+    return f"mq:{{{tag}}}:frames"
