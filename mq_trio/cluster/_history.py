@@ -210,7 +210,8 @@ class RedisHistory:
     _draining: dict[str, int] = attrs.field(factory=dict)
     #: The last index the intake delivered per topic with local subscribers (resync).
     _last: dict[str, int] = attrs.field(factory=dict)
-    available: bool = False
+    #: The command link is up (the flusher runs).
+    _link_up: bool = False
     _epoch_known: bool = False
     #: Set in Redis by whichever script finds the epoch missing (Redis lost its data):
     #: never an epoch any client has seen.
@@ -229,6 +230,13 @@ class RedisHistory:
     @property
     def _intake_up(self) -> bool:
         return self._intakes_up == self.intakes
+
+    @property
+    def available(self) -> bool:
+        """Sends are taken: the command link and every intake subscription are up (a
+        send accepted while frames cannot come back would miss its local subscribers
+        and its own delivery)."""
+        return self._link_up and self._intakes_up == self.intakes
 
     def attach(self, sink: FrameSink) -> None:
         self._sink = sink
@@ -404,7 +412,7 @@ class RedisHistory:
 
     async def run_flusher(self, links: Links) -> None:
         """Group commits until the connection breaks (then RedisUnavailable)."""
-        self.available = True
+        self._link_up = True
         self._links = links
         try:
             while True:
@@ -438,7 +446,7 @@ class RedisHistory:
                 for op, reply in zip(ops, replies, strict=True):
                     self._settle(op, reply)
         finally:
-            self.available = False
+            self._link_up = False
             self._links = None
             self._fail_queued()
 
