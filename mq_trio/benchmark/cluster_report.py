@@ -199,8 +199,8 @@ def markdown(rows: list[Row]) -> str:
              "CPU per published message (µs; `cpu_s` over the measured window divided by "
              "the messages published; node B's per delivery in its own column):",
              cost_table(rows), target_table(rows)]
-    saturated = [f"{r['target']} {r['scenario']} {r['params']}" for r in rows
-                 if r.get("saturated")]
+    saturated = list(dict.fromkeys(f"{r['target']} {r['scenario']} {r['params']}"
+                                   for r in rows if r.get("saturated")))
     if saturated:
         parts.append("Generator saturated (a lower bound): "
                      + "; ".join(saturated))

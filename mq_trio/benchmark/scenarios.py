@@ -104,7 +104,8 @@ def run_e2e(target: Target, st: Settings, progress: Progress = no_progress) -> R
     """A paced publisher and one subscriber: publish-to-delivery latency.
 
     With ``target.ws_port`` the subscriber is a WebSocket client (the stamps are read from
-    its frames' payloads), the publisher still TCP.
+    its frames' payloads), the publisher still TCP. With ``target.sub_port`` (or
+    ``sub_host``) the subscriber is on that server: a cluster's other node.
 
     Both sockets live in this process, so one monotonic clock stamps the send (carried in
     ``msg``) and the arrival. ``select.select`` is used for its microsecond timeout; the
@@ -442,7 +443,8 @@ def run_fanout(target: Target, st: Settings, subscribers: int,
     """One publisher, S subscribers of one topic; every delivery is counted per subscriber.
 
     With ``target.ws_port`` the subscribers are WebSocket clients (frame headers parsed,
-    nothing decoded), the publisher still TCP.
+    nothing decoded), the publisher still TCP. With ``target.sub_port`` (or ``sub_host``)
+    the subscribers are on that server: a cluster's other node.
     """
     d = target.dialect
     topic = f"bench.fanout.{subscribers}.{os.getpid()}.{time.monotonic_ns()}"
