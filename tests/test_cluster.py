@@ -372,3 +372,59 @@ def _node_process_url(url: str, port: int, *extra: str) -> subprocess.Popen[byte
         [sys.executable, "-m", "mq_trio", "serve", "--host", "127.0.0.1", "--port",
          str(port), "--cluster", url, "--log-level", "warning", *extra],
         cwd=Path(__file__).parent.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+# --- the command line ---
+
+
+async def test_a_node_from_a_config_file(tmp_path: Path, fresh_redis: RedisProcess) -> None:
+    """``cluster`` and ``cluster-lease`` from a config file: printed, and served."""
+    port = _free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'port = {port}\ncluster = "{fresh_redis.url}"\ncluster-lease = 3.0\n')
+    argv = [sys.executable, "-m", "mq_trio", "serve", "--config", str(config)]
+    printed = await trio.run_process([*argv, "--print-config"], capture_stdout=True)
+    shown = {line.split("=")[0].strip(): " ".join(line.split("=", 1)[1].split())
+             for line in printed.stdout.decode().splitlines() if " = " in line}
+    assert shown["cluster"] == f'"{fresh_redis.url}" # {config}'
+    assert shown["cluster-lease"] == f"3.0 # {config}"
+    proc = _popen([*argv, "--log-level", "warning"], tmp_path)
+    try:
+        with trio.fail_after(GUARD):
+            await _wait_listening(port)
+            client = await LineClient.connect(port)
+            assert await client.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+            assert await client.request(send("t", "m")) == {
+                "command": "send", "topic": "t", "msg": "m", "delivery": "all", "index": 0}
+            assert await client.receive() == SUCCESS
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _popen(argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, cwd=cwd)
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["--cluster", "http://127.0.0.1:6379"], 2, "--cluster: invalid Redis URL"),
+    (["--cluster", "redis://127.0.0.1:6379", "--data-dir", "d"], 2,
+     "--cluster and --data-dir do not combine"),
+    (["--cluster", "redis://127.0.0.1:6379", "--cluster-lease", "0"], 2,
+     "cluster lease must be > 0"),
+])
+def test_serve_refuses_cluster_settings_that_cannot_work(
+        tmp_path: Path, args: list[str], code: int, says: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "mq_trio", "serve", "--port", "0", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code
+    assert says in done.stderr
+
+
+def test_a_node_without_redis_does_not_start(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{_free_port()}"  # nothing listens there
+    done = subprocess.run([sys.executable, "-m", "mq_trio", "serve", "--port", "0",
+                           "--cluster", url], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert f"mq-trio: cannot use Redis at {url}: " in done.stderr
