@@ -113,9 +113,20 @@ mkdir -p "$(dirname "$out")"
 : >"$out"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 bench() {
+    local rc=0
+    rm -f "$work/run.jsonl"
     taskset -c "$GEN_CPU" "$PYTHON" -m mq_trio bench --no-progress --json "$work/run.jsonl" \
-        --subscribers 1,10,100 "$@" || status=$?
-    cat "$work/run.jsonl" >>"$out"
+        --subscribers 1,10,100 "$@" || rc=$?
+    if [ "$rc" = 2 ]; then
+        echo "mq-trio bench refused its arguments" >&2
+        exit 2
+    fi
+    if [ "$rc" != 0 ]; then
+        status=$rc
+    fi
+    if [ -f "$work/run.jsonl" ]; then
+        cat "$work/run.jsonl" >>"$out"
+    fi
 }
 status=0
 for _ in $(seq "$ROUNDS"); do
