@@ -158,6 +158,25 @@ async def test_batches_and_ids_across_nodes(nodes: list[Server]) -> None:
         assert [d["msg"] for d in await settle(reader)] == ["x", "y", "z", "w"]
 
 
+async def test_a_batch_larger_than_the_cache_keeps_its_newest(nodes: list[Server]) -> None:
+    """Cache size 4: a batch of 10 after 2 messages leaves indexes 8-11 cached, and
+    everything up to 7 counts as evicted for the epoch extension."""
+    with trio.fail_after(GUARD):
+        pub = await LineClient.connect(nodes[0].port)
+        for i in range(2):
+            assert await pub.request(send("big", f"m{i}")) == SUCCESS
+        batch = {"command": "batch", "topic": "big", "msgs": [f"b{i}" for i in range(10)],
+                 "delivery": "all"}
+        assert await pub.request(batch) == {"success": True, "index": 2, "count": 10}
+        epoch = nodes[1].broker.epoch
+        for last_seen, recovered in ((6, False), (7, True)):
+            sub = await LineClient.connect(nodes[1].port)
+            reply = await sub.request({"command": "subscribe", "topic": "big",
+                                       "last_seen": last_seen, "epoch": epoch})
+            assert reply == {"success": True, "epoch": epoch, "recovered": recovered}
+            assert [d["msg"] for d in await settle(sub)] == [f"b{i}" for i in range(6, 10)]
+
+
 async def test_jobs_are_refused_with_a_clear_reason(nodes: list[Server]) -> None:
     with trio.fail_after(GUARD):
         client = await LineClient.connect(nodes[0].port)

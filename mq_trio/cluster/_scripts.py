@@ -82,6 +82,12 @@ local window = tonumber(ARGV[8])
 local n = (#ARGV - 8) / 3
 local nodes, counts, total = nil, nil, 0
 local parts, results = {}, {}
+local cached, cached_index = {}, {}
+local function push(from, to)  -- RPUSH cached[from..to], a bounded number per call
+  for start = from, to, 500 do
+    redis.call('RPUSH', KEYS[2], unpack(cached, start, math.min(start + 499, to)))
+  end
+end
 local ids, skipping, fresh, pushed = false, false, 0, 0
 local first = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
 for i = 1, n do
@@ -118,15 +124,30 @@ for i = 1, n do
       if total > 0 then target = pick(nodes, counts, total) else target = '-' end
     end
     if cache and (not one or target == '-') and size > 0 then
-      redis.call('RPUSH', KEYS[2], (one and '1' or '0') .. index .. ' ' .. cmd)
       pushed = pushed + 1
+      cached[pushed] = (one and '1' or '0') .. index .. ' ' .. cmd
+      cached_index[pushed] = index
     end
     parts[#parts + 1] = target .. ' ' .. #cmd .. '\n' .. cmd
   end
 end
 if fresh > 0 then
   redis.call('HSET', KEYS[1], 'next', first + fresh)
-  if pushed > 0 then
+  if pushed >= size then
+    -- The batch alone fills the cache: only its last `size` entries are written (a
+    -- batch of 1,000 to a cache of 100 was 900 pushes trimmed away again).
+    local evicted
+    if pushed > size then
+      evicted = cached_index[pushed - size]
+    else
+      local newest = redis.call('LINDEX', KEYS[2], -1)
+      if newest then evicted = string.match(newest, '^%d(%d+)') end
+    end
+    redis.call('DEL', KEYS[2])
+    push(pushed - size + 1, pushed)
+    if evicted then redis.call('HSET', KEYS[1], 'evicted', evicted) end
+  elseif pushed > 0 then
+    push(1, pushed)
     local len = redis.call('LLEN', KEYS[2])
     if len > size then
       local last = redis.call('LINDEX', KEYS[2], len - size - 1)
