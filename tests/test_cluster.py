@@ -177,6 +177,27 @@ async def test_a_batch_larger_than_the_cache_keeps_its_newest(nodes: list[Server
             assert [d["msg"] for d in await settle(sub)] == [f"b{i}" for i in range(6, 10)]
 
 
+async def test_a_client_that_pipelines_subscribes_without_reading_is_paused(
+        nursery: trio.Nursery, fresh_redis: RedisProcess) -> None:
+    """Pending subscribes count against the client's output budget: a client that
+    writes 30,000 of them and reads nothing is paused, its node's queue for Redis stays
+    small, and others are served meanwhile."""
+    budget = 64 * 1024
+    node = await start_server(nursery, cluster=fresh_redis.url, max_pending_bytes=budget,
+                              max_line_bytes=1024)
+    with trio.fail_after(GUARD):
+        flood = await LineClient.connect(node.port)
+        line = json.dumps({"command": "subscribe", "topic": "t", "cache": False}).encode()
+        nursery.start_soon(flood.send_raw, b"\n".join([line] * 30_000) + b"\n")
+        other = await LineClient.connect(node.port)
+        for i in range(20):  # served throughout
+            assert await other.request(send("u", f"m{i}")) == SUCCESS
+            history = node.broker.history
+            queued = len(history._ops) + len(history._in_flight)  # type: ignore[attr-defined]
+            assert queued <= budget // 256 + 50
+        assert all(c.outbox.pending <= budget for c in node.connections)
+
+
 async def test_jobs_are_refused_with_a_clear_reason(nodes: list[Server]) -> None:
     with trio.fail_after(GUARD):
         client = await LineClient.connect(nodes[0].port)

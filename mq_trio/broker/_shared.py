@@ -30,6 +30,12 @@ import attrs
 from ._history import SendBatch, Ticket, TopicHistory, epoch_reply, nothing_lost
 
 
+#: What an undecided reply stands for in memory (the item, its ticket, the queued
+#: operation), counted against its client's output budget like bytes.
+PENDING_COST = 64
+JOIN_COST = 256
+
+
 class NotInCluster(Exception):
     """A command a shared history does not offer (acknowledged jobs): the client gets
     ``Not available in cluster mode``."""
@@ -138,7 +144,10 @@ class Gate:
     #: Deliveries, or the :class:`AfterJoin` of a subscription whose join was pending
     #: (decided before this gate: the join's write went to Redis first).
     prefix: list[bytes | AfterJoin] = attrs.field(factory=list)
-    size: int = 0
+    #: Counted against the outbox's budget: the reply and what stands behind it until
+    #: decided (a client pipelining sends without reading is paused by it), plus the
+    #: deliveries in ``prefix`` (``Receiver.grow``).
+    size: int = PENDING_COST
 
     def __len__(self) -> int:
         return self.size
@@ -189,7 +198,9 @@ class Join:
     failure: bytes
 
     def __len__(self) -> int:
-        return 0  # the reply and the replay, like any replay, are beyond the budget
+        # The replay, like any replay, is beyond the budget; the pending subscribe is
+        # not: a client pipelining subscribes without reading is paused by them.
+        return JOIN_COST
 
     def ready(self) -> list[bytes] | None:
         result = self.result
