@@ -42,7 +42,15 @@ from ._history import (
 )
 from ._jobs import DEAD_PREFIX, JOB_OVERHEAD, Job, JobQueues, QueueFull, QueueInfo
 from ._memory import MemoryHistory
-from ._shared import Gate, Join, NotInCluster, SharedHistory, SharedTopics, SharedWrite
+from ._shared import (
+    PENDING_COST,
+    Gate,
+    Join,
+    NotInCluster,
+    SharedHistory,
+    SharedTopics,
+    SharedWrite,
+)
 
 log = logging.getLogger("mq_trio.broker")
 
@@ -494,10 +502,11 @@ class Broker:
             subs = self._new_topic(topic)
         one = send.delivery == "one"
         assert self._shared_history is not None and self.shared is not None
-        write, offset = self._shared_history.publish_shared(
-            topic, send.raw or encode_command(topic, send.msg, send.delivery, send.cache),
-            one, send.cache)
-        gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE)
+        command = send.raw or encode_command(topic, send.msg, send.delivery, send.cache)
+        write, offset = self._shared_history.publish_shared(topic, command, one, send.cache)
+        # (its bytes wait in the node's queue for Redis: they count for the sender)
+        gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE,
+                    size=PENDING_COST + len(command))
         if sender in subs and (sender, topic) not in self.shared.leaving:
             self.shared.gate(sender, topic, gate)
         return gate
@@ -520,19 +529,21 @@ class Broker:
             write, offset = history.publish_many(
                 topic, commands, event.delivery == "one", event.cache, event.id)
             count = len(commands)
+            size = sum(map(len, commands))
 
             def reply(index: int, counted: int, repeated: bool) -> bytes:
                 return index_reply(index, counted if repeated else count, repeated)
         else:
             assert isinstance(event, SendEx)
+            command = event.raw or encode_command(topic, event.msg, event.delivery,
+                                                  event.cache)
             write, offset = history.publish_shared(
-                topic, event.raw or encode_command(topic, event.msg, event.delivery,
-                                                   event.cache),
-                event.delivery == "one", event.cache, event.id)
+                topic, command, event.delivery == "one", event.cache, event.id)
+            size = len(command)
 
             def reply(index: int, counted: int, repeated: bool) -> bytes:
                 return index_reply(index, duplicate=True) if repeated else index_reply(index)
-        gate = Gate(write, offset, reply, _STORAGE_UNAVAILABLE)
+        gate = Gate(write, offset, reply, _STORAGE_UNAVAILABLE, size=PENDING_COST + size)
         if sender in subs and (sender, topic) not in self.shared.leaving:
             self.shared.gate(sender, topic, gate)
         return gate

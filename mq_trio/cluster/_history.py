@@ -245,15 +245,22 @@ class RedisHistory:
                        message_id: str | None = None) -> tuple[Write, int]:
         """Queue one message; its write (shared with the topic's other messages in the
         same commit) and its place in it."""
+        refused = self._refused(len(command))
+        if refused is not None:
+            return refused, 0
         write = self._open.get(topic) or self._new_write(topic)
         offset = write.count
         write.args += (_flags(one, cached), message_id or "", command)
-        self._account(write, len(command))
+        write.size += len(command)
         return write, offset
 
     def publish_many(self, topic: str, commands: list[bytes], one: bool, cached: bool,
                      message_id: str | None = None) -> tuple[Write, int]:
         """Queue a batch: in one script call, so all or none of it is written."""
+        size = sum(map(len, commands))
+        refused = self._refused(size)
+        if refused is not None:
+            return refused, 0
         write = self._open.get(topic) or self._new_write(topic)
         offset = write.count
         args = write.args
@@ -261,21 +268,25 @@ class RedisHistory:
         rest = _flags(one, cached, rest=True)
         for command in commands[1:]:
             args += (rest, "", command)
-        self._account(write, sum(map(len, commands)))
+        write.size += size
         return write, offset
+
+    def _refused(self, size: int) -> Write | None:
+        """A failed write, not queued, if Redis is down or this would take the bytes
+        queued for it beyond ``MAX_QUEUED_BYTES`` (only this send fails, not the ones
+        already queued); else None, and the bytes are counted."""
+        if not self.available or self._queued_bytes + size > MAX_QUEUED_BYTES:
+            write = Write()
+            write._decide(failed=True)
+            return write
+        self._queued_bytes += size
+        return None
 
     def _new_write(self, topic: str) -> Write:
         write = self._open[topic] = Write(topic=topic)
         self._topics.add(topic)
         self._queue(write)
         return write
-
-    def _account(self, write: Write, size: int) -> None:
-        write.size += size
-        self._queued_bytes += size
-        if not self.available or self._queued_bytes > MAX_QUEUED_BYTES:
-            # Redis is down, or far behind: fail now rather than queue without bound.
-            self._fail_queued()
 
     def join(self, topic: str, count: int, last_seen: int, replay: bool,
              on_fail: Callable[[], None] | None = None) -> JoinOp:
