@@ -29,7 +29,6 @@ import attrs
 
 from ._history import SendBatch, Ticket, TopicHistory, epoch_reply, nothing_lost
 
-
 #: What an undecided reply stands for in memory (the item, its ticket, the queued
 #: operation), counted against its client's output budget like bytes.
 PENDING_COST = 64
