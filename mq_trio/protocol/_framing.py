@@ -7,7 +7,7 @@ import attrs
 from ._commands import DEFAULT_MAX_LINE_BYTES
 
 
-@attrs.define
+@attrs.define(weakref_slot=False)
 class LineBuffer:
     """Splits a byte stream into lines at ``\\n`` and enforces the line limit.
 

@@ -70,6 +70,11 @@ _RELEASE_STEP = 2000
 FANOUT_STEP = 4 << 20
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
+def _NO_FD() -> int:
+    """``wait_fd`` of a transport without one (WebSocket, in-memory streams)."""
+    return -1
+
+
 #: Counters of connections made without a server (tests, embedding): never read.
 _UNCOUNTED = Stats()
 #: The reasons of the failure replies sent as prepared bytes (``Connection._fail``).
@@ -264,6 +269,7 @@ class Connection:
         outbox = self.outbox
         ready = self.ready
         turns = getattr(ready, "turns", None)
+        wait_fd = getattr(transport, "wait_fd", _NO_FD)
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -271,7 +277,16 @@ class Connection:
                 if self.authenticator is not None:
                     self._start_auth(nursery)
                 try:
-                    while (lines := await transport.receive_lines()) is not None:
+                    while True:
+                        if (fd := wait_fd()) >= 0:
+                            # An idle connection waits here, not inside receive_lines:
+                            # one coroutine frame less per idle connection.
+                            try:
+                                await trio.lowlevel.wait_readable(fd)
+                            except trio.ClosedResourceError:
+                                pass  # receive_lines' read finds the descriptor closed
+                        if (lines := await transport.receive_lines()) is None:
+                            break
                         self.lines_in += len(lines)
                         done = 0
                         while (done := self._handle_lines(lines, done)) >= 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -26,6 +28,9 @@ RECEIVE_BYTES = 64 << 10
 # is POSIX; elsewhere the stream's own methods are used.
 DIRECT_IO = sys.platform != "win32"
 
+
+#: How ``TCPTransport.receive_lines`` starts (``TCPTransport._next``).
+_WAIT, _READ, _MORE = 0, 1, 2
 
 #: Unsent bytes the kernel may hold per socket (trio.SocketStream's choice too): without
 #: it loopback send buffers grow to megabytes, so a slow consumer's backlog would sit
@@ -55,6 +60,48 @@ def peer_name(sock: object) -> str:
     return f"{host}:{port}"
 
 
+def _borrow(fd: int) -> socket.socket:
+    """A socket object over a descriptor the transport owns, for the rare calls that
+    need one (shutdown, getpeername); ``detach`` it after use, or it closes ``fd``."""
+    return socket.socket(fileno=fd)
+
+
+def _shutdown(fd: int, how: int) -> None:
+    try:
+        sock = _borrow(fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+class SocketView:
+    """Socket calls (``setsockopt``, ``getpeername``, ...) on a descriptor a transport
+    owns: ``TCPTransport.socket`` for tests and tools; the server itself needs none."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            sock = _borrow(self._fd)
+            try:
+                return getattr(sock, name)(*args)
+            finally:
+                sock.detach()
+
+        return call
+
+
 class TCPTransport:
     """Adapts a TCP connection to the line-oriented :class:`~mq_trio.transports.Transport`.
 
@@ -62,9 +109,13 @@ class TCPTransport:
     its conflict detector are two more objects per connection, unused here), or any trio
     stream: a ``trio.SSLStream`` over the accepted socket with TLS (its handshake done:
     ``transports/_tls.py``), in-memory ones in tests.
+
+    An accepted socket is taken over as its bare descriptor (``detach``): the reads,
+    writes and waits use the descriptor anyway, and the trio and stdlib socket objects
+    were two more objects per idle connection. The transport closes it (``aclose``).
     """
 
-    __slots__ = ("stream", "_sock", "_fd", "wire", "_eof", "_maybe_more", "_peer", "_stopping",
+    __slots__ = ("stream", "_fd", "_direct", "wire", "_eof", "_next", "_peer", "_stopping",
                  "_receiving", "_unsent", "_guard", "held", "tls_subject",
                  "turns")
 
@@ -79,20 +130,26 @@ class TCPTransport:
         #: ``transports/_tls.subject_string``); else None. The connection reads it.
         self.tls_subject = tls_subject
         self.stream: trio.abc.Stream | None = None
-        self._sock: trio.socket.SocketType | None = None
+        #: The socket's descriptor while it is open, else -1 (a write after the close,
+        #: e.g. another reader's send_ready, must fail, never reach a reused number).
+        self._fd = -1
+        #: Reads, writes and waits go to the descriptor (not through ``stream``).
+        self._direct = False
         if isinstance(stream, trio.socket.SocketType):
-            self._sock = stream
+            self._fd = stream.detach()  # ours now: aclose closes it
+            self._direct = True
         else:
             self.stream = stream
             if DIRECT_IO and isinstance(stream, trio.SocketStream):
-                self._sock = stream.socket
-        #: The socket's descriptor while it is open, else -1 (a write after the close,
-        #: e.g. another reader's send_ready, must fail, never reach a reused number).
-        self._fd = self._sock.fileno() if self._sock is not None else -1
+                self._fd = stream.socket.fileno()  # the stream still owns it
+                self._direct = True
         #: The wire rules (framing, line limit), sans-IO.
         self.wire = LineConnection(max_line_bytes)
         self._eof = False
-        self._maybe_more = True
+        #: How the next receive_lines reads: _WAIT first for input, _READ at once (the
+        #: caller waited: ``wait_fd``), _MORE at once, then yield (the last read filled
+        #: the buffer, so more is probably waiting).
+        self._next = _MORE
         self._peer: str | None = None
         self._stopping = False
         #: Over a non-socket stream: the scope of the receive in progress.
@@ -109,22 +166,45 @@ class TCPTransport:
         self.turns: WriteTurns | None = None
 
     @property
-    def socket(self) -> trio.socket.SocketType | None:
-        """The connection's socket (None over a non-socket stream)."""
-        return self._sock
+    def socket(self) -> trio.socket.SocketType | SocketView | None:
+        """The connection's socket, for its options and addresses (None over a
+        non-socket stream); over an accepted socket, a view of the descriptor."""
+        if self.stream is not None:
+            return self.stream.socket if self._direct else None  # type: ignore[attr-defined]
+        return SocketView(self._fd) if self._fd >= 0 else None
 
     @property
     def peer(self) -> str:
         """host:port of the client (looked up when first needed: logs only)."""
         if self._peer is None:
-            sock: object = self._sock
-            if sock is None:
-                stream = self.stream
+            stream = self.stream
+            if stream is None:
+                if self._fd < 0:
+                    return "?"  # closed before anyone asked
+                sock = _borrow(self._fd)
+                try:
+                    self._peer = peer_name(sock)
+                finally:
+                    sock.detach()
+            else:
                 if isinstance(stream, trio.SSLStream):  # the socket is under the TLS
                     stream = stream.transport_stream
-                sock = getattr(stream, "socket", None)
-            self._peer = peer_name(sock)
+                self._peer = peer_name(getattr(stream, "socket", None))
         return self._peer
+
+    def wait_fd(self) -> int:
+        """The descriptor to wait on (``trio.lowlevel.wait_readable``) before the next
+        ``receive_lines``, or -1: call it at once.
+
+        ``Connection.run`` waits itself rather than inside ``receive_lines``: an idle
+        connection's reader then sits one coroutine frame shallower (about 300 bytes,
+        times every idle connection). The read after such a wait takes no extra
+        scheduler pass, as when ``receive_lines`` waited.
+        """
+        if self._next != _WAIT or self._eof or self._stopping or not self._direct:
+            return -1
+        self._next = _READ
+        return self._fd
 
     def closing_reply(self) -> bytes | None:
         return self.wire.closing_reply()
@@ -137,9 +217,9 @@ class TCPTransport:
         """
         if self._eof or self._stopping:
             return None
-        sock = self._sock
         data: bytes | bytearray | None = None
-        if sock is None:
+        how = self._next
+        if not self._direct:
             with trio.CancelScope() as self._receiving:
                 try:
                     data = await self.stream.receive_some(RECEIVE_BYTES)  # type: ignore[union-attr]
@@ -148,32 +228,35 @@ class TCPTransport:
             self._receiving = None
             if data is None:  # stopped, or the input aborted (closing_reply says why)
                 return [] if self.wire.closing_reply() is not None else None
-        elif self._maybe_more:
-            # The last read filled the buffer, so more is probably waiting: read first.
-            await trio.lowlevel.checkpoint_if_cancelled()
+        elif how != _WAIT:
+            # The last read filled the buffer, so more is probably waiting, or the caller
+            # has just waited for input (wait_fd): read first.
+            if how == _MORE:
+                await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 data = os.read(self._fd, RECEIVE_BYTES)
             except BlockingIOError:
-                pass
+                self._next = _WAIT
             except OSError:  # reset, or closed
                 data = b""
             else:
-                self._maybe_more = len(data) == RECEIVE_BYTES
-                # Data was already waiting: still yield once, so a client that keeps its
-                # socket full cannot starve the other connections.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._next = _MORE if len(data) == RECEIVE_BYTES else _WAIT
+                if how == _MORE:
+                    # Data was already waiting: still yield once, so a client that keeps
+                    # its socket full cannot starve the other connections.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         # After a short read the socket is almost always empty: wait first rather than
         # spend a read syscall on EAGAIN (one of the few syscalls of a round trip).
         while data is None:
             try:
-                await trio.lowlevel.wait_readable(sock)  # type: ignore[arg-type]
+                await trio.lowlevel.wait_readable(self._fd)
                 data = os.read(self._fd, RECEIVE_BYTES)
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError):
                 data = b""
             else:
-                self._maybe_more = len(data) == RECEIVE_BYTES
+                self._next = _MORE if len(data) == RECEIVE_BYTES else _WAIT
         if data:
             wire = self.wire
             lines = wire.receive_data(data)
@@ -211,20 +294,17 @@ class TCPTransport:
         self._wake_reader()
 
     def _wake_reader(self) -> None:
-        if self._sock is not None:
+        if self._direct:
             # Wakes a reader waiting for input (the read then sees EOF, or input that
             # was already there, which the connection no longer handles).
-            try:
-                self._sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+            if self._fd >= 0:
+                _shutdown(self._fd, socket.SHUT_RD)
         elif self._receiving is not None:
             self._receiving.cancel()
 
     def send_nowait(self, items: list[bytes]) -> bool:
-        sock = self._sock
         data = self.wire.frame(items)
-        if sock is not None and not self._unsent:
+        if self._direct and not self._unsent:
             try:
                 sent = self._write(data)
             except trio.BrokenResourceError:
@@ -243,8 +323,7 @@ class TCPTransport:
         else:
             data = self._unsent
         self._unsent = b""
-        sock = self._sock
-        if sock is None:
+        if not self._direct:
             await self.stream.send_all(data)  # type: ignore[union-attr]
             return
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -256,7 +335,7 @@ class TCPTransport:
         with memoryview(data) as view:
             while sent < len(data):
                 try:
-                    await trio.lowlevel.wait_writable(sock)
+                    await trio.lowlevel.wait_writable(self._fd)
                 except trio.ClosedResourceError as exc:
                     raise trio.BrokenResourceError("socket closed") from exc
                 turns = self.turns
@@ -281,18 +360,25 @@ class TCPTransport:
         self._unsent = b""
         if self._guard is not None:
             self._guard.release(self)
-        sock = self._sock
-        if not self._eof and sock is not None:
+        fd = self._fd
+        if not self._eof and self._direct and fd >= 0:
             # Closing a socket with unread input makes the kernel send a reset, which can
             # destroy the last replies (e.g. "Line too long") before the client reads
             # them. Half-close instead, and discard input briefly until the client closes.
             try:
-                sock.shutdown(socket.SHUT_WR)
+                sock = _borrow(fd)
             except OSError:
                 pass
             else:
-                with trio.move_on_after(LINGER_SECONDS):
-                    await self._discard_input(sock)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                else:
+                    with trio.move_on_after(LINGER_SECONDS):
+                        await self._discard_input(fd)
+                finally:
+                    sock.detach()
         self._fd = -1
         if isinstance(self.stream, trio.SSLStream):
             # TLS has no half-close (trio issue #823): close_notify after everything
@@ -300,17 +386,18 @@ class TCPTransport:
             await tls.close_stream(self.stream)
         elif self.stream is not None:
             await trio.aclose_forcefully(self.stream)
-        elif sock is not None:
-            sock.close()
+        elif fd >= 0:
+            trio.lowlevel.notify_closing(fd)  # (what a trio socket's close does)
+            os.close(fd)
             await trio.lowlevel.checkpoint()
 
     @staticmethod
-    async def _discard_input(sock: trio.socket.SocketType) -> None:
+    async def _discard_input(fd: int) -> None:
         """Read and drop input until the client closes (or the caller's timeout)."""
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(fd)
             try:
-                if not os.read(sock.fileno(), RECEIVE_BYTES):
+                if not os.read(fd, RECEIVE_BYTES):
                     return
             except BlockingIOError:
                 continue
