@@ -384,7 +384,7 @@ async def test_too_many_topics_through_handle_event() -> None:
     assert isinstance(send, Send)
     assert conn.handle_event(send) is False
     assert conn.handle_event(Subscribe("full")) is False
-    replies = list(conn.outbox._queue)
+    replies = list(conn.outbox._queue or [])
     assert replies == [b'{"success": false, "reason": "Too many topics"}'] * 2
 
 

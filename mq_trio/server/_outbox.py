@@ -10,7 +10,7 @@ writer's: it waits for them in order, so the reply order holds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -24,6 +24,21 @@ if TYPE_CHECKING:
 WRITE_BATCH_BYTES = 256 << 10
 #: The most a reader writes itself (``Outbox.write_inline``); more is the writer's job.
 SEND_NOW_BYTES = 64 << 10
+
+
+class OutboxOwner(Protocol):
+    """What an outbox reports to its connection. The connection itself, not two bound
+    methods: those were two more objects per idle connection."""
+
+    def on_overflow(self) -> None:
+        """A push was refused: over the budget (the outbox has closed)."""
+
+    def on_peer_gone(self) -> None:
+        """The writer's transport broke: nothing more can be delivered."""
+
+
+#: ``budget // 2`` per budget: one int per server, not one per outbox.
+_HIGH_WATER: dict[int, int] = {}
 
 
 class Ready(list["Outbox"]):
@@ -60,14 +75,14 @@ class Outbox:
     # the writer takes it whole, and an idle connection then holds an empty list (56
     # bytes) instead of a deque's 64-slot block (about 1.2 KiB with the one clear() makes).
     # The reader's wait for the writer to catch up is a single task slot too, not a
-    # ParkingLot (an OrderedDict per connection, idle or not).
+    # ParkingLot (an OrderedDict per connection, idle or not). The queue is None while
+    # empty (an empty list is 56 bytes per idle connection).
     __slots__ = ("_queue", "_closed", "_waiter", "_reader", "pending", "budget", "high_water",
-                 "_limit", "overflowed", "_on_overflow", "_sending", "_leftover", "transport",
-                 "_ready", "_listed", "_deferred", "sent", "sent_bytes",
-                 "__weakref__")
+                 "_limit", "overflowed", "_owner", "_sending", "_leftover", "transport",
+                 "_ready", "_listed", "_deferred", "sent", "sent_bytes", "__weakref__")
 
-    def __init__(self, budget: int, on_overflow: Callable[[], None] | None = None) -> None:
-        self._queue: list[Item] = []
+    def __init__(self, budget: int, owner: OutboxOwner | None = None) -> None:
+        self._queue: list[Item] | None = None
         self._closed = False
         #: The writer, while it waits for something to send.
         self._waiter: trio.lowlevel.Task | None = None
@@ -76,11 +91,12 @@ class Outbox:
         self.pending = 0
         self.budget = budget
         #: Over this, the reader waits for the writer before handling more.
-        self.high_water = budget // 2
+        self.high_water = _HIGH_WATER.setdefault(budget, budget // 2)
         #: The overflow threshold: the budget plus replay bytes still queued.
         self._limit = budget
         self.overflowed = False
-        self._on_overflow = on_overflow
+        #: Told of an overflow and of a broken transport (the connection).
+        self._owner = owner
         #: The writer is between taking items and handing them all to the transport.
         self._sending = False
         #: A ``send_now`` left part of its write with the transport: the writer sends it.
@@ -104,7 +120,11 @@ class Outbox:
             self._refuse(pending)
             return
         self.pending = pending
-        self._queue.append(payload)
+        queue = self._queue
+        if queue is None:
+            self._queue = [payload]
+        else:
+            queue.append(payload)
         if self._waiter is not None and not self._listed:
             self._notify()
 
@@ -116,7 +136,11 @@ class Outbox:
             self._refuse(pending)
             return
         self.pending = pending
-        self._queue.append(item)
+        queue = self._queue
+        if queue is None:
+            self._queue = [item]
+        else:
+            queue.append(item)
         self._deferred = True
         if self._waiter is not None and not self._listed:
             self._notify()
@@ -141,7 +165,11 @@ class Outbox:
             self._refuse(pending)
             return
         self.pending = pending
-        self._queue.append(payload)
+        queue = self._queue
+        if queue is None:
+            self._queue = [payload]
+        else:
+            queue.append(payload)
 
     def _refuse(self, pending: int) -> None:
         if self.overflowed:
@@ -150,8 +178,8 @@ class Outbox:
         if pending > self._limit:
             self.overflowed = True
             self.close()
-            if self._on_overflow is not None:
-                self._on_overflow()
+            if self._owner is not None:
+                self._owner.on_overflow()
         # else closed for flushing: the client is leaving and gets nothing new
 
     def queue_replay(self, items: list[Item]) -> None:
@@ -215,8 +243,10 @@ class Outbox:
     # A cancelled wait clears its slot at once, not in the woken task's ``finally``: in
     # between, a close or push (another task, the same scheduler pass) would otherwise
     # reschedule a task that is already scheduled, which trio refuses (an AssertionError
-    # that took the server down at shutdown). A bound method per wait, not per message.
-    def _abort_writer(self, _: object) -> trio.lowlevel.Abort:
+    # that took the server down at shutdown). The writer's abort function is the outbox
+    # itself: a bound method would be one more object while every idle writer waits.
+    def __call__(self, _: object) -> trio.lowlevel.Abort:
+        """The writer's abort function (``drain_into``'s wait)."""
         self._waiter = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -243,7 +273,7 @@ class Outbox:
         no reference cycle keeps it, or this outbox, alive until a garbage-collection
         pass. Anything pushed later is refused, and what is still queued is released."""
         self._closed = True
-        self._on_overflow = None
+        self._owner = None
         self.transport = None
         if self._listed:
             # Woken at close: no reader may call send_ready for a while, and the list
@@ -256,7 +286,7 @@ class Outbox:
             if self._deferred:
                 self._deferred = False
                 discard(self._queue)
-            self._queue = []
+        self._queue = None
 
     def wake_reader(self) -> None:
         """End the reader's ``wait_drained`` now (it re-checks why it waited)."""
@@ -291,13 +321,13 @@ class Outbox:
         trip's gap to Redis. Only a non-blocking write happens here; what the kernel does
         not take stays with the transport, and the writer sends it.
         """
-        if not self._queue:
+        items = self._queue
+        if not items:
             return
         if self._sending or self._leftover or self._deferred or self.pending > SEND_NOW_BYTES:
             self._wake()  # the writer's job (when it is busy, it comes back for these)
             return
-        items = self._queue
-        self._queue = []
+        self._queue = None
         size = self.pending
         self.sent += len(items)
         if not transport.send_nowait(items):  # type: ignore[arg-type]  # all bytes
@@ -305,10 +335,14 @@ class Outbox:
             self._wake()
         self.written(size)
 
-    async def drain_into(self, transport: Transport, peer_gone: Callable[[], None]) -> None:
+    async def drain_into(
+        self, transport: Transport, peer_gone: Callable[[], None] | None = None
+    ) -> None:
         """The writer task: one transport write for everything queued, until closed.
 
-        Calls ``peer_gone`` when the transport breaks. The waits are written out here
+        When the transport breaks, calls ``peer_gone``, or else tells the owner
+        (``on_peer_gone``: what a connection's writer does, with no callable per
+        connection kept while it waits). The waits are written out here
         rather than in a helper coroutine: every await level is a coroutine frame that
         each idle connection keeps, and idle connections are what memory is spent on.
         """
@@ -320,7 +354,7 @@ class Outbox:
                         return
                     self._waiter = trio.lowlevel.current_task()
                     try:
-                        await trio.lowlevel.wait_task_rescheduled(self._abort_writer)
+                        await trio.lowlevel.wait_task_rescheduled(self)
                     finally:
                         self._waiter = None  # already None unless cancelled
                 if turns is not None and not turns.take(self.pending):
@@ -329,8 +363,8 @@ class Outbox:
                     await turns.wait_turn(self.pending)
                     if not self._queue and not self._leftover:
                         continue
-                items = self._queue
-                self._queue = []
+                items = self._queue or []
+                self._queue = None
                 self._leftover = False
                 self._sending = True
                 self.sent += len(items)
@@ -346,12 +380,15 @@ class Outbox:
                 self._sending = False
                 del items  # not kept alive while idle
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            peer_gone()
+            if peer_gone is not None:
+                peer_gone()
+            elif self._owner is not None:
+                self._owner.on_peer_gone()
         finally:
             if self._deferred:
                 # What the writer never reached releases what it holds (snapshots).
                 self._deferred = False
-                discard(self._queue)
+                discard(self._queue or [])
 
     async def _send_deferred(self, transport: Transport, items: list[Item]) -> None:
         """Write items in order, waiting at each one that is not decided yet; bytes and
