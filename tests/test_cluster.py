@@ -33,7 +33,7 @@ pytest.importorskip("hiredis", reason="the 'cluster' extra is not installed")
 
 Obj = dict[str, Any]
 SUCCESS: Obj = {"success": True}
-GUARD = 30
+GUARD = 60
 BARRIER: Obj = {"command": "subscribe", "topic": "\x00barrier", "cache": False}
 
 
@@ -196,15 +196,6 @@ async def test_a_client_that_pipelines_subscribes_without_reading_is_paused(
             queued = len(history._ops) + len(history._in_flight)  # type: ignore[attr-defined]
             assert queued <= budget // 256 + 50
         assert all(c.outbox.pending <= budget for c in node.connections)
-
-
-async def test_jobs_are_refused_with_a_clear_reason(nodes: list[Server]) -> None:
-    with trio.fail_after(GUARD):
-        client = await LineClient.connect(nodes[0].port)
-        refused = {"success": False, "reason": "Not available in cluster mode"}
-        assert await client.request(send("q", "x", "one", ack=True)) == refused
-        assert await client.request({"command": "subscribe", "topic": "q", "ack": True}) == refused
-        assert await client.request(send("q", "still fine")) == SUCCESS
 
 
 async def test_redis_down_sends_fail_subscribers_stay_and_service_resumes(
@@ -468,3 +459,160 @@ def test_a_node_without_redis_does_not_start(tmp_path: Path) -> None:
                           timeout=60)
     assert done.returncode == 1
     assert f"mq-trio: cannot use Redis at {url}: " in done.stderr
+
+
+# --- acknowledged jobs across nodes (docs/protocol.md "Acknowledged jobs") ---
+
+
+def job(topic: str, msg: str, **extra: Any) -> Obj:
+    return send(topic, msg, "one", ack=True, **extra)
+
+
+async def consume(client: LineClient, topic: str, prefetch: int) -> None:
+    assert await client.request({"command": "subscribe", "topic": topic, "ack": True,
+                                 "prefetch": prefetch}) == SUCCESS
+
+
+@pytest.fixture
+async def job_nodes(nursery: trio.Nursery, fresh_redis: RedisProcess
+                    ) -> AsyncIterator[list[Server]]:
+    """Two nodes with a short ack timeout and three deliveries at most."""
+    yield [await start_server(nursery, cluster=fresh_redis.url, ack_timeout=1.0,
+                              max_deliveries=3, max_queue_jobs=50)
+           for _ in range(2)]
+
+
+async def test_jobs_go_to_consumers_on_every_node_once(job_nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        producer = await LineClient.connect(job_nodes[0].port)
+        for i in range(40):
+            assert await producer.request(job("work", f"j{i}")) == {
+                "success": True, "index": i}
+        workers = [await LineClient.connect(node.port) for node in job_nodes]
+        done: dict[int, int] = {}
+        all_done = trio.Event()
+
+        async def work(n: int, worker: LineClient) -> None:
+            await consume(worker, "work", 3)
+            while True:  # deliveries and ack replies interleave: both are read here
+                line = await worker.receive()
+                if line == SUCCESS:
+                    continue
+                assert line["deliveries"] == 1 and line["index"] not in done
+                done[line["index"]] = n
+                if len(done) == 40:
+                    all_done.set()
+                await worker.send({"command": "ack", "topic": "work", "index": line["index"]})
+
+        async with trio.open_nursery() as tasks:
+            for n, worker in enumerate(workers):
+                tasks.start_soon(work, n, worker)
+            await all_done.wait()
+            tasks.cancel_scope.cancel()
+        assert sorted(done) == list(range(40))
+        assert set(done.values()) == {0, 1}  # both nodes' consumers took some
+
+
+async def test_prefetch_holds_across_nodes_and_acks_make_room(job_nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        producer = await LineClient.connect(job_nodes[0].port)
+        for i in range(5):
+            assert (await producer.request(job("p", f"j{i}")))["success"]
+        worker = await LineClient.connect(job_nodes[1].port)
+        await consume(worker, "p", 2)
+        first = [await worker.receive() for _ in range(2)]
+        assert [d["index"] for d in first] == [0, 1]
+        assert await settle(worker) == []  # no third while two are held
+        await worker.send({"command": "ack", "topic": "p", "index": 0})
+        assert await worker.receive() == SUCCESS
+        assert (await worker.receive())["index"] == 2
+
+
+async def test_a_departed_consumers_jobs_go_to_another_node(job_nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        producer = await LineClient.connect(job_nodes[0].port)
+        for i in range(3):
+            assert (await producer.request(job("d", f"j{i}")))["success"]
+        leaving = await LineClient.connect(job_nodes[0].port)
+        await consume(leaving, "d", 5)
+        assert [(await leaving.receive())["index"] for _ in range(3)] == [0, 1, 2]
+        staying = await LineClient.connect(job_nodes[1].port)
+        await consume(staying, "d", 5)
+        await leaving.aclose()
+        got = [await staying.receive() for _ in range(3)]
+        assert [(d["index"], d["deliveries"]) for d in got] == [(0, 2), (1, 2), (2, 2)]
+
+
+async def test_unacknowledged_jobs_come_back_then_die_into_the_dead_letter_topic(
+        job_nodes: list[Server]) -> None:
+    """ack timeout 1 s, 3 deliveries at most: a job never acknowledged is delivered three
+    times, then moves to ``$dead.<topic>`` (consumed on the other node)."""
+    with trio.fail_after(GUARD):
+        producer = await LineClient.connect(job_nodes[0].port)
+        assert (await producer.request(job("slow", "never done")))["success"]
+        sleeper = await LineClient.connect(job_nodes[0].port)
+        await consume(sleeper, "slow", 1)
+        graveyard = await LineClient.connect(job_nodes[1].port)
+        await consume(graveyard, "$dead.slow", 1)
+        counts = [(await sleeper.receive())["deliveries"] for _ in range(3)]
+        assert counts == [1, 2, 3]
+        dead = await graveyard.receive()
+        assert (dead["topic"], dead["msg"], dead["from_topic"], dead["from_index"]) == (
+            "$dead.slow", "never done", "slow", 0)
+
+
+async def test_nack_with_a_delay_and_progress(job_nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        producer = await LineClient.connect(job_nodes[0].port)
+        assert (await producer.request(job("n", "again")))["success"]
+        worker = await LineClient.connect(job_nodes[1].port)
+        await consume(worker, "n", 1)
+        assert (await worker.receive())["deliveries"] == 1
+        assert await worker.request({"command": "nack", "topic": "n", "index": 0,
+                                     "delay": 0.3}) == SUCCESS
+        again = await worker.receive()
+        assert (again["index"], again["deliveries"]) == (0, 2)
+        assert await worker.request({"command": "progress", "topic": "n", "index": 0}) == SUCCESS
+        assert await worker.request({"command": "ack", "topic": "n", "index": 0}) == SUCCESS
+        assert await worker.request({"command": "ack", "topic": "n", "index": 0}) == {
+            "success": False, "reason": "Unknown job"}
+
+
+async def test_a_full_queue_refuses_and_loses_nothing(job_nodes: list[Server]) -> None:
+    with trio.fail_after(GUARD):
+        producer = await LineClient.connect(job_nodes[1].port)
+        batch = {"command": "batch", "topic": "f", "msgs": [f"j{i}" for i in range(50)],
+                 "delivery": "one", "ack": True}
+        assert await producer.request(batch) == {"success": True, "index": 0, "count": 50}
+        assert await producer.request(job("f", "one more")) == {
+            "success": False, "reason": "Queue full"}
+        worker = await LineClient.connect(job_nodes[0].port)
+        await consume(worker, "f", 100)
+        assert [(await worker.receive())["index"] for _ in range(50)] == list(range(50))
+
+
+async def test_a_killed_nodes_jobs_are_taken_back_by_another(
+        nursery: trio.Nursery, fresh_redis: RedisProcess) -> None:
+    """A node killed with jobs held: once their claims end (ack timeout 1 s, plus as
+    much), the other node's consumer gets them, marked as redelivered."""
+    survivor = await start_server(nursery, cluster=fresh_redis.url, ack_timeout=1.0)
+    port = _free_port()
+    doomed = _node_process(fresh_redis, port, "--ack-timeout", "1")
+    try:
+        with trio.fail_after(GUARD):
+            await _wait_listening(port)
+            producer = await LineClient.connect(survivor.port)
+            for i in range(2):
+                assert (await producer.request(job("k", f"j{i}")))["success"]
+            victim = await LineClient.connect(port)
+            await consume(victim, "k", 5)
+            assert [(await victim.receive())["index"] for _ in range(2)] == [0, 1]
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait()
+            heir = await LineClient.connect(survivor.port)
+            await consume(heir, "k", 5)
+            got = [await heir.receive() for _ in range(2)]
+            assert [(d["index"], d["deliveries"]) for d in got] == [(0, 2), (1, 2)]
+    finally:
+        doomed.kill()
+        doomed.wait()

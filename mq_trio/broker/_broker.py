@@ -17,6 +17,7 @@ from typing import Protocol
 import attrs
 
 from ..protocol import (
+    QUEUE_FULL,
     STORAGE_UNAVAILABLE,
     SUCCESS,
     Batch,
@@ -40,13 +41,20 @@ from ._history import (
     TopicHistory,
     epoch_reply,
 )
-from ._jobs import DEAD_PREFIX, JOB_OVERHEAD, Job, JobQueues, QueueFull, QueueInfo
+from ._jobs import (
+    DEAD_PREFIX,
+    JOB_OVERHEAD,
+    Job,
+    JobQueues,
+    QueueFull,
+    QueueInfo,
+    TopicQueue,
+)
 from ._memory import MemoryHistory
 from ._shared import (
     PENDING_COST,
     Gate,
     Join,
-    NotInCluster,
     SharedHistory,
     SharedTopics,
     SharedWrite,
@@ -55,6 +63,7 @@ from ._shared import (
 log = logging.getLogger("mq_trio.broker")
 
 _STORAGE_UNAVAILABLE = failure_bytes(STORAGE_UNAVAILABLE)
+_QUEUE_FULL = failure_bytes(QUEUE_FULL)
 DEFAULT_MAX_TOPICS = 1_000_000
 
 
@@ -121,6 +130,8 @@ class Broker:
     _consumed_only: set[str] = attrs.field(init=False, factory=set)
     #: With a shared history (cluster): the gates and joins of docs/cluster.md.
     shared: SharedTopics | None = attrs.field(init=False, default=None)
+    #: Topics with a ``take`` out to the shared history.
+    _taking: set[str] = attrs.field(init=False, factory=set)
     _shared_history: SharedHistory | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -131,7 +142,8 @@ class Broker:
             history.attach(self)
         self.jobs = JobQueues(self.history, dead_letter=self._dead_letter,
                               keep_counts=not isinstance(self.history, MemoryHistory),
-                              on_idle=self._consumed_only.discard)
+                              on_idle=self._consumed_only.discard,
+                              on_unconsumed=self._unconsumed if self.shared else None)
         for stored in self.history.stored_jobs():  # a durable history's, after a restart
             self.jobs.add(stored.topic, stored.index, stored.base, None, stored.deliveries)
             self._subscribers.setdefault(stored.topic, _NO_SUBS)
@@ -354,9 +366,14 @@ class Broker:
                 ) -> Callable[[], None]:
         """Make ``subscriber`` a consumer of the topic's jobs (``TooManyTopics`` if new
         and there is no room); returns what starts its deliveries, to call after the
-        reply. ``NotInCluster`` with a shared history."""
+        reply. With a shared history, the jobs come from it (``_feed``)."""
         if self.shared is not None:
-            raise NotInCluster
+            start = self.jobs.consume(subscriber, topic, prefetch)
+
+            def start_shared() -> None:
+                start()
+                self._feed(topic)
+            return start_shared
         if (topic not in self.jobs.queues and topic not in self._subscribers
                 and topic not in self._unrecorded and not self.history.has(topic)):
             self._room()
@@ -388,8 +405,6 @@ class Broker:
             repeat = self._repeat(send.topic, send.id)
             if repeat is not None:
                 return repeat
-        if send.ack and self.shared is not None:
-            raise NotInCluster
         if send.ack:
             recorded = self._publish_job(send.topic, send.raw or encode_command(
                 send.topic, send.msg, "one", send.cache, True))
@@ -480,7 +495,12 @@ class Broker:
             base = encode_command(topic, msg, "one", True, True, from_topic=job.topic,
                                   from_index=job.index)
             self._topic_room(topic)
-            self._publish_job(topic, base)
+            if self._shared_history is not None:
+                # (the id makes a second forwarding of the same dead job harmless)
+                self._shared_history.publish_jobs(topic, [base],
+                                                  f"dead:{job.index}:{job.topic}"[:200])
+            else:
+                self._publish_job(topic, base)
         except (QueueFull, TooManyTopics) as exc:
             self.jobs.dead_letters_dropped += 1
             log.warning("job %d of %r dropped: its dead-letter topic %r is full (%s)",
@@ -514,10 +534,10 @@ class Broker:
     def publish_ex_shared(self, sender: Subscriber, event: SendEx | Batch) -> Gate:
         """A send with an id, or a batch, with a shared history: the id is kept in
         Redis for the window (a repeat on any node gets the original's index); a batch
-        is one write, so all or none. Jobs: ``NotInCluster``."""
-        if event.ack:
-            raise NotInCluster
+        is one write, so all or none. Jobs: kept in the history (``_publish_jobs_shared``)."""
         topic = event.topic
+        if event.ack:
+            return self._publish_jobs_shared(event)
         subs = self._subscribers.get(topic)
         if subs is None:
             subs = self._new_topic(topic)
@@ -547,6 +567,101 @@ class Broker:
         if sender in subs and (sender, topic) not in self.shared.leaving:
             self.shared.gate(sender, topic, gate)
         return gate
+
+    def _publish_jobs_shared(self, event: SendEx | Batch) -> Gate:
+        """Jobs with a shared history: kept in it, taken by the nodes with consumers."""
+        topic = event.topic
+        if topic not in self._subscribers:
+            self._new_topic(topic)
+        history = self._shared_history
+        assert history is not None
+        if type(event) is Batch:
+            commands = [encode_command(topic, m, "one", event.cache, True)
+                        for m in event.msgs]
+            count: int | None = len(commands)
+        else:
+            assert isinstance(event, SendEx)
+            commands = [event.raw or encode_command(topic, event.msg, "one", event.cache,
+                                                    True)]
+            count = None
+        write, offset = history.publish_jobs(topic, commands, event.id)
+
+        def reply(index: int, counted: int, repeated: bool) -> bytes:
+            if index < 0:
+                return _QUEUE_FULL
+            if count is None:
+                return index_reply(index, duplicate=True) if repeated else index_reply(index)
+            return index_reply(index, counted if repeated else count, repeated)
+        return Gate(write, offset, reply, _STORAGE_UNAVAILABLE,
+                    size=PENDING_COST + sum(map(len, commands)))
+
+    def room_made(self, topic: str) -> None:
+        """Acks or nacks made room for ``topic``'s consumers: dispatch what waits here,
+        and (a shared history) take more from it."""
+        self.jobs.dispatch_topic(topic)
+        if self.shared is not None:
+            self._feed(topic)
+
+    def job_progress(self, subscriber: Subscriber, topic: str, index: int) -> bool:
+        """A consumer's ``progress``: its deadline moves (and the claim in a shared
+        history)."""
+        held = self.jobs.progress(subscriber, topic, index)
+        if held and self._shared_history is not None:
+            self._shared_history.job_touched(topic, index)
+        return held
+
+    def _feed(self, topic: str) -> None:
+        """Take jobs from the shared history for this node's consumers of ``topic``, as
+        many as they have room for; one request per topic at a time."""
+        if topic in self._taking:
+            return
+        room = self.jobs.room(topic)
+        if room <= 0:
+            return
+        assert self._shared_history is not None
+        self._taking.add(topic)
+        if not self._shared_history.take(topic, room, lambda taken: self._fed(topic, taken,
+                                                                               room)):
+            self._taking.discard(topic)
+
+    def _fed(self, topic: str, taken: list[tuple[int, int, bytes]], asked: int) -> None:
+        self._taking.discard(topic)
+        history = self._shared_history
+        assert history is not None
+        jobs = self.jobs
+        queue = jobs.queues.get(topic)
+        for index, before, command in taken:
+            if queue is None or not queue.consumers or index in queue.jobs:
+                history.job_back(topic, index)  # (its consumers left meanwhile)
+            elif before >= jobs.max_deliveries and not topic.startswith(DEAD_PREFIX):
+                # Its holder died at its last delivery: out of deliveries, as the one
+                # node would have found when the connection dropped.
+                history.job_done(topic, index)
+                jobs.dead_lettered_total += 1
+                self._dead_letter(Job(topic, index, command[:-1], before))
+            else:
+                jobs.add(topic, index, command, None, before)
+        if len(taken) >= asked:
+            self._feed(topic)  # (there may be more, and room for them)
+
+    def jobs_waiting(self, topic: str) -> None:
+        """The shared history says jobs wait on ``topic``."""
+        if topic in self.jobs.queues:
+            self._feed(topic)
+
+    def poll_jobs(self) -> None:
+        """Now and then: take jobs for every topic with room (claims of a dead node end
+        in Redis without a word to anyone)."""
+        for topic in list(self.jobs.queues):
+            self._feed(topic)
+
+    def _unconsumed(self, queue: TopicQueue) -> None:
+        """The last consumer of a topic left this node: its jobs go back to the shared
+        history, for the other nodes' consumers."""
+        assert self._shared_history is not None
+        # Newest first: each goes to the front of the queue there, so the oldest leads.
+        for job in sorted(self.jobs.surrender(queue), key=lambda j: -j.index):
+            self._shared_history.job_back(queue.topic, job.index)
 
     def join(self, subscriber: Subscriber, topic: str, last_seen: int = -1,
              cache: bool = True, epoch: str | None = None) -> Join:

@@ -126,6 +126,9 @@ class JobQueues:
     dead_letter: Callable[[Job], None] | None = None
     #: Called with a topic whose queue went idle (no jobs, no consumers).
     on_idle: Callable[[str], None] | None = None
+    #: Called with a queue whose last consumer left (a shared history takes its jobs
+    #: back for the other nodes).
+    on_unconsumed: Callable[[TopicQueue], None] | None = None
     queues: dict[str, TopicQueue] = attrs.field(factory=dict)
     _of: dict[Subscriber, dict[str, Consumer]] = attrs.field(factory=dict)
     #: The totals of queues that went idle (delivered, redelivered, acked, dead-lettered).
@@ -281,7 +284,27 @@ class JobQueues:
             queue.in_flight -= 1
         self._return_all(queue, held)
         self._dispatch(queue)
+        if not queue.consumers and self.on_unconsumed is not None:
+            self.on_unconsumed(queue)
         self._drop_if_idle(queue)
+
+    def room(self, topic: str) -> int:
+        """Jobs the topic's consumers could take now beyond those waiting here."""
+        queue = self.queues.get(topic)
+        if queue is None:
+            return 0
+        free = sum(c.prefetch - len(c.held) for c in queue.consumers.values())
+        return free - len(queue.waiting)
+
+    def surrender(self, queue: TopicQueue) -> list[Job]:
+        """Every job of the queue not held by a consumer (waiting, delayed), forgotten
+        here: a shared history gives them to the other nodes."""
+        jobs = [job for job in queue.jobs.values() if job.holder is None
+                and job.state in (WAITING, DELAYED)]
+        for job in jobs:
+            self._forget(queue, job)
+        queue.waiting.clear()
+        return jobs
 
     def _list(self, consumer: Consumer) -> None:
         if not consumer.listed and len(consumer.held) < consumer.prefetch:

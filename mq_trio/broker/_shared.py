@@ -35,11 +35,6 @@ PENDING_COST = 64
 JOIN_COST = 256
 
 
-class NotInCluster(Exception):
-    """A command a shared history does not offer (acknowledged jobs): the client gets
-    ``Not available in cluster mode``."""
-
-
 class SharedWrite(Ticket, Protocol):
     """One remote write (a batch of one topic's messages), decided later. ``done``
     once the node's intake delivered it (``passed``), or it failed, or its reply came
@@ -82,6 +77,12 @@ class FrameSink(Protocol):
                       own: SharedWrite | None = None) -> None:
         """``own``: the frame is of this node's write."""
 
+    def jobs_waiting(self, topic: str) -> None:
+        """Jobs wait on ``topic`` in the shared history (added, or given back)."""
+
+    def poll_jobs(self) -> None:
+        """Now and then: take jobs wherever this node's consumers have room."""
+
 
 class SharedHistory(TopicHistory, Protocol):
     """A history several nodes share (cluster mode). It gives out indexes remotely,
@@ -106,6 +107,22 @@ class SharedHistory(TopicHistory, Protocol):
              on_fail: Callable[[], None] | None = None) -> JoinResult:
         """The node has ``count`` subscribers of ``topic`` now; with ``replay``, the
         cache after ``last_seen``. ``on_fail``: called if it cannot be done."""
+
+    def publish_jobs(self, topic: str, commands: list[bytes], message_id: str | None
+                     ) -> tuple[SharedWrite, int]:
+        """Queue jobs (a batch: all or none); the write's index is -1 if the topic's
+        queue is full."""
+
+    def take(self, topic: str, count: int,
+             on_taken: Callable[[list[tuple[int, int, bytes]]], None]) -> bool:
+        """Ask for up to ``count`` waiting jobs for this node's consumers: ``on_taken``
+        gets (index, deliveries before, command) of each (maybe none). False: cannot."""
+
+    def job_touched(self, topic: str, index: int) -> None:
+        """A held job's consumer reported progress."""
+
+    def job_back(self, topic: str, index: int) -> None:
+        """A job this node will not deliver, for the other nodes."""
 
     def leave(self, topic: str, count: int, drains: bool = False,
               on_done: Callable[[], None] | None = None) -> SharedWrite | None:

@@ -42,10 +42,16 @@ PUBLISH = Script(lua.PUBLISH)
 JOIN = Script(lua.JOIN)
 RENEW = Script(lua.RENEW)
 READ = Script(lua.READ)
+JOB_ADD = Script(lua.JOB_ADD)
+JOB_TAKE = Script(lua.JOB_TAKE)
+JOB_SET = Script(lua.JOB_SET)
 #: With Redis Cluster: the same, publishing with SPUBLISH.
 PUBLISH_SHARDED = Script(lua.sharded(lua.PUBLISH))
 JOIN_SHARDED = Script(lua.sharded(lua.JOIN))
-SCRIPTS = (PUBLISH, JOIN, RENEW, READ, PUBLISH_SHARDED, JOIN_SHARDED, MOVE_EPOCH)
+JOB_ADD_SHARDED = Script(lua.sharded(lua.JOB_ADD))
+JOB_SET_SHARDED = Script(lua.sharded(lua.JOB_SET))
+SCRIPTS = (PUBLISH, JOIN, RENEW, READ, JOB_ADD, JOB_TAKE, JOB_SET, PUBLISH_SHARDED,
+           JOIN_SHARDED, JOB_ADD_SHARDED, JOB_SET_SHARDED, MOVE_EPOCH)
 
 #: How long a node's subscriber counts stay valid without renewal (a dead node's
 #: subscribers stop being picked for "one" messages after at most this); a live node
@@ -53,6 +59,8 @@ SCRIPTS = (PUBLISH, JOIN, RENEW, READ, PUBLISH_SHARDED, JOIN_SHARDED, MOVE_EPOCH
 LEASE_SECONDS = 15.0
 #: Bytes of messages queued for Redis beyond which sends fail at once.
 MAX_QUEUED_BYTES = 64 << 20
+#: How often a node's consumers with room look for jobs whose claims ended.
+JOB_POLL_SECONDS = 1.0
 #: Keys per lease renewal call.
 RENEW_CHUNK = 500
 
@@ -100,6 +108,8 @@ class Write(_Decided):
     passed: bool = False
     #: The intake will pass it (it was flushed while the intake was subscribed).
     awaits_intake: bool = False
+    #: Jobs (``JOB_ADD``): decided by the reply alone (nothing is delivered).
+    jobs: bool = False
 
     @property
     def count(self) -> int:
@@ -108,6 +118,8 @@ class Write(_Decided):
     def result(self, offset: int) -> tuple[int, int, bool]:
         """(index, count, repeated) of the message at ``offset``: a repeated id gives
         the original's index and batch size."""
+        if self.first < 0:  # jobs refused: the queue is full
+            return -1, 0, False
         results = self.results
         if results is None:
             return self.first + offset, 1, False
@@ -162,6 +174,26 @@ class JoinOp(_Decided):
             then()
 
 
+@attrs.define(eq=False, slots=True)
+class JobOp(_Decided):
+    """A job's news for Redis (``touch``, ``done``, ``back``) or a ``take``; failed if
+    Redis says this node no longer holds the job."""
+
+    topic: str = ""
+    what: str = "take"
+    index: int = -1
+    #: take: how many; touch: the deliveries so far (-1: unchanged).
+    count: int = -1
+    #: take: called with (index, deliveries before, command) of each job taken.
+    on_taken: Callable[[list[tuple[int, int, bytes]]], None] | None = None
+    seq: int = -1
+    awaits_intake: bool = False
+    passed: bool = False
+
+    def _settle(self) -> None:
+        pass  # (decided by its reply alone)
+
+
 def _entry(raw: bytes) -> tuple[int, bytes]:
     """A cache entry (``<flag><index> <command>``) as (index, delivery)."""
     space = raw.index(b" ")
@@ -178,6 +210,10 @@ class RedisHistory:
     dedupe_window: float = 120.0
     #: Seconds this node's subscriber counts stay valid without renewal.
     lease: float = LEASE_SECONDS
+    #: Seconds a job taken by this node stays its own in Redis without news: the ack
+    #: timeout plus a margin, so the node's own deadline comes first.
+    claim: float = 35.0
+    max_queue_jobs: int = 100_000
     #: This node's id in Redis (counts, frames): random per process.
     node: str = attrs.field(factory=lambda: os.urandom(8).hex())
     epoch: str = attrs.field(factory=new_epoch)
@@ -196,12 +232,12 @@ class RedisHistory:
     #: outboxes it filled, as a reader does at the end of its chunk).
     after_deliveries: Callable[[], None] | None = None
     _sink: FrameSink | None = None
-    _ops: list[Write | JoinOp] = attrs.field(factory=list)
+    _ops: list[Write | JoinOp | JobOp] = attrs.field(factory=list)
     _open: dict[str, Write] = attrs.field(factory=dict)
     _queued_bytes: int = 0
     _wake: trio.Event = attrs.field(factory=trio.Event)
     _seq: int = 0
-    _in_flight: dict[int, Write | JoinOp] = attrs.field(factory=dict)
+    _in_flight: dict[int, Write | JoinOp | JobOp] = attrs.field(factory=dict)
     #: Topics this node published to or has subscribers of: what it counts as its own.
     _topics: set[str] = attrs.field(factory=set)
     #: Local subscriber counts per topic (renewed as leases).
@@ -334,7 +370,7 @@ class RedisHistory:
             self._counts.pop(topic, None)
             self._last.pop(topic, None)
 
-    def _queue(self, op: Write | JoinOp) -> None:
+    def _queue(self, op: Write | JoinOp | JobOp) -> None:
         self._ops.append(op)
         self._wake.set()
 
@@ -345,8 +381,10 @@ class RedisHistory:
         for op in ops:
             self._fail(op)
 
-    def _fail(self, op: Write | JoinOp) -> None:
+    def _fail(self, op: Write | JoinOp | JobOp) -> None:
         op._decide(failed=True)
+        if type(op) is JobOp and op.on_taken is not None:
+            op.on_taken([])
         if type(op) is JoinOp:
             if op.on_fail is not None:
                 op.on_fail()
@@ -385,13 +423,61 @@ class RedisHistory:
                             failed_commits=self.failed_commits)
 
     def record_job(self, topic: str, base: bytes) -> int:
-        raise NotImplementedError("jobs are not available in cluster mode")
+        raise NotImplementedError("a shared history takes jobs through publish_jobs")
+
+    def publish_jobs(self, topic: str, commands: list[bytes], message_id: str | None
+                     ) -> tuple[Write, int]:
+        """Queue jobs (one, or a batch: one script call, all or none)."""
+        size = sum(map(len, commands))
+        refused = self._refused(size)
+        if refused is not None:
+            return refused, 0
+        key = "\x00jobs\x00" + topic  # (not in the same write as messages)
+        write = self._open.get(key)
+        if write is None:
+            write = self._open[key] = Write(topic=topic, jobs=True)
+            self._topics.add(topic)
+            self._queue(write)
+        offset = write.count
+        args = write.args
+        many = len(commands) > 1
+        args += (_flags(False, False, count=len(commands) if many else 0),
+                 message_id or "", commands[0])
+        for command in commands[1:]:
+            args += (_flags(False, False, rest=True), "", command)
+        write.size += size
+        return write, offset
+
+    def take(self, topic: str, count: int,
+             on_taken: Callable[[list[tuple[int, int, bytes]]], None]) -> bool:
+        """Ask for up to ``count`` waiting jobs of ``topic`` for this node's consumers
+        (False: Redis is down)."""
+        if not self._link_up:
+            return False
+        self._queue(JobOp(topic=topic, what="take", count=count, on_taken=on_taken))
+        return True
 
     def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
-        pass
+        self._job_news(topic, "touch", index, deliveries)
 
-    def job_done(self, topic: str, index: int) -> None:
-        return None
+    def job_touched(self, topic: str, index: int) -> None:
+        """A consumer reported progress: the claim in Redis is extended too."""
+        self._job_news(topic, "touch", index, -1)
+
+    def job_done(self, topic: str, index: int) -> JobOp:
+        return self._job_news(topic, "done", index, -1)
+
+    def job_back(self, topic: str, index: int) -> None:
+        """A job this node will not deliver (its consumers left): for the others."""
+        self._job_news(topic, "back", index, -1)
+
+    def _job_news(self, topic: str, what: str, index: int, count: int) -> JobOp:
+        op = JobOp(topic=topic, what=what, index=index, count=count)
+        if not self._link_up:
+            op._decide(failed=True)
+        else:
+            self._queue(op)
+        return op
 
     def stored_jobs(self) -> list[StoredJob]:
         return []
@@ -404,17 +490,32 @@ class RedisHistory:
 
     # --- the tasks ---
 
-    def _command(self, op: Write | JoinOp, seed: int) -> tuple[int, Any]:
+    def _command(self, op: Write | JoinOp | JobOp, seed: int) -> tuple[int, Any]:
         layout = self.layout
         slot = layout.slot(op.topic)
         meta, cache, subs = lua.topic_keys(op.topic)
         keys = (meta, cache, subs, layout.epoch_key(slot))
         channel = layout.channel(slot)
         if type(op) is Write:
+            if op.jobs:
+                script = JOB_ADD_SHARDED if layout.sharded else JOB_ADD
+                jw, jb = lua.job_keys(op.topic)[:2]
+                return slot, script.command((meta, jw, jb, keys[3]), [
+                    self._candidate, seed, self.node, op.seq, self.max_queue_jobs, channel,
+                    op.topic, int(self.dedupe_window * 1000), *op.args])
             script = PUBLISH_SHARDED if layout.sharded else PUBLISH
             return slot, script.command(keys, [
                 self._candidate, seed, self.node, op.seq, self.cache_size, channel,
                 op.topic, int(self.dedupe_window * 1000), *op.args])
+        if type(op) is JobOp:
+            jkeys = lua.job_keys(op.topic)
+            if op.what == "take":
+                return slot, JOB_TAKE.command(jkeys, [self.node, op.count,
+                                                      int(self.claim * 1000)])
+            script = JOB_SET_SHARDED if layout.sharded else JOB_SET
+            return slot, script.command((*jkeys, meta), [
+                self.node, op.index, op.what, int(self.claim * 1000),
+                "" if op.count < 0 else op.count, channel, op.topic])
         assert type(op) is JoinOp
         script = JOIN_SHARDED if layout.sharded else JOIN
         return slot, script.command(keys, [
@@ -442,7 +543,8 @@ class RedisHistory:
                     # (every op is passed by the intake: its frame, or its mark)
                     op.seq = self._seq
                     self._seq += 1
-                    op.awaits_intake = self._intake_up
+                    op.awaits_intake = (self._intake_up and type(op) is not JobOp
+                                        and not (type(op) is Write and op.jobs))
                     if op.awaits_intake:
                         self._in_flight[op.seq] = op
                     commands.append(self._command(op, rand(1 << 30)))
@@ -461,6 +563,23 @@ class RedisHistory:
             self._links = None
             self._fail_queued()
 
+    def _settle_job(self, op: JobOp, reply: Any) -> None:
+        if isinstance(reply, RedisError):
+            log.error("cluster: job %s of %r failed in Redis: %s", op.what, op.topic, reply)
+            self.failed_commits += 1
+            op._decide(failed=True)
+            if op.on_taken is not None:
+                op.on_taken([])
+            return
+        if op.what == "take":
+            taken = [(int(reply[i]), int(reply[i + 1]), reply[i + 2])
+                     for i in range(0, len(reply), 3)]
+            op._decide()
+            if op.on_taken is not None:
+                op.on_taken(taken)
+            return
+        op._decide(failed=reply != 1)
+
     async def _follow_epoch(self, links: Links) -> None:
         """Move the cluster to the epoch a script set (history was lost), or take the
         one another node moved it to."""
@@ -471,7 +590,10 @@ class RedisHistory:
             epoch = await read_epoch(links)
         self._adopt(epoch)
 
-    def _settle(self, op: Write | JoinOp, reply: Any) -> None:
+    def _settle(self, op: Write | JoinOp | JobOp, reply: Any) -> None:
+        if type(op) is JobOp:
+            self._settle_job(op, reply)
+            return
         if isinstance(reply, RedisError):
             log.error("cluster: %s of %r failed in Redis: %s",
                       "publish" if type(op) is Write else "subscribe", op.topic, reply)
@@ -564,6 +686,10 @@ class RedisHistory:
         count = int(count_)
         pos = end + 1 + int(length)
         topic = data[end + 1 : pos].decode()
+        if count < 0:  # jobs wait on the topic (added, or given back by a node)
+            if self._sink is not None:
+                self._sink.jobs_waiting(topic)
+            return
         write = None
         if origin == self._node_bytes:
             write = self._in_flight.pop(int(seq), None)
@@ -615,6 +741,15 @@ class RedisHistory:
                 if topic in self._counts:
                     self._sink.deliver_frame(topic, index, [(b"*", raw[space + 1 :])])
                     self._last[topic] = index
+
+    async def run_job_polls(self, links: Links) -> None:
+        """Once a second, this node's consumers with room look for jobs: the claims of
+        a node that died end in Redis without a word to anyone."""
+        del links  # (the polls go through the flusher's queue)
+        while True:
+            await trio.sleep(JOB_POLL_SECONDS)
+            if self._sink is not None:
+                self._sink.poll_jobs()
 
     async def run_renewals(self, links: Links) -> None:
         """Renew this node's subscriber counts before their leases end (one call per

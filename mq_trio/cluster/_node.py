@@ -21,6 +21,9 @@ from ._resp import RedisAddress, RedisError, RedisUnavailable, parse_redis_url
 log = logging.getLogger("mq_trio.cluster")
 
 MAX_BACKOFF = 2.0
+#: A job's claim in Redis outlasts the node's own ack timeout by this much (at most
+#: the ack timeout again), so the node's deadline and redelivery come first.
+CLAIM_MARGIN = 5.0
 
 
 class ClusterUnavailable(Exception):
@@ -29,11 +32,14 @@ class ClusterUnavailable(Exception):
 
 @asynccontextmanager
 async def open_node(url: str, *, cache_size: int, dedupe_window: float,
-                    lease: float = LEASE_SECONDS) -> AsyncIterator[RedisHistory]:
+                    lease: float = LEASE_SECONDS, ack_timeout: float = 30.0,
+                    max_queue_jobs: int = 100_000) -> AsyncIterator[RedisHistory]:
     """The node's shared history over the Redis at ``url``, its tasks running."""
     address = parse_redis_url(url)
     history = RedisHistory(address, cache_size=cache_size, dedupe_window=dedupe_window,
-                           lease=lease)
+                           lease=lease,
+                           claim=ack_timeout + min(CLAIM_MARGIN, ack_timeout),
+                           max_queue_jobs=max_queue_jobs)
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(_keep_flushing, history)
@@ -72,6 +78,8 @@ async def _keep_flushing(history: RedisHistory,
                 delay = 0.05
                 async with trio.open_nursery() as tasks:
                     tasks.start_soon(_until_broken, history.run_renewals, links,
+                                     tasks.cancel_scope)
+                    tasks.start_soon(_until_broken, history.run_job_polls, links,
                                      tasks.cancel_scope)
                     await _until_broken(history.run_flusher, links, tasks.cancel_scope)
         except RedisUnavailable as exc:

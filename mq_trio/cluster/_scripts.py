@@ -242,6 +242,142 @@ return now
 """
 
 
+# --- acknowledged jobs (docs/cluster.md, "Jobs") ---
+#
+# Per topic, beside the keys above: ``mq:{T}:jw`` list (waiting job indexes, oldest
+# first), ``mq:{T}:jb`` hash (index -> the job's command), ``mq:{T}:jn`` hash (index ->
+# deliveries so far), ``mq:{T}:jo`` hash (index -> the node holding it) and ``mq:{T}:jt``
+# zset (index -> when the holder's claim ends, ms). A node takes jobs for its own
+# consumers (``JOB_TAKE``), which run the single-node rules (prefetch, deadlines, nack
+# delays) locally; Redis knows which node holds which job, so a dead node's jobs are
+# taken back by the others once its claims end.
+
+#: Add jobs (a send or a batch with ``"ack": true``). KEYS: meta, jw, jb, epoch. ARGV:
+#: candidate epoch, seed, origin node, seq, max jobs per topic, channel, topic, id
+#: window (ms), then per job: flags (as PUBLISH), id, command. Returns as PUBLISH; first
+#: index -1: the queue is full (nothing added). A frame with count -1 tells the nodes
+#: that jobs wait.
+JOB_ADD = _PREAMBLE + r"""
+local window = tonumber(ARGV[8])
+local n = (#ARGV - 8) / 3
+if redis.call('HLEN', KEYS[3]) + n > tonumber(ARGV[5]) then
+  return {-1, epoch, 0, created}
+end
+local first = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
+local results, ids, skipping, fresh = {}, false, false, 0
+for i = 1, n do
+  local flags = tonumber(ARGV[6 + 3 * i])
+  local id = ARGV[7 + 3 * i]
+  local take = true
+  if flags % 8 >= 4 then
+    if skipping then take = false; results[i] = 's' end
+  else
+    skipping = false
+    if id ~= '' then
+      ids = true
+      local key = KEYS[1] .. ':id:' .. id
+      local seen = redis.call('GET', key)
+      if seen then
+        take = false; skipping = true; results[i] = 'd' .. seen
+      else
+        local count = math.floor(flags / 16)
+        if count < 1 then count = 1 end
+        redis.call('SET', key, (first + fresh) .. ':' .. count, 'PX', window)
+      end
+    end
+  end
+  if take then
+    local index = first + fresh
+    fresh = fresh + 1
+    results[i] = tostring(index)
+    redis.call('HSET', KEYS[3], index, ARGV[8 + 3 * i])
+    redis.call('RPUSH', KEYS[2], index)
+  end
+end
+if fresh > 0 then
+  redis.call('HSET', KEYS[1], 'next', first + fresh)
+  local topic = ARGV[7]
+  redis.call('PUBLISH', ARGV[6], ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. first .. ' -1 '
+    .. #topic .. '\n' .. topic)
+end
+local out = {first, epoch, fresh, created}
+if ids then
+  for i = 1, n do out[#out + 1] = results[i] end
+end
+return out
+"""
+
+#: Take up to ARGV[2] waiting jobs for node ARGV[1], claimed for ARGV[3] ms; claims
+#: that ended first go back to the front of the queue. KEYS: jw, jb, jn, jo, jt.
+#: Returns {index, deliveries before this one, command, ...}.
+JOB_TAKE = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ended = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+if #ended > 0 then
+  table.sort(ended, function(a, b) return tonumber(a) > tonumber(b) end)
+  for _, index in ipairs(ended) do
+    redis.call('HDEL', KEYS[4], index)
+    redis.call('ZREM', KEYS[5], index)
+    redis.call('LPUSH', KEYS[1], index)
+  end
+end
+local out = {}
+local want = tonumber(ARGV[2])
+local until_ = now + tonumber(ARGV[3])
+while want > 0 do
+  local index = redis.call('LPOP', KEYS[1])
+  if not index then break end
+  local command = redis.call('HGET', KEYS[2], index)
+  if command then
+    local before = tonumber(redis.call('HGET', KEYS[3], index) or '0')
+    redis.call('HSET', KEYS[3], index, before + 1)
+    redis.call('HSET', KEYS[4], index, ARGV[1])
+    redis.call('ZADD', KEYS[5], until_, index)
+    out[#out + 1] = tonumber(index); out[#out + 1] = before; out[#out + 1] = command
+    want = want - 1
+  end
+end
+return out
+"""
+
+#: A held job's news from its node ARGV[1]: ARGV[2] the index, ARGV[3] what (``touch``:
+#: claim it for ARGV[4] more ms, deliveries ARGV[5] if not ""; ``done``: acknowledged or
+#: dead-lettered, forget it; ``back``: to the front of the queue). KEYS: jw, jb, jn,
+#: jo, jt, meta. Returns 1, or 0 if the node no longer holds it. ``back`` publishes the
+#: "jobs wait" frame on channel ARGV[6] for topic ARGV[7].
+JOB_SET = r"""
+local index = ARGV[2]
+if redis.call('HGET', KEYS[4], index) ~= ARGV[1] then return 0 end
+local what = ARGV[3]
+if what == 'touch' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[4]), index)
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], index, ARGV[5]) end
+  return 1
+end
+redis.call('HDEL', KEYS[4], index)
+redis.call('ZREM', KEYS[5], index)
+if what == 'done' then
+  redis.call('HDEL', KEYS[2], index)
+  redis.call('HDEL', KEYS[3], index)
+else
+  redis.call('LPUSH', KEYS[1], index)
+  local topic = ARGV[7]
+  redis.call('PUBLISH', ARGV[6], ARGV[1] .. ' -1 -1 -1 ' .. #topic .. '\n' .. topic)
+end
+return 1
+"""
+
+
+def job_keys(topic: str) -> tuple[str, str, str, str, str]:
+    """A topic's job keys (one slot with its other keys): jw, jb, jn, jo, jt."""
+    tag = topic.encode().hex()
+    return (f"mq:{{{tag}}}:jw", f"mq:{{{tag}}}:jb", f"mq:{{{tag}}}:jn",
+            f"mq:{{{tag}}}:jo", f"mq:{{{tag}}}:jt")
+
+
 def topic_keys(topic: str) -> tuple[str, str, str]:
     """The keys of a topic: meta, cache, subscriber counts. Hex in a hash tag: any
     topic string is a valid key, and all three land in one Redis Cluster slot."""

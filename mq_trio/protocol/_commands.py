@@ -44,8 +44,6 @@ PERMISSION_DENIED = "Permission denied"
 QUEUE_FULL = "Queue full"
 #: ack/nack/progress of a job this connection does not hold.
 UNKNOWN_JOB = "Unknown job"
-#: Acknowledged jobs (``"ack": true``) on a node of a cluster (docs/cluster.md).
-NOT_IN_CLUSTER = "Not available in cluster mode"
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 #: The integers a command may hold (``last_seen``): 64-bit signed. Any integer outside is

@@ -26,7 +26,7 @@ import attrs
 import trio
 
 from .. import protocol
-from ..broker import Broker, Held, Item, NotInCluster, QueueFull, TooManyTopics, send_reply
+from ..broker import Broker, Held, Item, QueueFull, TooManyTopics, send_reply
 from ..protocol import (
     JOB_COMMANDS,
     QUIT,
@@ -62,7 +62,6 @@ _NOT_AUTHENTICATED = protocol.failure_bytes(protocol.NOT_AUTHENTICATED)
 _PERMISSION_DENIED = protocol.failure_bytes(protocol.PERMISSION_DENIED)
 _AUTH_FAILED = protocol.failure_bytes(protocol.AUTH_FAILED)
 _QUEUE_FULL = protocol.failure_bytes(protocol.QUEUE_FULL)
-_NOT_IN_CLUSTER = protocol.failure_bytes(protocol.NOT_IN_CLUSTER)
 _UNKNOWN_JOB = protocol.failure_bytes(protocol.UNKNOWN_JOB)
 _STORAGE_UNAVAILABLE = protocol.failure_bytes(protocol.STORAGE_UNAVAILABLE)
 #: Subscriptions released per scheduler pass when a connection with many ends.
@@ -531,9 +530,8 @@ class Connection:
         done = self._apply_lines(lines, start)
         room_made = self._room_made
         if room_made:
-            jobs = self.broker.jobs
             for topic in room_made:
-                jobs.dispatch_topic(topic)
+                self.broker.room_made(topic)
             room_made.clear()
         return done
 
@@ -636,10 +634,6 @@ class Connection:
         else:
             self.outbox.push_deferred(item)  # type: ignore[arg-type]  # a Deferred
 
-    def _not_in_cluster(self) -> None:
-        self.outbox.queue_reply(_NOT_IN_CLUSTER)
-        self.stats.fail(protocol.NOT_IN_CLUSTER)
-
     def _internal_error(self) -> None:
         # A bug must cost this one command, not the connection or the server.
         log.exception("internal error handling a command from %s", self.peer,
@@ -681,9 +675,6 @@ class Connection:
             self.outbox.queue_reply(_QUEUE_FULL)
             self.stats.fail(protocol.QUEUE_FULL)
             return
-        except NotInCluster:
-            self._not_in_cluster()
-            return
         if type(recorded) is int:
             self.outbox.queue_reply(reply)
         else:
@@ -699,7 +690,7 @@ class Connection:
             held = jobs.nack(self.outbox, event.topic, event.index,
                              event.seconds, dispatch=False)  # type: ignore[attr-defined]
         else:
-            held = jobs.progress(self.outbox, event.topic, event.index)
+            held = self.broker.job_progress(self.outbox, event.topic, event.index)
         if not held:
             self.outbox.queue_reply(_UNKNOWN_JOB)
             self.stats.fail(protocol.UNKNOWN_JOB)
@@ -771,8 +762,6 @@ class Connection:
         except TooManyTopics:
             push(_TOO_MANY_TOPICS)
             self.stats.fail(protocol.TOO_MANY_TOPICS)
-        except NotInCluster:
-            self._not_in_cluster()
         except Exception:
             self._internal_error()
         return False

@@ -766,7 +766,8 @@ async def _open_broker(
 
         async with open_node(config.cluster, cache_size=config.cache_size,
                              dedupe_window=config.dedupe_window,
-                             lease=config.cluster_lease) as history:
+                             lease=config.cluster_lease, ack_timeout=config.ack_timeout,
+                             max_queue_jobs=config.max_queue_jobs) as history:
             yield Broker(history, max_topics=config.max_topics)
         return
     if config.data_dir is None:
