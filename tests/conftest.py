@@ -27,9 +27,13 @@ from mq_trio.server import Server  # noqa: E402
 
 #: The suite's own MQ_TRIO_* variables; every other one (a developer's MQ_TRIO_PORT or
 #: MQ_TRIO_CONFIG, which tox passes through) would change the servers the tests start.
+#: A Redis URL: the ``server`` fixture is then a node of a cluster over it
+#: (tests/test_cluster.py runs the protocol's integration tests that way).
+CLUSTER_VARIABLE = "MQ_TRIO_TEST_CLUSTER"
+
 _SUITE_VARIABLES = frozenset({
     SEED_VARIABLE, "MQ_TRIO_BIG_HISTORY", "MQ_TRIO_REQUIRE_BROWSER", "MQ_TRIO_CHROMIUM",
-    "MQ_TRIO_DOCS_SCREENSHOT",
+    "MQ_TRIO_DOCS_SCREENSHOT", CLUSTER_VARIABLE,
 })
 
 
@@ -60,7 +64,15 @@ def rng(seed: int, request: pytest.FixtureRequest) -> random.Random:
 
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> Server:
-    """An in-process server on an ephemeral 127.0.0.1 port, cache size 100."""
+    """An in-process server on an ephemeral 127.0.0.1 port, cache size 100 (a cluster
+    node if $MQ_TRIO_TEST_CLUSTER names a Redis)."""
+    cluster = os.environ.get(CLUSTER_VARIABLE)
+    if cluster:
+        from mq_trio.cluster import open_redis, parse_redis_url
+
+        async with open_redis(parse_redis_url(cluster)) as redis:
+            await redis.call("FLUSHALL")  # each test starts from empty topics
+        return await start_server(nursery, cluster=cluster)
     return await start_server(nursery)
 
 

@@ -616,3 +616,18 @@ async def test_a_killed_nodes_jobs_are_taken_back_by_another(
     finally:
         doomed.kill()
         doomed.wait()
+
+
+async def test_the_protocol_and_client_suites_pass_against_a_node(
+        fresh_redis: RedisProcess) -> None:
+    """tests/test_tcp.py (docs/protocol.md over real sockets) and tests/test_client.py,
+    with their ``server`` fixture a cluster node ($MQ_TRIO_TEST_CLUSTER, conftest.py)."""
+    root = Path(__file__).parent.parent
+    done = await trio.run_process(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_tcp.py", "tests/test_client.py"],
+        cwd=root, env={**os.environ, "MQ_TRIO_TEST_CLUSTER": fresh_redis.url},
+        capture_stdout=True, capture_stderr=True, check=False)
+    out = done.stdout.decode()
+    assert done.returncode == 0, out[-3000:]
+    assert " passed" in out and "failed" not in out and "skipped" not in out

@@ -305,6 +305,15 @@ async def test_line_over_the_limit_without_newline(nursery: trio.Nursery) -> Non
 async def test_internal_exception_keeps_connection_and_server(
     connect: Connect, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if server.broker.shared is not None:  # (a cluster node publishes another way)
+        real_shared = Broker.publish_shared
+
+        def flaky_shared(self: Broker, sender: Any, send: protocol.Send) -> Any:
+            if send.msg == "boom":
+                raise RuntimeError("injected bug")
+            return real_shared(self, sender, send)
+
+        monkeypatch.setattr(Broker, "publish_shared", flaky_shared)
     real_publish = Broker.publish
 
     def flaky_publish(self: Broker, send: protocol.Send) -> int | Recorded:

@@ -335,6 +335,12 @@ class SharedTopics:
         self.departing[topic] = self.departing.get(topic, 0) + 1
         return token
 
+    def undecided(self, subscriber: object) -> list[SharedWrite]:
+        """The subscriber's replies still waiting for the intake (a client that quits
+        right after its sends still gets their deliveries: they come into these)."""
+        return [gate.ticket for (who, _), queue in self.gates.items() if who is subscriber
+                for gate in queue if not gate.ticket.done]
+
     def stay(self, key: Key) -> None:
         """A pending unsubscribe is called off (a subscribe came after it)."""
         if self.leaving.pop(key, None) is not None:

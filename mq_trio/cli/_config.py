@@ -45,7 +45,8 @@ OTHER_VARIABLES = frozenset({
     "MQ_TRIO_TOPIC", "MQ_TRIO_INDEX", "MQ_TRIO_DELIVERIES", "MQ_TRIO_FROM_TOPIC",
     "MQ_TRIO_FROM_INDEX",
     # the test suite's (tox passes MQ_TRIO_* through, and the tests start servers)
-    "MQ_TRIO_TEST_SEED", "MQ_TRIO_BIG_HISTORY", "MQ_TRIO_REQUIRE_BROWSER", "MQ_TRIO_CHROMIUM",
+    "MQ_TRIO_TEST_SEED", "MQ_TRIO_TEST_CLUSTER", "MQ_TRIO_BIG_HISTORY", "MQ_TRIO_REQUIRE_BROWSER",
+    "MQ_TRIO_CHROMIUM",
     "MQ_TRIO_DOCS_SCREENSHOT",
 })
 #: Serve flags about the configuration itself (``dest``), not settings.

@@ -266,6 +266,17 @@ class Connection:
             else:
                 self._scope.cancel()
 
+    async def _await_own_deliveries(self) -> None:
+        """Cluster mode: before a departing client's subscriptions go, its sends' own
+        deliveries (still on their way back from Redis) arrive, within the flush time,
+        as they would have been queued already on one node. (Cancelled at once if the
+        connection is being cut off.)"""
+        shared = self.broker.shared
+        assert shared is not None
+        with trio.move_on_after(self.limits.flush_timeout):
+            for ticket in shared.undecided(self.outbox):
+                await ticket.wait()
+
     def _peer_gone(self) -> None:
         # The writer cannot deliver any more: reading on is pointless.
         if self._scope is not None:
@@ -349,10 +360,14 @@ class Connection:
                     # Whatever ended the reading (EOF, quit, reset, cut-off, shutdown, a
                     # bug) releases the subscriptions; a plain finally rather than a
                     # context manager, which would be one more object per connection.
-                    if self.broker.subscription_count(outbox) <= _RELEASE_STEP:
-                        self.broker.disconnect(outbox)
-                    else:
-                        await self._release_subscriptions()
+                    try:
+                        if self.broker.shared is not None:
+                            await self._await_own_deliveries()
+                    finally:
+                        if self.broker.subscription_count(outbox) <= _RELEASE_STEP:
+                            self.broker.disconnect(outbox)
+                        else:
+                            await self._release_subscriptions()
                 # Nothing new arrives now; flush what was queued (replies, deliveries)
                 # within a bounded time, then close.
                 if self._auth_timer is not None:
