@@ -631,3 +631,39 @@ async def test_the_protocol_and_client_suites_pass_against_a_node(
     out = done.stdout.decode()
     assert done.returncode == 0, out[-3000:]
     assert " passed" in out and "failed" not in out and "skipped" not in out
+
+
+async def test_a_node_over_tls_to_redis(tmp_path: Path) -> None:
+    """``rediss://``: the node verifies Redis's certificate against the system's CAs
+    (here the test CA, through OpenSSL's $SSL_CERT_FILE) and works as over plain TCP."""
+    trustme = pytest.importorskip("trustme")
+    from redis_support import start_tls_redis
+
+    ca = trustme.CA()
+    redis, tls_port = await trio.to_thread.run_sync(start_tls_redis, tmp_path / "tls", ca)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    port = _free_port()
+    node = await trio.to_thread.run_sync(lambda: subprocess.Popen(
+        [sys.executable, "-m", "mq_trio", "serve", "--port", str(port), "--cluster",
+         f"rediss://127.0.0.1:{tls_port}", "--log-level", "warning"],
+        cwd=tmp_path, env={**os.environ, "SSL_CERT_FILE": str(ca_file)}))
+    try:
+        with trio.fail_after(GUARD):
+            await _wait_listening(port)
+            client = await LineClient.connect(port)
+            assert await client.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+            assert await client.request(send("t", "secret")) == {**send("t", "secret"),
+                                                                  "index": 0}
+            assert await client.receive() == SUCCESS
+        # Without the CA, the certificate is not trusted: the node does not start.
+        refused = await trio.run_process(
+            [sys.executable, "-m", "mq_trio", "serve", "--port", "0", "--cluster",
+             f"rediss://127.0.0.1:{tls_port}"], cwd=tmp_path, capture_stderr=True,
+            check=False, env={k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"})
+        assert refused.returncode == 1
+        assert b"cannot use Redis at rediss://" in refused.stderr
+    finally:
+        node.kill()
+        node.wait()
+        redis.stop()
