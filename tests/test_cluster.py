@@ -667,3 +667,38 @@ async def test_a_node_over_tls_to_redis(tmp_path: Path) -> None:
         node.kill()
         node.wait()
         redis.stop()
+
+
+async def test_a_cut_channel_is_resubscribed_and_what_passed_meanwhile_delivered(
+        nodes: list[Server], fresh_redis: RedisProcess) -> None:
+    """Redis drops node A's pub/sub connection (as its output limit would): A
+    resubscribes by itself and delivers, from the cache, what node B sent meanwhile."""
+    with trio.fail_after(GUARD):
+        a, b = nodes
+        sub = await LineClient.connect(a.port)
+        assert await sub.request({"command": "subscribe", "topic": "t"}) == SUCCESS
+        pub = await LineClient.connect(b.port)
+        assert await pub.request(send("t", "before")) == SUCCESS
+        assert [d["msg"] for d in await settle(sub)] == ["before"]
+        # A's frames connection (named after its node), paused for a moment: what B sends
+        # meanwhile is not in what A receives after it is back.
+        node = a.broker.history.node  # type: ignore[attr-defined]
+        frames = [line for line in fresh_redis.cli("CLIENT", "LIST").splitlines()
+                  if f"name=mq-trio:{node}:frames" in line]
+        assert len(frames) == 1
+        client_id = frames[0].split("id=")[1].split()[0]
+        fresh_redis.cli("CLIENT", "KILL", "ID", client_id)
+        for i in range(3):  # accepted by B, whose channel is fine
+            assert await pub.request(send("t", f"during {i}")) == SUCCESS
+        got: list[Obj] = []
+        while True:  # A takes no subscribe until its channel is back (with a backoff)
+            await sub.send(BARRIER)
+            while "success" not in (line := await sub.receive()):
+                got.append(line)
+            if line == SUCCESS:
+                break
+            assert line == {"success": False, "reason": "Storage unavailable"}
+            await trio.sleep(0.05)
+        got += await settle(sub)
+        assert [d["msg"] for d in got] == [f"during {i}" for i in range(3)]
+        assert [d["index"] for d in got] == [1, 2, 3]

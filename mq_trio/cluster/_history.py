@@ -654,7 +654,8 @@ class RedisHistory:
                          ) -> None:
         """Deliver every frame of ``channels`` (on the server at ``address``), in channel
         order; RedisUnavailable when cut off."""
-        async with open_subscription(address, sharded=self.layout.sharded) as sub:
+        async with open_subscription(address, sharded=self.layout.sharded,
+                                     client_name=f"mq-trio:{self.node}:frames") as sub:
             if self.layout.sharded:  # (SSUBSCRIBE takes the channels of one slot)
                 for channel in channels:
                     await sub.subscribe(channel)

@@ -80,14 +80,15 @@ class Shards:
 
 
 @asynccontextmanager
-async def open_links(address: RedisAddress) -> AsyncIterator[Links]:
-    """Connected to the server, or to every master of the cluster (RedisUnavailable if
-    not)."""
+async def open_links(address: RedisAddress, name: str | None = None
+                     ) -> AsyncIterator[Links]:
+    """Connected to the server (named ``name``), or to every master of the cluster
+    (RedisUnavailable if not)."""
     if address.cluster:
         async with open_cluster(address) as conns:
             yield Shards(conns)
     else:
-        async with open_redis(address) as conn:
+        async with open_redis(address, client_name=name) as conn:
             yield OneServer(conn)
 
 

@@ -68,7 +68,8 @@ async def _keep_flushing(history: RedisHistory,
     delay = 0.05
     while True:
         try:
-            async with open_links(history.address) as links:
+            async with open_links(history.address,
+                                  f"mq-trio:{history.node}:commands") as links:
                 await prepare(links, history)
                 if not started:
                     started = True

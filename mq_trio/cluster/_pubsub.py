@@ -255,8 +255,10 @@ async def open_subscription(
     ssl_context: ssl.SSLContext | None = None,
     max_buffered: int = MAX_BUFFERED,
     max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+    client_name: str | None = None,
 ) -> AsyncIterator[Subscription]:
-    """A connected :class:`Subscription` (AUTH done), closed on exit."""
+    """A connected :class:`Subscription` (AUTH done, named ``client_name`` if given),
+    closed on exit."""
     wire = await connect(address, connect_timeout, ssl_context)
     sub = Subscription(
         address,
@@ -266,7 +268,7 @@ async def open_subscription(
         max_buffered_bytes=max_buffered_bytes,
     )
     try:
-        if commands := handshake_commands(address):
+        if commands := handshake_commands(address, client_name):
             with trio.move_on_after(connect_timeout) as timer:
                 await _handshake(sub, commands)
             if timer.cancelled_caught:

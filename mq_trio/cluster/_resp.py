@@ -259,8 +259,10 @@ async def open_redis(
     *,
     connect_timeout: float = 5.0,
     ssl_context: ssl.SSLContext | None = None,
+    client_name: str | None = None,
 ) -> AsyncIterator[RedisConnection]:
-    """A connected :class:`RedisConnection` (AUTH and SELECT done), closed on exit.
+    """A connected :class:`RedisConnection` (AUTH and SELECT done, named ``client_name``
+    if given), closed on exit.
 
     Raises RedisUnavailable if it cannot connect within ``connect_timeout``, RedisError if
     AUTH or SELECT is refused. No reconnect: once broken, the caller opens a new one.
@@ -270,7 +272,7 @@ async def open_redis(
     try:
         async with hosted(conn._run):
             try:
-                if commands := handshake_commands(address):
+                if commands := handshake_commands(address, client_name):
                     with trio.move_on_after(connect_timeout) as timer:
                         replies = await conn.pipeline(commands)
                     if timer.cancelled_caught:

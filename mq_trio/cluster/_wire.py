@@ -173,8 +173,9 @@ async def connect(
         raise RedisUnavailable(f"cannot connect to {address}: {exc}") from exc
 
 
-def handshake_commands(address: RedisAddress) -> list[Command]:
-    """AUTH and SELECT, as the address needs them."""
+def handshake_commands(address: RedisAddress, name: str | None = None) -> list[Command]:
+    """AUTH and SELECT, as the address needs them, and CLIENT SETNAME with ``name`` (so
+    ``CLIENT LIST`` says which node and what for)."""
     commands: list[Command] = []
     if address.password is not None:
         if address.username is not None:
@@ -183,6 +184,8 @@ def handshake_commands(address: RedisAddress) -> list[Command]:
             commands.append(("AUTH", address.password))
     if address.db:
         commands.append(("SELECT", address.db))
+    if name is not None:
+        commands.append(("CLIENT", "SETNAME", name))
     return commands
 
 
