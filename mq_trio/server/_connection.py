@@ -197,14 +197,10 @@ class Connection:
     #: Topics whose jobs this chunk's acks and nacks made room for (``_handle_lines``);
     #: None until a first ack (no set per idle connection).
     _room_made: set[str] | None = attrs.field(init=False, default=None)
-    #: The server's counters (shared; a throwaway one without a registry).
-    stats: Stats = attrs.field(init=False)
     #: When it connected (``time.time()``), for introspection.
     since: float = attrs.field(init=False, factory=time.time)
 
     def __attrs_post_init__(self) -> None:
-        registry_stats = getattr(self.registry, "stats", None)
-        self.stats = registry_stats if registry_stats is not None else _UNCOUNTED
         self.outbox = Outbox(self.limits.max_pending_bytes, self)
         self.outbox.attach(self.transport, self.ready)
         if hasattr(self.transport, "turns"):  # a transport that paces its waiting writes
@@ -213,6 +209,13 @@ class Connection:
     @property
     def peer(self) -> str:
         return self.transport.peer
+
+    @property
+    def stats(self) -> Stats:
+        """The server's counters (a throwaway one without a registry): looked up when
+        counted, off the hot paths, rather than a field of every connection."""
+        stats = getattr(self.registry, "stats", None)
+        return stats if stats is not None else _UNCOUNTED
 
     @property
     def bytes_in(self) -> int:
@@ -293,16 +296,15 @@ class Connection:
         writer is one child task: each await level is a coroutine frame that every idle
         connection keeps. A failure stays inside this connection.
         """
-        registry = self.registry
-        if registry is not None:
-            registry.add(self)
+        # Few locals: each is a slot in this coroutine's frame and in its frame object,
+        # kept by every idle connection (the rare paths are methods).
+        if self.registry is not None:
+            self.registry.add(self)
         self.stats.connections_total += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connected: %s", self.peer, extra=self.log_extra)
         transport = self.transport
         outbox = self.outbox
-        ready = self.ready
-        turns = getattr(ready, "turns", None)
         wait_fd = getattr(transport, "wait_fd", _NO_FD)
         try:
             async with trio.open_nursery() as nursery:
@@ -331,29 +333,18 @@ class Connection:
                                 # What this client's sends fanned out waits for write
                                 # turns: it is written before more is handled.
                                 self._fanning = False
-                                if ready:
-                                    send_ready(ready)
-                                outbox.write_inline(transport)
-                                assert turns is not None
-                                await turns.wait_room()
+                                await self._wait_fanout()
                                 continue
                             if not outbox.backlogged:
                                 break
                             await outbox.wait_drained()
                         if done < 0:
                             break
-                        if ready:
-                            send_ready(ready)  # deliveries this chunk produced, first
+                        if self.ready:
+                            send_ready(self.ready)  # deliveries this chunk produced, first
                         outbox.write_inline(transport)
-                        closing = transport.closing_reply()
-                        if closing is not None:
-                            outbox.push(closing)
-                            self._fail(closing)
-                            more = self.limits.closing_log.allow()
-                            if more is not None:
-                                log.info("closing %s: %s%s", self.peer, closing.decode(),
-                                         f" ({more} more since the last such line)"
-                                         if more else "", extra=self.log_extra)
+                        if transport.closing_reply() is not None:
+                            self._closing()
                             break
                         del lines  # not kept alive while waiting for more
                 finally:
@@ -368,25 +359,49 @@ class Connection:
                             self.broker.disconnect(outbox)
                         else:
                             await self._release_subscriptions()
-                # Nothing new arrives now; flush what was queued (replies, deliveries)
-                # within a bounded time, then close.
-                if self._auth_timer is not None:
-                    self._auth_timer.cancel()
-                outbox.close()
-                nursery.cancel_scope.deadline = min(
-                    nursery.cancel_scope.deadline,
-                    trio.current_time() + self.limits.flush_timeout,
-                )
+                self._flush(nursery.cancel_scope)
         except Exception:
             log.exception("connection %s failed", self.peer, extra=self.log_extra)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await transport.aclose()
-            if registry is not None:
-                registry.discard(self)
+            if self.registry is not None:
+                self.registry.discard(self)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("disconnected: %s", self.peer, extra=self.log_extra)
             self._release()
+
+    def _flush(self, scope: trio.CancelScope) -> None:
+        """Nothing new arrives now: the writer flushes what was queued (replies,
+        deliveries) within a bounded time, then the connection closes."""
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        self.outbox.close()
+        scope.deadline = min(scope.deadline, trio.current_time() + self.limits.flush_timeout)
+
+    async def _wait_fanout(self) -> None:
+        """Write what this client's sends fanned out, then wait for the write turns
+        (``WriteTurns.wait_room``) before its reader handles more."""
+        ready = self.ready
+        if ready:
+            send_ready(ready)
+        self.outbox.write_inline(self.transport)
+        turns = getattr(ready, "turns", None)
+        assert turns is not None
+        await turns.wait_room()
+
+    def _closing(self) -> None:
+        """The transport closes on its own (``Line too long``, an input limit): its
+        reply goes last; logged at a bounded rate."""
+        closing = self.transport.closing_reply()
+        assert closing is not None
+        self.outbox.push(closing)
+        self._fail(closing)
+        more = self.limits.closing_log.allow()
+        if more is not None:
+            log.info("closing %s: %s%s", self.peer, closing.decode(),
+                     f" ({more} more since the last such line)" if more else "",
+                     extra=self.log_extra)
 
     async def _release_subscriptions(self) -> None:
         """Leave many topics in steps, letting other clients run between them (a
