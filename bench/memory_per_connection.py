@@ -1,11 +1,14 @@
 """Where an idle connection's memory goes: tracemalloc over N idle subscribed clients.
 
     python bench/memory_per_connection.py [N] > bench/results/memory-per-connection-10000.txt
+    python bench/memory_per_connection.py 10000 --traceback   # grouped by call chain
 
 Runs the server in this process with tracemalloc on, opens N connections from a child
 process (each subscribes to its own topic, as the ``conns`` benchmark does), and prints
 the growth in traced Python memory per connection, split into trio's, mq-trio's and the
-rest, then by allocation site. RSS is what the benchmark reports; this is the why.
+rest, then by allocation site (with ``--traceback``: by the last frames of the call
+chain, which tells the reader's waits from the writer's), then ``sys.getsizeof`` of one
+connection's own objects. RSS is what the benchmark reports; this is the why.
 """
 
 from __future__ import annotations
@@ -45,13 +48,29 @@ def owner(filename: str) -> str:
     return "other"
 
 
-async def main(n: int) -> None:
+def where(frame: tracemalloc.Frame, home: str) -> str:
+    place = frame.filename.replace(home + "/", "")
+    if "site-packages/" in place:
+        place = place[place.find("site-packages/") + len("site-packages/"):]
+    return f"{place}:{frame.lineno}"
+
+
+def own_objects(conn: object) -> list[tuple[str, int]]:
+    """``sys.getsizeof`` of a connection's own objects (not trio's, not the broker's)."""
+    transport = getattr(conn, "transport", None)
+    parts = [("Connection", conn), ("Outbox", getattr(conn, "outbox", None)),
+             (type(transport).__name__, transport),
+             ("LineConnection", getattr(transport, "wire", None))]
+    return [(name, sys.getsizeof(obj)) for name, obj in parts if obj is not None]
+
+
+async def main(n: int, by_traceback: bool = False) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 2 * n + 256)), hard))
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve, Config(port=0))
         gc.collect()
-        tracemalloc.start()
+        tracemalloc.start(8 if by_traceback else 1)
         before = tracemalloc.take_snapshot()
         client = subprocess.Popen(
             [sys.executable, "-c", CLIENT, str(n), str(server.port)],
@@ -66,7 +85,7 @@ async def main(n: int) -> None:
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
-        stats = after.compare_to(before, "lineno")
+        stats = after.compare_to(before, "traceback" if by_traceback else "lineno")
         total = sum(s.size_diff for s in stats)
         by_owner: dict[str, int] = {}
         for s in stats:
@@ -80,12 +99,12 @@ async def main(n: int) -> None:
         for s in stats:
             if abs(s.size_diff) / n < 20:
                 continue
-            frame = s.traceback[0]
-            where = frame.filename.replace(home + "/", "")
-            if "site-packages/" in where:
-                where = where[where.find("site-packages/") + len("site-packages/"):]
-            print(f"{s.size_diff / n:7.0f} B/conn {s.count_diff / n:5.1f} obj/conn  "
-                  f"{where}:{frame.lineno}")
+            # (tracemalloc's tracebacks start with the most recent frame)
+            chain = " <- ".join(where(f, home) for f in list(s.traceback)[:4])
+            print(f"{s.size_diff / n:7.0f} B/conn {s.count_diff / n:5.1f} obj/conn  {chain}")
+        conn = next(iter(server.connections))
+        print("sys.getsizeof of one connection's objects:",
+              ", ".join(f"{name} {size}" for name, size in own_objects(conn)))
         client.stdin.write("\n")
         client.stdin.flush()
         client.wait()
@@ -93,4 +112,5 @@ async def main(n: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    trio.run(main, int(args[0]) if args else 10_000, "--traceback" in sys.argv)

@@ -71,7 +71,7 @@ _RELEASE_STEP = 2000
 FANOUT_STEP = 4 << 20
 #: The writer task's name: a constant, so trio does not build one per connection.
 WRITER = "mq_trio.connection.writer"
-def _NO_FD() -> int:
+def _no_fd(_: object) -> int:
     """``wait_fd`` of a transport without one (WebSocket, in-memory streams)."""
     return -1
 
@@ -305,7 +305,8 @@ class Connection:
             log.debug("connected: %s", self.peer, extra=self.log_extra)
         transport = self.transport
         outbox = self.outbox
-        wait_fd = getattr(transport, "wait_fd", _NO_FD)
+        # The class's function, not a bound method: that would be one more object kept.
+        wait_fd = getattr(type(transport), "wait_fd", _no_fd)
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
@@ -314,7 +315,7 @@ class Connection:
                     self._start_auth(nursery)
                 try:
                     while True:
-                        if (fd := wait_fd()) >= 0:
+                        if (fd := wait_fd(transport)) >= 0:
                             # An idle connection waits here, not inside receive_lines:
                             # one coroutine frame less per idle connection.
                             try:
