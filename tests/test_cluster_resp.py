@@ -435,13 +435,18 @@ async def test_subscribe_receive_unsubscribe(redis_server: RedisProcess) -> None
             assert sub.buffered == 0
 
 
-async def test_burst_arrives_complete_and_in_order(redis_server: RedisProcess) -> None:
+@pytest.mark.parametrize("inline", [False, True])
+async def test_burst_arrives_complete_and_in_order(redis_server: RedisProcess,
+                                                   inline: bool) -> None:
+    """Also with ``read_inline`` (the receiving task reads the socket itself)."""
     total, chunk = 200_000, 10_000
     body = b"x" * 56
     with trio.fail_after(GUARD * 2):
         async with open_redis(address(redis_server)) as conn, \
                 open_subscription(address(redis_server)) as sub:
             await sub.subscribe("t:burst")
+            if inline:
+                await sub.read_inline()
 
             async def publish() -> None:
                 for start in range(0, total, chunk):

@@ -661,6 +661,7 @@ class RedisHistory:
                     await sub.subscribe(channel)
             else:
                 await sub.subscribe(*channels)
+            await sub.read_inline()  # (this task reads the frames itself from now on)
             self._intakes_up += 1
             self.subscriptions += 1
             task_status.started()
