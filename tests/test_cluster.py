@@ -702,3 +702,35 @@ async def test_a_cut_channel_is_resubscribed_and_what_passed_meanwhile_delivered
         got += await settle(sub)
         assert [d["msg"] for d in got] == [f"during {i}" for i in range(3)]
         assert [d["index"] for d in got] == [1, 2, 3]
+
+
+async def test_a_flood_is_taken_in_without_the_channel_being_cut(
+        nursery: trio.Nursery, nodes: list[Server]) -> None:
+    """100,000 pipelined sends on node A to a subscriber on node B: all arrive, in
+    order, and neither node's frames channel was cut off by Redis (its output buffer
+    limit for pub/sub clients) along the way."""
+    a, b = nodes
+    total = 100_000
+    with trio.fail_after(GUARD * 2):
+        sub = await LineClient.connect(b.port)
+        assert await sub.request({"command": "subscribe", "topic": "flood"}) == SUCCESS
+        pub = await LineClient.connect(a.port)
+        line = json.dumps(send("flood", "x" * 64)).encode() + b"\n"
+
+        async def produce() -> None:
+            for _ in range(0, total, 10_000):
+                await pub.send_raw(line * 10_000)
+
+        async def drain_replies() -> None:
+            replies = 0
+            while replies < total:
+                replies += (await pub.stream.receive_some(1 << 20)).count(b"\r\n")
+
+        nursery.start_soon(produce)
+        nursery.start_soon(drain_replies)
+        expected = 0
+        while expected < total:
+            delivery = await sub.receive()
+            assert delivery["index"] == expected
+            expected += 1
+    assert a.broker.history.subscriptions == b.broker.history.subscriptions == 1  # type: ignore[attr-defined]
