@@ -734,3 +734,45 @@ async def test_a_flood_is_taken_in_without_the_channel_being_cut(
             assert delivery["index"] == expected
             expected += 1
     assert a.broker.history.subscriptions == b.broker.history.subscriptions == 1  # type: ignore[attr-defined]
+
+
+async def test_a_shard_that_lost_its_data_moves_the_cluster_to_a_new_epoch(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A Redis Cluster master restarted without its data (no persistence here): its
+    slots' copies of the epoch are gone; the first node to notice moves every slot to
+    a new epoch, the other node follows, and resuming clients learn of the gap."""
+    from redis_support import start_cluster
+
+    cluster = await trio.to_thread.run_sync(start_cluster, tmp_path / "rc")
+    try:
+        with trio.fail_after(GUARD * 2):
+            a, b = [await start_server(nursery, cluster=cluster.url, cache_size=4)
+                    for _ in range(2)]
+            old = a.broker.epoch
+            assert b.broker.epoch == old
+            topics = [f"topic-{i}" for i in range(12)]  # (on all three masters)
+            pub = await LineClient.connect(a.port)
+            for topic in topics:
+                assert await pub.request(send(topic, "before")) == SUCCESS
+            await trio.to_thread.run_sync(cluster.nodes[1].restart)
+            for topic in topics:  # each until its master and the node's links are back
+                while (reply := await pub.request(send(topic, "after"))) != SUCCESS:
+                    assert reply == {"success": False, "reason": "Storage unavailable"}
+                    await trio.sleep(0.1)
+            assert a.broker.epoch != old
+            # Node B learns it from its next scripts (once its own link to the restarted
+            # master is back: until then, Storage unavailable).
+            new = a.broker.epoch
+            resumed = await LineClient.connect(b.port)
+            unavailable = {"success": False, "reason": "Storage unavailable"}
+            subscribe = {"command": "subscribe", "topic": topics[0], "last_seen": 0,
+                         "epoch": old, "cache": False}
+            while (reply := await resumed.request(subscribe)) != {
+                    "success": True, "epoch": new, "recovered": False}:
+                assert reply == unavailable or reply["epoch"] == old, reply
+                await trio.sleep(0.1)
+            while b.broker.epoch != new:  # (B rereads it before its next flush)
+                await resumed.request(subscribe)
+                await trio.sleep(0.1)
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)

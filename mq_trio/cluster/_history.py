@@ -601,9 +601,9 @@ class RedisHistory:
             self._in_flight.pop(op.seq, None)
             self._fail(op)
             return
-        epoch = reply[1] if type(op) is Write else reply[2]
-        self._check_epoch(epoch.decode() if isinstance(epoch, bytes) else str(epoch),
-                          bool(reply[3] if type(op) is Write else reply[3]))
+        raw_epoch = reply[1] if type(op) is Write else reply[2]
+        epoch = raw_epoch.decode() if isinstance(raw_epoch, bytes) else str(raw_epoch)
+        self._check_epoch(epoch, bool(reply[3]))
         if type(op) is Write:
             op.first = int(reply[0])
             if len(reply) > 4:
@@ -619,7 +619,9 @@ class RedisHistory:
         assert type(op) is JoinOp
         op.next_index = int(reply[0])
         op.evicted = int(reply[1])
-        op.epoch = self.epoch
+        # The epoch of the topic's own slot: what its indexes belong to (with Redis
+        # Cluster the node's own view may be a moment behind a move).
+        op.epoch = epoch
         op.entries = [_entry(raw) for raw in reply[4:]]
         op.replied = True
         op._settle()

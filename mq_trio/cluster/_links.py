@@ -107,10 +107,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _copy_epoch(links: Links, epoch: str, only_missing: bool) -> None:
-    """Every slot's copy of the epoch (Redis Cluster)."""
+async def _copy_epoch(links: Links, epoch: str, only_missing: bool) -> int:
+    """Every slot's copy of the epoch (Redis Cluster); how many were set (with
+    ``only_missing``: how many were missing)."""
     layout = links.layout
     extra = ("NX",) if only_missing else ()
+    written = 0
     for start in range(0, SLOTS, 4096):
         replies = await links.pipeline([
             (slot, ("SET", layout.epoch_key(slot), epoch, *extra))
@@ -118,16 +120,29 @@ async def _copy_epoch(links: Links, epoch: str, only_missing: bool) -> None:
         for reply in replies:
             if isinstance(reply, RedisError):
                 raise reply
+            written += reply is not None
+    return written
 
 
 async def start_epoch(links: Links, candidate: str) -> str:
-    """The cluster's epoch: the one in Redis, or ``candidate`` if there is none (and,
-    with Redis Cluster, a copy in every slot that has none)."""
+    """The cluster's epoch: the one in Redis, or ``candidate`` if there is none.
+
+    With Redis Cluster every slot must hold a copy: with none at slot 0 (a new cluster,
+    or slot 0's shard lost its data) the epoch is ``candidate`` everywhere; with one
+    there, a slot without a copy is a shard that lost its data, so the cluster moves
+    to ``candidate`` (``move_epoch``) rather than fill the gap with the old epoch.
+    """
     key = links.layout.epoch_key(0)
-    _, epoch = await links.pipeline([(0, ("SET", key, candidate, "NX")), (0, ("GET", key))])
+    made, epoch = await links.pipeline([(0, ("SET", key, candidate, "NX")),
+                                        (0, ("GET", key))])
     text = _text(epoch)
-    if links.layout.sharded:
-        await _copy_epoch(links, text, only_missing=True)
+    if not links.layout.sharded:
+        return text
+    if made is not None:  # (no epoch at slot 0: this one, in every slot)
+        await _copy_epoch(links, text, only_missing=False)
+        return text
+    if await _copy_epoch(links, text, only_missing=True):
+        return await move_epoch(links, text, candidate)  # some slot had lost its copy
     return text
 
 

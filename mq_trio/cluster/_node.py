@@ -83,7 +83,8 @@ async def _keep_flushing(history: RedisHistory,
                     tasks.start_soon(_until_broken, history.run_job_polls, links,
                                      tasks.cancel_scope)
                     await _until_broken(history.run_flusher, links, tasks.cancel_scope)
-        except RedisUnavailable as exc:
+        except (RedisUnavailable, RedisError) as exc:
+            # (a Redis Cluster answers CLUSTERDOWN while a master rejoins: as unavailable)
             if not started:
                 raise
             if delay == 0.05:
@@ -113,7 +114,7 @@ async def _keep_intake(history: RedisHistory, server: RedisAddress, channels: li
         try:
             await history.run_intake(server, channels,
                                      task_status if first else trio.TASK_STATUS_IGNORED)
-        except RedisUnavailable as exc:
+        except (RedisUnavailable, RedisError) as exc:
             if first and history.subscriptions == subscribed:
                 raise
             log.warning("cluster: lost the frames channel on %s (%s); resubscribing",
