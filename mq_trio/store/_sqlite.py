@@ -27,10 +27,9 @@ from ._ops import (
     FsyncPolicy,
     IdPurge,
     IdRecord,
+    JobBatch,
     JobCount,
-    JobDone,
     JobMark,
-    JobRecord,
     Mark,
     NewTopic,
     Op,
@@ -548,17 +547,20 @@ class SqliteBackend:
                 assert isinstance(op, JobMark)
                 marks[op.tid] = max(marks.get(op.tid, -1), op.source.delivered_max)
                 continue
-            if cls is JobRecord:
-                assert isinstance(op, JobRecord)
-                if bumps.get(op.tid, -1) <= op.index:
-                    bumps[op.tid] = op.index + 1
-                jobs.append((op.tid, op.index, op.payload))
+            if cls is JobBatch:
+                assert isinstance(op, JobBatch)
+                if op.rows:
+                    jobs.extend(op.rows)
+                    last: dict[int, int] = {}
+                    for tid, index, _ in op.rows:  # (in index order per topic)
+                        last[tid] = index
+                    for tid, index in last.items():
+                        if bumps.get(tid, -1) <= index:
+                            bumps[tid] = index + 1
+                done.extend(op.gone)
             elif cls is JobCount:
                 assert isinstance(op, JobCount)
                 counts.append((op.deliveries, op.tid, op.index))
-            elif cls is JobDone:
-                assert isinstance(op, JobDone)
-                done.append((op.tid, op.index))
             elif cls is Record:
                 assert isinstance(op, Record)
                 if bumps.get(op.tid, -1) <= op.index:
@@ -603,8 +605,8 @@ class SqliteBackend:
                     counts = [c for c in counts if (c[1], c[2]) not in gone]
                     jobs = [j for j in jobs if (j[0], j[1]) not in gone]
                 if jobs:
-                    conn.executemany("INSERT OR REPLACE INTO jobs (tid, idx, payload) "
-                                     "VALUES (?, ?, ?)", jobs)
+                    _insert_rows(conn, "INSERT OR REPLACE INTO jobs (tid, idx, payload) VALUES ",
+                                 "(?, ?, ?)", jobs)
                 if counts:
                     conn.executemany("UPDATE jobs SET deliveries = ? WHERE tid = ? AND idx = ?",
                                      counts)
@@ -730,6 +732,30 @@ class SqliteBackend:
         """Close without marking a clean stop (startup failed); release the directory."""
         self.close_quietly()
         self._unlock()
+
+
+#: Rows per multi-row INSERT statement, largest first: a few fixed sizes, so that the
+#: connection's statement cache holds every statement (``_insert_rows``).
+_INSERT_SIZES = (256, 64, 16, 4, 1)
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, values: str,
+                 rows: list[tuple[int, int, bytes]]) -> None:
+    """Insert ``rows`` with multi-row ``VALUES`` statements of the sizes above: one
+    statement step per up to 256 rows instead of one per row (``executemany`` binds,
+    steps and resets row by row and lets go of the GIL at each step: about 0.8 µs a row
+    more, on the CPU the event loop shares)."""
+    start = 0
+    left = len(rows)
+    for size in _INSERT_SIZES:
+        if left < size:
+            continue
+        sql = head + ", ".join([values] * size)
+        while left >= size:
+            flat = [x for row in rows[start:start + size] for x in row]
+            conn.execute(sql, flat)
+            start += size
+            left -= size
 
 
 def _runs(keys: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
