@@ -256,6 +256,57 @@ async def test_a_failed_batch_of_jobs_is_never_delivered(
         assert server.broker.queue_info("q").in_flight == 3
 
 
+def lines(*objs: Any) -> bytes:
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+async def test_pipelined_durable_replies_share_a_commit_in_order(tmp_path: Path) -> None:
+    # A chunk's replies waiting for one commit are one outbox item (HeldReplies), and
+    # only while nothing else was queued after it: the replies keep their order around a
+    # reply that is not held, and each job's reply carries its own index.
+    async with running(tmp_path) as server:
+        producer = await LineClient.connect(server.port)
+        await producer.send_raw(lines(job("q", "a"), job("q", "b"),
+                                      {"command": "subscribe", "topic": "other"},
+                                      job("q", "c"), ack("q", 7), job("q", "d")))
+        assert await producer.receive_many(6) == [
+            {"success": True, "index": 0}, {"success": True, "index": 1}, SUCCESS,
+            {"success": True, "index": 2}, UNKNOWN_JOB, {"success": True, "index": 3}]
+        worker = await LineClient.connect(server.port)
+        await worker.send(consumer("q", 4))
+        got = await worker.receive_many(5)
+        assert [m["msg"] for m in got[1:]] == ["a", "b", "c", "d"]
+        await worker.send_raw(lines(*(ack("q", i) for i in range(4))))
+        assert await worker.receive_many(4) == [SUCCESS] * 4
+        assert server.broker.queue_info("q").acked_total == 4
+
+
+async def test_failed_acks_in_one_chunk_each_get_storage_unavailable_and_stay_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path) as server:
+        producer = await LineClient.connect(server.port)
+        await producer.send_raw(lines(*(job("q", f"m{i}") for i in range(6))))
+        assert [r["index"] for r in await producer.receive_many(6)] == list(range(6))
+        worker = await LineClient.connect(server.port)
+        await worker.send(consumer("q", 6))
+        assert len(await worker.receive_many(7)) == 7
+        commits = FailingCommits(monkeypatch)
+        await worker.send_raw(lines(*(ack("q", i) for i in range(3))))
+        assert await worker.receive_many(3) == [STORAGE_UNAVAILABLE] * 3
+        commits.failing = False
+        await worker.send_raw(lines(ack("q", 3), ack("q", 4)))
+        assert await worker.receive_many(2) == [SUCCESS] * 2  # (the removals retried too)
+    async with running(tmp_path) as server:
+        # acknowledged, even with a failed reply, never comes back; the held one does
+        info = server.broker.queue_info("q")
+        assert (info.waiting, info.in_flight) == (1, 0)
+        worker = await LineClient.connect(server.port)
+        await worker.send(consumer("q", 6))
+        got = await worker.receive_many(2)
+        assert (got[1]["index"], got[1]["msg"]) == (5, "m5")
+
+
 async def test_ids_survive_kill_9_so_a_resend_is_not_stored_twice(tmp_path: Path) -> None:
     send = {"command": "send", "topic": "t", "msg": "m", "delivery": "all", "id": "once"}
     batch = {"command": "batch", "topic": "t", "msgs": ["a", "b"], "delivery": "all",

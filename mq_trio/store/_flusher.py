@@ -97,7 +97,7 @@ class Store:
         batch = self._jobs
         if batch is None:
             batch = self._job_batch()
-        batch.rows.append((tid, index, payload))
+        batch.rows += (tid, index, payload)
         batch.index = index
         return batch
 

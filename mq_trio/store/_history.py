@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Collection
+from typing import cast
 
 import attrs
 import trio
@@ -406,7 +407,9 @@ class DurableHistory:
                 # Its jobs are gone (their producers were told); their indexes stay
                 # consumed. Its removals are retried (their acks were told to retry).
                 assert isinstance(op, JobBatch)
-                for tid, index, _ in op.rows:
+                rows = op.rows
+                for tid, index in zip(cast("list[int]", rows[0::3]),
+                                      cast("list[int]", rows[1::3]), strict=True):
                     if bumps.get(tid, 0) <= index:
                         bumps[tid] = index + 1
                 if op.gone:

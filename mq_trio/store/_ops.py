@@ -182,8 +182,9 @@ class JobBatch(_Ticket):
     """
 
     seq: int
-    #: Jobs to keep: (tid, index, command), in the order recorded.
-    rows: list[tuple[int, int, bytes]] = attrs.field(factory=list)
+    #: Jobs to keep, flat: tid, index, command, tid, index, command, ... in the order
+    #: recorded (the parameters of a multi-row INSERT as they are).
+    rows: list[int | bytes] = attrs.field(factory=list)
     #: Jobs to forget: (tid, index).
     gone: list[tuple[int, int]] = attrs.field(factory=list)
     index: int = -1
