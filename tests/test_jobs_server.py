@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +307,75 @@ async def test_failed_acks_in_one_chunk_each_get_storage_unavailable_and_stay_go
         await worker.send(consumer("q", 6))
         got = await worker.receive_many(2)
         assert (got[1]["index"], got[1]["msg"]) == (5, "m5")
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+async def test_kill_9_under_pipelined_jobs_and_acks(tmp_path: Path, fsync: str) -> None:
+    # Jobs and acks pipelined in chunks share their commits (one JobBatch per commit):
+    # after a SIGKILL mid-load, every job whose producer got its reply and whose ack got
+    # no success reply is delivered again, and no job whose ack got one ever is.
+    total, chunk = 20_000, 200
+    accepted: set[int] = set()
+    acked: set[int] = set()  # acks answered with success
+    sent: deque[int] = deque()  # acks written, replies not read (either way at the kill)
+    enough = trio.Event()
+    async with server_process(tmp_path, "--fsync", fsync) as (process, port, _):
+        producer = await LineClient.connect(port)
+        worker = await LineClient.connect(port)
+        assert await worker.request(consumer("q", 500)) == SUCCESS
+
+        async def produce() -> None:
+            async def write() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    for start in range(0, total, chunk):
+                        await producer.send_raw(lines(*(
+                            job("q", f"m{i}") for i in range(start, start + chunk))))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                    while True:
+                        reply = await producer.receive()
+                        assert reply["success"] is True
+                        accepted.add(reply["index"])
+
+        async def consume() -> None:
+            with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                while True:
+                    m = await worker.receive()
+                    if "index" in m:  # a job: acked at once
+                        sent.append(m["index"])
+                        await worker.send(ack("q", m["index"]))
+                    else:
+                        assert m == SUCCESS
+                        acked.add(sent.popleft())
+                        if len(acked) >= 3000:
+                            enough.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            nursery.start_soon(consume)
+            await enough.wait()
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+    assert 3000 <= len(acked) < len(accepted)  # the kill landed mid-load
+    async with server_process(tmp_path, "--fsync", fsync) as (_, port, _):
+        worker = await LineClient.connect(port)
+        assert await worker.request(consumer("q", 10_000)) == SUCCESS
+        producer = await LineClient.connect(port)
+        end = (await producer.request(job("q", "end")))["index"]
+        again: set[int] = set()
+        while True:  # jobs go out in index order: the new one comes last
+            m = await worker.receive()
+            if "index" not in m:
+                assert m == SUCCESS  # (an ack's reply)
+                continue
+            if m["index"] == end:
+                break
+            again.add(m["index"])
+            await worker.send(ack("q", m["index"]))
+    assert accepted - acked - set(sent) <= again  # kept until acknowledged
+    assert not again & acked  # an acknowledged job never comes back
 
 
 async def test_ids_survive_kill_9_so_a_resend_is_not_stored_twice(tmp_path: Path) -> None:
