@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +256,126 @@ async def test_a_failed_batch_of_jobs_is_never_delivered(
         assert [m["msg"] for m in got] == ["a", "b", "c"]  # only the accepted batch
         assert [m["index"] for m in got] == list(range(reply["index"], reply["index"] + 3))
         assert server.broker.queue_info("q").in_flight == 3
+
+
+def lines(*objs: Any) -> bytes:
+    return b"".join(json.dumps(o).encode() + b"\n" for o in objs)
+
+
+async def test_pipelined_durable_replies_share_a_commit_in_order(tmp_path: Path) -> None:
+    # A chunk's replies waiting for one commit are one outbox item (HeldReplies), and
+    # only while nothing else was queued after it: the replies keep their order around a
+    # reply that is not held, and each job's reply carries its own index.
+    async with running(tmp_path) as server:
+        producer = await LineClient.connect(server.port)
+        await producer.send_raw(lines(job("q", "a"), job("q", "b"),
+                                      {"command": "subscribe", "topic": "other"},
+                                      job("q", "c"), ack("q", 7), job("q", "d")))
+        assert await producer.receive_many(6) == [
+            {"success": True, "index": 0}, {"success": True, "index": 1}, SUCCESS,
+            {"success": True, "index": 2}, UNKNOWN_JOB, {"success": True, "index": 3}]
+        worker = await LineClient.connect(server.port)
+        await worker.send(consumer("q", 4))
+        got = await worker.receive_many(5)
+        assert [m["msg"] for m in got[1:]] == ["a", "b", "c", "d"]
+        await worker.send_raw(lines(*(ack("q", i) for i in range(4))))
+        assert await worker.receive_many(4) == [SUCCESS] * 4
+        assert server.broker.queue_info("q").acked_total == 4
+
+
+async def test_failed_acks_in_one_chunk_each_get_storage_unavailable_and_stay_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(tmp_path) as server:
+        producer = await LineClient.connect(server.port)
+        await producer.send_raw(lines(*(job("q", f"m{i}") for i in range(6))))
+        assert [r["index"] for r in await producer.receive_many(6)] == list(range(6))
+        worker = await LineClient.connect(server.port)
+        await worker.send(consumer("q", 6))
+        assert len(await worker.receive_many(7)) == 7
+        commits = FailingCommits(monkeypatch)
+        await worker.send_raw(lines(*(ack("q", i) for i in range(3))))
+        assert await worker.receive_many(3) == [STORAGE_UNAVAILABLE] * 3
+        commits.failing = False
+        await worker.send_raw(lines(ack("q", 3), ack("q", 4)))
+        assert await worker.receive_many(2) == [SUCCESS] * 2  # (the removals retried too)
+    async with running(tmp_path) as server:
+        # acknowledged, even with a failed reply, never comes back; the held one does
+        info = server.broker.queue_info("q")
+        assert (info.waiting, info.in_flight) == (1, 0)
+        worker = await LineClient.connect(server.port)
+        await worker.send(consumer("q", 6))
+        got = await worker.receive_many(2)
+        assert (got[1]["index"], got[1]["msg"]) == (5, "m5")
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec"])
+async def test_kill_9_under_pipelined_jobs_and_acks(tmp_path: Path, fsync: str) -> None:
+    # Jobs and acks pipelined in chunks share their commits (one JobBatch per commit):
+    # after a SIGKILL mid-load, every job whose producer got its reply and whose ack got
+    # no success reply is delivered again, and no job whose ack got one ever is.
+    total, chunk = 20_000, 200
+    accepted: set[int] = set()
+    acked: set[int] = set()  # acks answered with success
+    sent: deque[int] = deque()  # acks written, replies not read (either way at the kill)
+    enough = trio.Event()
+    async with server_process(tmp_path, "--fsync", fsync) as (process, port, _):
+        producer = await LineClient.connect(port)
+        worker = await LineClient.connect(port)
+        assert await worker.request(consumer("q", 500)) == SUCCESS
+
+        async def produce() -> None:
+            async def write() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    for start in range(0, total, chunk):
+                        await producer.send_raw(lines(*(
+                            job("q", f"m{i}") for i in range(start, start + chunk))))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                    while True:
+                        reply = await producer.receive()
+                        assert reply["success"] is True
+                        accepted.add(reply["index"])
+
+        async def consume() -> None:
+            with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                while True:
+                    m = await worker.receive()
+                    if "index" in m:  # a job: acked at once
+                        sent.append(m["index"])
+                        await worker.send(ack("q", m["index"]))
+                    else:
+                        assert m == SUCCESS
+                        acked.add(sent.popleft())
+                        if len(acked) >= 3000:
+                            enough.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            nursery.start_soon(consume)
+            await enough.wait()
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+    assert 3000 <= len(acked) < len(accepted)  # the kill landed mid-load
+    async with server_process(tmp_path, "--fsync", fsync) as (_, port, _):
+        worker = await LineClient.connect(port)
+        assert await worker.request(consumer("q", 10_000)) == SUCCESS
+        producer = await LineClient.connect(port)
+        end = (await producer.request(job("q", "end")))["index"]
+        again: set[int] = set()
+        while True:  # jobs go out in index order: the new one comes last
+            m = await worker.receive()
+            if "index" not in m:
+                assert m == SUCCESS  # (an ack's reply)
+                continue
+            if m["index"] == end:
+                break
+            again.add(m["index"])
+            await worker.send(ack("q", m["index"]))
+    assert accepted - acked - set(sent) <= again  # kept until acknowledged
+    assert not again & acked  # an acknowledged job never comes back
 
 
 async def test_ids_survive_kill_9_so_a_resend_is_not_stored_twice(tmp_path: Path) -> None:

@@ -301,7 +301,10 @@ class TopicHistory(Protocol):
 
     def record_job(self, topic: str, base: bytes) -> int | Recorded:
         """Consume the topic's next index for a job and keep the job (its command,
-        ``base``) until ``job_done``; like ``record``, a ticket when written later."""
+        ``base``) until ``job_done``; like ``record``, a ticket when written later. The
+        ticket may be shared by the jobs written together (one per commit rather than
+        per job): its ``index`` is this job's only until the next call, so read it at
+        once."""
 
     def job_delivered(self, topic: str, index: int, deliveries: int) -> None:
         """The job was delivered for the ``deliveries``-th time (a durable history keeps

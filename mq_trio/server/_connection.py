@@ -26,7 +26,15 @@ import attrs
 import trio
 
 from .. import protocol
-from ..broker import Broker, Held, Item, QueueFull, TooManyTopics, send_reply
+from ..broker import (
+    Broker,
+    Item,
+    QueueFull,
+    SendBatch,
+    Ticket,
+    TooManyTopics,
+    send_reply,
+)
 from ..protocol import (
     JOB_COMMANDS,
     QUIT,
@@ -85,6 +93,44 @@ _REASONS = {
               protocol.PERMISSION_DENIED, protocol.AUTH_FAILED, protocol.QUEUE_FULL,
               protocol.UNKNOWN_JOB)
 }
+
+
+@attrs.define(slots=True, eq=False)
+class HeldReplies:
+    """A client's replies that wait for the same ticket, as one outbox item: a durable
+    store decides a whole commit's jobs and acks with one ticket, so a chunk of them
+    costs one item instead of one ``Held`` each (queued, then taken apart by the
+    writer). If the ticket fails, each reply is ``Storage unavailable``. ``end``: the
+    outbox's ``pending`` right after this item's last reply, to tell whether anything
+    was queued after it (``Connection._held_reply``)."""
+
+    payloads: list[bytes]
+    ticket: Ticket
+    size: int
+    end: int = -1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def ready(self) -> list[bytes] | None:
+        ticket = self.ticket
+        if not ticket.done:
+            return None
+        if ticket.failed:
+            return [_STORAGE_UNAVAILABLE] * len(self.payloads)
+        return self.payloads
+
+    async def decided(self) -> None:
+        await self.ticket.wait()
+
+    async def write(self, send: SendBatch) -> None:
+        await self.ticket.wait()
+        out = self.ready()
+        if out:
+            await send(out)
+
+    def discard(self) -> None:
+        pass
 
 
 @attrs.define(eq=False)
@@ -197,6 +243,9 @@ class Connection:
     #: Topics whose jobs this chunk's acks and nacks made room for (``_handle_lines``);
     #: None until a first ack (no set per idle connection).
     _room_made: set[str] | None = attrs.field(init=False, default=None)
+    #: The last item of replies waiting for a ticket that this pass of ``_apply_lines``
+    #: queued (``_held_reply``); None outside it.
+    _replies: HeldReplies | None = attrs.field(init=False, default=None)
     #: When it connected (``time.time()``), for introspection.
     since: float = attrs.field(init=False, factory=time.time)
 
@@ -574,6 +623,9 @@ class Connection:
         when the client quit or was cut off as a slow consumer (the rest is not handled).
         """
         outbox = self.outbox
+        # A group of held replies is joined only within one pass (the writer may take
+        # the queue between passes).
+        self._replies = None
         if outbox.overflowed or self._stopping:  # while the reader waited
             return -1
         high_water = outbox.high_water
@@ -709,8 +761,32 @@ class Connection:
         if type(recorded) is int:
             self.outbox.queue_reply(reply)
         else:
-            self.outbox.push_deferred(Held(reply, recorded, _STORAGE_UNAVAILABLE))  # type: ignore[arg-type]
+            self._held_reply(reply, recorded)  # type: ignore[arg-type]
 
+    def _held_reply(self, reply: bytes, ticket: Ticket) -> None:
+        """Queue a reply that waits for ``ticket`` (``Storage unavailable`` if it fails):
+        into the group queued last by this pass if it waits for the same ticket and
+        nothing was queued after it (then ``pending`` is still its end: every item
+        queued meanwhile has a length, or came from ``handle_event``, which ends the
+        group), else as a new group."""
+        outbox = self.outbox
+        group = self._replies
+        size = len(reply)
+        if group is not None and group.ticket is ticket and outbox.pending == group.end:
+            end = group.end + size
+            if end <= outbox.budget:
+                group.payloads.append(reply)
+                group.size += size
+                outbox.pending = group.end = end  # (counted as push_deferred counts)
+                return
+        group = HeldReplies([reply], ticket, size)
+        before = outbox.pending
+        outbox.push_deferred(group)
+        if outbox.pending == before + size:
+            group.end = outbox.pending
+            self._replies = group
+        else:
+            self._replies = None  # refused: the outbox closed
     def _job_command(self, event: JobCommand) -> None:
         jobs = self.broker.jobs
         ticket = None
@@ -729,7 +805,7 @@ class Connection:
         if ticket is None or ticket.done and not ticket.failed:
             self.outbox.queue_reply(SUCCESS)
         else:
-            self.outbox.push_deferred(Held(SUCCESS, ticket, _STORAGE_UNAVAILABLE))
+            self._held_reply(SUCCESS, ticket)
         if cls is not Progress:  # the room is filled at the end of the chunk
             if self._room_made is None:
                 self._room_made = set()
@@ -739,6 +815,7 @@ class Connection:
         """Apply one parsed line; return True when the client asked to quit."""
         if event is None:
             return False
+        self._replies = None  # (what it queues may have no length: an EpochReply)
         push = self.outbox.queue_reply  # the reader's loop writes them after the chunk
         cls = type(event)
         if cls is Failure:

@@ -18,8 +18,7 @@ from ._ops import (
     TICKETS,
     BatchResult,
     FsyncPolicy,
-    JobDone,
-    JobRecord,
+    JobBatch,
     Mark,
     Op,
     Read,
@@ -47,6 +46,8 @@ class Store:
     available: bool = True
     on_result: Callable[[list[Op], BatchResult], list[Op]] | None = None
     _queue: list[Op] = attrs.field(factory=list)
+    #: The batch in ``_queue`` that job writes and removals join (None: start one).
+    _jobs: JobBatch | None = None
     _carry: list[Op] = attrs.field(factory=list)
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _decided: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
@@ -60,6 +61,8 @@ class Store:
     commit_seconds: float = 0.0
 
     def submit(self, op: Op) -> None:
+        if type(op) is Read:
+            self._jobs = None  # job writes after it go in the next transaction
         self._queue.append(op)
         self._wakeup.set()
 
@@ -77,19 +80,34 @@ class Store:
         self._wakeup.set()
         return take
 
-    def job_write(self, tid: int, index: int, payload: bytes) -> JobRecord:
-        self.last_seq = seq = self.last_seq + 1
-        record = JobRecord(seq, tid, index, payload, decider=self)
-        self._queue.append(record)
-        self._wakeup.set()
-        return record
+    def _job_batch(self) -> JobBatch:
+        """The open batch of job writes and removals (a new one after the flusher took
+        the queue, or after a read split it)."""
+        batch = self._jobs
+        if batch is None:
+            self.last_seq = seq = self.last_seq + 1
+            batch = self._jobs = JobBatch(seq, decider=self)
+            self._queue.append(batch)
+            self._wakeup.set()
+        return batch
 
-    def job_done(self, tid: int, index: int) -> JobDone:
-        self.last_seq = seq = self.last_seq + 1
-        done = JobDone(seq, tid, index, decider=self)
-        self._queue.append(done)
-        self._wakeup.set()
-        return done
+    def job_write(self, tid: int, index: int, payload: bytes) -> JobBatch:
+        """Keep a job; the batch it joins is its ticket (``index`` is this job's until
+        the next call)."""
+        batch = self._jobs
+        if batch is None:
+            batch = self._job_batch()
+        batch.rows += (tid, index, payload)
+        batch.index = index
+        return batch
+
+    def job_done(self, tid: int, index: int) -> JobBatch:
+        """Forget a job; the batch is the removal's ticket."""
+        batch = self._jobs
+        if batch is None:
+            batch = self._job_batch()
+        batch.gone.append((tid, index))
+        return batch
 
     def mark(self) -> Mark:
         """A ticket decided once everything queued before it is (and failed with it)."""
@@ -137,6 +155,7 @@ class Store:
             ops = self._carry + self._queue if self._carry else self._queue
             self._carry = []
             self._queue = []
+            self._jobs = None
             now = trio.current_time()
             sync = self.fsync == "always" or (
                 self.fsync == "everysec" and now - last_sync >= SYNC_INTERVAL

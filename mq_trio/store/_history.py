@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Collection
+from typing import cast
 
 import attrs
 import trio
@@ -33,10 +34,9 @@ from ._ops import (
     Evict,
     IdPurge,
     IdRecord,
+    JobBatch,
     JobCount,
-    JobDone,
     JobMark,
-    JobRecord,
     Mark,
     NewTopic,
     Op,
@@ -162,7 +162,7 @@ class DurableHistory:
                          sum(len(e.payload) for e in state.window)
                          + ENTRY_OVERHEAD * len(state.window))
 
-    def record_job(self, topic: str, base: bytes) -> JobRecord:
+    def record_job(self, topic: str, base: bytes) -> JobBatch:
         state = self.state(topic)
         index = state.next_index
         state.next_index = index + 1
@@ -184,7 +184,7 @@ class DurableHistory:
             self._marks_pending.append(state)
             self.store.submit(JobMark(state.tid, state))
 
-    def job_done(self, topic: str, index: int) -> JobDone | None:
+    def job_done(self, topic: str, index: int) -> JobBatch | None:
         state = self.topics.get(topic)
         if state is None:
             return None
@@ -403,10 +403,17 @@ class DurableHistory:
                 bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
                 if op.payload is not None and not op.taken:
                     failed.setdefault(op.tid, set()).add(id(op))
-            elif cls is JobRecord:
-                # The job is gone (its producer was told); its index stays consumed.
-                assert isinstance(op, JobRecord)
-                bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
+            elif cls is JobBatch:
+                # Its jobs are gone (their producers were told); their indexes stay
+                # consumed. Its removals are retried (their acks were told to retry).
+                assert isinstance(op, JobBatch)
+                rows = op.rows
+                for tid, index in zip(cast("list[int]", rows[0::3]),
+                                      cast("list[int]", rows[1::3]), strict=True):
+                    if bumps.get(tid, 0) <= index:
+                        bumps[tid] = index + 1
+                if op.gone:
+                    carry.append(JobBatch(op.seq, gone=op.gone))
             elif cls is Evict:
                 assert isinstance(op, Evict)
                 evicts[op.tid] = evicts.get(op.tid, 0) + op.count

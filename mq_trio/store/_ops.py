@@ -169,13 +169,25 @@ class Read:
 
 
 @attrs.define(slots=True, eq=False)
-class JobRecord(_Ticket):
-    """A job on its way to disk: its index (made durable) and its command."""
+class JobBatch(_Ticket):
+    """The jobs written and the jobs acknowledged (or dead-lettered) since the flusher
+    last took its queue: one ticket and one queued operation for all of them. A ticket,
+    a queue entry and a settle step per job were most of what durable jobs cost the
+    event loop beyond memory mode's (docs/benchmarks.md, work queues).
+
+    As a :class:`~mq_trio.broker.Recorded`, ``index`` is the index of the job recorded
+    last: the broker reads it at once (``TopicHistory.record_job``). A batch never
+    spans a :class:`Read` (the store starts a new one after it), so all of it is in one
+    transaction.
+    """
 
     seq: int
-    tid: int
-    index: int
-    payload: bytes
+    #: Jobs to keep, flat: tid, index, command, tid, index, command, ... in the order
+    #: recorded (the parameters of a multi-row INSERT as they are).
+    rows: list[int | bytes] = attrs.field(factory=list)
+    #: Jobs to forget: (tid, index).
+    gone: list[tuple[int, int]] = attrs.field(factory=list)
+    index: int = -1
     failed: bool = False
     done: bool = False
     decider: Decider | None = None
@@ -207,18 +219,6 @@ class JobMark:
     source: Marked
 
 
-@attrs.define(slots=True, eq=False)
-class JobDone(_Ticket):
-    """A job was acknowledged (or dead-lettered): it leaves the store."""
-
-    seq: int
-    tid: int
-    index: int
-    failed: bool = False
-    done: bool = False
-    decider: Decider | None = None
-
-
 @attrs.frozen(slots=True)
 class IdRecord:
     """A message id and the reply its repeats get, until ``expires`` (wall clock): in
@@ -238,10 +238,10 @@ class IdPurge:
 
 
 #: Operations that are tickets (decided by the flusher, in ``seq`` order).
-TICKETS = (Record, Take, Mark, JobRecord, JobDone)
+TICKETS = (Record, Take, Mark, JobBatch)
 
-Op = (Record | NewTopic | Evict | Take | Bump | Read | Mark | JobRecord | JobCount | JobDone
-      | JobMark | IdRecord | IdPurge)
+Op = (Record | NewTopic | Evict | Take | Bump | Read | Mark | JobBatch | JobCount | JobMark
+      | IdRecord | IdPurge)
 #: A cached message as read back: (index, one, payload).
 Row = tuple[int, bool, bytes]
 

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from typing import cast
 
 import attrs
 
@@ -27,10 +28,9 @@ from ._ops import (
     FsyncPolicy,
     IdPurge,
     IdRecord,
+    JobBatch,
     JobCount,
-    JobDone,
     JobMark,
-    JobRecord,
     Mark,
     NewTopic,
     Op,
@@ -528,7 +528,7 @@ class SqliteBackend:
         evicts: dict[int, int] = {}
         takes: list[tuple[int, int]] = []
         new_topics: list[tuple[int, bytes]] = []
-        jobs: list[tuple[int, int, bytes]] = []
+        jobs: list[int | bytes] = []  # flat: tid, index, command, ...
         counts: list[tuple[int, int, int]] = []
         done: list[tuple[int, int]] = []
         ids: list[tuple[int, str, bytes, float]] = []
@@ -548,17 +548,21 @@ class SqliteBackend:
                 assert isinstance(op, JobMark)
                 marks[op.tid] = max(marks.get(op.tid, -1), op.source.delivered_max)
                 continue
-            if cls is JobRecord:
-                assert isinstance(op, JobRecord)
-                if bumps.get(op.tid, -1) <= op.index:
-                    bumps[op.tid] = op.index + 1
-                jobs.append((op.tid, op.index, op.payload))
+            if cls is JobBatch:
+                assert isinstance(op, JobBatch)
+                rows = op.rows
+                if rows:
+                    jobs.extend(rows)
+                    # (in index order per topic: the last index of each is the highest)
+                    last = dict(zip(cast("list[int]", rows[0::3]),
+                                    cast("list[int]", rows[1::3]), strict=True))
+                    for tid, index in last.items():
+                        if bumps.get(tid, -1) <= index:
+                            bumps[tid] = index + 1
+                done.extend(op.gone)
             elif cls is JobCount:
                 assert isinstance(op, JobCount)
                 counts.append((op.deliveries, op.tid, op.index))
-            elif cls is JobDone:
-                assert isinstance(op, JobDone)
-                done.append((op.tid, op.index))
             elif cls is Record:
                 assert isinstance(op, Record)
                 if bumps.get(op.tid, -1) <= op.index:
@@ -596,15 +600,16 @@ class SqliteBackend:
                     conn.executemany("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts)
                 if takes:
                     conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", takes)
-                if done and (counts or jobs):
-                    # A job acknowledged in the batch that wrote it (or counted its
-                    # delivery) needs neither the row nor the count.
+                if done and counts:
+                    # A job acknowledged in the batch that counted its delivery needs no
+                    # count. (A job is delivered, so acknowledged, only once the batch
+                    # writing it is decided: never in the same one. Were it, its row
+                    # would be deleted below, after its insert.)
                     gone = set(done)
                     counts = [c for c in counts if (c[1], c[2]) not in gone]
-                    jobs = [j for j in jobs if (j[0], j[1]) not in gone]
                 if jobs:
-                    conn.executemany("INSERT OR REPLACE INTO jobs (tid, idx, payload) "
-                                     "VALUES (?, ?, ?)", jobs)
+                    _insert_rows(conn, "INSERT OR REPLACE INTO jobs (tid, idx, payload) VALUES ",
+                                 "(?, ?, ?)", 3, jobs)
                 if counts:
                     conn.executemany("UPDATE jobs SET deliveries = ? WHERE tid = ? AND idx = ?",
                                      counts)
@@ -730,6 +735,31 @@ class SqliteBackend:
         """Close without marking a clean stop (startup failed); release the directory."""
         self.close_quietly()
         self._unlock()
+
+
+#: Rows per multi-row INSERT statement, largest first: a few fixed sizes, so that the
+#: connection's statement cache holds every statement (``_insert_rows``).
+_INSERT_SIZES = (256, 64, 16, 4, 1)
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, values: str, width: int,
+                 params: list[int | bytes]) -> None:
+    """Insert rows of ``width`` values each, given flat in ``params``, with multi-row
+    ``VALUES`` statements of the sizes above: one statement step per up to 256 rows
+    instead of one per row (``executemany`` binds, steps and resets row by row and lets
+    go of the GIL at each step: about 0.8 µs a row more, on the CPU the event loop
+    shares)."""
+    start = 0
+    left = len(params) // width
+    for size in _INSERT_SIZES:
+        if left < size:
+            continue
+        sql = head + ", ".join([values] * size)
+        step = size * width
+        while left >= size:
+            conn.execute(sql, params[start:start + step])
+            start += step
+            left -= size
 
 
 def _runs(keys: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
