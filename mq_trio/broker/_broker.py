@@ -178,11 +178,10 @@ class Broker:
         if self.topic_count() >= self.max_topics:
             raise TooManyTopics
 
-    def subscribe(
-        self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
-    ) -> list[Item]:
-        """Add the subscription; return the cached deliveries to send after the reply.
-        ``TooManyTopics`` (nothing changed) if the topic is new and there is no room."""
+    def _add_subscription(self, subscriber: Subscriber, topic: str
+                          ) -> dict[Subscriber, None]:
+        """The subscription, in place; the topic's subscribers. ``TooManyTopics``
+        (nothing changed) if the topic is new and there is no room."""
         subs = self._subscribers.get(topic)
         if subs is None:
             subs = self._unrecorded.get(topic)
@@ -196,6 +195,14 @@ class Broker:
             subs = self._subscribers[topic] = {}
         subs[subscriber] = None
         self._topics_of.setdefault(subscriber, set()).add(topic)
+        return subs
+
+    def subscribe(
+        self, subscriber: Subscriber, topic: str, last_seen: int = -1, cache: bool = True
+    ) -> list[Item]:
+        """Add the subscription; return the cached deliveries to send after the reply.
+        ``TooManyTopics`` (nothing changed) if the topic is new and there is no room."""
+        self._add_subscription(subscriber, topic)
         if not cache:
             return []
         return self.history.replay(topic, last_seen)
@@ -669,19 +676,7 @@ class Broker:
         extension's) and the replay, as one item decided once the subscription counts
         in Redis. If that fails, the reply is ``Storage unavailable`` and the
         subscription is undone."""
-        subs = self._subscribers.get(topic)
-        if subs is None:
-            subs = self._unrecorded.get(topic)
-            if subs is None:
-                if self.history.has(topic):
-                    subs = self._subscribers[topic] = {}
-                else:
-                    self._room()
-                    subs = self._unrecorded[topic] = {}
-        elif subs is _NO_SUBS:
-            subs = self._subscribers[topic] = {}
-        subs[subscriber] = None
-        self._topics_of.setdefault(subscriber, set()).add(topic)
+        subs = self._add_subscription(subscriber, topic)
         assert self._shared_history is not None and self.shared is not None
         self.shared.stay((subscriber, topic))
         result = self._shared_history.join(

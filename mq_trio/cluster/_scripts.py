@@ -42,6 +42,32 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+#: Message ids (both kinds of publish): ``admit`` says whether message ``i`` is taken.
+#: A repeated id (kept in ``<meta>:id:<id>`` for the window, ARGV[8] ms) is not, nor is
+#: the rest of a batch whose head is a repeat; ``results[i]`` then says why. Needs
+#: ``first``, ``fresh`` and ``results`` defined before it.
+_ADMIT = r"""
+local ids, skipping = false, false
+local function admit(i, flags, id)
+  if flags % 8 >= 4 then  -- the rest of a batch: as its head
+    if skipping then results[i] = 's'; return false end
+    return true
+  end
+  skipping = false
+  if id == '' then return true end
+  ids = true
+  local key = KEYS[1] .. ':id:' .. id
+  local seen = redis.call('GET', key)
+  if seen then
+    skipping = true; results[i] = 'd' .. seen
+    return false
+  end
+  local count = math.max(math.floor(flags / 16), 1)
+  redis.call('SET', key, (first + fresh) .. ':' .. count, 'PX', tonumber(ARGV[8]))
+  return true
+end
+"""
+
 #: Live subscriber counts per node (expired leases removed), for "one" targets.
 _LIVE = r"""
 local function live()
@@ -78,7 +104,6 @@ end
 #: "<index>", "d<first>:<count>" (a repeated id: the original's), or "s" (skipped).
 PUBLISH = _PREAMBLE + _LIVE + r"""
 local size = tonumber(ARGV[5])
-local window = tonumber(ARGV[8])
 local n = (#ARGV - 8) / 3
 local nodes, counts, total = nil, nil, 0
 local parts, results = {}, {}
@@ -88,31 +113,14 @@ local function push(from, to)  -- RPUSH cached[from..to], a bounded number per c
     redis.call('RPUSH', KEYS[2], unpack(cached, start, math.min(start + 499, to)))
   end
 end
-local ids, skipping, fresh, pushed = false, false, 0, 0
+local fresh, pushed = 0, 0
 local first = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
+""" + _ADMIT + r"""
 for i = 1, n do
   local flags = tonumber(ARGV[6 + 3 * i])
   local id = ARGV[7 + 3 * i]
   local cmd = ARGV[8 + 3 * i]
-  local take = true
-  if flags % 8 >= 4 then
-    if skipping then take = false; results[i] = 's' end
-  else
-    skipping = false
-    if id ~= '' then
-      ids = true
-      local key = KEYS[1] .. ':id:' .. id
-      local seen = redis.call('GET', key)
-      if seen then
-        take = false; skipping = true; results[i] = 'd' .. seen
-      else
-        local count = math.floor(flags / 16)
-        if count < 1 then count = 1 end
-        redis.call('SET', key, (first + fresh) .. ':' .. count, 'PX', window)
-      end
-    end
-  end
-  if take then
+  if admit(i, flags, id) then
     local index = first + fresh
     fresh = fresh + 1
     results[i] = tostring(index)
@@ -258,35 +266,17 @@ return now
 #: index -1: the queue is full (nothing added). A frame with count -1 tells the nodes
 #: that jobs wait.
 JOB_ADD = _PREAMBLE + r"""
-local window = tonumber(ARGV[8])
 local n = (#ARGV - 8) / 3
 if redis.call('HLEN', KEYS[3]) + n > tonumber(ARGV[5]) then
   return {-1, epoch, 0, created}
 end
 local first = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
-local results, ids, skipping, fresh = {}, false, false, 0
+local results, fresh = {}, 0
+""" + _ADMIT + r"""
 for i = 1, n do
   local flags = tonumber(ARGV[6 + 3 * i])
   local id = ARGV[7 + 3 * i]
-  local take = true
-  if flags % 8 >= 4 then
-    if skipping then take = false; results[i] = 's' end
-  else
-    skipping = false
-    if id ~= '' then
-      ids = true
-      local key = KEYS[1] .. ':id:' .. id
-      local seen = redis.call('GET', key)
-      if seen then
-        take = false; skipping = true; results[i] = 'd' .. seen
-      else
-        local count = math.floor(flags / 16)
-        if count < 1 then count = 1 end
-        redis.call('SET', key, (first + fresh) .. ':' .. count, 'PX', window)
-      end
-    end
-  end
-  if take then
+  if admit(i, flags, id) then
     local index = first + fresh
     fresh = fresh + 1
     results[i] = tostring(index)
