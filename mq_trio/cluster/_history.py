@@ -219,6 +219,8 @@ class RedisHistory:
     epoch: str = attrs.field(factory=new_epoch)
     shared: bool = attrs.field(default=True, init=False)
     layout: Layout = attrs.field(init=False)
+    #: ``node`` as frames carry it.
+    _node_bytes: bytes = attrs.field(init=False, default=b"")
     #: The command links while connected (the intake's resync reads through them).
     _links: Links | None = attrs.field(default=None, init=False)
     #: Intake subscriptions needed (one per server) and up now.
@@ -262,6 +264,7 @@ class RedisHistory:
 
     def __attrs_post_init__(self) -> None:
         self.layout = Layout(sharded=self.address.cluster)
+        self._node_bytes = self.node.encode()
 
     @property
     def _intake_up(self) -> bool:
@@ -714,10 +717,6 @@ class RedisHistory:
                 write.first = first
             write.passed = True
             write._settle()
-
-    @property
-    def _node_bytes(self) -> bytes:
-        return self.node.encode()
 
     async def _resync(self) -> None:
         """After the intake was down: deliver what the caches hold beyond the last index
