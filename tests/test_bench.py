@@ -14,10 +14,18 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 
 from mq_trio.benchmark import report
-from mq_trio.benchmark.dialects import MQ, REDIS, StampReader, TokenCounter, resp_command
+from mq_trio.benchmark.dialects import (
+    MQ,
+    REDIS,
+    REDIS_STREAM,
+    StampReader,
+    TokenCounter,
+    resp_command,
+)
 from mq_trio.benchmark.scenarios import (
     Result,
     Settings,
@@ -196,6 +204,24 @@ def test_redis_scenarios(redis: Target) -> None:
     assert fan.metrics["delivered"] == 3 * fan.metrics["published"]
     conns = run_conns(redis, QUICK, settle=0.1)
     assert conns.ok, conns.errors
+
+
+def test_redis_stream_publish_appends_to_a_capped_stream(redis: Target) -> None:
+    """``--redis-stream``: each publish is an XADD with MAXLEN 100 (issue 16's durable
+    comparison), and each reply (the entry id: two lines) is counted once."""
+    stream = attrs.evolve(redis, dialect=REDIS_STREAM)
+    r = run_publish(stream, QUICK)
+    assert r.ok, r.errors
+    assert r.metrics["acked"] > 0
+    with socket.create_connection(("127.0.0.1", redis.port)) as s:
+        s.sendall(resp_command("XLEN", "bench.publish"))
+        assert s.recv(100) == b":100\r\n"
+
+
+def test_redis_stream_needs_redis_and_publish_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--redis-stream", "publish"]) == 2
+    assert main(["bench", "--redis", "--redis-stream", "rtt"]) == 2
+    assert "--redis-stream goes with --redis and the publish scenario" in capsys.readouterr().err
 
 
 # --- the command line and the reports ---------------------------------------------------

@@ -20,7 +20,7 @@ from ..cli._args import UsageError, add_security_args, credentials, ssl_context
 from ..protocol import encode_auth, frame
 from . import report
 from .base import TLS_SCENARIOS
-from .dialects import MQ, NATS, REDIS, resp_command
+from .dialects import MQ, NATS, REDIS, REDIS_STREAM, resp_command
 from .procstat import listening_pid
 from .queue import queue_params, run_queue
 from .scenarios import (
@@ -109,6 +109,10 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--port", type=int, default=7000, help="server port")
     p.add_argument("--redis", action="store_true",
                    help="the server at --host/--port is Redis (PUBLISH/SUBSCRIBE over RESP)")
+    p.add_argument("--redis-stream", action="store_true",
+                   help="with --redis: publish appends to a capped stream per topic "
+                   "(XADD topic MAXLEN 100 * m msg), the work of a durable topic; "
+                   "publish only")
     p.add_argument("--nats", action="store_true",
                    help="the server at --host/--port is NATS (PUB/SUB in its text protocol, "
                    "verbose: each PUB acknowledged by +OK); rtt, e2e, publish and fanout only")
@@ -400,6 +404,9 @@ def run_bench(args: argparse.Namespace) -> int:
                              "--user, --tls, --cafile or --redis with it")
         if args.redis and args.nats:
             raise UsageError("--redis and --nats: one server at a time")
+        if args.redis_stream and (not args.redis or set(args.scenarios) != {"publish"}):
+            raise UsageError("--redis-stream goes with --redis and the publish scenario "
+                             "alone (mq-trio bench --redis --redis-stream publish)")
         if args.nats and (secrets or context is not None or args.start_server
                           or args.compare_auth):
             raise UsageError("--nats: no --token, --user, --tls, --cafile, --start-server "
@@ -486,7 +493,8 @@ def run_bench(args: argparse.Namespace) -> int:
             pid = listening_pid(port)
         name = args.name or ("redis" if args.redis else "nats" if args.nats
                              else report.MQ_NAME)
-        kind = REDIS if args.redis else NATS if args.nats else MQ
+        kind = (REDIS_STREAM if args.redis_stream else REDIS if args.redis
+                else NATS if args.nats else MQ)
         cpu_pids = dict(args.cpu_pid)
         if cross:
             sub_host = args.sub_host or args.host

@@ -60,6 +60,9 @@ class Dialect:
         """One publish to ``topic``, ready to write (``cmd * n`` pipelines n of them)."""
         if self.name == "redis":
             return resp_command("PUBLISH", topic, msg)
+        if self.name == "redis-stream":
+            # A durable topic's equivalent: the message kept in a capped stream.
+            return resp_command("XADD", topic, "MAXLEN", str(STREAM_MAXLEN), "*", "m", msg)
         if self.name == "nats":
             data = msg.encode()
             return b"PUB %s %d\r\n%s\r\n" % (topic.encode(), len(data), data)
@@ -97,6 +100,15 @@ REDIS = Dialect(
     # RESP2 forbids PUBLISH on a subscribed connection; RESP3 (Redis >= 6) allows it.
     hello_for_mixed=resp_command("HELLO", "3"),
 )
+
+
+#: The cache of a topic (mq-trio's default --cache-size) as a Redis stream's cap.
+STREAM_MAXLEN = 100
+
+#: Redis publishing into a stream per topic (``XADD topic MAXLEN 100 * m msg``), what a
+#: durable topic does (index, cache, on disk): issue 16 compares durable publishing with
+#: it under AOF. Publish only: its reply is the entry id, ``$n`` and the id.
+REDIS_STREAM = attrs.evolve(REDIS, name="redis-stream", ack_lines=2)
 
 
 #: NATS with ``verbose`` on: the server answers every command with ``+OK``, the same
