@@ -527,15 +527,16 @@ class Broker:
         subs = self._subscribers.get(topic)
         if subs is None:
             subs = self._new_topic(topic)
-        one = send.delivery == "one"
-        assert self._shared_history is not None and self.shared is not None
         command = send.raw or encode_command(topic, send.msg, send.delivery, send.cache)
-        write, offset = self._shared_history.publish_shared(topic, command, one, send.cache)
+        write, offset = self._shared_history.publish_shared(  # type: ignore[union-attr]
+            topic, command, send.delivery == "one", send.cache)
         # (its bytes wait in the node's queue for Redis: they count for the sender)
-        gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE,
-                    size=PENDING_COST + len(command))
-        if sender in subs and (sender, topic) not in self.shared.leaving:
-            self.shared.gate(sender, topic, gate)
+        gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE, None, [],
+                    PENDING_COST + len(command))
+        if subs and sender in subs:
+            shared: SharedTopics = self.shared  # type: ignore[assignment]
+            if (sender, topic) not in shared.leaving:
+                shared.gate(sender, topic, gate)
         return gate
 
     def publish_ex_shared(self, sender: Subscriber, event: SendEx | Batch) -> Gate:

@@ -194,6 +194,13 @@ class JobOp(_Decided):
         pass  # (decided by its reply alone)
 
 
+def _failed_write() -> Write:
+    """A write refused before it was queued (Redis down, or the queue full)."""
+    write = Write()
+    write._decide(failed=True)
+    return write
+
+
 def _entry(raw: bytes) -> tuple[int, bytes]:
     """A cache entry (``<flag><index> <command>``) as (index, delivery)."""
     space = raw.index(b" ")
@@ -284,13 +291,16 @@ class RedisHistory:
                        message_id: str | None = None) -> tuple[Write, int]:
         """Queue one message; its write (shared with the topic's other messages in the
         same commit) and its place in it."""
-        refused = self._refused(len(command))
-        if refused is not None:
-            return refused, 0
+        # The path of every send on a node (written out: a call less per message).
+        size = len(command)
+        if not self._link_up or self._intakes_up != self.intakes or (
+                self._queued_bytes + size > MAX_QUEUED_BYTES):
+            return _failed_write(), 0  # (as _refused says)
+        self._queued_bytes += size
         write = self._open.get(topic) or self._new_write(topic)
-        offset = write.count
-        write.args += (_flags(one, cached), message_id or "", command)
-        write.size += len(command)
+        offset = len(write.args) // 3
+        write.args += ((1 if one else 0) | (2 if cached else 0), message_id or "", command)
+        write.size += size
         return write, offset
 
     def publish_many(self, topic: str, commands: list[bytes], one: bool, cached: bool,
@@ -315,9 +325,7 @@ class RedisHistory:
         queued for it beyond ``MAX_QUEUED_BYTES`` (only this send fails, not the ones
         already queued); else None, and the bytes are counted."""
         if not self.available or self._queued_bytes + size > MAX_QUEUED_BYTES:
-            write = Write()
-            write._decide(failed=True)
-            return write
+            return _failed_write()
         self._queued_bytes += size
         return None
 

@@ -108,35 +108,53 @@ local n = (#ARGV - 8) / 3
 local nodes, counts, total = nil, nil, 0
 local parts, results = {}, {}
 local cached, cached_index = {}, {}
-local function push(from, to)  -- RPUSH cached[from..to], a bounded number per call
+local function push(from, to)  -- RPUSH cached[from..to] as entries, 500 per call
   for start = from, to, 500 do
-    redis.call('RPUSH', KEYS[2], unpack(cached, start, math.min(start + 499, to)))
+    local entries = {}
+    for k = start, math.min(start + 499, to) do
+      local index = cached_index[k]
+      if index < 0 then
+        entries[#entries + 1] = '1' .. (-index - 1) .. ' ' .. cached[k]
+      else
+        entries[#entries + 1] = '0' .. index .. ' ' .. cached[k]
+      end
+    end
+    redis.call('RPUSH', KEYS[2], unpack(entries))
   end
 end
 local fresh, pushed = 0, 0
 local first = tonumber(redis.call('HGET', KEYS[1], 'next') or '0')
 """ + _ADMIT + r"""
+local np = 0
 for i = 1, n do
   local flags = tonumber(ARGV[6 + 3 * i])
   local id = ARGV[7 + 3 * i]
   local cmd = ARGV[8 + 3 * i]
-  if admit(i, flags, id) then
+  local take
+  if flags < 4 and id == '' then  -- (the common case, without a call)
+    skipping = false; take = true
+  else
+    take = admit(i, flags, id)
+  end
+  if take then
     local index = first + fresh
     fresh = fresh + 1
-    results[i] = tostring(index)
+    results[i] = index
     local one = flags % 2 == 1
-    local cache = flags % 4 >= 2
     local target = '*'
     if one then
       if nodes == nil then nodes, counts, total = live() end
       if total > 0 then target = pick(nodes, counts, total) else target = '-' end
     end
-    if cache and (not one or target == '-') and size > 0 then
+    if flags % 4 >= 2 and (not one or target == '-') and size > 0 then
+      -- (the entry's text is made at the end, for the ones the cache keeps)
       pushed = pushed + 1
-      cached[pushed] = (one and '1' or '0') .. index .. ' ' .. cmd
-      cached_index[pushed] = index
+      cached[pushed] = cmd
+      cached_index[pushed] = one and -index - 1 or index
     end
-    parts[#parts + 1] = target .. ' ' .. #cmd .. '\n' .. cmd
+    parts[np + 1] = target .. ' ' .. #cmd .. '\n'
+    parts[np + 2] = cmd
+    np = np + 2
   end
 end
 if fresh > 0 then
@@ -147,6 +165,7 @@ if fresh > 0 then
     local evicted
     if pushed > size then
       evicted = cached_index[pushed - size]
+      if evicted < 0 then evicted = -evicted - 1 end  -- (a "one" is kept as -index - 1)
     else
       local newest = redis.call('LINDEX', KEYS[2], -1)
       if newest then evicted = string.match(newest, '^%d(%d+)') end
@@ -169,7 +188,7 @@ if fresh > 0 then
 end
 local out = {first, epoch, fresh, created}
 if ids then
-  for i = 1, n do out[#out + 1] = results[i] end
+  for i = 1, n do out[#out + 1] = tostring(results[i]) end
 end
 return out
 """
