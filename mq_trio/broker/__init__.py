@@ -31,6 +31,7 @@ from ._history import (
 from ._jobs import DEAD_PREFIX, QueueFull, QueueInfo
 from ._memory import DEFAULT_CACHE_SIZE, MemoryHistory
 from ._shared import (
+    PENDING_COST,
     AfterJoin,
     FrameSink,
     Gate,
@@ -42,6 +43,7 @@ from ._shared import (
 )
 
 __all__ = [
+    "PENDING_COST",
     "AfterJoin",
     "FrameSink",
     "Gate",

@@ -519,10 +519,12 @@ class Broker:
 
     # --- a shared history (cluster mode, docs/cluster.md) ---
 
-    def publish_shared(self, sender: Subscriber, send: Send) -> Gate:
+    def publish_shared(self, sender: Subscriber, send: Send) -> Gate | SharedWrite:
         """``publish`` with a shared history: the message goes to the history; its
-        deliveries come back through ``deliver_frame``; the sender's reply is the
-        returned gate (``TooManyTopics`` as for ``publish``)."""
+        deliveries come back through ``deliver_frame``. The sender's reply: the
+        returned gate if it is subscribed to the topic (its own delivery comes first),
+        else success once the returned write is decided (``TooManyTopics`` as for
+        ``publish``)."""
         topic = send.topic
         subs = self._subscribers.get(topic)
         if subs is None:
@@ -530,14 +532,15 @@ class Broker:
         command = send.raw or encode_command(topic, send.msg, send.delivery, send.cache)
         write, offset = self._shared_history.publish_shared(  # type: ignore[union-attr]
             topic, command, send.delivery == "one", send.cache)
-        # (its bytes wait in the node's queue for Redis: they count for the sender)
-        gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE, None, [],
-                    PENDING_COST + len(command))
         if subs and sender in subs:
             shared: SharedTopics = self.shared  # type: ignore[assignment]
             if (sender, topic) not in shared.leaving:
+                # (its bytes wait in the node's queue for Redis: they count for it)
+                gate = Gate(write, offset, SUCCESS, _STORAGE_UNAVAILABLE, None, [],
+                            PENDING_COST + len(command))
                 shared.gate(sender, topic, gate)
-        return gate
+                return gate
+        return write
 
     def publish_ex_shared(self, sender: Subscriber, event: SendEx | Batch) -> Gate:
         """A send with an id, or a batch, with a shared history: the id is kept in

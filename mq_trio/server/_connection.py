@@ -27,7 +27,9 @@ import trio
 
 from .. import protocol
 from ..broker import (
+    PENDING_COST,
     Broker,
+    Gate,
     Item,
     QueueFull,
     SendBatch,
@@ -631,8 +633,8 @@ class Connection:
         high_water = outbox.high_water
         parse_line = protocol.parse_line
         broker = self.broker
-        publish = broker.publish if broker.shared is None else partial(
-            broker.publish_shared, outbox)
+        shared = broker.shared is not None
+        publish = broker.publish if not shared else partial(broker.publish_shared, outbox)
         reply = outbox.queue_reply
         # With --auth, each send is checked: a lookup in the grant's memo of allowed
         # topics, and the full check only on a miss. The grant is current for the whole
@@ -667,6 +669,12 @@ class Connection:
                         recorded = publish(event)
                         if type(recorded) is int:
                             reply(SUCCESS)
+                        elif shared and type(recorded) is not Gate:
+                            # A cluster node's send whose sender is not subscribed to
+                            # its topic: a reply that only waits (grouped per write);
+                            # the bytes it left in the queue for Redis count for it.
+                            self._held_reply(SUCCESS, recorded,  # type: ignore[arg-type]
+                                             PENDING_COST + len(event.raw))
                         else:
                             outbox.push_deferred(send_reply(recorded))  # type: ignore[arg-type]
                     except TooManyTopics:
@@ -763,15 +771,16 @@ class Connection:
         else:
             self._held_reply(reply, recorded)  # type: ignore[arg-type]
 
-    def _held_reply(self, reply: bytes, ticket: Ticket) -> None:
+    def _held_reply(self, reply: bytes, ticket: Ticket, cost: int = 0) -> None:
         """Queue a reply that waits for ``ticket`` (``Storage unavailable`` if it fails):
         into the group queued last by this pass if it waits for the same ticket and
         nothing was queued after it (then ``pending`` is still its end: every item
         queued meanwhile has a length, or came from ``handle_event``, which ends the
-        group), else as a new group."""
+        group), else as a new group. ``cost``: what it counts against the budget, if
+        more than the reply (what the send left queued elsewhere)."""
         outbox = self.outbox
         group = self._replies
-        size = len(reply)
+        size = max(len(reply), cost)
         if group is not None and group.ticket is ticket and outbox.pending == group.end:
             end = group.end + size
             if end <= outbox.budget:
@@ -829,8 +838,12 @@ class Connection:
         try:
             if cls is Send:
                 if self.broker.shared is not None:
-                    self.outbox.push_deferred(
-                        self.broker.publish_shared(self.outbox, event))  # type: ignore[arg-type]
+                    result = self.broker.publish_shared(self.outbox, event)  # type: ignore[arg-type]
+                    if isinstance(result, Gate):
+                        self.outbox.push_deferred(result)
+                    else:
+                        assert isinstance(event, Send)
+                        self._held_reply(SUCCESS, result, PENDING_COST + len(event.raw))
                 else:
                     self._reply(send_reply(self.broker.publish(event)))  # type: ignore[arg-type]
             elif cls is SendEx or cls is Batch:
