@@ -480,6 +480,60 @@ async def test_failed_batch_keeps_cache_count_right(
         assert [m["msg"] for m in cached] == ["1"]
 
 
+async def test_burst_under_a_small_cache_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sends evicted by later sends before their batch is written are never inserted
+    (Messages: dropped rows): the cache, the next index and the highest evicted index
+    come out as if they had been; a failed batch with such sends leaves memory and disk
+    agreeing, as for single sends."""
+    failing = False
+    real_commit = SqliteBackend._commit
+
+    def commit(self: SqliteBackend, conn: sqlite3.Connection, sync: bool) -> None:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit(self, conn, sync)
+
+    monkeypatch.setattr(SqliteBackend, "_commit", commit)
+
+    async def check(server: Server, msgs: list[str], evicted: int | None = None) -> None:
+        client = await LineClient.connect(server.port)
+        assert [m["msg"] for m in await replay(client, "t")] == msgs
+        if evicted is None:
+            return
+        epoch = (await client.request({"command": "subscribe", "topic": "u", "epoch": ""}))[
+            "epoch"]
+        for last_seen in (evicted - 1, evicted):
+            assert await client.request({"command": "subscribe", "topic": "t", "epoch": epoch,
+                                         "last_seen": last_seen, "cache": False}) == {
+                "success": True, "epoch": epoch, "recovered": last_seen == evicted}
+
+    async with running(tmp_path, cache_size=3) as server:
+        pub = await LineClient.connect(server.port)
+        for i in range(50):
+            await pub.send(send("t", f"{i}"))
+        assert await pub.receive_many(50) == [SUCCESS] * 50
+        await check(server, ["47", "48", "49"], 46)
+    async with running(tmp_path, cache_size=3) as server:
+        await check(server, ["47", "48", "49"], 46)
+        pub = await LineClient.connect(server.port)
+        failing = True
+        for i in range(20):
+            await pub.send(send("t", f"lost{i}"))
+        assert [r["success"] for r in await pub.receive_many(20)] == [False] * 20
+        failing = False
+        assert await pub.request(send("t", "back")) == SUCCESS
+        # the failed sends had pushed the older three out (memory and disk alike)
+        await check(server, ["back"])
+    async with running(tmp_path, cache_size=3) as server:
+        await check(server, ["back"])
+        pub = await LineClient.connect(server.port)
+        assert await pub.request(send("t", "next")) == SUCCESS
+        assert [m["index"] for m in await replay(await LineClient.connect(server.port), "t")
+                ] == [70, 71]
+
+
 # --- history bigger than the memory window ----------------------------------------------
 
 
@@ -548,7 +602,8 @@ class FakeBackend:
         self.calls: list[tuple[float, str, int, bool]] = []  # (time, kind, records, sync)
 
     def apply(self, ops: list[_ops.Op], sync: bool) -> _ops.BatchResult:
-        records = sum(isinstance(op, Record) for op in ops)
+        records = sum(len(part.rows) // 3 for op in ops if isinstance(op, _ops.Messages)
+                      for part in op.topics.values())
         self.calls.append((trio.current_time(), "apply", records, sync))
         return _ops.BatchResult()
 

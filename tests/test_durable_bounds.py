@@ -203,18 +203,33 @@ async def test_windows_loaded_at_startup_fit_the_budget(tmp_path: Path) -> None:
             assert_complete(await read_all(server.port, topic, count), topic, count, size)
 
 
+def take_queue(store: Store) -> list[Op]:
+    """What the flusher does when it takes the queue: the sends recorded after this
+    join a new batch."""
+    ops, store._queue = store._queue, []
+    store.messages = None
+    return ops
+
+
+def decide(store: Store, ops: list[Op], result: BatchResult | None = None) -> None:
+    """The flusher's settling of a batch written by the worker thread."""
+    store._settle(ops, result or BatchResult())
+
+
 async def test_only_written_entries_leave_ram(tmp_path: Path) -> None:
     """A message not yet written stays in its window even over the budget (nothing else
     holds it), and leaves once its batch is decided."""
     backend = SqliteBackend(tmp_path, "never", 100, 100)  # never opened: nothing is written
     store = Store(backend)
     h = DurableHistory(store, 100, 100, max_cache_bytes=3 * (100 + ENTRY_OVERHEAD))
-    records = [h.record("t", Send("t", "x" * 60, "all"), False, True) for _ in range(10)]
+    store.on_result = h.on_result
+    for _ in range(6):
+        h.record("t", Send("t", "x" * 60, "all"), False, True)
+    first = take_queue(store)
+    for _ in range(4):
+        h.record("t", Send("t", "x" * 60, "all"), False, True)
     assert len(h.cached("t")) == 10  # over the budget, but undecided
-    for record in records[:6]:
-        record.done = True  # the flusher decides in order
-    store.decided_seq = records[5].seq
-    h.on_result(list[Op](records[:6]), BatchResult())
+    decide(store, first)
     assert [m.index for m in h.cached("t")] == list(range(6, 10))
     assert h.topics["t"].spilled_max == 5
     assert h.window_bytes == window_cost(h, "t")
@@ -226,13 +241,15 @@ def test_a_burst_over_the_window_size_shrinks_once_written(tmp_path: Path) -> No
     backend = SqliteBackend(tmp_path, "never", 100, 3)  # never opened: nothing is written
     store = Store(backend)
     h = DurableHistory(store, 100, 3)
-    records = [h.record("t", Send("t", "x", "all"), False, True) for _ in range(10)]
+    store.on_result = h.on_result
+    batches = []
+    for n in (6, 4):
+        for _ in range(n):
+            h.record("t", Send("t", "x", "all"), False, True)
+        batches.append(take_queue(store))
     assert len(h.cached("t")) == 10
-    for batch, window in ((records[:6], [6, 7, 8, 9]), (records[6:], [7, 8, 9])):
-        for record in batch:
-            record.done = True
-        store.decided_seq = batch[-1].seq
-        h.on_result(list[Op](batch), BatchResult())
+    for ops, window in ((batches[0], [6, 7, 8, 9]), (batches[1], [7, 8, 9])):
+        decide(store, ops)
         assert [m.index for m in h.cached("t")] == window
     assert h.topics["t"].spilled_max == 6 and h.topics["t"].count == 10
 

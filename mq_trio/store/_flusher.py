@@ -20,10 +20,11 @@ from ._ops import (
     FsyncPolicy,
     JobBatch,
     Mark,
+    Messages,
     Op,
     Read,
-    Record,
     Take,
+    TopicRows,
 )
 from ._sqlite import SqliteBackend
 
@@ -48,6 +49,8 @@ class Store:
     _queue: list[Op] = attrs.field(factory=list)
     #: The batch in ``_queue`` that job writes and removals join (None: start one).
     _jobs: JobBatch | None = None
+    #: The batch in ``_queue`` that sends join (None: start one); the history reads it.
+    messages: Messages | None = None
     _carry: list[Op] = attrs.field(factory=list)
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _decided: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
@@ -62,16 +65,33 @@ class Store:
 
     def submit(self, op: Op) -> None:
         if type(op) is Read:
-            self._jobs = None  # job writes after it go in the next transaction
+            # writes after it go in the next transaction
+            self._jobs = None
+            self.messages = None
         self._queue.append(op)
         self._wakeup.set()
 
-    def write(self, tid: int, index: int, one: bool, payload: bytes | None) -> Record:
+    def write(self, tid: int, index: int, one: bool, payload: bytes | None) -> Messages:
+        """Record a send (``payload``: the delivery to cache, or None); the batch it
+        joins is its ticket (``index`` is this send's until the next call)."""
+        batch = self.messages
+        if batch is None:
+            batch = self._message_batch()
+        rows = batch.topics.get(tid)
+        if rows is None:
+            rows = batch.topics[tid] = TopicRows(tid)
+        rows.next_index = index + 1
+        if payload is not None:
+            rows.rows += (index, one, payload)
+        batch.index = index
+        return batch
+
+    def _message_batch(self) -> Messages:
         self.last_seq = seq = self.last_seq + 1
-        record = Record(seq, tid, index, one, payload, decider=self)
-        self._queue.append(record)
+        batch = self.messages = Messages(seq, decider=self)
+        self._queue.append(batch)
         self._wakeup.set()
-        return record
+        return batch
 
     def take(self, tid: int, index: int) -> Take:
         self.last_seq = seq = self.last_seq + 1
@@ -156,6 +176,7 @@ class Store:
             self._carry = []
             self._queue = []
             self._jobs = None
+            self.messages = None
             now = trio.current_time()
             sync = self.fsync == "always" or (
                 self.fsync == "everysec" and now - last_sync >= SYNC_INTERVAL
@@ -201,6 +222,7 @@ class Store:
         """Back on the trio thread: mark records decided, fix state after a failure."""
         decided = 0
         reads: list[Read] = []
+        batches: list[Messages] = []
         tickets = _TICKET_TYPES
         for op in ops:  # (three ops a job on a work queue: one pass, no isinstance)
             cls = type(op)
@@ -208,6 +230,8 @@ class Store:
                 op.done = True  # type: ignore[union-attr]
                 if op.seq > decided:  # type: ignore[union-attr]
                     decided = op.seq  # type: ignore[union-attr]
+                if cls is Messages:
+                    batches.append(op)  # type: ignore[arg-type]
             elif cls is Read:
                 reads.append(op)  # type: ignore[arg-type]
         if result.error is not None:
@@ -223,6 +247,8 @@ class Store:
             self.available = True
         if self.on_result is not None:
             self._carry = self.on_result(ops, result)
+        for batch in batches:
+            batch.topics = {}  # the payloads go; windows keep the batch as the ticket
         if decided > self.decided_seq:  # (retried takes carry older numbers)
             self.decided_seq = decided
             self._decided.unpark_all()

@@ -38,12 +38,13 @@ from ._ops import (
     JobCount,
     JobMark,
     Mark,
+    Messages,
     NewTopic,
     Op,
     Read,
-    Record,
     Row,
     Take,
+    TopicRows,
 )
 from ._replay import FIRST_READ_ROWS, read_rows
 from ._sqlite import Loaded
@@ -56,9 +57,10 @@ ID_PURGE_EVERY = 10_000
 #: The largest index SQLite can hold (a 64-bit signed integer).
 MAX_INDEX = 2**63 - 1
 #: What a cached message in a memory window costs besides its payload's length, counted
-#: against ``max_cache_bytes``: its :class:`Entry`, its :class:`Record`, their integers,
-#: the bytes object's header and the deque slot (measured with tracemalloc: 288 bytes on
-#: 64-bit CPython 3.11).
+#: against ``max_cache_bytes``: its :class:`Entry`, its ticket (a ``Record`` then), their
+#: integers, the bytes object's header and the deque slot (measured with tracemalloc: 288
+#: bytes on 64-bit CPython 3.11; since sends share one :class:`Messages` ticket per
+#: batch, somewhat less: the bound is kept, on the safe side).
 ENTRY_OVERHEAD = 288
 
 
@@ -69,8 +71,8 @@ class Entry:
     index: int
     one: bool
     payload: bytes
-    #: The record that writes it (None when loaded from disk: already durable).
-    record: Record | None = None
+    #: The batch that writes it (None when loaded from disk: already durable).
+    record: Messages | None = None
 
 
 @attrs.define(slots=True, eq=False)
@@ -101,9 +103,10 @@ class DurableHistory:
     """Indexes and caches, durable: a window in memory, everything in the database.
 
     One implementation of the broker's :class:`~mq_trio.broker.TopicHistory`: a send
-    consumes its index and updates the window at once, and its :class:`Record` (the
-    ticket) is decided when the flusher has written it. Replays of history older than
-    the window stream from the database (:class:`DiskReplay`).
+    consumes its index and updates the window at once, and its :class:`Messages` batch
+    (the ticket, shared by the sends the flusher writes together) is decided when the
+    flusher has written it. Replays of history older than the window stream from the
+    database (:class:`DiskReplay`).
     """
 
     store: Store
@@ -230,8 +233,10 @@ class DurableHistory:
             self.store.submit(NewTopic(tid, topic))
         return state
 
-    def add(self, state: TopicState, entry: Entry) -> None:
-        """Cache a message: the cache-size rule first, then spill the window's oldest."""
+    def add(self, state: TopicState, entry: Entry, rows: TopicRows) -> None:
+        """Cache a message: the cache-size rule first, then spill the window's oldest.
+        ``rows``: the topic's part of the open batch (``entry.record``), which counts
+        the evictions."""
         window = state.window
         window.append(entry)
         if len(window) == 1:
@@ -244,12 +249,18 @@ class DurableHistory:
         while state.count > self.cache_size:
             state.count -= 1
             if state.count >= len(window):
-                pass  # the oldest lives only on disk; the store reports its index
+                # the oldest lives only on disk; the store reports its index
+                rows.evicts += 1
+                continue
+            gone = window.popleft()
+            self.window_bytes -= len(gone.payload) + ENTRY_OVERHEAD
+            state.evicted = max(state.evicted, gone.index)
+            if gone.record is entry.record:
+                # not written yet: never inserted (its index still counts as evicted)
+                rows.dropped += 1
+                rows.dropped_high = gone.index
             else:
-                gone = window.popleft()
-                self.window_bytes -= len(gone.payload) + ENTRY_OVERHEAD
-                state.evicted = max(state.evicted, gone.index)
-            self.store.submit(Evict(state.tid, 1))
+                rows.evicts += 1
         if len(window) > self.window_size and not self._trim(state):
             self._untrimmed.add(state)  # trimmed again when its writes are decided
         if self.window_bytes > self.max_cache_bytes:
@@ -344,8 +355,8 @@ class DurableHistory:
             if entry.one:
                 # Written once its removal is decided (even if that failed: the removal
                 # is retried), never if the message itself failed.
-                if record is not None:
-                    record.taken = True
+                if record is not None and not record.done:
+                    record.topics[state.tid].taken += 1
                 take = self.store.take(state.tid, entry.index)
                 items.append(Held(entry.payload, take, entry.payload, record))
                 taken += 1
@@ -395,14 +406,24 @@ class DurableHistory:
         carry: list[Op] = []
         evicts: dict[int, int] = {}
         bumps: dict[int, int] = {}
-        failed: dict[int, set[int]] = {}  # tid -> ids of failed records that were cached
+        # tid -> cached messages of failed batches still cached in memory, or evicted
+        # with an eviction of their own (not dropped unwritten, not taken by a replay)
+        failed: dict[int, int] = {}
+        batches: set[int] = set()  # ids of the failed batches
         for op in result.failed:
             cls = type(op)
-            if cls is Record:
-                assert isinstance(op, Record)
-                bumps[op.tid] = max(bumps.get(op.tid, 0), op.index + 1)
-                if op.payload is not None and not op.taken:
-                    failed.setdefault(op.tid, set()).add(id(op))
+            if cls is Messages:
+                assert isinstance(op, Messages)
+                batches.add(id(op))
+                for part in op.topics.values():
+                    tid = part.tid
+                    if bumps.get(tid, 0) < part.next_index:
+                        bumps[tid] = part.next_index
+                    if part.evicts:
+                        evicts[tid] = evicts.get(tid, 0) + part.evicts
+                    cached = len(part.rows) // 3 - part.dropped - part.taken
+                    if cached:
+                        failed[tid] = failed.get(tid, 0) + cached
             elif cls is JobBatch:
                 # Its jobs are gone (their producers were told); their indexes stay
                 # consumed. Its removals are retried (their acks were told to retry).
@@ -422,16 +443,16 @@ class DurableHistory:
             elif cls is not Read and cls is not Mark:
                 carry.append(op)
         carry.extend(Bump(tid, n) for tid, n in bumps.items())
-        for tid, ids in failed.items():
+        for tid, cached in failed.items():
             state = self._by_tid[tid]
-            kept = deque(e for e in state.window if id(e.record) not in ids)
+            kept = deque(e for e in state.window if id(e.record) not in batches)
             removed = len(state.window) - len(kept)
             self.window_bytes -= sum(len(e.payload) + ENTRY_OVERHEAD for e in state.window
-                                     if id(e.record) in ids)
+                                     if id(e.record) in batches)
             state.window = kept
             state.count -= removed
             # the rest were evicted by memory already: that eviction is not redone on disk
-            evicts[tid] = evicts.get(tid, 0) - (len(ids) - removed)
+            evicts[tid] = evicts.get(tid, 0) - (cached - removed)
         carry.extend(Evict(tid, count) for tid, count in evicts.items() if count > 0)
         if self._untrimmed:
             self._trim_decided()
@@ -512,16 +533,19 @@ class DurableHistory:
 
     # -- TopicHistory ------------------------------------------------------------
 
-    def record(self, topic: str, send: Send, one: bool, cached: bool) -> Record:
-        state = self.state(topic)
+    def record(self, topic: str, send: Send, one: bool, cached: bool) -> Messages:
+        state = self.topics.get(topic)
+        if state is None:
+            state = self.state(topic)
         index = state.next_index
         state.next_index = index + 1
-        # Uncached, the record (payload None) still makes the index durable.
-        payload = encode_delivery(send, index) if cached else None
-        written = self.store.write(state.tid, index, one, payload)
-        if payload is not None:
-            self.add(state, Entry(index, one, payload, written))
-        return written
+        if not cached:
+            # the batch (without a row) still makes the index durable
+            return self.store.write(state.tid, index, one, None)
+        payload = encode_delivery(send, index)
+        batch = self.store.write(state.tid, index, one, payload)
+        self.add(state, Entry(index, one, payload, batch), batch.topics[state.tid])
+        return batch
 
     def cached(self, topic: str) -> list[CachedMessage]:
         """The in-memory window, for inspection and tests."""

@@ -81,7 +81,8 @@ class _Ticket:
 
 @attrs.define(slots=True, eq=False)
 class Record(_Ticket):
-    """One accepted send on its way to disk; outbox items wait for it to be decided."""
+    """One accepted send on its way to disk, alone (the history records sends in
+    :class:`Messages` batches; the backend still writes these, as tests do)."""
 
     seq: int
     tid: int
@@ -93,6 +94,51 @@ class Record(_Ticket):
     #: A "one" message replayed (taken from the cache) before its write was decided.
     taken: bool = False
     #: Decided: written, or ``failed``.
+    done: bool = False
+    decider: Decider | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class TopicRows:
+    """One topic's part of a :class:`Messages` batch."""
+
+    tid: int
+    #: Cached messages to insert, flat: index, one, payload, index, ... in index order
+    #: (the parameters of a multi-row INSERT as they are, after the topic's id).
+    rows: list[int | bool | bytes] = attrs.field(factory=list)
+    #: The topic's next index after this batch (cached sends or not).
+    next_index: int = 0
+    #: Oldest cached messages written before this batch to delete (the cache-size rule).
+    evicts: int = 0
+    #: Rows of this batch evicted from the cache before the batch was written: not
+    #: inserted at all (rows with an index up to ``dropped_high``); how many.
+    dropped: int = 0
+    dropped_high: int = -1
+    #: Cached "one" messages of this batch replayed (taken) before it was decided.
+    taken: int = 0
+
+
+@attrs.define(slots=True, eq=False)
+class Messages(_Ticket):
+    """The messages recorded since the flusher last took its queue: one ticket and one
+    queued operation for all of them (a :class:`Record` per message, its queue entry
+    and its settle step were most of what durable publishing cost the event loop
+    beyond memory mode's: docs/benchmarks.md, issue 16). Rows evicted by the cache-size
+    rule before the batch is written are never inserted (a burst under a small cache
+    size would insert and delete most of them in one transaction).
+
+    As a :class:`~mq_trio.broker.Recorded`, ``index`` is the index of the message
+    recorded last: the broker reads it at once (``TopicHistory.record``). A batch never
+    spans a :class:`Read` (the store starts a new one after it), so all of it is in one
+    transaction.
+    """
+
+    seq: int
+    #: tid -> the topic's rows; emptied once settled (entries of the windows keep the
+    #: batch as their ticket, not its payloads).
+    topics: dict[int, TopicRows] = attrs.field(factory=dict)
+    index: int = -1
+    failed: bool = False
     done: bool = False
     decider: Decider | None = None
 
@@ -238,10 +284,10 @@ class IdPurge:
 
 
 #: Operations that are tickets (decided by the flusher, in ``seq`` order).
-TICKETS = (Record, Take, Mark, JobBatch)
+TICKETS = (Record, Messages, Take, Mark, JobBatch)
 
-Op = (Record | NewTopic | Evict | Take | Bump | Read | Mark | JobBatch | JobCount | JobMark
-      | IdRecord | IdPurge)
+Op = (Record | Messages | NewTopic | Evict | Take | Bump | Read | Mark | JobBatch | JobCount
+      | JobMark | IdRecord | IdPurge)
 #: A cached message as read back: (index, one, payload).
 Row = tuple[int, bool, bytes]
 

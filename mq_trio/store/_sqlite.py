@@ -32,6 +32,7 @@ from ._ops import (
     JobCount,
     JobMark,
     Mark,
+    Messages,
     NewTopic,
     Op,
     Read,
@@ -39,6 +40,7 @@ from ._ops import (
     Row,
     StoreError,
     Take,
+    TopicRows,
 )
 from ._wal import scan_wal
 
@@ -533,9 +535,23 @@ class SqliteBackend:
         done: list[tuple[int, int]] = []
         ids: list[tuple[int, str, bytes, float]] = []
         marks: dict[int, int] = {}
+        batches: list[Messages] = []
+        dropped: dict[int, int] = {}  # tid -> highest index evicted before written
         purge = 0.0
         for op in ops:
             cls = type(op)
+            if cls is Messages:
+                assert isinstance(op, Messages)
+                batches.append(op)
+                for part in op.topics.values():
+                    tid = part.tid
+                    if bumps.get(tid, -1) < part.next_index:
+                        bumps[tid] = part.next_index
+                    if part.evicts:
+                        evicts[tid] = evicts.get(tid, 0) + part.evicts
+                    if part.dropped_high > dropped.get(tid, -1):
+                        dropped[tid] = part.dropped_high
+                continue
             if cls is IdRecord:
                 assert isinstance(op, IdRecord)
                 ids.append((op.tid, op.id, op.reply, op.expires))
@@ -598,6 +614,9 @@ class SqliteBackend:
                     )
                 if inserts:
                     conn.executemany("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?)", inserts)
+                for batch in batches:
+                    for part in batch.topics.values():
+                        _insert_messages(conn, part)
                 if takes:
                     conn.executemany("DELETE FROM messages WHERE tid = ? AND idx = ?", takes)
                 if done and counts:
@@ -631,6 +650,11 @@ class SqliteBackend:
                     high = self._evict(tid, count)
                     if high >= 0:
                         evicted[tid] = high
+                if dropped:
+                    # rows never inserted: their indexes were evicted all the same
+                    conn.executemany(
+                        "UPDATE topics SET evicted = max(evicted, ?) WHERE tid = ?",
+                        [(high, tid) for tid, high in dropped.items()])
                 if bumps:
                     conn.executemany(
                         "UPDATE topics SET next_index = max(next_index, ?) WHERE tid = ?",
@@ -758,6 +782,38 @@ def _insert_rows(conn: sqlite3.Connection, head: str, values: str, width: int,
         step = size * width
         while left >= size:
             conn.execute(sql, params[start:start + step])
+            start += step
+            left -= size
+
+
+_MESSAGE_SQL = {size: "INSERT OR REPLACE INTO messages (tid, idx, one, payload) VALUES "
+                     + ", ".join(["(?1, ?, ?, ?)"] * size) for size in _INSERT_SIZES}
+
+
+def _insert_messages(conn: sqlite3.Connection, rows: TopicRows) -> None:
+    """A topic's rows of a :class:`Messages` batch, but those evicted before they were
+    written, with multi-row statements as ``_insert_rows`` (the topic's id is the first
+    parameter, ``?1`` in each row: the following ``?`` count on from the highest)."""
+    flat = rows.rows
+    start = 0
+    if rows.dropped:
+        # Dropped rows are the oldest of the batch (the cache-size rule): a prefix,
+        # with perhaps "one" messages among them that a replay took (deleted anyway).
+        high = rows.dropped_high
+        end = len(flat)
+        while start < end and cast(int, flat[start]) <= high:
+            start += 3
+    left = (len(flat) - start) // 3
+    tid = rows.tid
+    for size in _INSERT_SIZES:
+        if left < size:
+            continue
+        sql = _MESSAGE_SQL[size]
+        step = size * 3
+        while left >= size:
+            params: list[int | bool | bytes] = [tid]
+            params += flat[start:start + step]
+            conn.execute(sql, params)
             start += step
             left -= size
 
