@@ -254,7 +254,8 @@ class DurableHistory:
                 continue
             gone = window.popleft()
             self.window_bytes -= len(gone.payload) + ENTRY_OVERHEAD
-            state.evicted = max(state.evicted, gone.index)
+            if gone.index > state.evicted:
+                state.evicted = gone.index
             if gone.record is entry.record:
                 # not written yet: never inserted (its index still counts as evicted)
                 rows.dropped += 1
