@@ -46,6 +46,8 @@ class Store:
     last_seq: int = 0
     available: bool = True
     on_result: Callable[[list[Op], BatchResult], list[Op]] | None = None
+    #: Called with what the flusher takes from the queue, before it goes to the worker.
+    on_take: Callable[[list[Op]], None] | None = None
     _queue: list[Op] = attrs.field(factory=list)
     #: The batch in ``_queue`` that job writes and removals join (None: start one).
     _jobs: JobBatch | None = None
@@ -177,6 +179,8 @@ class Store:
             self._queue = []
             self._jobs = None
             self.messages = None
+            if self.on_take is not None:
+                self.on_take(ops)
             now = trio.current_time()
             sync = self.fsync == "always" or (
                 self.fsync == "everysec" and now - last_sync >= SYNC_INTERVAL

@@ -25,12 +25,13 @@ from ..broker import (
     TopicInfo,
     nothing_lost,
 )
-from ..protocol import Send, encode_delivery
+from ..protocol import Send, encode_delivery, splice_index
 from ._flusher import Store
 from ._ops import (
     DEFAULT_MEMORY_WINDOW,
     BatchResult,
     Bump,
+    CachedEntry,
     Evict,
     IdPurge,
     IdRecord,
@@ -70,9 +71,13 @@ class Entry:
 
     index: int
     one: bool
+    #: The delivery; until ``encoded``, the send as received (spliced when its batch is
+    #: taken to be written, or replayed: most sends under a small cache size are evicted
+    #: before either, and never need it).
     payload: bytes
     #: The batch that writes it (None when loaded from disk: already durable).
     record: Messages | None = None
+    encoded: bool = True
 
 
 @attrs.define(slots=True, eq=False)
@@ -262,10 +267,45 @@ class DurableHistory:
                 rows.dropped_high = gone.index
             else:
                 rows.evicts += 1
+                if not gone.encoded:
+                    # (a batch before a read, not taken yet: it writes the message)
+                    gone.payload = splice_index(gone.payload, gone.index)
+                    gone.encoded = True
         if len(window) > self.window_size and not self._trim(state):
             self._untrimmed.add(state)  # trimmed again when its writes are decided
         if self.window_bytes > self.max_cache_bytes:
             self._spill_bytes()
+
+    def _encode(self, entry: CachedEntry) -> bytes:
+        """The delivery of an entry in a window (its bytes counted as they grow)."""
+        raw = entry.payload
+        entry.payload = payload = splice_index(raw, entry.index)
+        entry.encoded = True
+        self.window_bytes += len(payload) - len(raw)
+        return payload
+
+    def take(self, ops: list[Op]) -> None:
+        """The flusher took these from the queue: the rows of its batches, but those
+        evicted before now (never encoded, never inserted). The rest are in their
+        windows (an eviction by another batch encodes, in ``add``)."""
+        for op in ops:
+            if type(op) is not Messages:
+                continue
+            for part in op.topics.values():
+                entries = part.entries
+                if not entries:
+                    continue
+                start = 0
+                if part.dropped:
+                    # the oldest (maybe with "one" messages a replay took: deleted anyway)
+                    high = part.dropped_high
+                    end = len(entries)
+                    while start < end and entries[start].index <= high:
+                        start += 1
+                rows = part.rows
+                for entry in entries[start:]:
+                    payload = entry.payload if entry.encoded else self._encode(entry)
+                    rows += (entry.index, entry.one, payload)
 
     def _trim(self, state: TopicState) -> bool:
         """Spill the window's oldest beyond the window size; False if some must wait
@@ -353,18 +393,19 @@ class DurableHistory:
             if entry.index <= last_seen:
                 continue
             record = entry.record
+            payload = entry.payload if entry.encoded else self._encode(entry)
             if entry.one:
                 # Written once its removal is decided (even if that failed: the removal
                 # is retried), never if the message itself failed.
                 if record is not None and not record.done:
                     record.topics[state.tid].taken += 1
                 take = self.store.take(state.tid, entry.index)
-                items.append(Held(entry.payload, take, entry.payload, record))
+                items.append(Held(payload, take, payload, record))
                 taken += 1
             elif record is not None and not record.done:
-                items.append(Held(entry.payload, record))
+                items.append(Held(payload, record))
             else:
-                items.append(entry.payload)
+                items.append(payload)
         if taken:
             kept = deque(e for e in window if not (e.one and e.index > last_seen))
             self.window_bytes -= sum(len(e.payload) + ENTRY_OVERHEAD for e in window
@@ -422,7 +463,7 @@ class DurableHistory:
                         bumps[tid] = part.next_index
                     if part.evicts:
                         evicts[tid] = evicts.get(tid, 0) + part.evicts
-                    cached = len(part.rows) // 3 - part.dropped - part.taken
+                    cached = len(part.entries) - part.dropped - part.taken
                     if cached:
                         failed[tid] = failed.get(tid, 0) + cached
             elif cls is JobBatch:
@@ -540,12 +581,15 @@ class DurableHistory:
             state = self.state(topic)
         index = state.next_index
         state.next_index = index + 1
-        if not cached:
-            # the batch (without a row) still makes the index durable
-            return self.store.write(state.tid, index, one, None)
-        payload = encode_delivery(send, index)
-        batch = self.store.write(state.tid, index, one, payload)
-        self.add(state, Entry(index, one, payload, batch), batch.topics[state.tid])
+        # (uncached, the batch without a row still makes the index durable)
+        batch = self.store.write(state.tid, index, one, None)
+        if cached:
+            raw = send.raw
+            entry = (Entry(index, one, raw, batch, False) if raw
+                     else Entry(index, one, encode_delivery(send, index), batch))
+            rows = batch.topics[state.tid]
+            rows.entries.append(entry)
+            self.add(state, entry, rows)
         return batch
 
     def cached(self, topic: str) -> list[CachedMessage]:
@@ -553,7 +597,9 @@ class DurableHistory:
         state = self.topics.get(topic)
         if state is None:
             return []
-        return [CachedMessage(e.index, e.one, e.payload) for e in state.window]
+        return [CachedMessage(e.index, e.one,
+                              e.payload if e.encoded else splice_index(e.payload, e.index))
+                for e in state.window]
 
 
 @attrs.define(slots=True, eq=False)

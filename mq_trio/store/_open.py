@@ -62,6 +62,7 @@ async def open_durable(
                              max_cache_bytes=max_cache_bytes)
     history.load(loaded)
     store.on_result = history.on_result
+    store.on_take = history.take
     log.info(
         "data directory %s: recovered %d cached message(s) in %d topic(s) in %.3f s "
         "(fsync %s, epoch %s)%s",

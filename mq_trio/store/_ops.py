@@ -98,6 +98,16 @@ class Record(_Ticket):
     decider: Decider | None = None
 
 
+class CachedEntry(Protocol):
+    """A cached message as the history's window holds it (``payload``: the delivery
+    once ``encoded``, else the command as received)."""
+
+    index: int
+    one: bool
+    payload: bytes
+    encoded: bool
+
+
 @attrs.define(slots=True, eq=False)
 class TopicRows:
     """One topic's part of a :class:`Messages` batch."""
@@ -106,6 +116,11 @@ class TopicRows:
     #: Cached messages to insert, flat: index, one, payload, index, ... in index order
     #: (the parameters of a multi-row INSERT as they are, after the topic's id).
     rows: list[int | bool | bytes] = attrs.field(factory=list)
+    #: Cached messages of the history's window, in index order: made into ``rows`` (but
+    #: those evicted meanwhile) when the flusher takes the batch
+    #: (``DurableHistory.take``), so that a send evicted before it is written is never
+    #: encoded either.
+    entries: list[CachedEntry] = attrs.field(factory=list)
     #: The topic's next index after this batch (cached sends or not).
     next_index: int = 0
     #: Oldest cached messages written before this batch to delete (the cache-size rule).

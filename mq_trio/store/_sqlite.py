@@ -791,19 +791,12 @@ _MESSAGE_SQL = {size: "INSERT OR REPLACE INTO messages (tid, idx, one, payload) 
 
 
 def _insert_messages(conn: sqlite3.Connection, rows: TopicRows) -> None:
-    """A topic's rows of a :class:`Messages` batch, but those evicted before they were
-    written, with multi-row statements as ``_insert_rows`` (the topic's id is the first
-    parameter, ``?1`` in each row: the following ``?`` count on from the highest)."""
+    """A topic's rows of a :class:`Messages` batch with multi-row statements as
+    ``_insert_rows`` (the topic's id is the first parameter, ``?1`` in each row: the
+    following ``?`` count on from the highest)."""
     flat = rows.rows
     start = 0
-    if rows.dropped:
-        # Dropped rows are the oldest of the batch (the cache-size rule): a prefix,
-        # with perhaps "one" messages among them that a replay took (deleted anyway).
-        high = rows.dropped_high
-        end = len(flat)
-        while start < end and cast(int, flat[start]) <= high:
-            start += 3
-    left = (len(flat) - start) // 3
+    left = len(flat) // 3
     tid = rows.tid
     for size in _INSERT_SIZES:
         if left < size:
