@@ -78,7 +78,7 @@ class Store:
         joins is its ticket (``index`` is this send's until the next call)."""
         batch = self.messages
         if batch is None:
-            batch = self._message_batch()
+            batch = self.message_batch()
         rows = batch.topics.get(tid)
         if rows is None:
             rows = batch.topics[tid] = TopicRows(tid)
@@ -88,7 +88,8 @@ class Store:
         batch.index = index
         return batch
 
-    def _message_batch(self) -> Messages:
+    def message_batch(self) -> Messages:
+        """Start the batch that sends join (there is none in the queue)."""
         self.last_seq = seq = self.last_seq + 1
         batch = self.messages = Messages(seq, decider=self)
         self._queue.append(batch)

@@ -581,13 +581,21 @@ class DurableHistory:
             state = self.state(topic)
         index = state.next_index
         state.next_index = index + 1
+        # Store.write, written out (once per send): the batch it joins is its ticket
         # (uncached, the batch without a row still makes the index durable)
-        batch = self.store.write(state.tid, index, one, None)
+        batch = self.store.messages
+        if batch is None:
+            batch = self.store.message_batch()
+        tid = state.tid
+        rows = batch.topics.get(tid)
+        if rows is None:
+            rows = batch.topics[tid] = TopicRows(tid)
+        rows.next_index = index + 1
+        batch.index = index
         if cached:
             raw = send.raw
             entry = (Entry(index, one, raw, batch, False) if raw
                      else Entry(index, one, encode_delivery(send, index), batch))
-            rows = batch.topics[state.tid]
             rows.entries.append(entry)
             self.add(state, entry, rows)
         return batch
