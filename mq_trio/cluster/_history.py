@@ -34,6 +34,7 @@ from ..broker import (
 from ..protocol import Send, splice_index
 from . import _scripts as lua
 from ._links import MOVE_EPOCH, Layout, Links, move_epoch, read_epoch, start_epoch
+from ._ops import JobOp, JoinOp, Write, failed_write, message_flags
 from ._resp import RedisAddress, RedisError, Script, open_subscription
 
 log = logging.getLogger("mq_trio.cluster")
@@ -63,142 +64,6 @@ MAX_QUEUED_BYTES = 64 << 20
 JOB_POLL_SECONDS = 1.0
 #: Keys per lease renewal call.
 RENEW_CHUNK = 500
-
-
-def _flags(one: bool, cached: bool, rest: bool = False, count: int = 0) -> int:
-    return (1 if one else 0) | (2 if cached else 0) | (4 if rest else 0) | count << 4
-
-
-@attrs.define(eq=False, slots=True)
-class _Decided:
-    """The decided/failed/wait part of a ticket."""
-
-    done: bool = False
-    failed: bool = False
-    _event: trio.Event | None = None
-
-    def _decide(self, failed: bool = False) -> None:
-        if self.done:
-            return
-        self.failed = failed
-        self.done = True
-        if self._event is not None:
-            self._event.set()
-
-    async def wait(self) -> None:
-        if self.done:
-            return
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
-
-
-@attrs.define(eq=False, slots=True)
-class Write(_Decided):
-    """One script call's messages of one topic (a :class:`SharedWrite`)."""
-
-    topic: str = ""
-    #: ARGV triples per message: flags, id, command.
-    args: list[bytes | str | int] = attrs.field(factory=list)
-    size: int = 0
-    seq: int = -1
-    first: int = -1
-    results: list[bytes] | None = None
-    replied: bool = False
-    passed: bool = False
-    #: The intake will pass it (it was flushed while the intake was subscribed).
-    awaits_intake: bool = False
-    #: Jobs (``JOB_ADD``): decided by the reply alone (nothing is delivered).
-    jobs: bool = False
-
-    @property
-    def count(self) -> int:
-        return len(self.args) // 3
-
-    def result(self, offset: int) -> tuple[int, int, bool]:
-        """(index, count, repeated) of the message at ``offset``: a repeated id gives
-        the original's index and batch size."""
-        if self.first < 0:  # jobs refused: the queue is full
-            return -1, 0, False
-        results = self.results
-        if results is None:
-            return self.first + offset, 1, False
-        text = results[offset]
-        if text[:1] == b"d":
-            index, _, count = text[1:].partition(b":")
-            return int(index), int(count or 1), True
-        return int(text), 1, False
-
-    def _settle(self) -> None:
-        if self.replied and (self.passed or not self.awaits_intake):
-            self._decide()
-
-
-@attrs.define(eq=False, slots=True)
-class JoinOp(_Decided):
-    """A subscribe's (or a leave's) remote step (a :class:`JoinResult`)."""
-
-    topic: str = ""
-    count: int = 0
-    last_seen: int = -1
-    replay: bool = False
-    next_index: int = 0
-    evicted: int = -1
-    epoch: str = ""
-    entries: list[tuple[int, bytes]] = attrs.field(factory=list)
-    on_fail: Callable[[], None] | None = None
-    #: Every join and leave marks its place in the channel (an empty frame) and is
-    #: decided once the intake passed the mark, i.e. delivered every message before
-    #: it: a subscribe's replay then joins the live deliveries exactly; an
-    #: unsubscribe ends deliveries exactly there.
-    #: Called at the mark (or failed): an unsubscribe ends the subscription then.
-    on_done: Callable[[], None] | None = None
-    seq: int = -1
-    replied: bool = False
-    passed: bool = False
-    awaits_intake: bool = False
-
-    def result(self, offset: int) -> tuple[int, int, bool]:
-        return self.next_index, 0, False
-
-    def _settle(self) -> None:
-        if self.passed:
-            self._ended()  # at the mark: nothing after it may still be delivered
-        if self.replied and (self.passed or not self.awaits_intake):
-            self._decide()
-            self._ended()
-
-    def _ended(self) -> None:
-        then, self.on_done = self.on_done, None
-        if then is not None:
-            then()
-
-
-@attrs.define(eq=False, slots=True)
-class JobOp(_Decided):
-    """A job's news for Redis (``touch``, ``done``, ``back``) or a ``take``; failed if
-    Redis says this node no longer holds the job."""
-
-    topic: str = ""
-    what: str = "take"
-    index: int = -1
-    #: take: how many; touch: the deliveries so far (-1: unchanged).
-    count: int = -1
-    #: take: called with (index, deliveries before, command) of each job taken.
-    on_taken: Callable[[list[tuple[int, int, bytes]]], None] | None = None
-    seq: int = -1
-    awaits_intake: bool = False
-    passed: bool = False
-
-    def _settle(self) -> None:
-        pass  # (decided by its reply alone)
-
-
-def _failed_write() -> Write:
-    """A write refused before it was queued (Redis down, or the queue full)."""
-    write = Write()
-    write._decide(failed=True)
-    return write
 
 
 def _entry(raw: bytes) -> tuple[int, bytes]:
@@ -295,7 +160,7 @@ class RedisHistory:
         size = len(command)
         if not self._link_up or self._intakes_up != self.intakes or (
                 self._queued_bytes + size > MAX_QUEUED_BYTES):
-            return _failed_write(), 0  # (as _refused says)
+            return failed_write(), 0  # (as _refused says)
         self._queued_bytes += size
         write = self._open.get(topic) or self._new_write(topic)
         offset = len(write.args) // 3
@@ -313,8 +178,8 @@ class RedisHistory:
         write = self._open.get(topic) or self._new_write(topic)
         offset = write.count
         args = write.args
-        args += (_flags(one, cached, count=len(commands)), message_id or "", commands[0])
-        rest = _flags(one, cached, rest=True)
+        args += (message_flags(one, cached, count=len(commands)), message_id or "", commands[0])
+        rest = message_flags(one, cached, rest=True)
         for command in commands[1:]:
             args += (rest, "", command)
         write.size += size
@@ -325,7 +190,7 @@ class RedisHistory:
         queued for it beyond ``MAX_QUEUED_BYTES`` (only this send fails, not the ones
         already queued); else None, and the bytes are counted."""
         if not self.available or self._queued_bytes + size > MAX_QUEUED_BYTES:
-            return _failed_write()
+            return failed_write()
         self._queued_bytes += size
         return None
 
@@ -452,10 +317,10 @@ class RedisHistory:
         offset = write.count
         args = write.args
         many = len(commands) > 1
-        args += (_flags(False, False, count=len(commands) if many else 0),
+        args += (message_flags(False, False, count=len(commands) if many else 0),
                  message_id or "", commands[0])
         for command in commands[1:]:
-            args += (_flags(False, False, rest=True), "", command)
+            args += (message_flags(False, False, rest=True), "", command)
         write.size += size
         return write, offset
 
