@@ -267,7 +267,10 @@ class TopicHistory(Protocol):
         Returns the index when the message is as durable as it will be (memory), else a
         ticket carrying it, decided when the write is: deliveries and the sender's reply
         wait for it. One call per message: a remote store can do it in one round trip;
-        a plain int for memory, because a tuple per message was a visible cost.
+        a plain int for memory, because a tuple per message was a visible cost. The
+        ticket may be shared by the messages written together (a durable store: one per
+        commit), like ``record_job``'s: its ``index`` is this message's only until the
+        next call, so read it at once.
         """
 
     def replay(self, topic: str, last_seen: int) -> list[Item]:
