@@ -404,6 +404,11 @@ class Connection:
                     # bug) releases the subscriptions; a plain finally rather than a
                     # context manager, which would be one more object per connection.
                     try:
+                        if self.reaper is not None:
+                            # Thousands of clients gone at once (one epoll's EOFs) release
+                            # their subscriptions and close over several passes, not in
+                            # one that every other client waits for.
+                            await self.reaper.turn()
                         if self.broker.shared is not None:
                             await self._await_own_deliveries()
                     finally:

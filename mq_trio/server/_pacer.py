@@ -51,6 +51,16 @@ class Pacer:
         if self._wake is not None:
             self._wake.set()
 
+    async def turn(self) -> None:
+        """Wait for a turn of this pacer (at once if it is not running): a task that is
+        one of a crowd (thousands of clients that left in the same instant) does its
+        work after it, ``per_pass`` of them per pass."""
+        if not self._running:
+            return
+        done = trio.Event()
+        self.defer(done.set)
+        await done.wait()
+
     async def run(self) -> None:
         """Run what ``defer`` queued, ``per_pass`` at a time; for the server's lifetime."""
         queue = self._queue
