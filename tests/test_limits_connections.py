@@ -626,6 +626,38 @@ async def test_pacer_runs_a_few_per_scheduler_pass() -> None:
     assert len([step for step in steps if step]) >= 5
 
 
+async def test_pacer_turns_let_a_crowd_through_a_few_per_pass() -> None:
+    """``Pacer.turn`` (a crowd of departing connections): everyone gets a turn, a few
+    per scheduler pass, not all in one."""
+    reaper = Pacer(per_pass=2)
+    through: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reaper.run)
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def leave(n: int) -> None:
+            await reaper.turn()
+            through.append(n)
+
+        for n in range(20):
+            nursery.start_soon(leave, n)
+        steps: list[int] = []
+        done = 0
+        while done < 20:
+            await trio.lowlevel.checkpoint()  # one scheduler pass
+            steps.append(len(through) - done)
+            done = len(through)
+        nursery.cancel_scope.cancel()
+    assert sorted(through) == list(range(20))
+    assert max(steps) <= 4  # (as above: at most two of the reaper's passes per ours)
+    assert len([step for step in steps if step]) >= 5
+
+
+async def test_pacer_turn_without_a_running_pacer_is_at_once() -> None:
+    with trio.fail_after(1):
+        await Pacer(2).turn()
+
+
 def test_pacer_not_running_runs_at_once() -> None:
     scope = trio.CancelScope()
     Pacer(2).defer(scope.cancel)
