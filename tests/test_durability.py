@@ -534,6 +534,34 @@ async def test_burst_under_a_small_cache_size(
                 ] == [70, 71]
 
 
+def test_a_batch_of_sends_in_multi_row_inserts(tmp_path: Path) -> None:
+    """One Messages batch: rows of two topics in statements of every size (256, 64, 16,
+    4, 1 rows), each row's topic the statement's first parameter; a topic's rows
+    evicted before the batch was written are not inserted but counted as evicted."""
+    backend = SqliteBackend(tmp_path, "never", 10_000, 10_000)
+    backend.open()
+    store = _flusher.Store(backend)
+    counts = {1: 343, 2: 5}  # 256 + 64 + 16 + 4 + 3 * 1; 4 + 1
+    for tid in counts:
+        backend.apply([_ops.NewTopic(tid, f"t{tid}")], sync=False)
+    for i in range(max(counts.values())):
+        for tid, n in counts.items():
+            if i < n:
+                batch = store.write(tid, i, i % 3 == 0, f"{tid}:{i}".encode())
+    batch.topics[2].dropped, batch.topics[2].dropped_high = 2, 1
+    del batch.topics[2].rows[:6]  # (as DurableHistory.take leaves them)
+    assert backend.apply(list(store._queue), sync=False).error is None
+    backend.close()
+    again = SqliteBackend(tmp_path, "never", 10_000, 10_000)
+    topics = {t.name: t for t in again.open().topics}
+    again.close()
+    assert [(i, one, p) for i, one, p in topics["t1"].window] == [
+        (i, i % 3 == 0, f"1:{i}".encode()) for i in range(343)]
+    assert [i for i, _, _ in topics["t2"].window] == [2, 3, 4]
+    assert (topics["t1"].next_index, topics["t1"].evicted) == (343, -1)
+    assert (topics["t2"].next_index, topics["t2"].evicted) == (5, 1)
+
+
 # --- history bigger than the memory window ----------------------------------------------
 
 
