@@ -132,6 +132,9 @@ async def test_replay_from_disk_holds_one_bounded_chunk(
             # The server notices when its write fails; the replay ends and releases.
             while state.disk_replays:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            # ... and its connection closes (a crowd of them would take a few passes:
+            # the transport's framed copy of the failed write goes with it).
+            await server.wait_until(lambda: not server.connections)
             # Freed at once (no reference cycle waits for a garbage collection).
             current, _ = tracemalloc.get_traced_memory()
             assert current - baseline < 256 << 10, current - baseline
