@@ -265,17 +265,19 @@ def _free_port() -> int:
 
 
 async def test_a_killed_nodes_clients_resume_on_another_without_gap_or_duplicate(
-        nursery: trio.Nursery, fresh_redis: RedisProcess) -> None:
-    survivor = await start_server(nursery, cluster=fresh_redis.url)
-    port = _free_port()
+        fresh_redis: RedisProcess) -> None:
+    """Two nodes as processes; one is killed with SIGKILL under its client."""
+    port, survivor_port = _free_port(), _free_port()
     doomed = _node_process(fresh_redis, port)
+    survivor = _node_process(fresh_redis, survivor_port)
     try:
         with trio.fail_after(GUARD):
             await _wait_listening(port)
-            targets = [f"127.0.0.1:{port}", f"127.0.0.1:{survivor.port}"]
+            await _wait_listening(survivor_port)
+            targets = [f"127.0.0.1:{port}", f"127.0.0.1:{survivor_port}"]
             async with open_client(targets, reconnect=True, epoch=True) as client:
                 await client.subscribe("t")
-                pub = await LineClient.connect(survivor.port)
+                pub = await LineClient.connect(survivor_port)
                 for i in range(5):
                     assert await pub.request(send("t", f"m{i}")) == SUCCESS
                 got = [(await client.receive()).index for _ in range(5)]
@@ -285,10 +287,11 @@ async def test_a_killed_nodes_clients_resume_on_another_without_gap_or_duplicate
                 got += [(await client.receive()).index for _ in range(3)]
                 assert got == list(range(8))  # no gap, no duplicate
                 assert client.gaps == []
-                assert client.target is not None and client.target.port == survivor.port
+                assert client.target is not None and client.target.port == survivor_port
     finally:
-        doomed.kill()
-        doomed.wait()
+        for node in (doomed, survivor):
+            node.kill()
+            node.wait()
 
 
 async def test_a_dead_nodes_counts_expire(nursery: trio.Nursery,
